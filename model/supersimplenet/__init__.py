@@ -1,0 +1,1 @@
+"""SuperSimpleNet: surface-defect detection model, training and metrics."""

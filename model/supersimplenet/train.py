@@ -1,0 +1,331 @@
+"""Single-process training and evaluation of SuperSimpleNet, and its CLI.
+
+The distributed platform calls these same functions from each Ray worker: `build_optimizer`, `build_scheduler`,
+`build_train_loader` (rank-aware), `train_epoch`, `predict` and `evaluate`. `fit` strings them together for one
+process.
+
+    python -m supersimplenet.train --data ../shared/data/battery_weld/denoised --epochs 20 --out runs/weld
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm.auto import tqdm
+
+from supersimplenet.backbones import get_preset, load_backbone_weights
+from supersimplenet.checkpoint import save_checkpoint
+from supersimplenet.config import ModelConfig, TrainConfig, to_dict
+from supersimplenet.data import BalancedSampler, DefectDataset, Sample, apply_supervision, read_layout
+from supersimplenet.losses import dilate_masks, distance_weight_maps, supersimplenet_loss
+from supersimplenet.metrics import compute_metrics
+from supersimplenet.model import SuperSimpleNet, build_model
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int, *, deterministic: bool = True) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def unwrap(model: nn.Module) -> SuperSimpleNet:
+    """The SuperSimpleNet inside a DistributedDataParallel wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def build_optimizer(model: SuperSimpleNet, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with the paper's groups: adaptor (lr 1e-4, wd 0.01) and the two heads (lr 2e-4, wd 1e-5)."""
+    return torch.optim.AdamW(
+        [
+            {"params": list(model.adaptor.parameters()), "lr": cfg.lr_adaptor,
+             "weight_decay": cfg.weight_decay_adaptor, "name": "adaptor"},
+            {"params": list(model.segmentation_head.parameters()), "lr": cfg.lr_heads,
+             "weight_decay": cfg.weight_decay_heads, "name": "segmentation_head"},
+            {"params": list(model.classification_head.parameters()), "lr": cfg.lr_heads,
+             "weight_decay": cfg.weight_decay_heads, "name": "classification_head"},
+        ]
+    )
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.MultiStepLR:
+    """MultiStepLR at 0.8 and 0.9 of the epochs, gamma 0.4, stepped once per epoch."""
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.milestone_epochs(), gamma=cfg.lr_gamma)
+
+
+def build_train_loader(
+    dataset: DefectDataset, samples: Sequence[Sample], cfg: TrainConfig, *, rank: int = 0, world_size: int = 1,
+    batch_size: int | None = None,
+) -> tuple[DataLoader, Any]:
+    """Loader over this rank's share of an epoch; call `sampler.set_epoch(epoch)` before each epoch.
+
+    Unsupervised: a seeded shuffle of the normal images, sharded by DistributedSampler. Supervised regimes: the
+    balanced, inverse-frequency sampler of spec 6.3, which shards deterministically by itself.
+    """
+    if cfg.supervised:
+        sampler = BalancedSampler(
+            labels=[s.label for s in samples], flips=cfg.resolved_flips, seed=cfg.seed, rank=rank,
+            world_size=world_size,
+        )
+    else:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed + rank)
+    loader = DataLoader(
+        dataset, batch_size=batch_size or cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+        drop_last=False, generator=generator, persistent_workers=cfg.num_workers > 0,
+    )
+    return loader, sampler
+
+
+@torch.no_grad()
+def measure_feature_scale(model: SuperSimpleNet, loader: DataLoader, *, device: torch.device,
+                          max_batches: int = 8) -> float:
+    """Median per-channel standard deviation of the pooled backbone features F over training images.
+
+    With `noise_std_mode="relative"` the synthetic noise is `noise_std` times this scale, so one sigma transfers
+    across backbones whose features differ in magnitude by orders.
+    """
+    total = total_sq = None
+    count = 0
+    for index, batch in enumerate(loader):
+        if index >= max_batches:
+            break
+        raw = model.feature_extractor(batch["image"].to(device)).double()
+        per_channel = raw.transpose(0, 1).flatten(1)
+        total = per_channel.sum(1) if total is None else total + per_channel.sum(1)
+        total_sq = (per_channel ** 2).sum(1) if total_sq is None else total_sq + (per_channel ** 2).sum(1)
+        count += per_channel.shape[1]
+    if not count:
+        raise ValueError("cannot measure the feature scale: the training loader is empty")
+    variance = (total_sq / count - (total / count) ** 2).clamp_min(0)
+    return float(variance.sqrt().median())
+
+
+def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+               cfg: TrainConfig, *, device: torch.device) -> dict[str, float]:
+    """One optimisation step on a batch of B images (2B samples after duplication)."""
+    net = unwrap(model)
+    images = batch["image"].to(device, non_blocking=True)
+    masks = batch["mask"].to(device, non_blocking=True)
+    labels = batch["label"].to(device, non_blocking=True).float()
+    segmented = batch["segmented"].to(device, non_blocking=True).bool()
+    pixel_weights = None
+    if cfg.supervised:
+        masks = dilate_masks(masks, cfg.resolved_dilate)
+        weights = distance_weight_maps(masks, net.config.feature_size, weight=cfg.dt_weight, power=cfg.dt_power)
+        pixel_weights = torch.cat((weights, weights))
+    out = model(images, masks, labels)
+    if pixel_weights is not None and pixel_weights.shape[-2:] != out.map_logits.shape[-2:]:
+        pixel_weights = nn.functional.interpolate(pixel_weights, size=out.map_logits.shape[-2:], mode="bilinear",
+                                                  align_corners=True)
+    losses = supersimplenet_loss(
+        out.map_logits, out.score_logits, out.masks, out.labels,
+        segmented=torch.cat((segmented, segmented)), pixel_weights=pixel_weights,
+    )
+    optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    clip = cfg.resolved_clip_grad_norm
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+    optimizer.step()
+    return {name: float(value.detach()) for name, value in losses.items()}
+
+
+def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, cfg: TrainConfig, *,
+                device: torch.device, progress: bool = True, description: str = "train") -> dict[str, float]:
+    """Trains one epoch; returns the mean of each loss term over its steps."""
+    model.train()
+    sums: dict[str, float] = {}
+    steps = 0
+    for batch in tqdm(loader, desc=description, leave=False, disable=not progress):
+        for name, value in train_step(model, batch, optimizer, cfg, device=device).items():
+            sums[name] = sums.get(name, 0.0) + value
+        steps += 1
+    return {name: value / max(steps, 1) for name, value in sums.items()}
+
+
+@dataclass
+class Predictions:
+    scores: np.ndarray  # [N] image scores in [0, 1]
+    labels: np.ndarray  # [N]
+    maps: np.ndarray  # [N, H, W] anomaly maps in [0, 1]
+    masks: np.ndarray  # [N, H, W] ground truth
+    indices: np.ndarray  # [N] dataset indices
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: DataLoader, *, device: torch.device, progress: bool = False) -> Predictions:
+    net = unwrap(model)
+    net.eval()
+    scores, labels, maps, masks, indices = [], [], [], [], []
+    for batch in tqdm(loader, desc="predict", leave=False, disable=not progress):
+        out = net(batch["image"].to(device))
+        scores.append(out.score.cpu().numpy())
+        maps.append(out.anomaly_map[:, 0].cpu().numpy())
+        labels.append(batch["label"].numpy())
+        masks.append(batch["mask"][:, 0].numpy())
+        indices.append(np.asarray(batch["index"]))
+    return Predictions(
+        scores=np.concatenate(scores), labels=np.concatenate(labels).astype(np.int64),
+        maps=np.concatenate(maps), masks=np.concatenate(masks).astype(np.uint8), indices=np.concatenate(indices),
+    )
+
+
+def evaluate(model: nn.Module, loader: DataLoader, *, device: torch.device) -> dict[str, float]:
+    """All metrics of spec section 7 on a loader's samples."""
+    predictions = predict(model, loader, device=device)
+    return compute_metrics(scores=predictions.scores, labels=predictions.labels, maps=predictions.maps,
+                           masks=predictions.masks)
+
+
+def eval_loader(dataset: DefectDataset, *, batch_size: int, num_workers: int = 0) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
+@dataclass
+class FitResult:
+    model: SuperSimpleNet
+    history: list[dict[str, float]]
+    test_metrics: dict[str, float]
+    weights_provenance: str
+
+
+def fit(
+    *, data_root: str | Path, samples: Sequence[Sample], model_config: ModelConfig, train_config: TrainConfig,
+    weights: str | Path | None = "default", device: str | torch.device = "cpu", progress: bool = True,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> FitResult:
+    """Trains on the train split and scores the test split of `samples` in one process."""
+    cfg = train_config
+    device = torch.device(device)
+    seed_everything(cfg.seed, deterministic=cfg.deterministic)
+    samples = apply_supervision(list(samples), cfg.supervision, mask_ratio=cfg.mask_ratio, seed=cfg.seed)
+    train_samples = [s for s in samples if s.split == "train"]
+    test_samples = [s for s in samples if s.split == "test"]
+    if not train_samples:
+        raise ValueError(f"{data_root}: no training samples for supervision {cfg.supervision!r}")
+    preset = get_preset(model_config.backbone)
+    common = dict(root=data_root, image_size=model_config.image_size, mean=preset.mean, std=preset.std)
+    train_set = DefectDataset(samples=train_samples, flips=cfg.supervised and cfg.resolved_flips, **common)
+    test_set = DefectDataset(samples=test_samples, **common) if test_samples else None
+
+    model = build_model(model_config)
+    provenance = load_backbone_weights(model.feature_extractor.backbone, model_config.backbone, weights)
+    model.to(device)
+    loader, sampler = build_train_loader(train_set, train_samples, cfg)
+    if model_config.noise_std_mode == "relative":
+        model.feature_scale.fill_(measure_feature_scale(model, loader, device=device))
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+
+    history: list[dict[str, float]] = []
+    for epoch in range(cfg.epochs):
+        started = time.perf_counter()
+        sampler.set_epoch(epoch)
+        row: dict[str, Any] = {"epoch": epoch}
+        row.update(train_epoch(model, loader, optimizer, cfg, device=device, progress=progress,
+                               description=f"epoch {epoch + 1}/{cfg.epochs}"))
+        row.update({f"lr_{group['name']}": group["lr"] for group in optimizer.param_groups})
+        scheduler.step()
+        if test_set is not None and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
+            row.update({f"test_{k}": v for k, v in evaluate(model, eval_loader(test_set, batch_size=cfg.batch_size),
+                                                             device=device).items()})
+        row["seconds"] = time.perf_counter() - started
+        history.append(row)
+        if progress:
+            log.info("epoch %d/%d loss %.4f (%.1fs)", epoch + 1, cfg.epochs, row.get("loss", float("nan")),
+                     row["seconds"])
+        if on_epoch is not None:
+            on_epoch(epoch, row)
+    test_metrics = {}
+    if test_set is not None:
+        test_metrics = evaluate(model, eval_loader(test_set, batch_size=cfg.batch_size), device=device)
+    return FitResult(model=model, history=history, test_metrics=test_metrics, weights_provenance=provenance)
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m supersimplenet.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="dataset root folder")
+    parser.add_argument("--layout", default=None, help="mvtec | visa | ksdd2 | sensum | folder (default: detect)")
+    parser.add_argument("--category", default=None)
+    parser.add_argument("--split-file", default=None, help="file of '<split> <relative image path>' lines")
+    parser.add_argument("--supervision", default="unsupervised", choices=["unsupervised", "weak", "mixed", "supervised"])
+    parser.add_argument("--mask-ratio", type=float, default=1.0, help="mixed supervision: fraction of masks kept")
+    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--weights", default="default", help="'default', 'random' or a state_dict file")
+    parser.add_argument("--image-size", type=int, nargs=2, default=(256, 256), metavar=("H", "W"))
+    parser.add_argument("--noise-std", type=float, default=None)
+    parser.add_argument("--noise-std-mode", choices=["absolute", "relative"], default=None)
+    parser.add_argument("--perlin-threshold", type=float, default=None)
+    parser.add_argument("--icpr", action="store_true", help="ICPR variant: classification head on adapted features")
+    parser.add_argument("--epochs", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--eval-every", type=int, default=0)
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", required=True, help="output folder for model.pt and metrics.json")
+    return parser.parse_args(argv)
+
+
+def default_model_config(backbone: str, **overrides: Any) -> ModelConfig:
+    """The recommended settings per backbone: the paper's for WRN50, feature-scale-relative noise otherwise."""
+    base = ModelConfig(backbone=backbone)
+    if backbone != "wide_resnet50":
+        base = replace(base, noise_std_mode="relative", noise_std=RELATIVE_NOISE_STD)
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+# sigma as a fraction of the median per-channel feature std; see backbones.md and the search job for tuning.
+RELATIVE_NOISE_STD = 0.25
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = _parse(argv)
+    supervised = args.supervision != "unsupervised"
+    model_config = default_model_config(
+        args.backbone, image_size=tuple(args.image_size), noise_std=args.noise_std,
+        noise_std_mode=args.noise_std_mode, perlin_threshold=args.perlin_threshold,
+        adapt_cls_features=True if args.icpr else None, stop_grad=not supervised,
+        overlap=False,
+    )
+    train_config = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, seed=args.seed if args.seed is not None else (456654 if supervised else 42),
+        supervision=args.supervision, mask_ratio=args.mask_ratio, eval_every=args.eval_every,
+        num_workers=args.num_workers,
+    )
+    options = {"split_file": args.split_file} if args.split_file else {}
+    samples = read_layout(args.data, args.layout, category=args.category, **options)
+    result = fit(data_root=args.data, samples=samples, model_config=model_config, train_config=train_config,
+                 weights=args.weights, device=args.device)
+    out = Path(args.out)
+    save_checkpoint(out / "model.pt", result.model, metadata={
+        "train_config": to_dict(train_config), "test_metrics": result.test_metrics,
+        "backbone_weights": result.weights_provenance, "data": os.fspath(args.data),
+    })
+    summary = {"test_metrics": result.test_metrics, "history": result.history,
+               "model_config": to_dict(model_config), "train_config": to_dict(train_config)}
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
+    print(json.dumps(result.test_metrics, indent=2, default=float))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

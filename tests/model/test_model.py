@@ -1,0 +1,189 @@
+"""Golden checks of spec section 10 for the network (shapes, counts, generator, heads, post-processing)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from supersimplenet.config import ConfigError, ModelConfig
+from supersimplenet.model import GaussianBlur, build_model, downsample_mask
+
+
+@pytest.fixture(scope="module")
+def wrn50():
+    torch.manual_seed(0)
+    return build_model(ModelConfig(backbone="wide_resnet50"))
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    torch.manual_seed(0)
+    return build_model(ModelConfig(backbone="efficientnet_lite0"))
+
+
+def test_wrn50_parameter_counts(wrn50):
+    trainable = sum(p.numel() for p in wrn50.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in wrn50.parameters())
+    backbone = sum(p.numel() for p in wrn50.feature_extractor.parameters())
+    assert (trainable, total, backbone) == (8_856_835, 33_719_363, 24_862_528)
+    assert sum(p.numel() for p in wrn50.adaptor.parameters()) == 2_360_832
+    assert sum(p.numel() for p in wrn50.segmentation_head.parameters()) == 1_576_960
+    assert sum(p.numel() for p in wrn50.classification_head.block.parameters()) == 4_918_784
+    assert sum(p.numel() for p in wrn50.classification_head.fc.parameters()) == 259
+
+
+def test_wrn50_shapes_eval_and_train(wrn50):
+    x = torch.randn(2, 3, 256, 256)
+    raw, adapted = wrn50.eval().features(x)
+    assert raw.shape == adapted.shape == (2, 1536, 64, 64)
+    out = wrn50(x)
+    assert out.anomaly_map.shape == (2, 1, 256, 256) and out.score.shape == (2,)
+    assert 0 <= float(out.anomaly_map.min()) and float(out.anomaly_map.max()) <= 1
+    wrn50.train()
+    out = wrn50(x, torch.zeros(2, 1, 256, 256), torch.zeros(2))
+    assert out.map_logits.shape == (4, 1, 64, 64) and out.score_logits.shape == (4,)
+    assert out.masks.shape == (4, 1, 64, 64) and out.labels.shape == (4,)
+    assert set(out.masks.unique().tolist()) <= {0.0, 1.0} and set(out.labels.unique().tolist()) <= {0.0, 1.0}
+    wrn50.eval()
+
+
+@pytest.mark.parametrize("size, feature", [((640, 232), (160, 58)), ((128, 128), (32, 32))])
+def test_feature_sizes_for_other_inputs(lite0, size, feature):
+    raw, _ = lite0.eval().features(torch.randn(1, 3, *size))
+    assert tuple(raw.shape[-2:]) == feature
+    assert ModelConfig(image_size=size).feature_size == feature
+    assert lite0(torch.randn(1, 3, *size)).anomaly_map.shape == (1, 1, *size)
+
+
+def test_lite0_channels_from_feature_info(lite0):
+    assert lite0.feature_extractor.channels == 40 + 112
+    assert lite0.adaptor.in_channels == 152
+
+
+def test_batch_size_one_keeps_batch_dimension(lite0):
+    lite0.eval()
+    assert lite0(torch.randn(1, 3, 128, 128)).score.shape == (1,)
+    lite0.train()
+    out = lite0(torch.randn(1, 3, 128, 128), torch.zeros(1, 1, 128, 128), torch.zeros(1))
+    assert out.score_logits.shape == (2,)
+    lite0.eval()
+
+
+def _cls_loss_grads(stop_grad: bool):
+    torch.manual_seed(1)
+    model = build_model(ModelConfig(stop_grad=stop_grad, image_size=(128, 128)))
+    model.train()
+    out = model(torch.randn(2, 3, 128, 128), torch.zeros(2, 1, 128, 128), torch.zeros(2))
+    F.binary_cross_entropy_with_logits(out.score_logits, out.labels).backward()
+    return [p.grad for p in model.segmentation_head.parameters()]
+
+
+def test_stop_gradient_blocks_cls_loss_from_seg_head():
+    assert all(g is None or torch.count_nonzero(g) == 0 for g in _cls_loss_grads(True))
+    assert any(g is not None and torch.count_nonzero(g) > 0 for g in _cls_loss_grads(False))
+
+
+def test_backbone_frozen_and_bn_statistics_unchanged(lite0):
+    model = build_model(ModelConfig(image_size=(128, 128)))
+    before = {k: v.clone() for k, v in model.feature_extractor.state_dict().items()}
+    model.train()
+    assert not model.feature_extractor.backbone.training
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    out = model(torch.randn(2, 3, 128, 128), torch.zeros(2, 1, 128, 128), torch.zeros(2))
+    (out.map_logits.mean() + out.score_logits.mean()).backward()
+    opt.step()
+    assert all(p.grad is None and not p.requires_grad for p in model.feature_extractor.parameters())
+    for key, value in model.feature_extractor.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_blur_kernel_size_and_constant_map():
+    blur = GaussianBlur(sigma=4.0)
+    assert blur.kernel_size == 25
+    assert torch.allclose(blur.kernel_h.sum(), torch.tensor(1.0))
+    const = torch.full((1, 1, 40, 30), 0.37)
+    assert torch.allclose(blur(const), const, atol=1e-6)
+
+
+def test_blur_matches_torchvision_gaussian_blur():
+    from torchvision.transforms.functional import gaussian_blur
+    x = torch.rand(2, 1, 64, 48)
+    assert torch.allclose(GaussianBlur(sigma=4.0)(x), gaussian_blur(x, [25, 25], [4.0, 4.0]), atol=1e-6)
+
+
+def test_pooling_counts_padding(lite0):
+    pooled = lite0.feature_extractor.pool(torch.ones(1, 1, 6, 6))[0, 0]
+    assert torch.allclose(pooled[1:-1, 1:-1], torch.ones(4, 4))
+    assert torch.allclose(pooled[0, 2], torch.tensor(6 / 9)) and torch.allclose(pooled[2, 0], torch.tensor(6 / 9))
+    assert torch.allclose(pooled[0, 0], torch.tensor(4 / 9))
+
+
+def test_mask_downsampling_block_and_single_pixel():
+    mask = torch.zeros(1, 1, 256, 256)
+    mask[..., 40:44, 80:84] = 1
+    small = downsample_mask(mask, (64, 64), align_corners=False)
+    assert small.sum() == 1 and small[0, 0, 10, 20] == 1
+    dot = torch.zeros(1, 1, 256, 256)
+    dot[..., 101, 77] = 1
+    assert downsample_mask(dot, (64, 64), align_corners=False).sum() == 0
+
+
+class TestGenerator:
+    def _inputs(self, seed=0, b=4, c=8, h=32, w=32):
+        g = torch.Generator().manual_seed(seed)
+        adapted = torch.randn(b, c, h, w, generator=g)
+        raw = torch.randn(b, c, h, w, generator=g)
+        masks = torch.zeros(b, 1, h, w)
+        masks[1, :, 4:12, 4:12] = 1
+        labels = torch.tensor([0.0, 1.0, 0.0, 0.0])
+        return adapted, raw, masks, labels
+
+    def _model(self, **kw):
+        return build_model(ModelConfig(image_size=(128, 128), **kw))
+
+    def test_invariants(self):
+        model = self._model(noise_std=0.5)
+        adapted, raw, masks, labels = self._inputs()
+        for seed in range(10):
+            torch.manual_seed(seed)
+            a2, r2, m2, y2 = model.add_synthetic_anomalies(adapted, raw, masks, labels)
+            base_a, base_r = torch.cat((adapted, adapted)), torch.cat((raw, raw))
+            gt = torch.cat((masks, masks))
+            noised = (a2 != base_a).any(dim=1, keepdim=True)
+            # unchanged wherever the noise mask is zero; JIMS: the same noise on A and F
+            assert torch.allclose(a2 - base_a, r2 - base_r, atol=1e-6)
+            # overlap=False: never inside a real defect
+            assert not (noised & (gt > 0)).any()
+            # final mask = GT or noised; label = GT-anomalous or any noised cell
+            assert torch.equal(m2, ((gt > 0) | noised).float())
+            expected = (torch.cat((labels, labels)) > 0) | noised.flatten(1).any(1)
+            assert torch.equal(y2, expected.float())
+
+    def test_zero_sigma_leaves_features(self):
+        model = self._model(noise_std=0.0)
+        adapted, raw, masks, labels = self._inputs()
+        a2, r2, _, _ = model.add_synthetic_anomalies(adapted, raw, masks, labels)
+        assert torch.equal(a2, torch.cat((adapted, adapted))) and torch.equal(r2, torch.cat((raw, raw)))
+
+    def test_noise_std(self):
+        model = self._model(noise_std=0.015, perlin_threshold=0.0)
+        adapted, raw, masks, labels = self._inputs(b=4, c=64)
+        deltas = []
+        for seed in range(5):
+            torch.manual_seed(seed)
+            a2, _, _, _ = model.add_synthetic_anomalies(adapted, raw, masks, labels)
+            d = a2 - torch.cat((adapted, adapted))
+            deltas.append(d[d != 0])
+        std = float(torch.cat(deltas).std())
+        assert abs(std - 0.015) < 0.0005
+
+    def test_relative_sigma_scales_with_feature_scale(self):
+        model = self._model(noise_std=0.1, noise_std_mode="relative")
+        model.feature_scale.fill_(2.5)
+        assert model.effective_noise_std == pytest.approx(0.25)
+
+
+def test_invalid_config_names_field():
+    with pytest.raises(ConfigError, match="model.backbone"):
+        ModelConfig(backbone="resnet9000")
+    with pytest.raises(ConfigError, match="image_size"):
+        ModelConfig(image_size=(32, 32))

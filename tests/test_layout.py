@@ -1,0 +1,39 @@
+"""Guards against the `platform/` trap (../shared/docs/platform-notes.md) and layering leaks."""
+
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_no_init_in_source_roots():
+    assert not (REPO / "platform" / "__init__.py").exists()
+    assert not (REPO / "model" / "__init__.py").exists()
+
+
+def test_repo_root_first_on_path_does_not_shadow_stdlib_platform():
+    # Ray puts the job's working_dir first on every worker's PYTHONPATH; a fresh interpreter must still get the
+    # standard library's `platform`.
+    code = "import platform, sys; print(platform.__file__); platform.python_implementation()"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "model"), str(REPO / "platform")]))
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
+    assert Path(out.stdout.strip()).resolve().parent == stdlib
+
+
+def test_model_package_imports_without_ray_mlflow_boto3():
+    # The model library must stay usable without the platform's dependencies.
+    code = (
+        "import sys\n"
+        "for name in ('ray', 'mlflow', 'boto3', 'botocore'): sys.modules[name] = None\n"
+        "import pkgutil, importlib, supersimplenet\n"
+        "for info in pkgutil.walk_packages(supersimplenet.__path__, 'supersimplenet.'):\n"
+        "    importlib.import_module(info.name)\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
