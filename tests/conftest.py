@@ -13,7 +13,17 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """Root of the shared real data sets; skips the test where they are not laid out (a fresh clone)."""
+    """Root of the shared real data sets; a test that needs them fails loudly where they are missing."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data not found at {SHARED_DATA}")
+        pytest.fail(f"shared data not found at {SHARED_DATA}: lay out ../shared beside the repository")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def weld_root(shared_data: Path) -> Path:
+    return shared_data / "battery_weld" / "denoised"
+
+
+@pytest.fixture(scope="session")
+def mpdd_root(shared_data: Path) -> Path:
+    return shared_data / "mpdd_metal_plate" / "data_supervised" / "metal_plate"

@@ -236,6 +236,8 @@ def _category_base(root: Path, category: str | None, *, layout: str, probe) -> P
     if probe(root):
         return root
     candidates = [c.name for c in _subdirs(root) if probe(c)]
+    if len(candidates) == 1:
+        return root / candidates[0]  # a single category needs no name; paths then start with it
     if candidates:
         raise DataError(f"{layout} layout: {root} holds several categories {candidates}; pass category=")
     raise DataError(f"{layout} layout: no dataset found at {root}")
@@ -595,7 +597,8 @@ def read_layout(
         layout: one of `LAYOUTS`, or None to `detect_layout`.
         category: sub-dataset: VisA object (required when the CSV holds several), SensumSODF category folder,
             or for mvtec / folder a category sub-folder of `root` (e.g. MVTec AD's ``bottle``). Paths then
-            start with the category. Not used by ksdd2.
+            start with the category. When `root` holds exactly one category folder it is used without a name.
+            Not used by ksdd2.
         **options: ``split_file`` (any layout): path of a file of ``<split> <image>`` lines that assigns
             splits; images it does not list keep the layout's split. ``fold`` (sensum, 0/1/2, default 0).
             ``labels_file`` (folder, default ``root/labels.csv`` when present): CSV with columns image,label
