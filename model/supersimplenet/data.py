@@ -794,16 +794,20 @@ def _open(path: Path, what: str) -> Image.Image:
 
 def _image_array(path: Path) -> np.ndarray:
     """HxWx3 float32 in [0, 1]."""
-    img = _open(path, "image")
+    return image_array(_open(path, "image"), where=str(path))
+
+
+def image_array(img: Image.Image, *, where: str = "image") -> np.ndarray:
+    """A decoded PIL image as HxWx3 float32 in [0, 1] (the one conversion used by training and serving)."""
     if img.mode.startswith("I;16") or img.mode == "I":
         # 16-bit grayscale (some industrial cameras): scale by the 16-bit range, then repeat the channel.
         gray = np.asarray(img, dtype=np.float32)
         if gray.min() < 0 or gray.max() > 65535:
-            raise DataError(f"unsupported pixel range in {img.mode} image: {path}")
+            raise DataError(f"unsupported pixel range in {img.mode} image: {where}")
         gray = gray / 65535.0
         return np.repeat(gray[:, :, None], 3, axis=2)
     if img.mode == "F":
-        raise DataError(f"unsupported floating-point image (mode F): {path}")
+        raise DataError(f"unsupported floating-point image (mode F): {where}")
     # convert("RGB") repeats the gray channel for L/1/LA, expands palettes and drops alpha.
     return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
 
@@ -832,9 +836,13 @@ def load_image(path: PathLike, *, size: tuple[int, int]) -> torch.Tensor:
     Raises:
         DataError: missing or unreadable file.
     """
+    return resize_image(_image_array(Path(path)), size=size)
+
+
+def resize_image(arr: np.ndarray, *, size: tuple[int, int]) -> torch.Tensor:
+    """HxWx3 float array in [0, 1] -> float [3, H, W] at `size` (bilinear, align_corners=False, no antialias)."""
     height, width = _check_size(size)
-    arr = _image_array(Path(path))
-    image = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
+    image = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).permute(2, 0, 1).contiguous()
     if image.shape[1:] != (height, width):
         image = F.interpolate(image[None], size=(height, width), mode="bilinear", align_corners=False,
                               antialias=False)[0]

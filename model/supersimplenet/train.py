@@ -293,7 +293,7 @@ def default_model_config(backbone: str, **overrides: Any) -> ModelConfig:
 
 
 # sigma as a fraction of the median per-channel feature std; see backbones.md and the search job for tuning.
-RELATIVE_NOISE_STD = 0.25
+RELATIVE_NOISE_STD = 1.0
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -200,7 +200,8 @@ def make_client(settings: S3Settings | None = None) -> Any:
     config = Config(
         region_name=settings.region,
         signature_version="s3v4",
-        retries={"mode": settings.retry_mode, "max_attempts": settings.max_attempts},
+        # total_max_attempts counts the first try too (botocore's "max_attempts" would add one)
+        retries={"mode": settings.retry_mode, "total_max_attempts": settings.max_attempts},
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.read_timeout,
         max_pool_connections=settings.max_pool_connections,

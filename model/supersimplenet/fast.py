@@ -1,0 +1,413 @@
+"""Inference-only fast path of SuperSimpleNet: the same outputs as `SuperSimpleNet.eval()(x)`, computed cheaper.
+
+Every trick is an exact rewrite of the reference computation (equal up to floating-point rounding):
+
+1. BatchNorm folding. Each BatchNorm of the frozen backbone, and those of both heads, is folded into the convolution
+   that feeds it (w' = w * g / sqrt(v + eps), b' = (b - m) * g / sqrt(v + eps) + beta), computed in float64.
+2. The adaptor is never run. It is a 1x1 convolution, so it folds into every linear layer that reads A: into the
+   segmentation head's first 1x1 convolution in both versions (W' = W_seg @ W_ad, b' = W_seg @ b_ad + b_seg), and in
+   ICPR mode also into the classification convolution (tap by tap, W'_t = W_t @ W_ad). The ICPR bias b_ad sits under
+   the 5x5 convolution's zero padding, so it becomes a fixed bias *map* (larger inside than at the borders).
+3. Low-resolution heads (``heads="separable"``, the default). The pooled features are
+   F = P(U(l2)) (+) P(U(l3)): a bilinear upscale U (align_corners=True) and the 3x3 average pool P
+   (count_include_pad) act on every channel alike, and both are separable (a matrix along H times one along W). A
+   channel-mixing layer therefore commutes with them: the seg head's first convolution is computed on the stride-8
+   and stride-16 maps (4x and 16x fewer positions) and only its 1024-channel result is brought to the feature size,
+   by two small matrix products. The classification head's 5x5 convolution is 25 channel projections (one per tap)
+   followed by 25 zero-padded shifts; a shift is a matrix too, so "project at low resolution, then upscale, pool and
+   shift" becomes two more matrix products per level, with the shift matrices stacked along the contraction.
+   F, A and the 1537-channel concatenation are never materialised. For WRN50 at 256x256 this cuts the heads from
+   about 36 to about 4 GMAC per image. ``heads="folded"`` keeps the reference layout (F materialised, direct 5x5
+   convolution) with only tricks 1-2, as a baseline.
+4. channels_last for the backbone, `torch.inference_mode`, optional bfloat16 weights and activations (the map
+   post-processing, i.e. upsample, blur and sigmoid, and the final linear layer always run in float32).
+
+Anything whose result the reference throws away is skipped: the adaptor output in JIMS mode, F itself, the
+backbone stages after stride 16 (already cut by `build_feature_extractor`).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from supersimplenet.model import InferenceOutput, SuperSimpleNet
+
+HeadsMode = Literal["separable", "folded"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# BatchNorm folding
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) in float64 such that bn(x) == x * scale + shift per channel in eval mode."""
+    var = bn.running_var.double()
+    mean = bn.running_mean.double()
+    scale = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    shift = -mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.double()
+    return scale, shift
+
+
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias (float64) of the convolution that equals bn(conv(x)) in eval mode."""
+    scale, shift = bn_scale_shift(bn)
+    weight = conv.weight.double() * scale.view(-1, *([1] * (conv.weight.dim() - 1)))
+    bias = conv.bias.double() * scale + shift if conv.bias is not None else shift
+    return weight, bias
+
+
+def _bn_replacement(bn: nn.Module) -> nn.Module:
+    """What is left of a BatchNorm once folded: nothing, or the activation of timm's BatchNormAct2d."""
+    tail = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
+    tail = [m for m in tail if not isinstance(m, nn.Identity)]
+    if not tail:
+        return nn.Identity()
+    return tail[0] if len(tail) == 1 else nn.Sequential(*tail)
+
+
+def fold_backbone_batchnorm(backbone: nn.Module, example: torch.Tensor) -> tuple[nn.Module, int]:
+    """A copy of `backbone` in which every BatchNorm fed directly by a convolution is folded into it.
+
+    Which convolution feeds which BatchNorm is found by running `example` once with hooks: a BatchNorm is folded
+    only when its input is the very tensor a Conv2d returned and that convolution feeds nothing else. Any other
+    BatchNorm is kept as is (still correct, just not folded).
+
+    Returns:
+        The folded copy (eval mode, no gradients) and the number of BatchNorms folded.
+    """
+    folded = copy.deepcopy(backbone).eval().requires_grad_(False)
+    names = {module: name for name, module in folded.named_modules()}
+    conv_of_output: dict[int, tuple[nn.Conv2d, torch.Tensor]] = {}  # the tensor is kept so ids are not reused
+    consumers: dict[nn.Conv2d, int] = {}
+    pairs: list[tuple[nn.Conv2d, nn.Module]] = []
+    handles = []
+
+    def after_conv(module, _inputs, output):
+        conv_of_output[id(output)] = (module, output)
+
+    def before_any(module, inputs):
+        for tensor in inputs:
+            entry = conv_of_output.get(id(tensor)) if isinstance(tensor, torch.Tensor) else None
+            if entry is not None and entry[1] is tensor:
+                conv = entry[0]
+                consumers[conv] = consumers.get(conv, 0) + 1
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    pairs.append((conv, module))
+
+    for module in folded.modules():
+        if isinstance(module, nn.Conv2d):
+            handles.append(module.register_forward_hook(after_conv))
+        is_bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
+        if is_bn or not list(module.children()):  # leaves and BatchNorms (timm's BatchNormAct2d has children)
+            handles.append(module.register_forward_pre_hook(before_any))
+    try:
+        with torch.no_grad():
+            folded(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    count = 0
+    for conv, bn in pairs:
+        if consumers.get(conv, 0) != 1 or bn.running_mean is None or bn.running_var is None:
+            continue
+        weight, bias = fold_conv_bn(conv, bn)
+        conv.weight = nn.Parameter(weight.to(conv.weight.dtype), requires_grad=False)
+        conv.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=False)
+        parent_name, _, child = names[bn].rpartition(".")
+        parent = folded.get_submodule(parent_name) if parent_name else folded
+        setattr(parent, child, _bn_replacement(bn))
+        count += 1
+    return folded, count
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Spatial operators as matrices (float64, exact up to rounding)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def linear_resize_matrix(source: int, target: int, *, align_corners: bool) -> torch.Tensor:
+    """[target, source] matrix of 1-D linear interpolation, built by resizing the identity with torch itself."""
+    eye = torch.eye(source, dtype=torch.float64).unsqueeze(0)  # [1, source(channels), source(length)]
+    out = F.interpolate(eye, size=target, mode="linear", align_corners=align_corners)  # [1, source, target]
+    return out[0].t().contiguous()
+
+
+def box3_matrix(size: int) -> torch.Tensor:
+    """[size, size] matrix of the 1-D part of AvgPool2d(3, 1, 1) with count_include_pad=True (zeros outside, /3)."""
+    idx = torch.arange(size)
+    return ((idx[:, None] - idx[None, :]).abs() <= 1).double() / 3.0
+
+
+def shift_matrix(size: int, offset: int) -> torch.Tensor:
+    """[size, size] matrix S with (S x)[y] = x[y + offset], zero outside (one tap of a zero-padded convolution)."""
+    idx = torch.arange(size)
+    return (idx[None, :] == idx[:, None] + offset).double()
+
+
+def level_operators(source: int, target: int, taps: int) -> torch.Tensor:
+    """[target, source * taps] stack of shift_k @ box3 @ resize, columns ordered (source, tap).
+
+    Applying it along one axis of a level's map upscales it to the feature size (align_corners=True, as the
+    feature extractor does), average-pools it and shifts it by each of the `taps` offsets of a zero-padded
+    convolution of that width (taps=1: no shift).
+    """
+    base = box3_matrix(target) @ linear_resize_matrix(source, target, align_corners=True)
+    half = taps // 2
+    stack = torch.stack([shift_matrix(target, k - half) @ base for k in range(taps)], dim=-1)  # [target, source, taps]
+    return stack.reshape(target, source * taps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The fast model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class FastSuperSimpleNet(nn.Module):
+    """Inference-only SuperSimpleNet. Build it with `from_model`; call it on normalised images like the reference.
+
+    Attributes:
+        heads: "separable" (low-resolution heads, the default) or "folded" (reference layout, folded weights).
+        dtype: compute dtype of the backbone and heads (float32 or bfloat16).
+        channels_last: run the backbone in channels_last memory format.
+    """
+
+    def __init__(self) -> None:  # use from_model
+        super().__init__()
+        self._spatial: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+    # -- construction ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_model(
+        cls,
+        model: SuperSimpleNet,
+        *,
+        dtype: torch.dtype = torch.float32,
+        channels_last: bool = True,
+        heads: HeadsMode = "separable",
+    ) -> "FastSuperSimpleNet":
+        """Folds a (trained) reference model into a fast inference model. The reference is left untouched."""
+        if heads not in ("separable", "folded"):
+            raise ValueError(f"heads must be 'separable' or 'folded', got {heads!r}")
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+        self = cls()
+        config = model.config
+        self.config = config
+        self.heads = heads
+        self.dtype = dtype
+        self.channels_last = channels_last
+        self.icpr = bool(config.adapt_cls_features)
+        device = next(model.parameters()).device
+
+        example = torch.zeros(1, 3, *config.image_size, device=device)
+        backbone, self.folded_batchnorms = fold_backbone_batchnorm(model.feature_extractor.backbone, example)
+        if channels_last:
+            backbone = backbone.to(memory_format=torch.channels_last)
+        self.backbone = backbone.to(dtype)
+        self.level_channels = [int(c) for c in model.feature_extractor.backbone.feature_info.channels()]
+        channels = sum(self.level_channels)
+
+        # Segmentation head: BN folded into its first 1x1 conv, the adaptor folded in front of it.
+        seg_conv, seg_bn, seg_act, seg_out = model.segmentation_head.layers
+        w_seg, b_seg = fold_conv_bn(seg_conv, seg_bn)  # [S, C, 1, 1], [S]
+        w_seg = w_seg.flatten(1)
+        w_ad = model.adaptor.weight.double().flatten(1)  # [C, C]
+        b_ad = model.adaptor.bias.double()
+        self.negative_slope = float(seg_act.negative_slope)
+        seg_w = w_seg @ w_ad
+        seg_b = w_seg @ b_ad + b_seg
+        seg_out_w = seg_out.weight.double().flatten(1)  # [1, S]
+
+        # Classification head: BN folded into the 5x5 conv; split into the feature part and the map channel.
+        block_conv, block_bn, _ = model.classification_head.block
+        w_cls, b_cls = fold_conv_bn(block_conv, block_bn)  # [O, C+1, k, k], [O]
+        self.kernel = int(w_cls.shape[-1])
+        w_cls_feat, w_cls_map = w_cls[:, :channels], w_cls[:, channels:]
+        bias_kernel = None
+        if self.icpr:  # the classification head reads A = W_ad F + b_ad: fold W_ad per tap, b_ad into a bias map
+            bias_kernel = torch.einsum("ocyx,c->oyx", w_cls_feat, b_ad).unsqueeze(1)  # [O, 1, k, k]
+            w_cls_feat = torch.einsum("ocyx,cd->odyx", w_cls_feat, w_ad)
+        fc = model.classification_head.fc
+
+        def buffer(name: str, value: torch.Tensor, *, keep_fp32: bool = False) -> None:
+            self.register_buffer(name, value.to(device, torch.float32 if keep_fp32 else dtype).contiguous())
+
+        buffer("blur_h", model.blur.kernel_h.double(), keep_fp32=True)
+        buffer("blur_w", model.blur.kernel_w.double(), keep_fp32=True)
+        self.blur_radius = int(model.blur.radius)
+        buffer("fc_weight", fc.weight.double(), keep_fp32=True)
+        buffer("fc_bias", fc.bias.double(), keep_fp32=True)
+        buffer("cls_map_weight", w_cls_map)  # [O, 1, k, k]
+        buffer("cls_bias", b_cls)  # [O]
+        self.register_buffer("cls_bias_kernel", None if bias_kernel is None else bias_kernel.to(device, dtype))
+
+        if heads == "separable":
+            # One projection per level; columns of the classification part ordered (kx, ky, out) so that the
+            # spatial contractions below need no permutation.
+            splits = torch.tensor(self.level_channels).cumsum(0).tolist()
+            starts = [0] + splits[:-1]
+            cls_rows = w_cls_feat.permute(3, 2, 0, 1).reshape(-1, channels)  # [(kx, ky, O), C]
+            for index, (start, stop) in enumerate(zip(starts, splits)):
+                buffer(f"proj_seg_{index}", seg_w[:, start:stop].t())  # [C_l, S]
+                buffer(f"proj_cls_{index}", cls_rows[:, start:stop].t())  # [C_l, k*k*O]
+            buffer("seg_bias", seg_b)
+            buffer("seg_out", seg_out_w.t())  # [S, 1]
+        else:
+            if self.icpr:
+                adaptor = nn.Conv2d(channels, channels, 1).to(device)
+                adaptor.weight.data.copy_(model.adaptor.weight)
+                adaptor.bias.data.copy_(model.adaptor.bias)
+                self.adaptor = adaptor.to(dtype)
+                seg_w, seg_b = w_seg, b_seg  # the adaptor runs: do not fold it in
+                w_cls_feat = w_cls[:, :channels]
+                self.cls_bias_kernel = None
+            else:
+                self.adaptor = None
+            buffer("seg_weight", seg_w[:, :, None, None])
+            buffer("seg_bias", seg_b)
+            buffer("seg_out_weight", seg_out_w[:, :, None, None])
+            buffer("cls_feat_weight", w_cls_feat)
+            if channels_last:
+                for name in ("seg_weight", "seg_out_weight", "cls_feat_weight", "cls_map_weight"):
+                    setattr(self, name, getattr(self, name).contiguous(memory_format=torch.channels_last))
+        return self.eval()
+
+    # -- helpers -----------------------------------------------------------------------------------------------
+
+    def _spatial_operators(self, sizes: tuple[tuple[int, int], ...], target: tuple[int, int],
+                           device: torch.device) -> tuple[torch.Tensor, ...]:
+        """Per level: seg H and W operators [T, n] and cls operators [T, n*k] (cached per shape)."""
+        key = (sizes, target, device.type, device.index)
+        if key not in self._spatial:
+            ops = []
+            for height, width in sizes:
+                ops.append(level_operators(height, target[0], 1))
+                ops.append(level_operators(width, target[1], 1))
+                ops.append(level_operators(height, target[0], self.kernel))
+                ops.append(level_operators(width, target[1], self.kernel))
+            self._spatial[key] = tuple(op.to(device, self.dtype) for op in ops)
+        return self._spatial[key]
+
+    def _cls_bias_map(self, target: tuple[int, int], device: torch.device) -> torch.Tensor:
+        """[O, h, w] bias of the classification conv before ReLU (a map in ICPR mode, constant otherwise)."""
+        key = ("bias", target, device.type, device.index)
+        if key not in self._spatial:
+            bias = self.cls_bias.float().view(-1, 1, 1).expand(-1, *target)
+            if self.cls_bias_kernel is not None:
+                ones = torch.ones(1, 1, *target, device=device)
+                bias = bias + F.conv2d(ones, self.cls_bias_kernel.float(), padding=self.kernel // 2)[0]
+            self._spatial[key] = (bias.to(self.dtype).contiguous(),)
+        return self._spatial[key][0]
+
+    def _postprocess(self, map_logits: torch.Tensor, score_logits: torch.Tensor,
+                     size: tuple[int, int]) -> InferenceOutput:
+        """Upsample, separable Gaussian blur (reflect padding), sigmoid; all in float32 as in the reference."""
+        maps = F.interpolate(map_logits.float(), size=size, mode="bilinear", align_corners=False)
+        r = self.blur_radius
+        maps = F.conv2d(F.pad(maps, (0, 0, r, r), mode="reflect"), self.blur_h)
+        maps = F.conv2d(F.pad(maps, (r, r, 0, 0), mode="reflect"), self.blur_w)
+        return InferenceOutput(anomaly_map=torch.sigmoid(maps), score=torch.sigmoid(score_logits.float()))
+
+    def _score(self, hidden_max: torch.Tensor, hidden_mean: torch.Tensor, map_logits: torch.Tensor) -> torch.Tensor:
+        pooled = torch.cat(
+            (hidden_max.float(), hidden_mean.float(), map_logits.float().amax(dim=(2, 3)),
+             map_logits.float().mean(dim=(2, 3))),
+            dim=1,
+        )
+        return F.linear(pooled, self.fc_weight, self.fc_bias).reshape(-1)
+
+    # -- forward -----------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor) -> InferenceOutput:
+        """Normalised images [B, 3, H, W] -> InferenceOutput(anomaly_map [B, 1, H, W], score [B]), like the reference."""
+        return self.run(images)
+
+    def run(self, images: torch.Tensor) -> InferenceOutput:
+        """`forward` without inference_mode (for tracing and ONNX export)."""
+        size = tuple(images.shape[-2:])
+        x = images.to(self.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        levels = self.backbone(x)
+        if self.heads == "separable":
+            map_logits, hidden_max, hidden_mean = self._separable_heads(levels)
+        else:
+            map_logits, hidden_max, hidden_mean = self._folded_heads(levels)
+        return self._postprocess(map_logits, self._score(hidden_max, hidden_mean, map_logits), size)
+
+    def _separable_heads(self, levels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch = levels[0].shape[0]
+        height, width = levels[0].shape[-2:]
+        target = (2 * height, 2 * width)
+        sizes = tuple((int(level.shape[-2]), int(level.shape[-1])) for level in levels)
+        ops = self._spatial_operators(sizes, target, levels[0].device)
+        k = self.kernel
+        out_channels = self.cls_bias.shape[0]
+        seg = None
+        cls = None
+        for index, level in enumerate(levels):
+            n_h, n_w = level.shape[-2:]
+            seg_h, seg_w, cls_h, cls_w = ops[4 * index: 4 * index + 4]
+            rows = level.permute(0, 2, 3, 1).reshape(-1, level.shape[1])  # [B*n_h*n_w, C_l] (free for NHWC)
+            # Segmentation: project to S channels at this level's resolution, then W- and H-operators.
+            y = (rows @ getattr(self, f"proj_seg_{index}")).view(batch * n_h, n_w, -1)  # [B*n_h, n_w, S]
+            r = torch.matmul(y.transpose(1, 2), seg_w.t())  # [B*n_h, S, T_w]
+            part = torch.matmul(seg_h, r.reshape(batch, n_h, -1))  # [B, T_h, S*T_w]
+            seg = part if seg is None else seg.add_(part)
+            # Classification: 25 projections (kx, ky, O), then W-operator over (n_w, kx), H-operator over (n_h, ky).
+            y = (rows @ getattr(self, f"proj_cls_{index}")).view(batch * n_h, n_w * k, k * out_channels)
+            r = torch.matmul(y.transpose(1, 2), cls_w.t())  # [B*n_h, (ky, O), T_w]
+            part = torch.matmul(cls_h, r.reshape(batch, n_h * k, -1))  # [B, T_h, O*T_w]
+            cls = part if cls is None else cls.add_(part)
+        # seg: [B, T_h, S, T_w] -> bias, LeakyReLU, 1x1 to one channel.
+        seg = seg.view(batch, target[0], -1, target[1])
+        seg = F.leaky_relu_(seg.add_(self.seg_bias.view(1, 1, -1, 1)), self.negative_slope)
+        map_logits = torch.matmul(self.seg_out.t(), seg.view(batch * target[0], -1, target[1]))
+        map_logits = map_logits.view(batch, 1, target[0], target[1])  # [B, T_h, 1, T_w] is the same memory
+        # cls: [B, T_h, O, T_w] + bias map + the map channel's 5x5 conv, ReLU, global max / mean.
+        hidden = cls.view(batch, target[0], out_channels, target[1])
+        from_map = F.conv2d(map_logits, self.cls_map_weight, padding=k // 2)  # [B, O, T_h, T_w]
+        hidden.add_(from_map.permute(0, 2, 1, 3)).add_(self._cls_bias_map(target, hidden.device).permute(1, 0, 2))
+        hidden = F.relu_(hidden)
+        return map_logits, hidden.amax(dim=(1, 3)), hidden.mean(dim=(1, 3))
+
+    def _folded_heads(self, levels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        height, width = levels[0].shape[-2:]
+        size = (2 * height, 2 * width)
+        upscaled = [F.interpolate(level, size=size, mode="bilinear", align_corners=True) for level in levels]
+        raw = F.avg_pool2d(torch.cat(upscaled, dim=1), kernel_size=3, stride=1, padding=1)
+        if self.channels_last:
+            raw = raw.contiguous(memory_format=torch.channels_last)
+        seg_input = cls_input = raw
+        if self.adaptor is not None:  # ICPR: both heads read the adapted features
+            seg_input = cls_input = self.adaptor(raw)
+        hidden = F.leaky_relu_(F.conv2d(seg_input, self.seg_weight, self.seg_bias), self.negative_slope)
+        map_logits = F.conv2d(hidden, self.seg_out_weight)
+        k = self.kernel
+        hidden = F.conv2d(cls_input, self.cls_feat_weight, self.cls_bias, padding=k // 2)
+        hidden = hidden + F.conv2d(map_logits, self.cls_map_weight, padding=k // 2)
+        hidden = F.relu_(hidden)
+        return map_logits, hidden.amax(dim=(2, 3)), hidden.mean(dim=(2, 3))
+
+
+def build_fast_model(model: SuperSimpleNet, **options) -> FastSuperSimpleNet:
+    """Alias of `FastSuperSimpleNet.from_model`."""
+    return FastSuperSimpleNet.from_model(model, **options)
+
+
+__all__ = [
+    "FastSuperSimpleNet", "build_fast_model", "fold_backbone_batchnorm", "fold_conv_bn", "level_operators",
+]

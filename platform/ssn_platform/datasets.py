@@ -1,0 +1,738 @@
+"""Versioned defect datasets in S3: ingest from a local folder, read back through a node-local cache.
+
+Layout in the bucket (one prefix per dataset version)::
+
+    s3://<bucket>/datasets/<product>/<version>/objects/<relative path>   the files, at the paths the model package
+                                                                          reads them from (browsable, diffable)
+    s3://<bucket>/datasets/<product>/<version>/manifest.json              written LAST: a version exists when this does
+    s3://<bucket>/datasets/<product>/latest                               text file holding the newest version
+
+Every object carries its sha256 in its user metadata (``x-amz-meta-sha256``); ingest skips objects whose metadata
+already matches, so re-running an ingest uploads nothing.
+
+The manifest (schema ``ssn-dataset-manifest`` version 1) holds one record per sample::
+
+    {"image": "test/defective/001.png", "image_key": "objects/test/defective/001.png",
+     "image_sha256": "...", "image_bytes": 1234,
+     "mask": "ground_truth/defective/001.png" | null, "mask_key": "objects/..." | null,
+     "mask_sha256": "..." | null, "mask_bytes": 567 | null,
+     "label": 1, "split": "test", "segmented": true, "defect_type": "defective"}
+
+Keys in records are relative to the version prefix (so records do not depend on the version). ``version`` is the
+first 16 hex digits of the sha256 of the canonical JSON of the records (sorted by image path, sorted keys, no
+whitespace): the same files with the same labels always give the same version, any change gives a new one. Layout
+metadata (layout name, category, source folder, reader options) sits beside the records and is not hashed.
+
+The reader keeps a content-addressed cache per node: ``<cache>/objects/<sha256[:2]>/<sha256>`` (read-only files),
+one download per object per node (``fcntl`` lock per object, temp file + atomic rename), sha256 verified after each
+download and again on every use (a corrupt entry is downloaded again). ``materialize()`` builds
+``<cache>/views/<bucket>/<version prefix>/`` of hard links (copies where links fail) at the samples' relative paths
+and returns ``(root, samples)`` for ``supersimplenet.data.DefectDataset(root=root, samples=samples, ...)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import errno
+import fcntl
+import hashlib
+import json
+import mimetypes
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from ssn_platform import storage
+from ssn_platform.storage import (
+    ObjectNotFoundError,
+    S3Settings,
+    StorageError,
+    format_s3_uri,
+    join_key,
+    make_client,
+    parse_s3_uri,
+    validate_key,
+)
+
+__all__ = [
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "DatasetError",
+    "Manifest",
+    "IngestResult",
+    "ReaderStats",
+    "DatasetReader",
+    "ingest",
+    "compute_version",
+    "canonical_json",
+    "dataset_prefix",
+    "default_cache_dir",
+]
+
+SCHEMA = "ssn-dataset-manifest"
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+LATEST_NAME = "latest"
+OBJECTS_DIR = "objects"
+DATASETS_ROOT = "datasets"
+_VERSION_RE = re.compile(r"^[0-9a-f]{16}$")
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+_PRODUCT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_RECORD_FIELDS = (
+    "image",
+    "image_key",
+    "image_sha256",
+    "image_bytes",
+    "mask",
+    "mask_key",
+    "mask_sha256",
+    "mask_bytes",
+    "label",
+    "split",
+    "segmented",
+    "defect_type",
+)
+
+
+class DatasetError(StorageError):
+    """A dataset in object storage is missing, incomplete or inconsistent."""
+
+
+def _data_module() -> Any:
+    # imported lazily: it pulls in torch, which `--help` and the manifest helpers do not need
+    from supersimplenet import data
+
+    return data
+
+
+# ------------------------------------------------------------------------------------------------ manifest
+def canonical_json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def compute_version(records: Sequence[Mapping[str, Any]]) -> str:
+    """First 16 hex digits of sha256(canonical JSON of the records sorted by image path)."""
+    ordered = sorted(records, key=lambda r: r["image"])
+    return hashlib.sha256(canonical_json(ordered)).hexdigest()[:16]
+
+
+def dataset_prefix(product: str, version: str) -> str:
+    _check_product(product)
+    if not _VERSION_RE.match(version):
+        raise ValueError(f"invalid dataset version {version!r} (16 lowercase hex digits)")
+    return join_key(DATASETS_ROOT, product, version)
+
+
+def _check_product(product: str) -> str:
+    if not isinstance(product, str) or not _PRODUCT_RE.match(product) or product in {LATEST_NAME, OBJECTS_DIR}:
+        raise ValueError(
+            f"invalid product name {product!r}: 1-100 characters of letters, digits, '.', '_', '-', "
+            "starting with a letter or digit"
+        )
+    return product
+
+
+def _check_record(rec: Mapping[str, Any], where: str) -> None:
+    missing = [f for f in _RECORD_FIELDS if f not in rec]
+    if missing:
+        raise DatasetError(f"{where}: record for {rec.get('image')!r} lacks {missing}")
+    for prefix in ("image", "mask"):
+        path, key, sha, size = (rec[prefix], rec[f"{prefix}_key"], rec[f"{prefix}_sha256"], rec[f"{prefix}_bytes"])
+        if prefix == "mask" and path is None:
+            if key is not None or sha is not None or size is not None:
+                raise DatasetError(f"{where}: record {rec['image']!r} has mask fields without a mask")
+            continue
+        try:
+            validate_key(path, what=f"{prefix} path")
+            validate_key(key, what=f"{prefix} key")
+        except ValueError as exc:
+            raise DatasetError(f"{where}: {exc}") from None
+        if not key.startswith(OBJECTS_DIR + "/"):
+            raise DatasetError(f"{where}: {prefix} key {key!r} is not under {OBJECTS_DIR}/")
+        if not isinstance(sha, str) or not _SHA_RE.match(sha):
+            raise DatasetError(f"{where}: bad {prefix}_sha256 {sha!r} for {path!r}")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise DatasetError(f"{where}: bad {prefix}_bytes {size!r} for {path!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """A parsed, verified dataset manifest."""
+
+    product: str
+    version: str
+    records: tuple[Mapping[str, Any], ...]
+    layout: Mapping[str, Any]
+    created_at: str = ""
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def build(cls, *, product: str, records: Sequence[Mapping[str, Any]], layout: Mapping[str, Any]) -> Manifest:
+        ordered = tuple(sorted((dict(r) for r in records), key=lambda r: r["image"]))
+        created = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+        return cls(product=_check_product(product), version=compute_version(ordered), records=ordered,
+                   layout=dict(layout), created_at=created)
+
+    def to_dict(self) -> dict[str, Any]:
+        counts: dict[str, dict[str, int]] = {}
+        for r in self.records:
+            split = counts.setdefault(r["split"], {"normal": 0, "defective": 0, "segmented": 0})
+            split["defective" if r["label"] else "normal"] += 1
+            split["segmented"] += int(bool(r["segmented"]))
+        objects = self.objects()
+        return {
+            "schema": SCHEMA,
+            "schema_version": SCHEMA_VERSION,
+            "product": self.product,
+            "version": self.version,
+            "created_at": self.created_at,
+            "layout": dict(self.layout),
+            "object_layout": f"{OBJECTS_DIR}/<relative path> under the version prefix",
+            "counts": {
+                "samples": len(self.records),
+                "objects": len(objects),
+                "bytes": sum(size for _, size in objects.values()),
+                "splits": counts,
+            },
+            **dict(self.extra),
+            "records": [dict(r) for r in self.records],
+        }
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=False, ensure_ascii=True).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, data: bytes | str, *, where: str = "manifest") -> Manifest:
+        try:
+            doc = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise DatasetError(f"{where} is not valid JSON: {exc}") from None
+        if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+            raise DatasetError(f"{where} is not an {SCHEMA} document")
+        if doc.get("schema_version") != SCHEMA_VERSION:
+            raise DatasetError(
+                f"{where} has schema_version {doc.get('schema_version')!r}; this reader supports {SCHEMA_VERSION}"
+            )
+        records = doc.get("records")
+        if not isinstance(records, list) or not records:
+            raise DatasetError(f"{where} holds no records")
+        for rec in records:
+            if not isinstance(rec, dict):
+                raise DatasetError(f"{where}: a record is not an object")
+            _check_record(rec, where)
+        version = compute_version(records)
+        if version != doc.get("version"):
+            raise DatasetError(
+                f"{where}: records hash to version {version} but the manifest says {doc.get('version')!r} "
+                "(corrupt or edited manifest)"
+            )
+        known = {"schema", "schema_version", "product", "version", "created_at", "layout", "object_layout",
+                 "counts", "records"}
+        return cls(
+            product=_check_product(str(doc.get("product"))),
+            version=version,
+            records=tuple(sorted(records, key=lambda r: r["image"])),
+            layout=doc.get("layout") or {},
+            created_at=str(doc.get("created_at", "")),
+            extra={k: v for k, v in doc.items() if k not in known},
+        )
+
+    def objects(self) -> dict[str, tuple[str, int]]:
+        """key (relative to the version prefix) -> (sha256, bytes), one entry per distinct object key."""
+        out: dict[str, tuple[str, int]] = {}
+        for r in self.records:
+            for prefix in ("image", "mask"):
+                key = r[f"{prefix}_key"]
+                if key is None:
+                    continue
+                entry = (r[f"{prefix}_sha256"], r[f"{prefix}_bytes"])
+                if out.setdefault(key, entry) != entry:
+                    raise DatasetError(f"manifest lists {key} twice with different content")
+        return out
+
+    def samples(self) -> list[Any]:
+        """The records as ``supersimplenet.data.Sample`` objects (paths relative to the dataset root)."""
+        Sample = _data_module().Sample
+        return [
+            Sample(
+                image=r["image"],
+                mask=r["mask"],
+                label=int(r["label"]),
+                split=r["split"],
+                segmented=bool(r["segmented"]),
+                defect_type=r.get("defect_type") or "",
+            )
+            for r in self.records
+        ]
+
+
+# ------------------------------------------------------------------------------------------------ ingest
+@dataclasses.dataclass(frozen=True)
+class IngestResult:
+    uri: str  # s3://bucket/datasets/<product>/<version>/manifest.json
+    version: str
+    dataset_uri: str  # s3://bucket/datasets/<product>/<version>/
+    samples: int
+    objects: int
+    uploaded: int
+    skipped: int
+    bytes_total: int
+    bytes_uploaded: int
+    manifest_written: bool
+
+    def __iter__(self) -> Iterator[str]:  # `uri, version = ingest(...)`
+        return iter((self.uri, self.version))
+
+
+def _progress(total: int, desc: str, enabled: bool | None, unit: str = "B") -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", unit_divisor=1024,
+                disable=(None if enabled is None else not enabled), leave=False)
+
+
+def _local_problems(root: Path, samples: Sequence[Any]) -> list[str]:
+    """Checks beyond the model package's: every path must be a safe object key naming a regular file."""
+    problems = []
+    for s in samples:
+        for path in (s.image, s.mask):
+            if path is None:
+                continue
+            try:
+                validate_key(path, what="path")
+            except ValueError as exc:
+                problems.append(f"{root / path}: {exc}")
+                continue
+            full = root / path
+            if full.exists() and not full.is_file():
+                problems.append(f"not a regular file: {full}")
+    return problems
+
+
+def ingest(
+    local_root: str | os.PathLike[str],
+    *,
+    product: str,
+    layout: str | None = None,
+    bucket: str = "ssn",
+    category: str | None = None,
+    options: Mapping[str, Any] | None = None,
+    settings: S3Settings | None = None,
+    client: Any = None,
+    workers: int = 8,
+    progress: bool | None = None,
+    update_latest: bool = True,
+) -> IngestResult:
+    """Validate a local dataset folder, upload it in parallel and write its manifest last.
+
+    Reads the folder with ``supersimplenet.data.read_layout(local_root, layout, category=..., **options)`` and
+    checks it with ``validate_samples``; when anything is wrong, nothing is uploaded and ``DataError`` lists every
+    offending path. Objects already stored with the same sha256 are skipped; the manifest is written only after
+    every object is in place, then the ``latest`` pointer.
+
+    Returns an :class:`IngestResult` (``uri, version = ingest(...)`` also works).
+    """
+    data = _data_module()
+    _check_product(product)
+    root = Path(local_root).resolve()
+    options = dict(options or {})
+    layout_name = layout or data.detect_layout(root)
+    samples = data.read_layout(root, layout_name, category=category, **options)
+    problems = _local_problems(root, samples)
+    try:
+        data.validate_samples(root, samples)
+    except data.DataError as exc:
+        problems.append(str(exc))
+    if problems:
+        raise data.DataError(
+            f"dataset at {root} is invalid; nothing was uploaded:\n" + "\n".join(problems)
+        )
+
+    # hash every file (content of record = what gets uploaded)
+    paths = sorted({p for s in samples for p in (s.image, s.mask) if p is not None})
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        hashed = dict(zip(paths, pool.map(lambda p: storage.sha256_file(root / p), paths)))
+    records = []
+    for s in samples:
+        rec: dict[str, Any] = {
+            "image": s.image,
+            "image_key": join_key(OBJECTS_DIR, s.image),
+            "image_sha256": hashed[s.image][0],
+            "image_bytes": hashed[s.image][1],
+            "mask": s.mask,
+            "mask_key": join_key(OBJECTS_DIR, s.mask) if s.mask is not None else None,
+            "mask_sha256": hashed[s.mask][0] if s.mask is not None else None,
+            "mask_bytes": hashed[s.mask][1] if s.mask is not None else None,
+            "label": int(s.label),
+            "split": s.split,
+            "segmented": bool(s.segmented),
+            "defect_type": s.defect_type or "",
+        }
+        records.append(rec)
+    layout_meta = {
+        "name": layout_name,
+        "category": category,
+        "source": str(root),
+        "options": {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in options.items()},
+    }
+    manifest = Manifest.build(product=product, records=records, layout=layout_meta)
+    prefix = dataset_prefix(product, manifest.version)
+    manifest_key = join_key(prefix, MANIFEST_NAME)
+    objects = manifest.objects()
+
+    client = client or make_client(settings or S3Settings.from_env())
+    _check_bucket(client, bucket)
+
+    lock = threading.Lock()
+    stats = {"uploaded": 0, "skipped": 0, "bytes_uploaded": 0}
+    total_bytes = sum(size for _, size in objects.values())
+
+    def _one(item: tuple[str, tuple[str, int]]) -> None:
+        rel_key, (sha, size) = item
+        key = join_key(prefix, rel_key)
+        head = storage.head_object(client, bucket, key)
+        if head is not None and head.get("Metadata", {}).get(storage.SHA256_METADATA_KEY) == sha \
+                and head.get("ContentLength") == size:
+            with lock:
+                stats["skipped"] += 1
+            bar.update(size)
+            return
+        local = root / rel_key[len(OBJECTS_DIR) + 1:]
+        body = local.read_bytes()
+        if len(body) != size or hashlib.sha256(body).hexdigest() != sha:
+            raise data.DataError(f"file changed while it was being ingested: {local}; nothing was published")
+        ctype = mimetypes.guess_type(local.name)[0] or "application/octet-stream"
+        storage.call_with_retries(
+            lambda: client.put_object(Bucket=bucket, Key=key, Body=body, ContentType=ctype,
+                                      Metadata={storage.SHA256_METADATA_KEY: sha}),
+            client=client, bucket=bucket, key=key, action="upload",
+        )
+        with lock:
+            stats["uploaded"] += 1
+            stats["bytes_uploaded"] += size
+        bar.update(size)
+
+    with _progress(total_bytes, f"ingest {product}@{manifest.version}", progress) as bar:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for fut in [pool.submit(_one, item) for item in sorted(objects.items())]:
+                fut.result()  # first failure propagates; the manifest is not written
+
+    # the manifest last: the version becomes visible only now, and only complete
+    manifest_written = True
+    existing = storage.head_object(client, bucket, manifest_key)
+    if existing is not None:
+        try:
+            old = Manifest.from_json(storage.get_bytes(client, bucket, manifest_key))
+            manifest_written = not (old.version == manifest.version and old.records == manifest.records)
+        except DatasetError:
+            manifest_written = True  # unreadable manifest: replace it
+    if manifest_written:
+        storage.put_bytes(client, bucket, manifest_key, manifest.to_json(), content_type="application/json")
+    if update_latest:
+        latest_key = join_key(DATASETS_ROOT, product, LATEST_NAME)
+        current = storage.head_object(client, bucket, latest_key)
+        if current is None or current.get("Metadata", {}).get(storage.SHA256_METADATA_KEY) != hashlib.sha256(
+            (manifest.version + "\n").encode()
+        ).hexdigest():
+            storage.put_bytes(client, bucket, latest_key, (manifest.version + "\n").encode(), content_type="text/plain")
+
+    return IngestResult(
+        uri=format_s3_uri(bucket, manifest_key),
+        version=manifest.version,
+        dataset_uri=format_s3_uri(bucket, prefix) + "/",
+        samples=len(manifest.records),
+        objects=len(objects),
+        uploaded=stats["uploaded"],
+        skipped=stats["skipped"],
+        bytes_total=total_bytes,
+        bytes_uploaded=stats["bytes_uploaded"],
+        manifest_written=manifest_written,
+    )
+
+
+def _check_bucket(client: Any, bucket: str) -> None:
+    """Fail early with a clear message (bad credentials, missing bucket) before any work is done.
+
+    A GET (not HEAD) so that the server's error code (InvalidAccessKeyId, SignatureDoesNotMatch, NoSuchBucket)
+    comes back in the body and the message can say exactly what was wrong.
+    """
+    storage.call_with_retries(
+        lambda: client.list_objects_v2(Bucket=bucket, MaxKeys=1, Prefix=DATASETS_ROOT + "/"),
+        client=client, bucket=bucket, action="access the bucket",
+    )
+
+
+# ------------------------------------------------------------------------------------------------ reader
+def default_cache_dir() -> Path:
+    env = os.environ.get("SSN_DATASET_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ssn-platform" / "datasets"
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path, timeout: float | None = None) -> Iterator[None]:
+    """Exclusive ``flock`` on ``path`` (created if needed); works across processes and across threads."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if timeout is None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        else:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+@dataclasses.dataclass
+class ReaderStats:
+    downloaded: int = 0  # objects fetched from S3 by this reader
+    bytes_downloaded: int = 0
+    cache_hits: int = 0  # objects found valid in the cache
+    repaired: int = 0  # corrupt cache entries detected and replaced
+    linked: int = 0  # view entries (re)created
+    copied: int = 0  # view entries copied because hard links failed
+
+
+class DatasetReader:
+    """Read a dataset version from S3 through a node-local content-addressed cache.
+
+    ``uri`` may name the manifest (``.../<version>/manifest.json``), the version prefix
+    (``s3://ssn/datasets/<product>/<version>``), the product (``s3://ssn/datasets/<product>``: its ``latest``) or
+    a ``latest`` pointer. ``on_download(key, size)`` is called after each object download (progress hooks, tests).
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        cache_dir: str | os.PathLike[str] | None = None,
+        settings: S3Settings | None = None,
+        client: Any = None,
+        workers: int = 8,
+        progress: bool | None = False,
+        on_download: Callable[[str, int], None] | None = None,
+        verify_on_use: bool = True,
+    ) -> None:
+        self.uri = uri
+        self.bucket, self._key = parse_s3_uri(uri)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.settings = settings
+        self._client = client
+        self.workers = max(1, workers)
+        self.progress = progress
+        self.on_download = on_download
+        self.verify_on_use = verify_on_use
+        self.stats = ReaderStats()
+        self._stats_lock = threading.Lock()
+        self._manifest: Manifest | None = None
+        self._manifest_key: str | None = None
+        self._link_ok = True
+
+    # -- S3 side ---------------------------------------------------------------------------------------------
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = make_client(self.settings or S3Settings.from_env())
+        return self._client
+
+    def _resolve_manifest_key(self) -> str:
+        key = self._key
+        if not key:
+            raise ValueError(f"{self.uri} names a bucket, not a dataset")
+        parts = key.split("/")
+        if parts[-1] == MANIFEST_NAME:
+            return key
+        if parts[-1] == LATEST_NAME:
+            return join_key(*parts[:-1], self._read_latest(key), MANIFEST_NAME)
+        if len(parts) == 2 and parts[0] == DATASETS_ROOT:  # datasets/<product>
+            return join_key(key, self._read_latest(join_key(key, LATEST_NAME)), MANIFEST_NAME)
+        if _VERSION_RE.match(parts[-1]):
+            return join_key(key, MANIFEST_NAME)
+        return join_key(key, self._read_latest(join_key(key, LATEST_NAME)), MANIFEST_NAME)
+
+    def _read_latest(self, key: str) -> str:
+        try:
+            version = storage.get_bytes(self.client, self.bucket, key).decode("ascii", "replace").strip()
+        except ObjectNotFoundError:
+            raise DatasetError(
+                f"no dataset published at {format_s3_uri(self.bucket, key.rsplit('/', 1)[0])}/ "
+                f"({format_s3_uri(self.bucket, key)} does not exist)"
+            ) from None
+        if not _VERSION_RE.match(version):
+            raise DatasetError(f"{format_s3_uri(self.bucket, key)} holds {version[:40]!r}, not a dataset version")
+        return version
+
+    @property
+    def manifest(self) -> Manifest:
+        if self._manifest is None:
+            key = self._resolve_manifest_key()
+            uri = format_s3_uri(self.bucket, key)
+            try:
+                raw = storage.get_bytes(self.client, self.bucket, key)
+            except ObjectNotFoundError:
+                raise DatasetError(
+                    f"no complete dataset at {uri.rsplit('/', 1)[0]}/: {uri} does not exist "
+                    "(never ingested, or the ingest did not finish)"
+                ) from None
+            manifest = Manifest.from_json(raw, where=uri)
+            dir_version = key.split("/")[-2] if key.count("/") >= 1 else ""
+            if _VERSION_RE.match(dir_version) and dir_version != manifest.version:
+                raise DatasetError(f"{uri} describes version {manifest.version}, not {dir_version}")
+            self._manifest, self._manifest_key = manifest, key
+        return self._manifest
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def prefix(self) -> str:
+        self.manifest
+        assert self._manifest_key is not None
+        return self._manifest_key.rsplit("/", 1)[0]
+
+    @property
+    def samples(self) -> list[Any]:
+        return self.manifest.samples()
+
+    # -- cache -----------------------------------------------------------------------------------------------
+    def object_path(self, sha256: str) -> Path:
+        if not _SHA_RE.match(sha256):
+            raise ValueError(f"not a sha256: {sha256!r}")
+        return self.cache_dir / "objects" / sha256[:2] / sha256
+
+    def _lock_path(self, name: str) -> Path:
+        return self.cache_dir / "locks" / name[:2] / f"{name}.lock"
+
+    def _count(self, **deltas: int) -> None:
+        with self._stats_lock:
+            for k, v in deltas.items():
+                setattr(self.stats, k, getattr(self.stats, k) + v)
+
+    @staticmethod
+    def _valid(path: Path, sha256: str, size: int) -> bool:
+        try:
+            if path.stat().st_size != size:
+                return False
+            return storage.sha256_file(path)[0] == sha256
+        except FileNotFoundError:
+            return False
+
+    def _ensure_object(self, rel_key: str, sha256: str, size: int) -> Path:
+        """The verified cache entry of an object, downloading it (once per node) or repairing it if needed."""
+        path = self.object_path(sha256)
+        if path.exists() and (not self.verify_on_use or self._valid(path, sha256, size)):
+            self._count(cache_hits=1)
+            return path
+        with _file_lock(self._lock_path(sha256)):
+            if path.exists():
+                if self._valid(path, sha256, size):
+                    self._count(cache_hits=1)  # another worker fetched it while we waited
+                    return path
+                path.unlink()  # corrupt entry: repair by downloading again
+                self._count(repaired=1)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            for stale in path.parent.glob(f".{sha256}.*.part"):  # left by a crashed download (we hold the lock)
+                stale.unlink(missing_ok=True)
+            tmp = path.parent / f".{sha256}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part"
+            key = join_key(self.prefix, rel_key)
+            try:
+                storage.download_to(self.client, self.bucket, key, tmp, expected_sha256=sha256, expected_size=size)
+                os.chmod(tmp, 0o444)
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+            self._count(downloaded=1, bytes_downloaded=size)
+        if self.on_download is not None:
+            self.on_download(key, size)
+        return path
+
+    def fetch(self) -> ReaderStats:
+        """Make sure every object of the dataset is in the cache and valid. Returns the reader's statistics."""
+        self._fetch()
+        return self.stats
+
+    def _fetch(self) -> dict[str, Path]:
+        """sha256 -> verified cache path for every object of the dataset (downloading/repairing as needed)."""
+        by_sha: dict[str, tuple[str, int]] = {}
+        for rel_key, (sha, size) in sorted(self.manifest.objects().items()):
+            by_sha.setdefault(sha, (rel_key, size))
+        total = sum(size for _, size in by_sha.values())
+        paths: dict[str, Path] = {}
+        with _progress(total, f"fetch {self.manifest.product}@{self.version}", self.progress) as bar:
+            def _one(item: tuple[str, tuple[str, int]]) -> None:
+                sha, (rel_key, size) = item
+                paths[sha] = self._ensure_object(rel_key, sha, size)
+                bar.update(size)
+
+            with ThreadPoolExecutor(max_workers=self.workers) as pool:
+                for fut in [pool.submit(_one, item) for item in by_sha.items()]:
+                    fut.result()
+        return paths
+
+    # -- view ------------------------------------------------------------------------------------------------
+    def view_dir(self) -> Path:
+        return self.cache_dir / "views" / self.bucket / Path(*self.prefix.split("/"))
+
+    def _place(self, src: Path, dest: Path, sha256: str, size: int) -> None:
+        """Make ``dest`` a hard link to ``src`` (or a verified copy), replacing it atomically when stale."""
+        try:
+            st = dest.stat()
+            if os.path.samestat(st, src.stat()):
+                return
+            if not self._link_ok and self._valid(dest, sha256, size):
+                return
+        except FileNotFoundError:
+            pass
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            if self._link_ok:
+                try:
+                    os.link(src, tmp)
+                    self._count(linked=1)
+                except OSError:
+                    self._link_ok = False  # other file system, or links not allowed: copy from now on
+            if not self._link_ok:
+                shutil.copyfile(src, tmp)
+                self._count(copied=1)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def materialize(self) -> tuple[Path, list[Any]]:
+        """Fetch everything, verify it, and return ``(root_dir, samples)`` for ``DefectDataset``.
+
+        ``root_dir`` is a per-version directory of hard links into the cache at the samples' relative paths.
+        """
+        paths = self._fetch()  # every entry verified (sha256) just now
+        view = self.view_dir()
+        view_lock = self.cache_dir / "locks" / "views" / f"{hashlib.sha256(str(view).encode()).hexdigest()}.lock"
+        with _file_lock(view_lock):
+            for rel_key, (sha, size) in sorted(self.manifest.objects().items()):
+                rel_path = rel_key[len(OBJECTS_DIR) + 1:]
+                dest = view.joinpath(*rel_path.split("/"))
+                if not dest.resolve().is_relative_to(view.resolve()):  # belt and braces: keys are validated
+                    raise DatasetError(f"{rel_path!r} escapes the dataset view")
+                self._place(paths[sha], dest, sha, size)
+        return view, self.manifest.samples()

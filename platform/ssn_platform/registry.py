@@ -1,0 +1,108 @@
+"""MLflow model logging, registration and loading.
+
+A registered version holds a pyfunc wrapper around a SuperSimpleNet checkpoint (state_dict + config). Python code
+loads it back as a normal `torch.nn.Module` with `load_model("models:/ssn-weld/3")`; any MLflow client can also
+call `mlflow.pyfunc.load_model(uri).predict(images)` for scores.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from supersimplenet.checkpoint import load_checkpoint, save_checkpoint
+from supersimplenet.config import to_dict
+
+CHECKPOINT_ARTIFACT = "checkpoint"
+HEADLINE_METRICS = ("image_auroc", "ap_det", "pixel_auroc", "aupro", "f1_max")
+
+
+def registered_model_name(product: str) -> str:
+    return f"ssn-{product}"
+
+
+def _pip_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    names = ("torch", "torchvision", "timm", "numpy", "scipy", "scikit-learn", "pillow", "pyyaml", "mlflow")
+    return [f"{name}=={version(name)}" for name in names]
+
+
+def _code_paths() -> list[str]:
+    import ssn_platform
+    import supersimplenet
+
+    return [str(Path(supersimplenet.__file__).parent), str(Path(ssn_platform.__file__).parent)]
+
+
+def _pyfunc_class():
+    import mlflow.pyfunc
+
+    class SuperSimpleNetModel(mlflow.pyfunc.PythonModel):
+        """pyfunc wrapper: RGB images [N, H, W, 3] (uint8 or floats in [0, 1]) -> image scores."""
+
+        def load_context(self, context) -> None:
+            self.model, self.metadata = load_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
+
+        def predict(self, context, model_input, params=None):
+            import torch
+
+            from supersimplenet.inference import predict_images
+
+            images = np.asarray(model_input)
+            with torch.no_grad():
+                scores, _ = predict_images(self.model, images)
+            return scores
+
+    return SuperSimpleNetModel
+
+
+def log_and_register(job, model, *, run_id: str, metrics: dict[str, float], provenance: str) -> str:
+    """Logs the model to the job's run and registers it as a new version of `ssn-<product>`. Returns the version."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    with tempfile.TemporaryDirectory() as directory:
+        path = save_checkpoint(Path(directory) / "model.pt", model, metadata={
+            "product": job.product, "train_config": to_dict(job.train), "test_metrics": metrics,
+            "backbone_weights": provenance, "dataset": job.dataset, "mlflow_run_id": run_id,
+        })
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=_pyfunc_class()(), artifacts={CHECKPOINT_ARTIFACT: str(path)},
+                code_paths=_code_paths(), pip_requirements=_pip_requirements(),
+                registered_model_name=job.registered_model_name,
+            )
+    version = str(info.registered_model_version)
+    name = job.registered_model_name
+    tags = {
+        "backbone": job.model.backbone,
+        "noise_std": str(job.model.noise_std),
+        "noise_std_mode": job.model.noise_std_mode,
+        "effective_noise_std": f"{model.effective_noise_std:.6g}",
+        "perlin_threshold": str(job.model.perlin_threshold),
+        "supervision": job.train.supervision,
+        "dataset": job.dataset,
+        "run_id": run_id,
+    }
+    tags.update({f"test_{k}": f"{metrics[k]:.6f}" for k in HEADLINE_METRICS if k in metrics})
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    client.set_tag(run_id, "ssn.model_version", version)
+    client.set_tag(run_id, "ssn.registered_model", name)
+    return version
+
+
+def load_model(model_uri: str) -> tuple[Any, dict]:
+    """Loads a logged or registered model back as a SuperSimpleNet module (eval mode) and its metadata."""
+    import mlflow
+
+    local = mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri.rstrip('/')}")
+    candidates = list(Path(local).rglob("model.pt"))
+    if not candidates:
+        raise FileNotFoundError(f"{model_uri}: no SuperSimpleNet checkpoint among its artifacts")
+    return load_checkpoint(candidates[0])

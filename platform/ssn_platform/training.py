@@ -1,0 +1,437 @@
+"""Distributed SuperSimpleNet training on Ray Train (V2) with MLflow tracking and registration.
+
+The driver (`run_training`) validates the job, checks that MLflow answers, opens (or finds, on resume) the job's
+MLflow run, and runs a `TorchTrainer` whose workers execute `train_loop_per_worker`. Each worker reads the dataset
+through the node-local S3 cache, trains its shard with DDP, and rank 0 alone writes to MLflow: per-epoch metrics,
+then the test metrics, artifacts and the registered model once training is complete.
+
+Failures: checkpoints (model, optimiser, scheduler, sampler, RNG) go to the S3 run directory every
+`checkpoint_every` epochs; a dead worker restarts the group from the last one (`FailureConfig`), and submitting
+the same `run_name` again resumes the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from supersimplenet.backbones import get_preset, load_backbone_weights
+from supersimplenet.checkpoint import checkpoint_dict, model_from_checkpoint_dict
+from supersimplenet.data import DefectDataset, apply_supervision
+from supersimplenet.model import build_model
+from supersimplenet.train import (
+    build_optimizer, build_scheduler, build_train_loader, eval_loader, measure_feature_scale, predict, train_epoch,
+)
+from supersimplenet.metrics import compute_metrics
+from ssn_platform.jobconfig import JobConfig, build_job_config
+
+log = logging.getLogger(__name__)
+
+# Environment that workers need; passed through runtime_env (never through the config, which is logged).
+WORKER_ENV = (
+    "SSN_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+    "AWS_REGION", "SSN_S3_ADDRESSING_STYLE", "MLFLOW_TRACKING_URI", "MLFLOW_DISABLE_TELEMETRY", "SSN_CACHE_DIR",
+    "SSN_GIT_SHA",
+)
+RUN_TAG = "ssn.run_name"
+CHECKPOINT_FILE = "state.pt"
+
+
+class PlatformError(RuntimeError):
+    """A precondition of a platform job failed (service unreachable, bad input); the message says which."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Services
+# ---------------------------------------------------------------------------------------------------------
+def tracking_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise PlatformError("MLFLOW_TRACKING_URI is not set (for the local stack: eval \"$(infra/local/stack env)\")")
+    return uri
+
+
+def check_mlflow(uri: str | None = None, *, timeout: float = 5.0) -> None:
+    """Raises PlatformError unless the MLflow tracking server answers its health check."""
+    uri = uri or tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        raise PlatformError(f"MLflow tracking URI must be an http(s) server with a SQL backend, got {uri!r}")
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            if response.status != 200:
+                raise PlatformError(f"MLflow server at {uri} is unhealthy (HTTP {response.status})")
+    except (urllib.error.URLError, OSError) as error:
+        raise PlatformError(f"MLflow server at {uri} is unreachable: {error}") from error
+
+
+def storage_filesystem():
+    """pyarrow S3 filesystem for Ray Train's run storage, from the same settings as the boto3 client."""
+    from pyarrow import fs
+
+    from ssn_platform.storage import S3Settings
+
+    settings = S3Settings.from_env()
+    kwargs: dict[str, Any] = {"region": settings.region}
+    if settings.access_key_id:
+        kwargs.update(access_key=settings.access_key_id, secret_key=settings.secret_access_key)
+    if settings.endpoint_url:
+        scheme, _, host = settings.endpoint_url.partition("://")
+        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+    return fs.S3FileSystem(**kwargs)
+
+
+def git_sha() -> str:
+    if os.environ.get("SSN_GIT_SHA"):
+        return os.environ["SSN_GIT_SHA"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except OSError:
+        return "unknown"
+
+
+def worker_env() -> dict[str, str]:
+    return {name: os.environ[name] for name in WORKER_ENV if os.environ.get(name)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Worker side
+# ---------------------------------------------------------------------------------------------------------
+def _resolve_weights(weights: str, cache_dir: Path) -> str:
+    """s3:// weights are fetched once per node into the cache; other values pass through."""
+    if not weights.startswith("s3://"):
+        return weights
+    from ssn_platform.storage import S3Settings, download_to, make_client, parse_s3_uri
+
+    bucket, key = parse_s3_uri(weights)
+    target = cache_dir / "weights" / bucket / key
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.{os.getpid()}.part")
+        download_to(make_client(S3Settings.from_env()), bucket, key, partial)
+        os.replace(partial, target)  # atomic: concurrent workers never read a half-written file
+    return str(target)
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("SSN_CACHE_DIR") or Path(tempfile.gettempdir()) / "ssn-cache")
+
+
+def load_job_data(job: JobConfig) -> tuple[Path, list, list, list]:
+    """(root, train, val, test) samples of the job's dataset, via the node-local S3 cache."""
+    from ssn_platform.datasets import DatasetReader
+
+    root, samples = DatasetReader(job.dataset, cache_dir=_cache_dir()).materialize()
+    samples = apply_supervision(samples, job.train.supervision, mask_ratio=job.train.mask_ratio, seed=job.train.seed)
+    splits = {name: [s for s in samples if s.split == name] for name in ("train", "val", "test")}
+    if not splits["train"]:
+        raise PlatformError(f"{job.dataset}: no training samples for supervision {job.train.supervision!r}")
+    return root, splits["train"], splits["val"], splits["test"]
+
+
+def _all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    tensor /= dist.get_world_size()
+    return dict(zip(keys, tensor.tolist()))
+
+
+def _broadcast_scalar(value: float, device: torch.device) -> float:
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(tensor, src=0)
+    return float(tensor.item())
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker: one DDP rank of a SuperSimpleNet job. `config` = {"job": dict, "mlflow_run_id": str}."""
+    import ray.train
+    import ray.train.torch
+
+    job = build_job_config(config["job"])
+    cfg = job.train
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    root, train_samples, _, test_samples = load_job_data(job)
+    preset = get_preset(job.model.backbone)
+    common = dict(root=root, image_size=job.model.image_size, mean=preset.mean, std=preset.std)
+    train_set = DefectDataset(samples=train_samples, flips=cfg.supervised and cfg.resolved_flips, **common)
+
+    torch.manual_seed(cfg.seed)  # identical initial heads on every rank (DDP also broadcasts rank 0's)
+    model = build_model(job.model)
+    provenance = load_backbone_weights(model.feature_extractor.backbone, job.model.backbone,
+                                       _resolve_weights(job.weights, _cache_dir()))
+    model.to(device)
+    loader, sampler = build_train_loader(train_set, train_samples, cfg, rank=rank, world_size=world_size,
+                                         batch_size=job.per_worker_batch_size)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"]["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if hasattr(sampler, "load_state_dict") and state.get("sampler"):
+            sampler.load_state_dict(state["sampler"])
+        start_epoch = int(state["epoch"]) + 1
+    elif job.model.noise_std_mode == "relative":
+        scale_loader = eval_loader(train_set, batch_size=job.per_worker_batch_size)
+        scale = measure_feature_scale(model, scale_loader, device=device) if rank == 0 else 0.0
+        model.feature_scale.fill_(_broadcast_scalar(scale, device))
+
+    if job.scaling.use_gpu and world_size > 1:
+        # Head BatchNorms see the global batch on GPUs; the frozen backbone stays in eval mode either way.
+        for name in ("segmentation_head", "classification_head"):
+            setattr(model, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(getattr(model, name)))
+    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
+
+    tracker = _RankZeroTracker(config.get("mlflow_run_id")) if rank == 0 else None
+    if tracker is not None and start_epoch > 0:
+        tracker.set_tags({"ssn.resumed_from_epoch": str(start_epoch), "ssn.resumed": "true"})
+        tracker.log_metrics({"resumed_from_epoch": start_epoch}, step=start_epoch)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        started = time.perf_counter()
+        # RNG of each epoch derives from (seed, epoch, rank): a resumed run continues exactly as it would have.
+        torch.manual_seed(cfg.seed * 100_003 + epoch * 1_009 + rank)
+        sampler.set_epoch(epoch)
+        stats = train_epoch(ddp_model, loader, optimizer, cfg, device=device, progress=False)
+        stats = _all_reduce_mean(stats, device)
+        lrs = {f"lr_{group['name']}": group["lr"] for group in optimizer.param_groups}
+        scheduler.step()
+        metrics = {**stats, **lrs, "epoch": epoch, "epoch_seconds": time.perf_counter() - started}
+        if tracker is not None:
+            tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+        last = epoch + 1 == cfg.epochs
+        if last or (epoch + 1) % job.checkpoint_every == 0:
+            with tempfile.TemporaryDirectory() as directory:
+                if rank == 0:
+                    net = ddp_model.module if hasattr(ddp_model, "module") else ddp_model
+                    torch.save({
+                        "epoch": epoch,
+                        "model": checkpoint_dict(_plain_model(net, job)),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "sampler": sampler.state_dict() if hasattr(sampler, "state_dict") else {"epoch": epoch},
+                        "rng": torch.get_rng_state(),
+                        "weights_provenance": provenance,
+                    }, Path(directory) / CHECKPOINT_FILE)
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                                     checkpoint_dir_name=f"epoch_{epoch:05d}")
+                else:
+                    ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=f"epoch_{epoch:05d}")
+        else:
+            ray.train.report(metrics)
+
+    if tracker is not None:
+        net = ddp_model.module if hasattr(ddp_model, "module") else ddp_model
+        finalize_run(job, _plain_model(net, job), root=root, test_samples=test_samples, device=device,
+                     tracker=tracker, provenance=provenance)
+
+
+def _plain_model(net: torch.nn.Module, job: JobConfig):
+    """A SuperSimpleNet without SyncBatchNorm wrappers (SyncBN -> BN keeps the same state_dict keys)."""
+    if not job.scaling.use_gpu:
+        return net
+    plain = build_model(job.model)
+    plain.load_state_dict(net.state_dict())
+    return plain
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MLflow (rank 0 only)
+# ---------------------------------------------------------------------------------------------------------
+class _RankZeroTracker:
+    def __init__(self, run_id: str | None) -> None:
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient()
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: dict[str, float], *, step: int) -> None:
+        if not self.run_id:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[
+            Metric(key=k, value=float(v), timestamp=now, step=step) for k, v in metrics.items()
+        ])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.run_id:
+            for key, value in tags.items():
+                self.client.set_tag(self.run_id, key, value)
+
+
+def finalize_run(job: JobConfig, model, *, root: Path, test_samples: list, device: torch.device,
+                 tracker: _RankZeroTracker, provenance: str) -> dict[str, float]:
+    """Test metrics, artifacts, the logged model and its registration; once per job."""
+    from ssn_platform import plots, registry
+
+    preset = get_preset(job.model.backbone)
+    metrics: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as directory:
+        out = Path(directory)
+        if test_samples:
+            test_set = DefectDataset(root=root, samples=test_samples, image_size=job.model.image_size,
+                                     mean=preset.mean, std=preset.std)
+            predictions = predict(model, eval_loader(test_set, batch_size=job.per_worker_batch_size), device=device)
+            metrics = compute_metrics(scores=predictions.scores, labels=predictions.labels, maps=predictions.maps,
+                                      masks=predictions.masks)
+            tracker.log_metrics({f"test_{k}": v for k, v in metrics.items()}, step=job.train.epochs)
+            (out / "test_metrics.json").write_text(json.dumps(metrics, indent=2))
+            plots.write_curves(predictions.scores, predictions.labels, out)
+            plots.write_overlays(root, test_samples, predictions, out / "overlays", count=job.overlays)
+            (out / "test_predictions.json").write_text(json.dumps({
+                "images": [test_samples[i].image for i in predictions.indices],
+                "scores": predictions.scores.tolist(), "labels": predictions.labels.tolist(),
+            }))
+        if tracker.run_id:
+            tracker.client.log_artifacts(tracker.run_id, str(out), artifact_path="evaluation")
+            registry.log_and_register(job, model.cpu(), run_id=tracker.run_id, metrics=metrics,
+                                      provenance=provenance)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class TrainingResult:
+    run_name: str
+    mlflow_run_id: str
+    metrics: dict[str, float]
+    model_version: str | None
+    resumed: bool
+
+
+def _open_mlflow_run(job: JobConfig, run_name: str) -> tuple[str, str]:
+    """The MLflow run of this job: found by its run name tag (resume) or created. Returns (run_id, status)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(job.experiment_name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(job.experiment_name)
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{run_name}'", max_results=1)
+    if found:
+        return found[0].info.run_id, found[0].info.status
+    run = client.create_run(experiment_id, run_name=run_name, tags={RUN_TAG: run_name, "ssn.product": job.product})
+    run_id = run.info.run_id
+    params = {k: ("" if v is None else str(v))[:6000] for k, v in job.flat_params().items()}
+    params["run_name"] = run_name
+    client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "config.yaml"
+        path.write_text(yaml.safe_dump({**job.to_dict(), "run_name": run_name}, sort_keys=False))
+        client.log_artifact(run_id, str(path))
+    for key, value in _lineage_tags(job).items():
+        client.set_tag(run_id, key, value)
+    return run_id, "RUNNING"
+
+
+def _lineage_tags(job: JobConfig) -> dict[str, str]:
+    from ssn_platform.datasets import DatasetReader
+
+    reader = DatasetReader(job.dataset, cache_dir=_cache_dir())
+    return {
+        "ssn.dataset.uri": job.dataset,
+        "ssn.dataset.manifest": f"s3://{reader.bucket}/{reader.prefix}/manifest.json",
+        # the version is the content hash of the manifest's records
+        "ssn.dataset.version": reader.version,
+        "ssn.git_sha": git_sha(),
+        "ssn.backbone": job.model.backbone,
+    }
+
+
+def connect_ray(address: str | None = None) -> None:
+    """Connects to the cluster: `address`, SSN_RAY_ADDRESS, or the job's own cluster under `ray job submit`."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("SSN_RAY_ADDRESS")
+    if address is None and os.environ.get("RAY_ADDRESS", "").startswith("http"):
+        address = "auto"  # RAY_ADDRESS names the job API here; ray.init wants the cluster
+    env = worker_env()
+    job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {}) or {}
+    for key in (job_env.get("env_vars") or {}):
+        env.pop(key, None)  # ray refuses to merge a key the submitted job already sets
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
+    if address == "local":
+        kwargs["num_cpus"] = int(os.environ.get("SSN_LOCAL_CPUS", os.cpu_count() or 2))
+    ray.init(address=address, log_to_driver=True, **kwargs)
+
+
+def run_training(job: JobConfig, *, address: str | None = None) -> TrainingResult:
+    """Runs (or resumes) a training job on the Ray cluster and returns its MLflow run and test metrics."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    check_mlflow()
+    run_name = job.run_name or f"{job.product}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    run_id, status = _open_mlflow_run(job, run_name)
+    if status == "FINISHED":
+        log.info("run %s already finished (MLflow run %s); nothing to do", run_name, run_id)
+        return _result_from_mlflow(run_name, run_id, resumed=True)
+    connect_ray(address)
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    client.update_run(run_id, status="RUNNING")
+    storage_path = job.storage[len("s3://"):].rstrip("/")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job.to_dict(), "mlflow_run_id": run_id},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=job.scaling.num_workers, use_gpu=job.scaling.use_gpu,
+            resources_per_worker={"CPU": job.scaling.cpus_per_worker, **({"GPU": 1} if job.scaling.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=storage_path, storage_filesystem=storage_filesystem(),
+            failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    try:
+        trainer.fit()
+    except Exception:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id, status="FINISHED")
+    return _result_from_mlflow(run_name, run_id, resumed=False)
+
+
+def _result_from_mlflow(run_name: str, run_id: str, *, resumed: bool) -> TrainingResult:
+    from mlflow import MlflowClient
+
+    run = MlflowClient().get_run(run_id)
+    metrics = {k[len("test_"):]: v for k, v in run.data.metrics.items() if k.startswith("test_")}
+    return TrainingResult(run_name=run_name, mlflow_run_id=run_id, metrics=metrics,
+                          model_version=run.data.tags.get("ssn.model_version"),
+                          resumed=resumed or run.data.tags.get("ssn.resumed") == "true")

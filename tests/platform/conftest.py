@@ -1,0 +1,162 @@
+"""Fixtures for the platform tests: a private SeaweedFS started through infra/local/stack.
+
+The S3 server runs from a temporary state directory on free, non-default ports (every SeaweedFS port is moved, the
+gRPC ones included), so it never collides with a developer's running stack, and it is stopped at the end of the
+session. Tests use their own bucket each.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+STACK = REPO / "infra" / "local" / "stack"
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_block(count: int, *, low: int = 30000, high: int = 32000) -> int:
+    """First port of ``count`` consecutive free ports on 127.0.0.1.
+
+    The range sits below Linux's ephemeral ports (32768+) and outside Ray's worker ports of the default stack
+    (20002-29999) and of the test stack (moved), so neither outgoing connections nor workers take them.
+    """
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(200):
+        base = rng.randrange(low, high - count)
+        if all(_port_free(base + i) for i in range(count)):
+            return base
+    raise RuntimeError(f"no {count} consecutive free ports between {low} and {high}")
+
+
+def stack_port_env(base: int) -> dict[str, str]:
+    """Environment moving every port of the stack into [base, base + 16)."""
+    return {
+        "SSN_S3_PORT": str(base),
+        "SSN_WEED_MASTER_PORT": str(base + 1),
+        "SSN_WEED_VOLUME_PORT": str(base + 2),
+        "SSN_WEED_FILER_PORT": str(base + 3),
+        "SSN_WEED_ADMIN_PORT": str(base + 4),
+        "SSN_WEED_GRPC_OFFSET": "5",  # gRPC ports base+5 .. base+9
+        "SSN_MLFLOW_PORT": str(base + 10),
+        "SSN_RAY_PORT": str(base + 11),
+        "SSN_RAY_DASHBOARD_PORT": str(base + 12),
+        "SSN_RAY_CLIENT_PORT": str(base + 13),
+        "SSN_RAY_AGENT_PORT": str(base + 14),
+        "SSN_SERVE_PORT": str(base + 15),
+        "SSN_RAY_MIN_WORKER_PORT": "33000",
+        "SSN_RAY_MAX_WORKER_PORT": "33999",
+    }
+
+
+class StackProcess:
+    """A stack started by infra/local/stack from a private state directory."""
+
+    def __init__(self, state_dir: Path, port_base: int, extra_env: dict[str, str] | None = None) -> None:
+        self.state_dir = state_dir
+        self.port_base = port_base
+        self.env = {
+            **os.environ,
+            **stack_port_env(port_base),
+            "SSN_STACK_DIR": str(state_dir),
+            **(extra_env or {}),
+        }
+
+    def run(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [str(STACK), *args], env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"stack {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+            )
+        return proc
+
+    def client_env(self) -> dict[str, str]:
+        out = self.run("env").stdout
+        env: dict[str, str] = {}
+        for line in out.splitlines():
+            assert line.startswith("export "), line
+            name, _, value = line[len("export "):].partition("=")
+            env[name] = value  # generated values need no shell quoting
+        return env
+
+    def pid(self, service: str) -> int | None:
+        f = self.state_dir / "run" / f"{service}.pid"
+        return int(f.read_text()) if f.exists() else None
+
+    def kill_s3(self) -> None:
+        """SIGKILL the SeaweedFS server (a crash, not a clean stop) and wait until it is gone."""
+        pid = self.pid("s3")
+        assert pid is not None, "s3 is not running"
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"SeaweedFS pid {pid} survived SIGKILL")
+
+
+@pytest.fixture
+def make_stack():
+    """Factory for a StackProcess on fresh free ports: ``make_stack(state_dir, extra_env=None)``."""
+
+    def _make(state_dir: Path, extra_env: dict[str, str] | None = None) -> StackProcess:
+        return StackProcess(state_dir, free_port_block(16), extra_env)
+
+    return _make
+
+
+@pytest.fixture(scope="session")
+def s3_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackProcess]:
+    """A private SeaweedFS (S3 only) for the whole session."""
+    stack = StackProcess(tmp_path_factory.mktemp("s3stack"), free_port_block(16))
+    stack.run("up", "s3", timeout=120)
+    try:
+        yield stack
+    finally:
+        stack.run("down", check=False, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def s3_settings(s3_stack: StackProcess):
+    from ssn_platform.storage import S3Settings
+
+    return S3Settings.from_env(s3_stack.client_env())
+
+
+@pytest.fixture
+def s3_client(s3_settings):
+    from ssn_platform.storage import make_client
+
+    return make_client(s3_settings)
+
+
+@pytest.fixture
+def bucket(s3_client) -> str:
+    """A fresh bucket for one test."""
+    from ssn_platform.storage import ensure_bucket
+
+    name = f"t-{uuid.uuid4().hex[:16]}"
+    ensure_bucket(s3_client, name)
+    return name

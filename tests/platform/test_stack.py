@@ -1,0 +1,189 @@
+"""The local stack command end to end: up, healthy, data in, down, up again with the data still there, down.
+
+Runs SeaweedFS + MLflow + a Ray head from a temporary state directory on moved ports (no clash with a developer's
+stack or the session's S3 fixture).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+pytestmark = [pytest.mark.stack, pytest.mark.heavy]
+
+
+def _python(code: str, env: dict[str, str], timeout: float = 180) -> str:
+    """Run client code in a fresh interpreter with the stack's client environment (keeps Ray/MLflow state out of
+    the test process)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env={**os.environ, **env}, capture_output=True, text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"client code failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def _http_status(url: str, token: str | None = None) -> int:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _session_pids(sid: int) -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True, check=True).stdout
+    return [int(p) for p, s in (line.split() for line in out.splitlines()) if int(s) == sid]
+
+
+PUT_AND_LOG = """
+    import os, tempfile, mlflow
+    from ssn_platform.storage import make_client, put_bytes
+    put_bytes(make_client(), "ssn", "probe/hello.txt", b"hello stack")
+    # the MLflow client holds no bucket keys: artifacts go through the tracking server
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3", "SSN_S3_ENDPOINT"):
+        os.environ.pop(k, None)
+    mlflow.set_experiment("stack-probe")
+    with mlflow.start_run(run_name="probe") as run:
+        mlflow.log_param("p", 1)
+        path = os.path.join(tempfile.mkdtemp(), "note.txt")
+        open(path, "w").write("artifact through the proxy")
+        mlflow.log_artifact(path)
+    print(run.info.run_id)
+"""
+
+CHECK_AFTER_RESTART = """
+    import os, sys, mlflow
+    from ssn_platform.storage import make_client, get_bytes
+    assert get_bytes(make_client(), "ssn", "probe/hello.txt") == b"hello stack"
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3", "SSN_S3_ENDPOINT"):
+        os.environ.pop(k, None)
+    exp = mlflow.get_experiment_by_name("stack-probe")
+    assert exp is not None, "experiment lost"
+    run_id = os.environ["PROBE_RUN"]
+    run = mlflow.get_run(run_id)
+    assert run.data.params == {"p": "1"}
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="note.txt")
+    assert open(local).read() == "artifact through the proxy"
+    print("ok")
+"""
+
+RAY_JOB = """
+    import os, time
+    from ray.job_submission import JobSubmissionClient, JobStatus
+    client = JobSubmissionClient(os.environ["RAY_ADDRESS"])
+    env_vars = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "SSN_S3_ENDPOINT")}
+    job = client.submit_job(
+        entrypoint="python jobs/ingest.py --smoke-test --no-progress",
+        runtime_env={"working_dir": os.environ["REPO"], "env_vars": env_vars,
+                     "excludes": [".venv", ".stack", ".git", "bench_results", "runs"]},
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        status = client.get_job_status(job)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            break
+        time.sleep(1)
+    logs = client.get_job_logs(job)
+    assert status == JobStatus.SUCCEEDED, (status, logs[-3000:])
+    uri = [l for l in logs.splitlines() if l.startswith("s3://ssn/datasets/smoke/")]
+    assert uri, logs[-3000:]
+    print(uri[-1])
+"""
+
+
+def test_stack_up_status_down_up_keeps_data(tmp_path: Path, make_stack) -> None:
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ssnray", dir="/tmp"))  # short: Ray's socket paths are limited
+    stack = make_stack(tmp_path / "state", {"SSN_RAY_TEMP_DIR": str(ray_tmp)})
+    try:
+        up = stack.run("up", timeout=400)
+        assert "healthy" in up.stderr
+        status = stack.run("status")
+        assert [line.split()[1] for line in status.stdout.splitlines()] == ["healthy"] * 3
+
+        # credentials: generated, owner-only, and usable through `env`
+        cred = stack.state_dir / "credentials.env"
+        token_file = stack.state_dir / "ray_auth_token"
+        for f in (cred, token_file, stack.state_dir / "s3.json"):
+            assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+        env = stack.client_env()
+        assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN_PATH"] == str(token_file)
+        assert env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0" and env["RAY_USAGE_STATS_ENABLED"] == "0"
+        assert env["SSN_S3_ENDPOINT"] == f"http://127.0.0.1:{stack.port_base}"
+        secret, token = env["AWS_SECRET_ACCESS_KEY"], token_file.read_text().strip()
+
+        # Ray's dashboard / job API answers only with the token
+        dash = env["RAY_ADDRESS"]
+        assert _http_status(f"{dash}/api/version") == 401
+        assert _http_status(f"{dash}/api/version", token) == 200
+        assert _http_status(f"{dash}/api/version", "0" * 64) in (401, 403)
+
+        # `up` again is a no-op
+        again = stack.run("up", timeout=120)
+        assert again.stderr.count("already running") == 3
+
+        run_id = _python(PUT_AND_LOG, env).strip().splitlines()[-1]
+        job_uri = _python(RAY_JOB, {**env, "REPO": str(REPO)}, timeout=300).strip()
+        assert job_uri.endswith("/manifest.json")
+
+        sids = {name: stack.pid(name) for name in ("s3", "mlflow", "ray")}
+        assert all(sids.values())
+        stack.run("down", timeout=200)
+        for name, sid in sids.items():
+            assert not _session_pids(sid), f"{name} left processes behind: {_session_pids(sid)}"
+        assert stack.run("status", check=False).returncode != 0
+        assert not (stack.state_dir / "run" / "s3.pid").exists()
+
+        stack.run("up", timeout=400)
+        assert stack.run("status").returncode == 0
+        assert stack.client_env()["AWS_SECRET_ACCESS_KEY"] == secret  # credentials kept
+        assert _python(CHECK_AFTER_RESTART, {**env, "PROBE_RUN": run_id}).strip() == "ok"
+        _python(
+            f"""
+            from ssn_platform.datasets import DatasetReader
+            r = DatasetReader({job_uri!r}, cache_dir={str(tmp_path / 'cache')!r})
+            root, samples = r.materialize()
+            assert len(samples) == 8, samples
+            """,
+            env,
+        )
+        stack.run("down", timeout=200)
+
+        # no secret in any log (stack logs and Ray's session logs)
+        for folder in (stack.state_dir / "logs", ray_tmp):
+            for path in folder.rglob("*"):
+                if path.is_file() and not path.is_symlink():
+                    data = path.read_bytes()
+                    assert secret.encode() not in data, f"S3 secret in {path}"
+                    assert token.encode() not in data, f"Ray token in {path}"
+    finally:
+        stack.run("down", check=False, timeout=200)
+        subprocess.run(["rm", "-rf", str(ray_tmp)], check=False)
+
+
+def test_env_requires_a_started_stack(tmp_path: Path, make_stack) -> None:
+    stack = make_stack(tmp_path / "empty")
+    proc = stack.run("env", check=False)
+    assert proc.returncode != 0 and "run 'infra/local/stack up' first" in proc.stderr
+    assert stack.run("status", check=False).returncode != 0
