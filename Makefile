@@ -1,22 +1,45 @@
 PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
+EXTRAS ?= dev,quickstart,onnx
 
-.PHONY: setup test test-fast lock
+.PHONY: setup test test-fast stack-up stack-down stack-status quickstart teardown bench lock
 
 setup: $(BIN)/.installed
 
 $(BIN)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c requirements.lock -e '.[dev]'
+	$(BIN)/pip install --quiet -c requirements.lock -e '.[$(EXTRAS)]'
 	touch $@
 
+# The whole suite, heavy tests included (they start their own private stack on free ports).
 test: setup
-	$(BIN)/python -m pytest -v --timeout=1800
+	$(BIN)/python -m pytest -v --timeout=1800 --durations=25
 
 test-fast: setup
 	$(BIN)/python -m pytest -v -m "not heavy"
+
+stack-up: setup
+	infra/local/stack up
+
+stack-down:
+	infra/local/stack down
+
+stack-status:
+	infra/local/stack status
+
+# The README's main command: install, bring up the stack, ingest ELPV, search, train, calibrate, promote, serve.
+quickstart: setup
+	infra/local/stack up
+	$(BIN)/python jobs/quickstart.py
+
+teardown:
+	infra/local/stack down
+
+bench: setup
+	$(BIN)/python bench/bench_inference.py
+	$(BIN)/python bench/bench_storage.py
 
 lock:
 	$(BIN)/pip freeze --exclude-editable | grep -v '^-e' > requirements.lock

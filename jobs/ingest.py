@@ -20,6 +20,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+try:
+    import _bootstrap  # noqa: F401  (puts model/ and platform/ on sys.path for plain checkouts, e.g. a Ray working_dir)
+except ImportError:  # pragma: no cover - installed packages are enough
+    pass
+
 
 def make_smoke_dataset(root: Path) -> Path:
     """A tiny deterministic MVTec-layout dataset (same bytes on every run, so re-ingesting uploads nothing)."""

@@ -482,8 +482,8 @@ def default_cache_dir() -> Path:
 
 @contextlib.contextmanager
 def _file_lock(path: Path, timeout: float | None = None) -> Iterator[None]:
-    """Exclusive ``flock`` on ``path`` (created if needed); works across processes and across threads."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Exclusive ``flock`` on ``path`` (its folder must exist); works across processes and across threads (each
+    holder opens its own descriptor)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         if timeout is None:
@@ -547,6 +547,7 @@ class DatasetReader:
         self._manifest: Manifest | None = None
         self._manifest_key: str | None = None
         self._link_ok = True
+        self._dirs: set[Path] = set()  # folders known to exist (saves a mkdir system call per file)
 
     # -- S3 side ---------------------------------------------------------------------------------------------
     @property
@@ -582,22 +583,42 @@ class DatasetReader:
             raise DatasetError(f"{format_s3_uri(self.bucket, key)} holds {version[:40]!r}, not a dataset version")
         return version
 
+    def _manifest_cache_path(self, key: str) -> Path:
+        return self.cache_dir / "manifests" / self.bucket / Path(*key.split("/"))
+
     @property
     def manifest(self) -> Manifest:
         if self._manifest is None:
             key = self._resolve_manifest_key()
             uri = format_s3_uri(self.bucket, key)
-            try:
-                raw = storage.get_bytes(self.client, self.bucket, key)
-            except ObjectNotFoundError:
-                raise DatasetError(
-                    f"no complete dataset at {uri.rsplit('/', 1)[0]}/: {uri} does not exist "
-                    "(never ingested, or the ingest did not finish)"
-                ) from None
+            # A version's manifest never changes (its name is its content hash), so a verified local copy serves
+            # later readers on this node without a request; `latest` pointers are always looked up.
+            cacheable = len(key.split("/")) >= 2 and bool(_VERSION_RE.match(key.split("/")[-2]))
+            cached = self._manifest_cache_path(key)
+            raw = None
+            if cacheable and cached.is_file():
+                raw = cached.read_bytes()
+                try:
+                    Manifest.from_json(raw, where=str(cached))
+                except DatasetError:
+                    raw = None
+            if raw is None:
+                try:
+                    raw = storage.get_bytes(self.client, self.bucket, key)
+                except ObjectNotFoundError:
+                    raise DatasetError(
+                        f"no complete dataset at {uri.rsplit('/', 1)[0]}/: {uri} does not exist "
+                        "(never ingested, or the ingest did not finish)"
+                    ) from None
             manifest = Manifest.from_json(raw, where=uri)
             dir_version = key.split("/")[-2] if key.count("/") >= 1 else ""
             if _VERSION_RE.match(dir_version) and dir_version != manifest.version:
                 raise DatasetError(f"{uri} describes version {manifest.version}, not {dir_version}")
+            if cacheable and not cached.is_file():
+                self._mkdir(cached.parent)
+                tmp = cached.parent / f".{cached.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+                tmp.write_bytes(raw)
+                os.replace(tmp, cached)
             self._manifest, self._manifest_key = manifest, key
         return self._manifest
 
@@ -624,6 +645,12 @@ class DatasetReader:
     def _lock_path(self, name: str) -> Path:
         return self.cache_dir / "locks" / name[:2] / f"{name}.lock"
 
+    def _mkdir(self, path: Path) -> Path:
+        if path not in self._dirs:
+            path.mkdir(parents=True, exist_ok=True)
+            self._dirs.add(path)
+        return path
+
     def _count(self, **deltas: int) -> None:
         with self._stats_lock:
             for k, v in deltas.items():
@@ -644,17 +671,19 @@ class DatasetReader:
         if path.exists() and (not self.verify_on_use or self._valid(path, sha256, size)):
             self._count(cache_hits=1)
             return path
-        with _file_lock(self._lock_path(sha256)):
+        lock = self._lock_path(sha256)
+        self._mkdir(lock.parent)
+        with _file_lock(lock):
             if path.exists():
                 if self._valid(path, sha256, size):
                     self._count(cache_hits=1)  # another worker fetched it while we waited
                     return path
                 path.unlink()  # corrupt entry: repair by downloading again
                 self._count(repaired=1)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            for stale in path.parent.glob(f".{sha256}.*.part"):  # left by a crashed download (we hold the lock)
-                stale.unlink(missing_ok=True)
-            tmp = path.parent / f".{sha256}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part"
+            self._mkdir(path.parent)
+            # One writer per object at a time (we hold its lock), so a fixed temp name is safe; a file left by a
+            # crashed download is simply overwritten.
+            tmp = path.parent / f".{sha256}.part"
             key = join_key(self.prefix, rel_key)
             try:
                 storage.download_to(self.client, self.bucket, key, tmp, expected_sha256=sha256, expected_size=size)
@@ -704,7 +733,7 @@ class DatasetReader:
                 return
         except FileNotFoundError:
             pass
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        self._mkdir(dest.parent)
         tmp = dest.parent / f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         try:
             if self._link_ok:
@@ -728,6 +757,7 @@ class DatasetReader:
         paths = self._fetch()  # every entry verified (sha256) just now
         view = self.view_dir()
         view_lock = self.cache_dir / "locks" / "views" / f"{hashlib.sha256(str(view).encode()).hexdigest()}.lock"
+        self._mkdir(view_lock.parent)
         with _file_lock(view_lock):
             for rel_key, (sha, size) in sorted(self.manifest.objects().items()):
                 rel_path = rel_key[len(OBJECTS_DIR) + 1:]

@@ -22,6 +22,7 @@ import yaml
 from supersimplenet.config import ConfigError, ModelConfig, TrainConfig, from_dict, to_dict
 
 PRODUCT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # as the dataset store
+VALIDATION_MODES = ("none", "split", "synthetic")
 RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -59,6 +60,10 @@ class JobConfig:
         experiment: MLflow experiment name (default `ssn-<product>`).
         register: register the trained model as a new version of `ssn-<product>`.
         overlays: number of test images whose anomaly-map overlays are logged.
+        validation: per-epoch validation on the dataset's val split: "none", "split" (real labelled val images),
+            or "synthetic" (normal val images plus defects synthesised in image space; for products without
+            labelled defects). Reported as `val_*` metrics (the search job's objective).
+        validate_every: epochs between validations.
     """
 
     product: str
@@ -74,6 +79,8 @@ class JobConfig:
     experiment: str | None = None
     register: bool = True
     overlays: int = 6
+    validation: str = "none"
+    validate_every: int = 1
 
     def __post_init__(self) -> None:
         if not PRODUCT_PATTERN.match(self.product or ""):
@@ -93,6 +100,10 @@ class JobConfig:
                 f"train.batch_size ({self.train.batch_size}) is the global batch and must be at least "
                 f"scaling.num_workers ({self.scaling.num_workers})"
             )
+        if self.validation not in VALIDATION_MODES:
+            raise ConfigError(f"validation must be one of {VALIDATION_MODES}, got {self.validation!r}")
+        if self.validate_every < 1:
+            raise ConfigError(f"validate_every must be >= 1, got {self.validate_every}")
         if self.model.backbone == "wide_resnet50" and self.weights == "default":
             raise ConfigError("weights: wide_resnet50 ships no weights here; name a file or s3:// URI, or 'random'")
 

@@ -35,7 +35,8 @@ def _code_paths() -> list[str]:
     import ssn_platform
     import supersimplenet
 
-    return [str(Path(supersimplenet.__file__).parent), str(Path(ssn_platform.__file__).parent)]
+    # __path__, not __file__: works for regular and namespace packages alike
+    return [str(Path(list(supersimplenet.__path__)[0])), str(Path(list(ssn_platform.__path__)[0]))]
 
 
 def _pyfunc_class():

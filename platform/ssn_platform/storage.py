@@ -536,11 +536,13 @@ def download_to(
     expected_size: int | None = None,
     chunk_size: int = 1 << 20,
     attempts: int = 8,
+    fsync: bool = False,
 ) -> tuple[str, int]:
     """Stream an object into ``dest`` (overwritten), hashing on the fly. Returns (sha256, size).
 
     A transfer that breaks off or yields content different from ``expected_sha256``/``expected_size`` is retried
-    from scratch with backoff; if the stored object itself is wrong, IntegrityError names it.
+    from scratch with backoff; if the stored object itself is wrong, IntegrityError names it. ``fsync`` forces the
+    data to disk before returning (the dataset cache does without: it verifies every entry on use instead).
     """
     validate_key(key)
 
@@ -554,8 +556,9 @@ def download_to(
                     h.update(chunk)
                     f.write(chunk)
                     size += len(chunk)
-                f.flush()
-                os.fsync(f.fileno())
+                if fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
         finally:
             body.close()
         digest = h.hexdigest()

@@ -144,6 +144,27 @@ def load_job_data(job: JobConfig) -> tuple[Path, list, list, list]:
     return root, splits["train"], splits["val"], splits["test"]
 
 
+def build_validation_set(job: JobConfig, root: Path, val_samples: list):
+    """The per-epoch validation set of `job.validation`, or None. Never overlaps the test split."""
+    if job.validation == "none":
+        return None
+    if not val_samples:
+        raise PlatformError(f"{job.dataset}: validation={job.validation!r} needs a val split (ingest with a split file)")
+    preset = get_preset(job.model.backbone)
+    common = dict(root=root, image_size=job.model.image_size, mean=preset.mean, std=preset.std)
+    if job.validation == "split":
+        labels = {s.label for s in val_samples}
+        if labels != {0, 1}:
+            raise PlatformError(f"{job.dataset}: validation='split' needs normal and defective val images")
+        return DefectDataset(samples=val_samples, **common)
+    from supersimplenet.synthetic import SyntheticDefectDataset
+
+    normal = [s for s in val_samples if s.label == 0]
+    if len(normal) < 2:
+        raise PlatformError(f"{job.dataset}: validation='synthetic' needs at least 2 normal val images")
+    return SyntheticDefectDataset(samples=normal, seed=job.train.seed, **common)
+
+
 def _all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
     if not (dist.is_available() and dist.is_initialized()):
         return values
@@ -172,10 +193,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    root, train_samples, _, test_samples = load_job_data(job)
+    root, train_samples, val_samples, test_samples = load_job_data(job)
     preset = get_preset(job.model.backbone)
     common = dict(root=root, image_size=job.model.image_size, mean=preset.mean, std=preset.std)
     train_set = DefectDataset(samples=train_samples, flips=cfg.supervised and cfg.resolved_flips, **common)
+    val_set = build_validation_set(job, root, val_samples) if rank == 0 else None
 
     torch.manual_seed(cfg.seed)  # identical initial heads on every rank (DDP also broadcasts rank 0's)
     model = build_model(job.model)
@@ -190,7 +212,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
+        # A private copy per rank: ranks on one node must not read a directory another rank is still writing.
+        with tempfile.TemporaryDirectory(prefix=f"ssn-resume-{rank}-") as directory:
+            checkpoint.to_directory(directory)
             state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"]["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
@@ -224,6 +248,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         lrs = {f"lr_{group['name']}": group["lr"] for group in optimizer.param_groups}
         scheduler.step()
         metrics = {**stats, **lrs, "epoch": epoch, "epoch_seconds": time.perf_counter() - started}
+        if val_set is not None and ((epoch + 1) % job.validate_every == 0 or epoch + 1 == cfg.epochs):
+            net = ddp_model.module if hasattr(ddp_model, "module") else ddp_model
+            val = predict(net, eval_loader(val_set, batch_size=job.per_worker_batch_size), device=device)
+            scores = compute_metrics(scores=val.scores, labels=val.labels)
+            metrics.update({"val_image_auroc": scores["image_auroc"], "val_ap_det": scores["ap_det"]})
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
         last = epoch + 1 == cfg.epochs

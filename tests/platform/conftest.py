@@ -1,17 +1,26 @@
-"""Fixtures for the platform tests: a private SeaweedFS started through infra/local/stack.
+"""Fixtures for the platform tests: private stacks started through infra/local/stack.
 
-The S3 server runs from a temporary state directory on free, non-default ports (every SeaweedFS port is moved, the
-gRPC ones included), so it never collides with a developer's running stack, and it is stopped at the end of the
-session. Tests use their own bucket each.
+* ``s3_stack`` / ``s3_settings`` / ``s3_client`` / ``bucket``: a private SeaweedFS only (S3 tests; each test gets
+  its own bucket).
+* ``live_stack``: the whole stack (SeaweedFS + MLflow + Ray head with token auth) with its client environment
+  applied to ``os.environ`` for the session; ``weld_dataset``: battery_weld/denoised ingested into it (manifest URI).
+* ``make_stack``: a factory for tests of the stack command itself.
+
+Every stack runs from a temporary state directory on free, non-default ports (every SeaweedFS port is moved, the
+gRPC ones included; Ray's too), so it never collides with a developer's running stack, and it is stopped at the
+end of the session.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -32,7 +41,7 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def free_port_block(count: int, *, low: int = 30000, high: int = 32000) -> int:
+def free_port_block(count: int, *, low: int = 30000, high: int = 31900) -> int:
     """First port of ``count`` consecutive free ports on 127.0.0.1.
 
     The range sits below Linux's ephemeral ports (32768+) and outside Ray's worker ports of the default stack
@@ -61,9 +70,19 @@ def stack_port_env(base: int) -> dict[str, str]:
         "SSN_RAY_CLIENT_PORT": str(base + 13),
         "SSN_RAY_AGENT_PORT": str(base + 14),
         "SSN_SERVE_PORT": str(base + 15),
-        "SSN_RAY_MIN_WORKER_PORT": "33000",
-        "SSN_RAY_MAX_WORKER_PORT": "33999",
+        # below the ephemeral range and away from the default stack's workers (20002-29999)
+        "SSN_RAY_MIN_WORKER_PORT": "31900",
+        "SSN_RAY_MAX_WORKER_PORT": "32700",
     }
+
+
+def pid_alive(pid: int) -> bool:
+    """Running and not a zombie (a killed process stays visible until its parent reaps it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in {"Z", "X"}
 
 
 class StackProcess:
@@ -109,9 +128,7 @@ class StackProcess:
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+            if not pid_alive(pid):
                 return
             time.sleep(0.05)
         raise AssertionError(f"SeaweedFS pid {pid} survived SIGKILL")
@@ -160,3 +177,35 @@ def bucket(s3_client) -> str:
     name = f"t-{uuid.uuid4().hex[:16]}"
     ensure_bucket(s3_client, name)
     return name
+
+
+@pytest.fixture(scope="session")
+def live_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackProcess]:
+    """SeaweedFS + MLflow + Ray head for the session; ``os.environ`` holds its client environment meanwhile
+    (SSN_S3_ENDPOINT, AWS keys, MLFLOW_TRACKING_URI, RAY_ADDRESS, RAY_AUTH_MODE=token, RAY_AUTH_TOKEN_PATH, ...)."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ssnray", dir="/tmp"))  # short: Ray's unix socket paths are limited
+    stack = StackProcess(tmp_path_factory.mktemp("livestack"), free_port_block(16), {"SSN_RAY_TEMP_DIR": str(ray_tmp)})
+    saved = dict(os.environ)
+    try:
+        stack.run("up", timeout=400)
+        os.environ.update(stack.client_env())
+        yield stack
+    finally:
+        if "ray" in sys.modules:
+            try:
+                sys.modules["ray"].shutdown()
+            except Exception:  # noqa: BLE001 - best effort before the cluster goes away
+                pass
+        os.environ.clear()
+        os.environ.update(saved)
+        stack.run("down", check=False, timeout=200)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def weld_dataset(live_stack: StackProcess, weld_root: Path) -> str:
+    """battery_weld/denoised ingested into the live stack's ``ssn`` bucket as product ``battery-weld``: its
+    manifest URI."""
+    from ssn_platform.datasets import ingest
+
+    return ingest(weld_root, product="battery-weld", bucket="ssn", progress=False).uri

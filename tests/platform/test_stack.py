@@ -44,17 +44,18 @@ def _http_status(url: str, token: str | None = None) -> int:
         return exc.code
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
         return False
-    return True
+    return stat.rsplit(")", 1)[1].split()[0] not in {"Z", "X"}
 
 
 def _session_pids(sid: int) -> list[int]:
     out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True, check=True).stdout
-    return [int(p) for p, s in (line.split() for line in out.splitlines()) if int(s) == sid]
+    pids = [int(p) for p, s in (line.split() for line in out.splitlines()) if int(s) == sid]
+    return [p for p in pids if pid_alive(p)]
 
 
 PUT_AND_LOG = """
@@ -92,11 +93,11 @@ CHECK_AFTER_RESTART = """
 RAY_JOB = """
     import os, time
     from ray.job_submission import JobSubmissionClient, JobStatus
-    client = JobSubmissionClient(os.environ["RAY_ADDRESS"])
-    env_vars = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "SSN_S3_ENDPOINT")}
+    client = JobSubmissionClient()  # RAY_API_SERVER_ADDRESS
+    # no secrets in runtime_env: the stack's Ray processes carry the S3 settings (Ray logs runtime_env env_vars)
     job = client.submit_job(
         entrypoint="python jobs/ingest.py --smoke-test --no-progress",
-        runtime_env={"working_dir": os.environ["REPO"], "env_vars": env_vars,
+        runtime_env={"working_dir": os.environ["REPO"],
                      "excludes": [".venv", ".stack", ".git", "bench_results", "runs"]},
     )
     deadline = time.time() + 240
@@ -134,7 +135,8 @@ def test_stack_up_status_down_up_keeps_data(tmp_path: Path, make_stack) -> None:
         secret, token = env["AWS_SECRET_ACCESS_KEY"], token_file.read_text().strip()
 
         # Ray's dashboard / job API answers only with the token
-        dash = env["RAY_ADDRESS"]
+        assert env["RAY_ADDRESS"] == f"127.0.0.1:{stack.port_base + 11}"  # GCS, for ray.init()
+        dash = env["RAY_API_SERVER_ADDRESS"]  # dashboard / job API
         assert _http_status(f"{dash}/api/version") == 401
         assert _http_status(f"{dash}/api/version", token) == 200
         assert _http_status(f"{dash}/api/version", "0" * 64) in (401, 403)

@@ -162,6 +162,11 @@ def test_round_trip_byte_identical(dataset, weld_root, mpdd_root, s3_settings, s
     root2, _ = warm.materialize()
     assert root2 == root and warm.stats.downloaded == 0 and warm.stats.cache_hits > 0
 
+    # a pinned version is served from the node's cache even with the S3 endpoint unreachable
+    offline = dataclasses.replace(s3_settings, endpoint_url="http://127.0.0.1:9", max_attempts=1)
+    cached = DatasetReader(result.uri, cache_dir=tmp_path / "cache", settings=offline)
+    assert cached.materialize()[0] == root and cached.stats.downloaded == 0
+
     # what the model package's training consumes
     ds = DefectDataset(root=root, samples=samples, image_size=(32, 32), mean=MEAN, std=STD)
     item = ds[[s.image for s in samples].index(first.image)]
@@ -169,14 +174,14 @@ def test_round_trip_byte_identical(dataset, weld_root, mpdd_root, s3_settings, s
 
 
 @pytest.fixture
-def weld_dataset(weld_root, s3_settings, bucket):
+def weld_ingested(weld_root, s3_settings, bucket):
     return ingest(weld_root, product="weld", bucket=bucket, settings=s3_settings, progress=False)
 
 
 @pytest.mark.stack
-def test_corrupted_cache_entry_is_detected_and_repaired(weld_dataset, weld_root, s3_settings, tmp_path):
+def test_corrupted_cache_entry_is_detected_and_repaired(weld_ingested, weld_root, s3_settings, tmp_path):
     cache = tmp_path / "cache"
-    root, samples = DatasetReader(weld_dataset.uri, cache_dir=cache, settings=s3_settings).materialize()
+    root, samples = DatasetReader(weld_ingested.uri, cache_dir=cache, settings=s3_settings).materialize()
     victim = next(s for s in samples if s.mask is not None)
     rec_path = root / victim.image
     # corrupt the cache entry behind the view (same inode: the view sees it too), and delete another one
@@ -186,7 +191,7 @@ def test_corrupted_cache_entry_is_detected_and_repaired(weld_dataset, weld_root,
         f.write(b"\xde\xad\xbe\xef")
     assert not filecmp.cmp(rec_path, weld_root / victim.image, shallow=False)
     other = next(s for s in samples if s.image != victim.image)
-    reader = DatasetReader(weld_dataset.uri, cache_dir=cache, settings=s3_settings)
+    reader = DatasetReader(weld_ingested.uri, cache_dir=cache, settings=s3_settings)
     other_sha = next(r["image_sha256"] for r in reader.manifest.records if r["image"] == other.image)
     os.chmod(reader.object_path(other_sha), 0o644)
     reader.object_path(other_sha).unlink()
@@ -199,37 +204,43 @@ def test_corrupted_cache_entry_is_detected_and_repaired(weld_dataset, weld_root,
 @pytest.mark.stack
 def test_s3_server_restarted_in_the_middle_of_a_read(mpdd_root, s3_stack, s3_settings, bucket, tmp_path):
     result = ingest(mpdd_root, product="mpdd", bucket=bucket, settings=s3_settings, progress=False)
-    restarted = threading.Event()
-    killed_at: list[int] = []
+    events: dict[str, float] = {}
+    download_times: list[float] = []
     errors: list[BaseException] = []
+    restarter: list[threading.Thread] = []
 
     def restart_later() -> None:
         try:
             time.sleep(1.5)  # clients see connection refused meanwhile
+            events["restarting"] = time.monotonic()
             s3_stack.run("up", "s3", timeout=120)
-            restarted.set()
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
     def on_download(key: str, size: int) -> None:
-        count = len(killed_at) + 1
-        killed_at.append(count)
-        if count == 20:
+        download_times.append(time.monotonic())
+        if len(download_times) == 20:
             s3_stack.kill_s3()
-            threading.Thread(target=restart_later, daemon=True).start()
+            events["killed"] = time.monotonic()
+            restarter.append(threading.Thread(target=restart_later, daemon=True))
+            restarter[0].start()
 
     reader = DatasetReader(result.uri, cache_dir=tmp_path / "cache", settings=s3_settings, workers=4,
                            on_download=on_download)
     root, samples = reader.materialize()
+    restarter[0].join(timeout=120)
     assert not errors, errors
-    assert restarted.is_set(), "the read finished without noticing the restart"
-    assert len(killed_at) > 40, "too few downloads after the kill to prove anything"
+    after_kill = [t for t in download_times if t > events["killed"]]
+    assert len(after_kill) > 40, "too few downloads after the kill to prove anything"
+    # apart from transfers already in flight at the kill (at most one per worker), nothing could be downloaded
+    # while the server was down: the reads waited for the restart
+    assert sorted(after_kill)[4] > events["restarting"]
     assert reader.stats.downloaded == len({sha for sha, _ in reader.manifest.objects().values()})
     _assert_identical_tree(root, mpdd_root, samples)
 
 
 @pytest.mark.stack
-def test_wrong_credentials_give_a_clear_error(weld_root, weld_dataset, s3_settings, bucket, tmp_path):
+def test_wrong_credentials_give_a_clear_error(weld_root, weld_ingested, s3_settings, bucket, tmp_path):
     bad_secret = "definitely-not-the-secret-0123456789"
     wrong = dataclasses.replace(s3_settings, secret_access_key=bad_secret, max_attempts=2)
     with pytest.raises(CredentialsError) as info:
@@ -240,12 +251,12 @@ def test_wrong_credentials_give_a_clear_error(weld_root, weld_dataset, s3_settin
 
     unknown = dataclasses.replace(s3_settings, access_key_id="NOSUCHKEY0000", max_attempts=2)
     with pytest.raises(CredentialsError, match="rejected"):
-        DatasetReader(weld_dataset.uri, cache_dir=tmp_path / "c", settings=unknown).materialize()
+        DatasetReader(weld_ingested.uri, cache_dir=tmp_path / "c", settings=unknown).materialize()
 
 
 @pytest.mark.stack
-def test_missing_key_is_named(weld_dataset, s3_settings, s3_client, bucket, tmp_path):
-    reader = DatasetReader(weld_dataset.uri, cache_dir=tmp_path / "cache", settings=s3_settings)
+def test_missing_key_is_named(weld_ingested, s3_settings, s3_client, bucket, tmp_path):
+    reader = DatasetReader(weld_ingested.uri, cache_dir=tmp_path / "cache", settings=s3_settings)
     rel_key = sorted(reader.manifest.objects())[3]
     key = f"{reader.prefix}/{rel_key}"
     s3_client.delete_object(Bucket=bucket, Key=key)
@@ -304,7 +315,7 @@ def _concurrent_reader(uri: str, cache_dir: str, env: dict, barrier) -> dict:
 
 
 @pytest.mark.stack
-def test_concurrent_readers_download_each_object_once(weld_dataset, weld_root, s3_stack, tmp_path):
+def test_concurrent_readers_download_each_object_once(weld_ingested, weld_root, s3_stack, tmp_path):
     ctx = multiprocessing.get_context("spawn")
     n = 4
     env = s3_stack.client_env()
@@ -312,9 +323,9 @@ def test_concurrent_readers_download_each_object_once(weld_dataset, weld_root, s
         barrier = manager.Barrier(n)
         with ctx.Pool(n) as pool:
             results = pool.starmap(
-                _concurrent_reader, [(weld_dataset.uri, str(tmp_path / "cache"), env, barrier)] * n
+                _concurrent_reader, [(weld_ingested.uri, str(tmp_path / "cache"), env, barrier)] * n
             )
-    reader = DatasetReader(weld_dataset.uri, cache_dir=tmp_path / "cache", settings=S3Settings.from_env(env))
+    reader = DatasetReader(weld_ingested.uri, cache_dir=tmp_path / "cache", settings=S3Settings.from_env(env))
     unique = len({sha for sha, _ in reader.manifest.objects().values()})
     assert sum(r["downloaded"] for r in results) == unique, results
     assert all(r["downloaded"] + r["hits"] == unique for r in results), results

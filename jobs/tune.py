@@ -1,0 +1,118 @@
+"""Search noise sigma and Perlin threshold (optionally lr) for one product and backbone: Ray Tune + Optuna + ASHA.
+
+    python jobs/tune.py --config jobs/configs/battery_weld.yaml --trials 12 [key=value ...]
+    ray job submit --working-dir . -- python jobs/tune.py --config jobs/configs/battery_weld.yaml --trials 12
+    python jobs/tune.py --config jobs/configs/battery_weld.yaml --trials 6     # again: extends the same study
+    python jobs/tune.py --smoke-test         # 2 trials x 2 epochs on a tiny generated dataset
+
+Every trial trains the config's job (its epochs are ASHA's resource; override them, e.g. train.epochs=10) with
+the trial's parameters and is scored per epoch on the dataset's val split (ingest with a split file, e.g.
+--split-file jobs/splits/battery_weld.txt; synthetic defects when the val split has no defective images).
+The study (default `ssn-<product>-<backbone>`) lives in a database (--storage, SSN_OPTUNA_STORAGE, or sqlite
+next to the local stack's MLflow db); running again with the same study adds trials. The best configuration is
+written to s3://<bucket>/tuned/<product>/<backbone>.yaml and logged with the search's MLflow parent run.
+Under `ray job submit`, pass SSN_OPTUNA_STORAGE (or --storage) and the S3/MLflow settings in the runtime env.
+
+Prints a JSON summary (study, parent run, best parameters and value, tuned settings URI) as its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import _bootstrap  # noqa: F401  (puts model/ and platform/ on sys.path for plain checkouts)
+
+DEFAULT_SPACE = Path(__file__).with_name("configs") / "search_space.yaml"
+SMOKE_OVERRIDES = [
+    "train.epochs=2", "train.batch_size=4", "model.image_size=[96,96]", "scaling.num_workers=1",
+    "checkpoint_every=2", "overlays=0",
+]
+
+
+def _smoke_dataset(directory: Path) -> str:
+    """The train job's smoke dataset with one normal and one defective test image moved to val."""
+    from ingest import make_smoke_dataset
+    from ssn_platform.datasets import ingest
+
+    root = make_smoke_dataset(directory / "smoke")
+    split_file = directory / "split.txt"
+    split_file.write_text("val test/good/000.png\nval test/scratch/000.png\n")
+    result = ingest(root, product="smoke", options={"split_file": str(split_file)}, progress=False,
+                    update_latest=False)
+    return result.uri
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="YAML job config (jobs/configs/*.yaml)")
+    parser.add_argument("--trials", type=int, default=8, help="trials to add to the study in this run (default 8)")
+    parser.add_argument("--space", default=str(DEFAULT_SPACE), help="search space YAML (default: %(default)s)")
+    parser.add_argument("--study", default=None, help="Optuna study name (default ssn-<product>-<backbone>)")
+    parser.add_argument("--storage", default=None, help="Optuna storage URL (default: SSN_OPTUNA_STORAGE or "
+                                                         "sqlite next to the stack's MLflow db)")
+    parser.add_argument("--metric", default="val_image_auroc", help="per-epoch objective (default %(default)s)")
+    parser.add_argument("--max-concurrent", type=int, default=None,
+                        help="trials at once (default: cluster CPUs or GPUs / one trial's workers)")
+    parser.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
+    parser.add_argument("--reduction-factor", type=int, default=2, help="ASHA reduction factor (default 2)")
+    parser.add_argument("--time-budget", type=float, default=None, help="stop starting trials after MINUTES")
+    parser.add_argument("--baseline", action="store_true",
+                        help="evaluate the config's own values of the searched keys first (new studies only)")
+    parser.add_argument("--retrain", action="store_true", help="retrain and register the best configuration")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: SSN_RAY_ADDRESS or auto)")
+    parser.add_argument("--smoke-test", action="store_true", help="tiny search on a generated dataset")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the base job")
+    args = parser.parse_args(argv)
+
+    from supersimplenet.config import ConfigError
+    from ssn_platform.jobconfig import load_job_config
+    from ssn_platform.training import PlatformError
+    from ssn_platform.tuning import SearchSpace, _value_of, run_search
+
+    overrides = list(args.overrides)
+    config = args.config
+    trials = args.trials
+    study = args.study
+    if args.smoke_test:
+        with tempfile.TemporaryDirectory() as directory:
+            uri = _smoke_dataset(Path(directory))
+        config = config or str(Path(__file__).with_name("configs") / "smoke.yaml")
+        overrides = [*SMOKE_OVERRIDES, f"dataset={uri}", *overrides]
+        trials = 2 if "--trials" not in (argv if argv is not None else sys.argv[1:]) else trials
+        study = study or f"ssn-smoke-{uri.rstrip('/').split('/')[-2]}"
+    if config is None:
+        parser.error("--config is required (or --smoke-test)")
+    try:
+        job = load_job_config(config, overrides)
+        space = SearchSpace.load(args.space)
+        initial = [{key: _value_of(job, key) for key in space.keys}] if args.baseline else None
+        result = run_search(
+            job, space=space, num_trials=trials, max_concurrent=args.max_concurrent, study_name=study,
+            storage=args.storage, metric=args.metric, grace_period=args.grace_period,
+            reduction_factor=args.reduction_factor, retrain=args.retrain, initial_points=initial,
+            time_budget_s=args.time_budget * 60 if args.time_budget else None, address=args.address,
+        )
+    except (ConfigError, PlatformError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    summary = {
+        "study": result.study_name, "search": result.search_name, "parent_run_id": result.parent_run_id,
+        "validation": result.validation, "best_trial": result.best_trial, "best_params": result.best_params,
+        f"best_{result.metric}": result.best_value, "tuned_settings": result.tuned_uri,
+        "trials_in_study": len(result.trials), "trials_this_run": len(result.session_trials),
+        "stopped_early": result.stopped_early, "max_concurrent": result.max_concurrent,
+        "wall_seconds": round(result.wall_seconds, 1),
+    }
+    if result.retrain is not None:
+        summary.update(retrain_run_id=result.retrain.mlflow_run_id, model_version=result.retrain.model_version,
+                       retrain_test_metrics=result.retrain.metrics)
+    print(json.dumps(summary, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,367 @@
+"""Champion/challenger promotion of registered SuperSimpleNet versions, and rollback.
+
+`promote(product, version)`:
+
+1. Preconditions (refused with a reason, nothing evaluated): the version exists, carries a calibrated threshold
+   (tag ``threshold``, see `ssn_platform.thresholds`), was evaluated by its training job (``test_*`` metric
+   tags), and is not already the champion.
+2. The candidate and the current champion (alias ``champion``; may not exist) are evaluated by the same code on the
+   same data: the evaluation split (default ``test``) of the candidate's dataset (or ``data_uri``), with
+   `supersimplenet.train.predict` and `supersimplenet.metrics.compute_metrics`, the code of the training job's test
+   metrics.
+3. Promoted when ``candidate >= champion - margin`` and ``candidate >= floor`` on the product's primary metric
+   (``metric`` argument, else the registered model's tag ``primary_metric``, else ``image_auroc``; all metrics
+   are higher-is-better). The old champion gets alias ``previous`` first, then ``champion`` moves in one registry
+   call (`set_registered_model_alias`), so a reader never sees a product without a champion.
+4. Every decision (promoted or refused, with both metric sets and the reason) is recorded as an MLflow run in
+   experiment ``ssn-<product>-promotions`` (params, ``candidate_*``/``champion_*`` metrics, ``decision.json``)
+   and as ``promotion_*`` tags on the candidate version.
+
+`rollback(product)`: ``champion`` <- ``previous`` and ``previous`` <- the demoted version; refused without a
+``previous`` alias. Also recorded in the promotions experiment.
+
+Two promotions of one product must not run at the same time (the registry has no compare-and-set on aliases).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+PREVIOUS = "previous"
+DEFAULT_METRIC = "image_auroc"
+METRIC_TAG = "primary_metric"  # registered-model tag naming a product's primary metric
+METRICS = ("image_auroc", "ap_det", "f1_max", "pixel_auroc", "ap_loc", "aupro", "pixel_f1_max")
+
+
+class PromotionError(RuntimeError):
+    """A promotion or rollback that cannot run at all (unknown version, nothing to roll back to)."""
+
+
+@dataclass
+class Decision:
+    """The outcome of `promote` (also what is recorded)."""
+
+    product: str
+    registered_model: str
+    candidate_version: str
+    champion_version: str | None
+    metric: str
+    margin: float
+    floor: float
+    promoted: bool
+    reason: str
+    candidate_metrics: dict[str, float] = field(default_factory=dict)
+    champion_metrics: dict[str, float] = field(default_factory=dict)
+    data_uri: str | None = None
+    dataset_version: str | None = None
+    split: str | None = None
+    n_images: int = 0
+    decided_at: str = ""
+    run_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Rollback:
+    product: str
+    registered_model: str
+    champion_version: str  # the restored version
+    previous_version: str  # the demoted version
+    run_id: str | None = None
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def _client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def _aliases(client, name: str) -> dict[str, str]:
+    return {k: str(v) for k, v in (client.get_registered_model(name).aliases or {}).items()}
+
+
+def primary_metric(product: str, metric: str | None = None) -> str:
+    """The metric that decides promotions of `product`: `metric`, the model's ``primary_metric`` tag, or the default."""
+    from ssn_platform.registry import registered_model_name
+
+    if metric is None:
+        try:
+            metric = _client().get_registered_model(registered_model_name(product)).tags.get(METRIC_TAG)
+        except Exception:  # noqa: BLE001 - a missing model is reported by the caller
+            metric = None
+    metric = metric or DEFAULT_METRIC
+    if metric not in METRICS:
+        raise PromotionError(f"unknown metric {metric!r}; use one of {METRICS}")
+    return metric
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation: one code path for candidate and champion
+# ---------------------------------------------------------------------------------------------------------
+def evaluate_model(model, root: Path, samples: list, *, threshold: float | None = None,
+                   batch_size: int = 16) -> dict[str, float]:
+    """compute_metrics on `samples` (plus the rates at `threshold` when given), as the training job's test step."""
+    import torch
+
+    from supersimplenet.backbones import get_preset
+    from supersimplenet.data import DefectDataset
+    from supersimplenet.metrics import compute_metrics
+    from supersimplenet.train import eval_loader, predict
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    preset = get_preset(model.config.backbone)
+    dataset = DefectDataset(root=root, samples=samples, image_size=model.config.image_size, mean=preset.mean,
+                            std=preset.std)
+    predictions = predict(model.to(device), eval_loader(dataset, batch_size=batch_size), device=device)
+    metrics = compute_metrics(scores=predictions.scores, labels=predictions.labels, maps=predictions.maps,
+                              masks=predictions.masks)
+    if threshold is not None:
+        from ssn_platform.thresholds import rates_at
+
+        rates = rates_at(threshold, predictions.scores, predictions.labels)
+        metrics.update({f"{k}_at_threshold": v for k, v in rates.items()})
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def evaluate_version(product: str, version: str, root: Path, samples: list, *, batch_size: int = 16
+                     ) -> dict[str, float]:
+    from ssn_platform.registry import load_model, registered_model_name
+    from ssn_platform.thresholds import threshold_from_tags
+
+    name = registered_model_name(product)
+    tags = _client().get_model_version(name, str(version)).tags
+    model, _ = load_model(f"models:/{name}/{version}")
+    return evaluate_model(model, root, samples, threshold=threshold_from_tags(tags), batch_size=batch_size)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Recording
+# ---------------------------------------------------------------------------------------------------------
+def _experiment_id(client, product: str) -> str:
+    name = f"ssn-{product}-promotions"
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else client.create_experiment(name)
+
+
+def _record(client, decision: Decision) -> str:
+    from mlflow.entities import Metric, Param
+
+    run = client.create_run(_experiment_id(client, decision.product),
+                            run_name=f"v{decision.candidate_version}-{'promoted' if decision.promoted else 'refused'}",
+                            tags={"ssn.product": decision.product, "ssn.decision": _decision_word(decision),
+                                  "ssn.reason": decision.reason[:4900],
+                                  "ssn.candidate_version": decision.candidate_version,
+                                  "ssn.champion_version": decision.champion_version or ""})
+    run_id = run.info.run_id
+    params = {"product": decision.product, "registered_model": decision.registered_model,
+              "candidate_version": decision.candidate_version, "champion_version": decision.champion_version or "none",
+              "metric": decision.metric, "margin": decision.margin, "floor": decision.floor,
+              "data_uri": decision.data_uri or "", "dataset_version": decision.dataset_version or "",
+              "split": decision.split or "", "n_images": decision.n_images}
+    now = int(_dt.datetime.now().timestamp() * 1000)
+    metrics = [Metric(f"candidate_{k}", v, now, 0) for k, v in decision.candidate_metrics.items() if _finite(v)]
+    metrics += [Metric(f"champion_{k}", v, now, 0) for k, v in decision.champion_metrics.items() if _finite(v)]
+    metrics.append(Metric("promoted", 1.0 if decision.promoted else 0.0, now, 0))
+    client.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+    decision.run_id = run_id
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "decision.json"
+        path.write_text(json.dumps(decision.to_dict(), indent=2, default=_json_default))
+        client.log_artifact(run_id, str(path))
+    client.set_terminated(run_id, status="FINISHED")
+    return run_id
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return str(value)
+
+
+def _decision_word(decision: Decision) -> str:
+    return "promoted" if decision.promoted else "refused"
+
+
+def _tag_candidate(client, decision: Decision) -> None:
+    tags = {
+        "promotion_decision": _decision_word(decision),
+        "promotion_reason": decision.reason[:4900],
+        "promotion_run_id": decision.run_id or "",
+        "promotion_metric": decision.metric,
+        "promotion_decided_at": decision.decided_at,
+        "promotion_against": decision.champion_version or "none",
+    }
+    if _finite(decision.candidate_metrics.get(decision.metric)):
+        tags[f"promotion_{decision.metric}"] = f"{decision.candidate_metrics[decision.metric]:.6f}"
+    for key, value in tags.items():
+        client.set_model_version_tag(decision.registered_model, decision.candidate_version, key, value)
+
+
+def _finish(client, decision: Decision) -> Decision:
+    decision.decided_at = decision.decided_at or _now()
+    _record(client, decision)
+    _tag_candidate(client, decision)
+    log.info("%s v%s: %s (%s)", decision.registered_model, decision.candidate_version, _decision_word(decision),
+             decision.reason)
+    return decision
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Promotion and rollback
+# ---------------------------------------------------------------------------------------------------------
+def promote(product: str, version: str | int, *, margin: float = 0.005, floor: float = 0.6, metric: str | None = None,
+            data_uri: str | None = None, split: str = "test", batch_size: int = 16) -> Decision:
+    """Evaluates candidate `version` against the champion and moves the ``champion`` alias when it qualifies.
+
+    Returns the recorded `Decision` (``promoted`` False with a ``reason`` when refused). Raises PromotionError
+    when the version does not exist, the data has no `split`, or the metric is unknown.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from ssn_platform.datasets import DatasetReader
+    from ssn_platform.registry import load_model, registered_model_name
+    from ssn_platform.thresholds import threshold_from_tags
+    from ssn_platform.training import check_mlflow
+
+    if margin < 0:
+        raise PromotionError(f"margin must be >= 0, got {margin}")
+    check_mlflow()
+    client = _client()
+    name, version = registered_model_name(product), str(version)
+    try:
+        candidate = client.get_model_version(name, version)
+    except MlflowException as error:
+        raise PromotionError(f"{name} version {version} does not exist: {error.message}") from None
+    metric = primary_metric(product, metric)
+    aliases = _aliases(client, name)
+    champion = aliases.get(CHAMPION)
+    decision = Decision(product=product, registered_model=name, candidate_version=version, champion_version=champion,
+                        metric=metric, margin=float(margin), floor=float(floor), promoted=False, reason="",
+                        split=split)
+
+    # -- preconditions: refused without evaluating anything
+    threshold = threshold_from_tags(candidate.tags)
+    if threshold is None:
+        decision.reason = (f"version {version} has no calibrated threshold (tag 'threshold'); run "
+                           f"jobs/calibrate.py --product {product} --version {version} first")
+        return _finish(client, decision)
+    if not any(key.startswith("test_") for key in candidate.tags):
+        decision.reason = (f"version {version} was never evaluated (no 'test_*' metric tags from its training job); "
+                           "only versions with a test evaluation can be promoted")
+        return _finish(client, decision)
+    if champion == version:
+        decision.reason = f"version {version} is already the champion"
+        return _finish(client, decision)
+
+    # -- evaluation: same code, same data for both
+    uri = data_uri or candidate.tags.get("dataset")
+    if not uri:
+        raise PromotionError(f"{name} version {version} names no dataset (tag 'dataset'); pass data_uri")
+    reader = DatasetReader(uri)
+    root, samples = reader.materialize()
+    chosen = [s for s in samples if s.split == split]
+    if not chosen:
+        raise PromotionError(f"{uri} (dataset version {reader.version}) has no {split!r} split to evaluate on")
+    decision.data_uri, decision.dataset_version, decision.n_images = uri, reader.version, len(chosen)
+    model, _ = load_model(f"models:/{name}/{version}")
+    decision.candidate_metrics = evaluate_model(model, root, chosen, threshold=threshold, batch_size=batch_size)
+    del model
+    if champion is not None:
+        champion_tags = client.get_model_version(name, champion).tags
+        model, _ = load_model(f"models:/{name}/{champion}")
+        decision.champion_metrics = evaluate_model(model, root, chosen, threshold=threshold_from_tags(champion_tags),
+                                                   batch_size=batch_size)
+        del model
+
+    # -- decision
+    ours = decision.candidate_metrics.get(metric, math.nan)
+    theirs = decision.champion_metrics.get(metric, math.nan) if champion is not None else None
+    where = f"on the {split} split of {uri} ({len(chosen)} images)"
+    if not _finite(ours):
+        decision.reason = f"candidate {metric} is undefined {where}"
+    elif ours < floor:
+        decision.reason = f"candidate {metric} {ours:.4f} is below the floor {floor:.4f} {where}"
+    elif theirs is not None and _finite(theirs) and ours < theirs - margin:
+        decision.reason = (f"candidate {metric} {ours:.4f} is worse than champion v{champion} {theirs:.4f} by more "
+                           f"than the margin {margin:.4f} {where}")
+    else:
+        decision.promoted = True
+        if theirs is None:
+            decision.reason = f"first champion: {metric} {ours:.4f} >= floor {floor:.4f} {where}"
+        elif not _finite(theirs):
+            decision.reason = f"champion v{champion} {metric} is undefined {where}; candidate {ours:.4f} >= floor"
+        else:
+            decision.reason = (f"candidate {metric} {ours:.4f} >= champion v{champion} {theirs:.4f} - margin "
+                               f"{margin:.4f}, and >= floor {floor:.4f} {where}")
+    if decision.promoted:
+        current = _aliases(client, name).get(CHAMPION)
+        if current != champion:
+            decision.promoted = False
+            decision.reason = (f"the champion moved from v{champion} to v{current} during the evaluation; "
+                               "promote again")
+        else:
+            if champion is not None:
+                client.set_registered_model_alias(name, PREVIOUS, champion)
+            client.set_registered_model_alias(name, CHAMPION, version)  # the one call that switches serving
+    return _finish(client, decision)
+
+
+def rollback(product: str) -> Rollback:
+    """``champion`` <- ``previous``, ``previous`` <- the demoted champion. Raises PromotionError without a previous."""
+    from mlflow.entities import Param
+    from mlflow.exceptions import MlflowException
+
+    from ssn_platform.registry import registered_model_name
+    from ssn_platform.training import check_mlflow
+
+    check_mlflow()
+    client = _client()
+    name = registered_model_name(product)
+    try:
+        aliases = _aliases(client, name)
+    except MlflowException as error:
+        raise PromotionError(f"{name} does not exist: {error.message}") from None
+    champion, previous = aliases.get(CHAMPION), aliases.get(PREVIOUS)
+    if previous is None:
+        raise PromotionError(f"{name} has no '{PREVIOUS}' alias: nothing to roll back to")
+    if previous == champion:
+        raise PromotionError(f"{name}: '{PREVIOUS}' is the champion (v{champion}) already: nothing to roll back to")
+    client.set_registered_model_alias(name, CHAMPION, previous)  # the one call that switches serving
+    if champion is not None:
+        client.set_registered_model_alias(name, PREVIOUS, champion)
+    else:
+        client.delete_registered_model_alias(name, PREVIOUS)
+    result = Rollback(product=product, registered_model=name, champion_version=previous,
+                      previous_version=champion or "")
+    run = client.create_run(_experiment_id(client, product), run_name=f"rollback-to-v{previous}",
+                            tags={"ssn.product": product, "ssn.decision": "rollback",
+                                  "ssn.reason": f"rollback from v{champion} to v{previous}"})
+    client.log_batch(run.info.run_id, params=[Param("restored_version", previous),
+                                              Param("demoted_version", champion or "none")])
+    client.set_terminated(run.info.run_id, status="FINISHED")
+    result.run_id = run.info.run_id
+    if champion is not None:
+        client.set_model_version_tag(name, champion, "rolled_back_at", _now())
+    return result

@@ -1,0 +1,307 @@
+"""Per-version decision thresholds: calibrated on validation data, stored with the registered model version.
+
+A SuperSimpleNet score is in [0, 1]; an image is anomalous when ``score >= threshold``. The threshold of a
+registered version is computed on the dataset's validation split (never silently on the test split) by one of:
+
+* ``false_alarm`` (normal images suffice): the lowest observed threshold whose empirical false-alarm rate on the
+  normal validation images is at most ``false_alarm_rate``, i.e. the conservative ``1 - far`` quantile of the
+  normal scores (with fewer than ``1 / far`` normal images no normal image may be flagged at all).
+* ``f1`` (labelled defects needed): the F1-optimal threshold (``supersimplenet.metrics.f1_max``).
+* ``recall`` (labelled defects needed): the highest threshold that still flags at least ``target_recall`` of the
+  defective validation images.
+* ``auto``: ``f1`` when the split holds normal and defective images, else ``false_alarm``.
+
+`calibrate_version` scores the split with the model library's inference path (`predict_images`, the one the
+Serve application uses), then stores the result on the model version as tags ``threshold``, ``threshold_method``,
+``threshold_params`` (JSON), ``threshold_split`` and ``threshold_dataset``, and as an artifact
+``calibration/v<version>/threshold.json`` (plus the per-image ``scores.json``) on the version's MLflow run.
+Recalibrating (``jobs/calibrate.py``) overwrites the tags; the artifacts of every calibration stay on the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+METHODS = ("auto", "false_alarm", "f1", "recall")
+TAG_VALUE = "threshold"
+TAG_METHOD = "threshold_method"
+TAG_PARAMS = "threshold_params"
+TAG_SPLIT = "threshold_split"
+TAG_DATASET = "threshold_dataset"
+
+
+class ThresholdError(ValueError):
+    """Calibration is impossible with the given data or settings; the message says why."""
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A calibrated decision threshold: anomalous when ``score >= value``.
+
+    Attributes:
+        value: the threshold, in score units ([0, 1]; may exceed 1 when no normal image may be flagged and the
+            highest normal score is already 1).
+        method: "false_alarm", "f1" or "recall" (never "auto": the resolved method).
+        parameters: the settings of the method (false_alarm_rate, target_recall, requested method).
+        n_normal, n_defective: calibration images per class.
+        achieved: what the threshold gives on the calibration images: precision, recall, f1, false_alarm_rate.
+        computed_on: UTC time of the calibration (ISO 8601).
+        split: the dataset split the scores came from.
+        dataset: URI of the dataset (manifest or `latest` pointer) and dataset_version its content version.
+    """
+
+    value: float
+    method: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+    n_normal: int = 0
+    n_defective: int = 0
+    achieved: dict[str, float] = field(default_factory=dict)
+    computed_on: str = ""
+    split: str | None = None
+    dataset: str | None = None
+    dataset_version: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Threshold":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def tags(self) -> dict[str, str]:
+        """The model-version tags of this threshold (``repr`` keeps the float exact)."""
+        params = {**self.parameters, "n_normal": self.n_normal, "n_defective": self.n_defective,
+                  "achieved": self.achieved, "computed_on": self.computed_on,
+                  "dataset_version": self.dataset_version}
+        return {
+            TAG_VALUE: repr(float(self.value)),
+            TAG_METHOD: self.method,
+            TAG_PARAMS: json.dumps(params, sort_keys=True, separators=(",", ":"), default=_json_default)[:4900],
+            TAG_SPLIT: self.split or "",
+            TAG_DATASET: self.dataset or "",
+        }
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Methods (pure functions on scores)
+# ---------------------------------------------------------------------------------------------------------
+def _inputs(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    y = np.asarray(labels).reshape(-1)
+    if s.size == 0:
+        raise ThresholdError("scores: no calibration images")
+    if y.shape != s.shape:
+        raise ThresholdError(f"labels: {y.size} labels for {s.size} scores")
+    if not np.all(np.isfinite(s)):
+        raise ThresholdError("scores: contains NaN or infinite values")
+    if not np.all((y == 0) | (y == 1)):
+        raise ThresholdError("labels: must be 0 (normal) or 1 (defective)")
+    return s, y.astype(bool)
+
+
+def rates_at(value: float, scores: Any, labels: Any) -> dict[str, float]:
+    """Precision, recall, F1 and false-alarm rate of ``score >= value`` (NaN where undefined)."""
+    s, y = _inputs(scores, labels)
+    flagged = s >= value
+    tp = int(np.sum(flagged & y))
+    fp = int(np.sum(flagged & ~y))
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    precision = tp / (tp + fp) if tp + fp else math.nan
+    recall = tp / n_pos if n_pos else math.nan
+    f1 = (2 * precision * recall / (precision + recall)
+          if n_pos and tp + fp and (precision + recall) > 0 else (0.0 if n_pos else math.nan))
+    far = fp / n_neg if n_neg else math.nan
+    return {"precision": precision, "recall": recall, "f1": f1, "false_alarm_rate": far}
+
+
+def false_alarm_threshold(normal_scores: Any, false_alarm_rate: float) -> float:
+    """Lowest threshold (an observed score, or just above the highest) flagging at most ``floor(far * n)`` of
+    the normal scores."""
+    s = np.sort(np.asarray(normal_scores, dtype=np.float64).reshape(-1))[::-1]  # descending
+    if s.size == 0:
+        raise ThresholdError("false_alarm: needs normal calibration images, found none")
+    if not 0.0 <= false_alarm_rate < 1.0:
+        raise ThresholdError(f"false_alarm_rate must be in [0, 1), got {false_alarm_rate}")
+    allowed = int(math.floor(false_alarm_rate * s.size + 1e-9))
+    if allowed == 0:
+        return float(np.nextafter(s[0], np.inf))  # nothing at or above the highest normal score
+    # candidates: observed values, lowest first; the flagged count of value v is #(s >= v)
+    candidate = s[allowed - 1]  # the allowed-th highest
+    if np.sum(s >= candidate) <= allowed:
+        return float(candidate)
+    return float(np.nextafter(candidate, np.inf))  # ties at the candidate would exceed the allowance
+
+
+def recall_threshold(defective_scores: Any, target_recall: float) -> float:
+    """Highest threshold with recall >= target on the defective scores (an observed score)."""
+    d = np.sort(np.asarray(defective_scores, dtype=np.float64).reshape(-1))[::-1]
+    if d.size == 0:
+        raise ThresholdError("recall: needs defective calibration images, found none")
+    if not 0.0 < target_recall <= 1.0:
+        raise ThresholdError(f"target_recall must be in (0, 1], got {target_recall}")
+    needed = int(math.ceil(target_recall * d.size - 1e-9))
+    return float(d[max(needed, 1) - 1])
+
+
+def calibrate(scores: Any, labels: Any, *, method: str = "auto", false_alarm_rate: float = 0.01,
+              target_recall: float = 0.95, split: str | None = None, dataset: str | None = None,
+              dataset_version: str | None = None) -> Threshold:
+    """A threshold for image scores (labels: 0 normal, 1 defective) by `method` (see the module docstring)."""
+    if method not in METHODS:
+        raise ThresholdError(f"method must be one of {METHODS}, got {method!r}")
+    s, y = _inputs(scores, labels)
+    n_normal, n_defective = int((~y).sum()), int(y.sum())
+    resolved = method
+    if method == "auto":
+        resolved = "f1" if n_defective and n_normal else "false_alarm"
+    params: dict[str, Any] = {"requested_method": method}
+    if resolved == "false_alarm":
+        value = false_alarm_threshold(s[~y], false_alarm_rate)
+        params["false_alarm_rate"] = float(false_alarm_rate)
+    elif resolved == "f1":
+        if not n_defective or not n_normal:
+            raise ThresholdError(
+                f"f1: needs normal and defective calibration images, found {n_normal} normal and "
+                f"{n_defective} defective (use method 'false_alarm' for normal-only data)"
+            )
+        from supersimplenet.metrics import f1_max
+
+        _, value = f1_max(s, y.astype(np.int64))
+        value = float(value)
+    else:  # recall
+        if not n_defective:
+            raise ThresholdError("recall: needs defective calibration images, found none")
+        value = recall_threshold(s[y], target_recall)
+        params["target_recall"] = float(target_recall)
+    achieved = {k: float(v) for k, v in rates_at(value, s, y).items()}
+    return Threshold(value=float(value), method=resolved, parameters=params, n_normal=n_normal,
+                     n_defective=n_defective, achieved=achieved, computed_on=_now(), split=split,
+                     dataset=dataset, dataset_version=dataset_version)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Registry side
+# ---------------------------------------------------------------------------------------------------------
+def threshold_from_tags(tags: dict[str, str]) -> float | None:
+    """The threshold stored on a model version (its tags), or None when it was never calibrated."""
+    raw = (tags or {}).get(TAG_VALUE)
+    if raw in (None, ""):
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def score_images(model, paths: Sequence[Path], *, batch_size: int = 16) -> np.ndarray:
+    """Scores of image files through the serving path: decode with PIL, then `predict_images`."""
+    from PIL import Image
+
+    from supersimplenet.inference import predict_images
+
+    scores: list[np.ndarray] = []
+    for start in range(0, len(paths), batch_size):
+        images = []
+        for path in paths[start:start + batch_size]:
+            with Image.open(path) as image:
+                image.load()
+                images.append(image.copy())
+        batch_scores, _ = predict_images(model, images)
+        scores.append(np.asarray(batch_scores, dtype=np.float64))
+    return np.concatenate(scores) if scores else np.zeros(0)
+
+
+def record_threshold(product: str, version: str, threshold: Threshold, *, scores: dict[str, Any] | None = None,
+                     run_id: str | None = None) -> None:
+    """Stores `threshold` on version `version` of ``ssn-<product>``: tags plus ``calibration/v<version>``
+    artifacts on the version's run (when it has one)."""
+    from mlflow import MlflowClient
+
+    from ssn_platform.registry import registered_model_name
+
+    client = MlflowClient()
+    name = registered_model_name(product)
+    if run_id is None:
+        run_id = client.get_model_version(name, str(version)).run_id or None
+    if run_id:
+        with tempfile.TemporaryDirectory() as directory:
+            out = Path(directory)
+            (out / "threshold.json").write_text(json.dumps(
+                {"product": product, "registered_model": name, "version": str(version), **threshold.to_dict()},
+                indent=2, default=_json_default))
+            if scores is not None:
+                (out / "scores.json").write_text(json.dumps(scores, default=_json_default))
+            for path in sorted(out.iterdir()):
+                client.log_artifact(run_id, str(path), artifact_path=f"calibration/v{version}")
+    # tags last: a version shows a threshold only once its record is complete
+    for key, value in threshold.tags().items():
+        client.set_model_version_tag(name, str(version), key, value)
+
+
+def calibrate_version(product: str, version: str | int, *, data_uri: str | None = None, split: str = "val",
+                      method: str = "auto", false_alarm_rate: float = 0.01, target_recall: float = 0.95,
+                      batch_size: int = 16) -> Threshold:
+    """Scores the `split` of the version's dataset (or `data_uri`) with the registered model and stores the
+    calibrated threshold on the version. Never falls back to another split."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from ssn_platform.datasets import DatasetReader
+    from ssn_platform.registry import load_model, registered_model_name
+    from ssn_platform.training import PlatformError, check_mlflow
+
+    if method not in METHODS:
+        raise PlatformError(f"method must be one of {METHODS}, got {method!r}")
+    check_mlflow()
+    name, version = registered_model_name(product), str(version)
+    client = MlflowClient()
+    try:
+        model_version = client.get_model_version(name, version)
+    except MlflowException as error:
+        raise PlatformError(f"{name} version {version} does not exist: {error.message}") from None
+    uri = data_uri or model_version.tags.get("dataset")
+    if not uri:
+        raise PlatformError(f"{name} version {version} names no dataset (tag 'dataset'); pass --data s3://...")
+    reader = DatasetReader(uri)
+    root, samples = reader.materialize()
+    chosen = [s for s in samples if s.split == split]
+    if not chosen:
+        present = sorted({s.split for s in samples})
+        raise PlatformError(
+            f"{uri} (dataset version {reader.version}) has no {split!r} split (splits present: {present}). "
+            f"Calibration never falls back to another split; ingest the data with a split file that assigns "
+            f"'{split}' images (lines '{split} <image path>'), or pass --data with a dataset that has one."
+        )
+    model, _ = load_model(f"models:/{name}/{version}")
+    scores = score_images(model, [root / s.image for s in chosen], batch_size=batch_size)
+    labels = np.asarray([s.label for s in chosen], dtype=np.int64)
+    try:
+        threshold = calibrate(scores, labels, method=method, false_alarm_rate=false_alarm_rate,
+                              target_recall=target_recall, split=split, dataset=uri, dataset_version=reader.version)
+    except ThresholdError as error:
+        raise PlatformError(f"{name} version {version} on {uri} ({split}): {error}") from None
+    record_threshold(product, version, threshold, run_id=model_version.run_id or None, scores={
+        "images": [s.image for s in chosen], "labels": labels.tolist(), "scores": scores.tolist(),
+    })
+    return threshold

@@ -1,0 +1,215 @@
+"""Champion/challenger promotion and rollback on the real local stack (MLflow registry, S3 data)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.stack, pytest.mark.heavy]
+
+REPO = Path(__file__).resolve().parents[2]
+IMAGE_SIZE = (128, 72)
+METRIC = "pixel_auroc"  # image-level metrics of untrained heads on the weld seams are near chance
+FLOOR = 0.5
+
+
+def ingest_with_val(weld_root: Path, directory: Path) -> str:
+    """The weld data with a val split (8 train normals, 6 test normals, 12 test defects), not moving `latest`."""
+    from supersimplenet.data import read_layout
+    from ssn_platform.datasets import ingest
+
+    samples = sorted(read_layout(weld_root), key=lambda s: s.image)
+    picks = ([s for s in samples if s.split == "train"][:8]
+             + [s for s in samples if s.split == "test" and s.label == 0][:6]
+             + [s for s in samples if s.split == "test" and s.label == 1][:12])
+    split_file = directory / "split.txt"
+    split_file.write_text("".join(f"val {s.image}\n" for s in picks))
+    return ingest(weld_root, product="battery-weld", bucket="ssn", options={"split_file": str(split_file)},
+                  progress=False, update_latest=False).uri
+
+
+def random_head_model(seed: int):
+    """ImageNet backbone with seeded random heads: a model of fixed, reproducible quality."""
+    import torch
+
+    from supersimplenet.backbones import load_backbone_weights
+    from supersimplenet.config import ModelConfig
+    from supersimplenet.model import build_model
+
+    config = ModelConfig(backbone="efficientnet_lite0", image_size=IMAGE_SIZE, noise_std=1.0, noise_std_mode="relative")
+    torch.manual_seed(seed)
+    model = build_model(config)
+    load_backbone_weights(model.feature_extractor.backbone, config.backbone, "default")
+    return model.eval()
+
+
+def register(product: str, dataset_uri: str, model, metrics: dict[str, float]) -> str:
+    from mlflow import MlflowClient
+
+    from supersimplenet.config import to_dict
+    from ssn_platform.jobconfig import build_job_config
+    from ssn_platform.registry import log_and_register
+
+    job = build_job_config({"product": product, "dataset": dataset_uri, "model": to_dict(model.config),
+                            "train": {"epochs": 1, "batch_size": 8}, "scaling": {"num_workers": 1}})
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(job.experiment_name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(job.experiment_name)
+    run = client.create_run(experiment_id, run_name=f"test-{uuid.uuid4().hex[:6]}")
+    version = log_and_register(job, model, run_id=run.info.run_id, metrics=metrics, provenance="test")
+    client.set_terminated(run.info.run_id)
+    return version
+
+
+@pytest.fixture(scope="module")
+def setup(live_stack, weld_root, tmp_path_factory):
+    """Product with v1 (better), v2 (worse) evaluated on the test split, and v3 never evaluated; none calibrated."""
+    from ssn_platform.datasets import DatasetReader
+    from ssn_platform.promotion import evaluate_model
+
+    uri = ingest_with_val(weld_root, tmp_path_factory.mktemp("split"))
+    root, samples = DatasetReader(uri).materialize()
+    test = [s for s in samples if s.split == "test"]
+    good, bad = random_head_model(0), random_head_model(1)
+    good_metrics, bad_metrics = evaluate_model(good, root, test), evaluate_model(bad, root, test)
+    assert good_metrics[METRIC] >= FLOOR and good_metrics[METRIC] > bad_metrics[METRIC] + 0.05, (
+        f"test premise: seed 0 must beat seed 1 clearly on {METRIC}: {good_metrics[METRIC]} vs {bad_metrics[METRIC]}")
+    product = f"weld-promo-{uuid.uuid4().hex[:6]}"
+    versions = {
+        "good": register(product, uri, good, good_metrics),
+        "bad": register(product, uri, bad, bad_metrics),
+        "unevaluated": register(product, uri, good, {}),
+    }
+    return {"product": product, "name": f"ssn-{product}", "uri": uri, "versions": versions,
+            "metrics": {"good": good_metrics, "bad": bad_metrics}}
+
+
+def _aliases(name: str) -> dict[str, str]:
+    from mlflow import MlflowClient
+
+    return {k: str(v) for k, v in (MlflowClient().get_registered_model(name).aliases or {}).items()}
+
+
+def _decision_runs(product: str, candidate: str) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(f"ssn-{product}-promotions")
+    assert experiment is not None, "no promotions experiment"
+    return client.search_runs([experiment.experiment_id],
+                              filter_string=f"tags.`ssn.candidate_version` = '{candidate}'",
+                              order_by=["attributes.start_time DESC"])
+
+
+def test_uncalibrated_or_unevaluated_versions_are_never_promoted(setup):
+    from mlflow import MlflowClient
+
+    from ssn_platform.promotion import promote
+    from ssn_platform.thresholds import calibrate_version
+
+    product, name, versions = setup["product"], setup["name"], setup["versions"]
+    decision = promote(product, versions["good"], metric=METRIC, floor=FLOOR)
+    assert not decision.promoted and "no calibrated threshold" in decision.reason
+    assert not decision.candidate_metrics  # refused before any evaluation
+    assert "champion" not in _aliases(name)
+    tags = MlflowClient().get_model_version(name, versions["good"]).tags
+    assert tags["promotion_decision"] == "refused" and "threshold" in tags["promotion_reason"]
+    runs = _decision_runs(product, versions["good"])
+    assert runs and runs[0].data.tags["ssn.decision"] == "refused"
+
+    calibrate_version(product, versions["unevaluated"])
+    decision = promote(product, versions["unevaluated"], metric=METRIC, floor=FLOOR)
+    assert not decision.promoted and "never evaluated" in decision.reason
+    assert "champion" not in _aliases(name)
+
+
+def test_promote_refuse_a_worse_version_and_roll_back(setup):
+    from mlflow import MlflowClient
+
+    from ssn_platform.promotion import PromotionError, promote, rollback
+    from ssn_platform.thresholds import calibrate_version
+
+    product, name, versions = setup["product"], setup["name"], setup["versions"]
+    good, bad = versions["good"], versions["bad"]
+    client = MlflowClient()
+    calibrate_version(product, good)
+    calibrate_version(product, bad)
+    client.set_registered_model_tag(name, "primary_metric", METRIC)  # the product's metric, read by promote
+
+    first = promote(product, good, floor=FLOOR)
+    assert first.metric == METRIC
+    assert first.promoted, first.reason
+    assert first.champion_version is None and "first champion" in first.reason
+    assert first.candidate_metrics[METRIC] == pytest.approx(setup["metrics"]["good"][METRIC], abs=1e-9)
+    assert _aliases(name) == {"champion": good}
+    run = client.get_run(first.run_id)
+    assert run.data.metrics[f"candidate_{METRIC}"] == pytest.approx(first.candidate_metrics[METRIC])
+    assert run.data.tags["ssn.decision"] == "promoted"
+    import mlflow
+
+    recorded = json.loads(mlflow.artifacts.load_text(f"runs:/{first.run_id}/decision.json"))
+    assert recorded["promoted"] is True and recorded["candidate_version"] == good
+
+    worse = promote(product, bad, floor=FLOOR)
+    assert not worse.promoted and "worse than champion" in worse.reason
+    assert worse.champion_version == good
+    # the same code on the same data: the champion's metrics now equal its own as a candidate
+    assert worse.champion_metrics[METRIC] == pytest.approx(first.candidate_metrics[METRIC], abs=1e-9)
+    assert worse.candidate_metrics[METRIC] == pytest.approx(setup["metrics"]["bad"][METRIC], abs=1e-9)
+    assert _aliases(name) == {"champion": good}
+    run = client.get_run(worse.run_id)
+    assert {f"candidate_{METRIC}", f"champion_{METRIC}"} <= set(run.data.metrics)
+    assert client.get_model_version(name, bad).tags["promotion_decision"] == "refused"
+
+    floor = promote(product, bad, margin=1.0, floor=0.99)
+    assert not floor.promoted and "below the floor" in floor.reason
+
+    forced = promote(product, bad, margin=1.0, floor=0.0)  # a lenient policy lets it through
+    assert forced.promoted, forced.reason
+    assert _aliases(name) == {"champion": bad, "previous": good}
+
+    back = rollback(product)
+    assert (back.champion_version, back.previous_version) == (good, bad)
+    assert _aliases(name) == {"champion": good, "previous": bad}
+
+    again = promote(product, good, floor=FLOOR)
+    assert not again.promoted and "already the champion" in again.reason
+
+    client.create_registered_model(f"ssn-{product}-solo")
+    with pytest.raises(PromotionError, match="no 'previous' alias"):
+        rollback(f"{product}-solo")
+
+
+def test_promote_job(setup):
+    from ssn_platform.training import check_mlflow
+
+    check_mlflow()
+    product, name, versions = setup["product"], setup["name"], setup["versions"]
+    env = os.environ.copy()
+    before = _aliases(name)
+    assert before.get("champion") == versions["good"], "runs after test_promote_refuse_a_worse_version_and_roll_back"
+
+    refused = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "promote.py"), "--product", product, "--version", versions["bad"],
+         "--metric", METRIC, "--floor", str(FLOOR), "--margin", "0.0"],
+        capture_output=True, text=True, timeout=600, cwd=REPO, env=env,
+    )
+    assert refused.returncode == 1, refused.stderr[-3000:]
+    decision = json.loads(refused.stdout.strip().splitlines()[-1])
+    assert decision["promoted"] is False and "worse" in decision["reason"]
+    assert _aliases(name) == before
+
+    rolled = subprocess.run([sys.executable, str(REPO / "jobs" / "promote.py"), "--product", product, "--rollback"],
+                            capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert rolled.returncode == 0, rolled.stderr[-3000:]
+    assert _aliases(name) == {"champion": versions["bad"], "previous": versions["good"]}
+
+    usage = subprocess.run([sys.executable, str(REPO / "jobs" / "promote.py"), "--product", product],
+                           capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    assert usage.returncode == 2 and "--version" in usage.stderr

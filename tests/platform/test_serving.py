@@ -1,0 +1,507 @@
+"""The Ray Serve inspection app on the real local stack, over real HTTP on 127.0.0.1.
+
+Scores equal the offline `predict_images` scores, the champion switches (and rolls back) under load without a failed
+request, several products share a replica (LRU), and >= 500 generated bad requests never get a 5xx.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import random
+import struct
+import threading
+import time
+import uuid
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+pytestmark = [pytest.mark.stack, pytest.mark.heavy]
+
+IMAGE_SIZE = (128, 72)
+SETTINGS = {
+    "refresh_s": 1.0, "max_bytes": 2 * 1024 * 1024, "max_pixels": 4_000_000, "max_side": 8192,
+    "max_models_per_replica": 2, "max_batch_size": 8, "batch_wait_timeout_s": 0.01, "negative_cache_s": 2.0,
+    "torch_threads": 2,
+}
+LOAD_ALLOWANCE_S = 45.0  # a switch is served within refresh_s + one model load (download + build + warm-up)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers (shared in spirit with test_promotion / test_thresholds)
+# ---------------------------------------------------------------------------------------------------------
+def ingest_with_val(weld_root: Path, directory: Path) -> str:
+    from supersimplenet.data import read_layout
+    from ssn_platform.datasets import ingest
+
+    samples = sorted(read_layout(weld_root), key=lambda s: s.image)
+    picks = ([s for s in samples if s.split == "train"][:8]
+             + [s for s in samples if s.split == "test" and s.label == 0][:6]
+             + [s for s in samples if s.split == "test" and s.label == 1][:12])
+    split_file = directory / "split.txt"
+    split_file.write_text("".join(f"val {s.image}\n" for s in picks))
+    return ingest(weld_root, product="battery-weld", bucket="ssn", options={"split_file": str(split_file)},
+                  progress=False, update_latest=False).uri
+
+
+def random_head_model(seed: int, *, head_scale: float = 0.05):
+    """ImageNet backbone, seeded random heads; the fc is scaled so that scores spread instead of saturating."""
+    import torch
+
+    from supersimplenet.backbones import load_backbone_weights
+    from supersimplenet.config import ModelConfig
+    from supersimplenet.model import build_model
+
+    config = ModelConfig(backbone="efficientnet_lite0", image_size=IMAGE_SIZE, noise_std=1.0, noise_std_mode="relative")
+    torch.manual_seed(seed)
+    model = build_model(config)
+    load_backbone_weights(model.feature_extractor.backbone, config.backbone, "default")
+    with torch.no_grad():
+        model.classification_head.fc.weight.mul_(head_scale)
+        model.classification_head.fc.bias.zero_()
+    return model.eval()
+
+
+def register(product: str, dataset_uri: str, model, metrics: dict[str, float]) -> str:
+    from mlflow import MlflowClient
+
+    from supersimplenet.config import to_dict
+    from ssn_platform.jobconfig import build_job_config
+    from ssn_platform.registry import log_and_register
+
+    job = build_job_config({"product": product, "dataset": dataset_uri, "model": to_dict(model.config),
+                            "train": {"epochs": 1, "batch_size": 8}, "scaling": {"num_workers": 1}})
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(job.experiment_name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(job.experiment_name)
+    run = client.create_run(experiment_id, run_name=f"test-{uuid.uuid4().hex[:6]}")
+    version = log_and_register(job, model, run_id=run.info.run_id, metrics=metrics, provenance="test")
+    client.set_terminated(run.info.run_id)
+    return version
+
+
+def copy_as_champion(source_name: str, version: str, product: str, *, keep_threshold: bool = True) -> None:
+    """Registers the same logged model as the champion of another product (no upload: same artifacts)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    source = client.get_model_version(source_name, version)
+    tags = {k: v for k, v in source.tags.items() if keep_threshold or not k.startswith("threshold")}
+    client.create_registered_model(f"ssn-{product}")
+    copy = client.create_model_version(f"ssn-{product}", source=source.source, run_id=source.run_id, tags=tags,
+                                       model_id=source.source.rsplit("/", 1)[-1])
+    client.set_registered_model_alias(f"ssn-{product}", "champion", copy.version)
+
+
+def ray_address(stack) -> str:
+    if os.environ.get("SSN_RAY_ADDRESS"):
+        return os.environ["SSN_RAY_ADDRESS"]
+    ports = dict(line.split("=", 1) for line in (stack.state_dir / "ports.env").read_text().split())
+    return f"127.0.0.1:{ports['SSN_RAY_PORT']}"
+
+
+def weld_test_images(weld_root: Path, count: int = 6) -> list[Path]:
+    good = sorted((weld_root / "test" / "good").iterdir())[-count:]
+    bad = sorted((weld_root / "test" / "defective").iterdir())[-count:]
+    return [p for pair in zip(good, bad) for p in pair]
+
+
+def inspect(base: str, product: str, body: bytes, content_type: str = "image/png", **params) -> requests.Response:
+    return requests.post(f"{base}/v1/products/{product}/inspect", data=body, headers={"Content-Type": content_type},
+                         params=params, timeout=120)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The app
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def served(live_stack, weld_root, tmp_path_factory):
+    from mlflow import MlflowClient
+    from ray import serve
+
+    from ssn_platform import serving
+    from ssn_platform.datasets import DatasetReader
+    from ssn_platform.promotion import evaluate_model, promote
+    from ssn_platform.thresholds import calibrate_version
+
+    uri = ingest_with_val(weld_root, tmp_path_factory.mktemp("split"))
+    root, samples = DatasetReader(uri).materialize()
+    test = [s for s in samples if s.split == "test"]
+    product = f"weld-serve-{uuid.uuid4().hex[:6]}"
+    name = f"ssn-{product}"
+    versions = []
+    for seed in (1, 2):
+        model = random_head_model(seed)
+        versions.append(register(product, uri, model, evaluate_model(model, root, test)))
+        calibrate_version(product, versions[-1])
+    decision = promote(product, versions[0], margin=1.0, floor=0.0)
+    assert decision.promoted, decision.reason
+    MlflowClient().create_registered_model(f"ssn-{product}-idle")  # a product without a champion
+    copy_as_champion(name, versions[0], f"{product}-nothr", keep_threshold=False)  # champion without threshold
+    for suffix in ("b", "c"):
+        copy_as_champion(name, versions[0], f"{product}-{suffix}")
+
+    base = serving.deploy(SETTINGS, address=ray_address(live_stack), port=int(os.environ["SSN_SERVE_PORT"]))
+    try:
+        serving.wait_ready(base, timeout=180)
+        yield {"base": base, "product": product, "name": name, "versions": versions, "root": root}
+    finally:
+        serve.shutdown()
+
+
+def test_served_scores_equal_offline_scores(served, weld_root):
+    from PIL import Image
+
+    from supersimplenet.inference import predict_images
+    from ssn_platform.registry import load_model
+
+    base, product, version = served["base"], served["product"], served["versions"][0]
+    model, _ = load_model(f"models:/{served['name']}/{version}")
+    paths = weld_test_images(weld_root)
+    offline = {p: predict_images(model, [Image.open(p)]) for p in paths}
+
+    answers = {p: inspect(base, product, p.read_bytes(), return_map="true", return_mask="true") for p in paths}
+    with ThreadPoolExecutor(6) as pool:  # concurrent requests are batched together: same scores
+        concurrent = dict(zip(paths, pool.map(lambda p: inspect(base, product, p.read_bytes()), paths)))
+    for path in paths:
+        answer = answers[path]
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        scores, maps = offline[path]
+        assert body["model_version"] == version and body["product"] == product
+        assert abs(body["score"] - float(scores[0])) <= 1e-5, (path.name, body["score"], float(scores[0]))
+        assert abs(concurrent[path].json()["score"] - float(scores[0])) <= 1e-5
+        assert 0.0 <= body["score"] <= 1.0
+        assert body["is_anomalous"] == (body["score"] >= body["threshold"])
+        heat = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["anomaly_map_png"]))))
+        mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["mask_png"]))))
+        assert heat.shape == (*IMAGE_SIZE, 3) and mask.shape == IMAGE_SIZE and set(np.unique(mask)) <= {0, 255}
+        assert body["defect_area_percent"] == pytest.approx(100.0 * np.mean(mask > 0))
+        assert body["defect_area_percent"] == pytest.approx(100.0 * np.mean(maps[0] >= body["threshold"]), abs=0.5)
+        assert (body["image_width"], body["image_height"]) == Image.open(path).size
+        assert body["latency_ms"] > 0
+
+    from mlflow import MlflowClient
+
+    threshold = float(MlflowClient().get_model_version(served["name"], version).tags["threshold"])
+    assert answers[paths[0]].json()["threshold"] == threshold
+    assert len({answers[p].json()["score"] for p in paths}) > 1  # the scores are not saturated
+
+    # the other formats and multipart: decoded by the same code as offline
+    image = Image.open(paths[1])
+    for fmt, content_type in (("JPEG", "image/jpeg"), ("BMP", "image/bmp"), ("TIFF", "image/tiff")):
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format=fmt)
+        expected = float(predict_images(model, [Image.open(io.BytesIO(buffer.getvalue()))])[0][0])
+        answer = inspect(base, product, buffer.getvalue(), content_type)
+        assert answer.status_code == 200, answer.text
+        assert abs(answer.json()["score"] - expected) <= 1e-5, fmt
+    octet = inspect(base, product, paths[1].read_bytes(), "application/octet-stream")
+    multipart = requests.post(f"{base}/v1/products/{product}/inspect", timeout=60,
+                              files={"image": (paths[1].name, paths[1].read_bytes(), "image/png")})
+    for answer in (octet, multipart):
+        assert answer.status_code == 200, answer.text
+        assert abs(answer.json()["score"] - float(offline[paths[1]][0][0])) <= 1e-5
+
+
+def test_products_health_and_docs(served):
+    base, product = served["base"], served["product"]
+    listing = requests.get(f"{base}/v1/products", timeout=30).json()["products"]
+    entry = {p["product"]: p for p in listing}[product]
+    assert entry["champion_version"] == served["versions"][0] and entry["registered_model"] == served["name"]
+    assert f"{product}-idle" not in {p["product"] for p in listing}  # no champion: not served
+    assert requests.get(f"{base}/healthz", timeout=30).json()["status"] == "ok"
+    ready = requests.get(f"{base}/readyz", timeout=30)
+    assert ready.status_code == 200 and ready.json()["settings"]["refresh_s"] == SETTINGS["refresh_s"]
+    schema = requests.get(f"{base}/openapi.json", timeout=30).json()
+    assert "/v1/products/{product}/inspect" in schema["paths"]
+    body = schema["paths"]["/v1/products/{product}/inspect"]["post"]["requestBody"]["content"]
+    assert {"image/png", "multipart/form-data"} <= set(body)
+    docs = requests.get(f"{base}/docs", timeout=30)
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+def _alias_moved_at(name: str, version: str, *, timeout: float = 300.0) -> dict:
+    """Starts a thread that notes (monotonic time) when the champion alias of `name` becomes `version`."""
+    from mlflow import MlflowClient
+
+    result: dict = {}
+
+    def watch() -> None:
+        client = MlflowClient()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            before = time.monotonic()
+            if str((client.get_registered_model(name).aliases or {}).get("champion")) == version:
+                result["at"] = before  # moved at or before the start of this successful poll
+                return
+            time.sleep(0.1)
+
+    result["thread"] = threading.Thread(target=watch, daemon=True)
+    result["thread"].start()
+    return result
+
+
+def test_champion_switch_and_rollback_under_load(served, weld_root):
+    from ssn_platform.promotion import promote, rollback
+
+    base, product, name = served["base"], served["product"], served["name"]
+    first, second = served["versions"]
+    images = [p.read_bytes() for p in weld_test_images(weld_root, 2)]
+    log: list[tuple[float, float, int | None, str | None]] = []  # sent, received, status, version
+    stop = threading.Event()
+
+    def client(offset: int) -> None:
+        session = requests.Session()
+        i = offset
+        while not stop.is_set():
+            sent = time.monotonic()
+            try:
+                answer = session.post(f"{base}/v1/products/{product}/inspect", data=images[i % len(images)],
+                                      headers={"Content-Type": "image/png"}, timeout=120)
+                version = answer.json().get("model_version") if answer.status_code == 200 else answer.text[:200]
+                log.append((sent, time.monotonic(), answer.status_code, version))
+            except requests.RequestException as error:
+                log.append((sent, time.monotonic(), None, repr(error)))
+            i += 1
+
+    def first_answer(version: str, after: float, deadline_s: float) -> tuple[float, float]:
+        """(sent, received) of the first request sent after `after` that `version` answered."""
+        deadline = time.monotonic() + deadline_s
+        while time.monotonic() < deadline:
+            hits = [(sent, received) for sent, received, status, v in list(log)
+                    if status == 200 and v == version and sent >= after]
+            if hits:
+                return min(hits)
+            time.sleep(0.1)
+        raise AssertionError(f"version {version} not served within {deadline_s:.0f}s")
+
+    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(2.0)
+        watch = _alias_moved_at(name, second)
+        decision = promote(product, second, margin=1.0, floor=0.0)  # evaluates both, then moves the alias
+        assert decision.promoted, decision.reason
+        watch["thread"].join(timeout=60)
+        moved = watch["at"]
+        switched = first_answer(second, moved, SETTINGS["refresh_s"] + LOAD_ALLOWANCE_S)
+        time.sleep(2.0)
+        watch_back = _alias_moved_at(name, first)
+        assert rollback(product).champion_version == first
+        watch_back["thread"].join(timeout=60)
+        moved_back = watch_back["at"]
+        switched_back = first_answer(first, moved_back, SETTINGS["refresh_s"] + LOAD_ALLOWANCE_S)
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=150)
+
+    failures = [entry for entry in log if entry[2] != 200]
+    assert not failures, failures[:5]
+    assert len(log) >= 10
+    # One replica swaps once per move: requests answered before the alias moved got the old version; requests
+    # sent after the new version first answered get the new one (until the rollback moved the alias back).
+    assert {v for _, received, _, v in log if received < moved} == {first}
+    assert {v for sent, received, _, v in log if sent > switched[1] and received < moved_back} == {second}
+    assert {v for sent, _, _, v in log if sent > switched_back[1]} == {first}
+    assert switched[0] - moved <= SETTINGS["refresh_s"] + LOAD_ALLOWANCE_S, switched[0] - moved
+    # a recently served version is kept loaded: rolling back to it needs no download
+    assert switched_back[0] - moved_back <= SETTINGS["refresh_s"] + 10.0, switched_back[0] - moved_back
+
+
+def test_several_products_share_a_replica_lru(served, weld_root):
+    base, product = served["base"], served["product"]
+    body = weld_test_images(weld_root, 1)[0].read_bytes()
+    for name in (product, f"{product}-b", f"{product}-c"):
+        answer = inspect(base, name, body)
+        assert answer.status_code == 200, answer.text
+    loaded = requests.get(f"{base}/healthz", timeout=30).json()["loaded"]
+    assert set(loaded) == {f"{product}-b", f"{product}-c"}  # max_models_per_replica 2: the oldest is evicted
+    assert inspect(base, product, body).status_code == 200  # and loaded again on demand
+    loaded = requests.get(f"{base}/healthz", timeout=30).json()["loaded"]
+    assert set(loaded) == {f"{product}-c", product}
+    answer = inspect(base, f"{product}-nothr", body)
+    assert answer.status_code == 409 and answer.json()["error"]["code"] == "no_threshold"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fuzz: bad requests never get a 5xx
+# ---------------------------------------------------------------------------------------------------------
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height (valid CRCs, a few bytes of pixel data)."""
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + _chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + _chunk(b"IEND", b""))
+
+
+def bmp_claiming(width: int, height: int) -> bytes:
+    header = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0, 2835, 2835, 0, 0)
+    return b"BM" + struct.pack("<IHHI", 14 + len(header) + 16, 0, 0, 14 + len(header)) + header + b"\x00" * 16
+
+
+def tiff_claiming(width: int, height: int) -> bytes:
+    entries = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
+               (273, 4, 1, 8), (277, 3, 1, 1), (278, 4, 1, height), (279, 4, 1, min(width * height, 2**32 - 1))]
+    packed = [struct.pack("<HHII", tag, kind, count, value) if kind == 4
+              else struct.pack("<HHIHH", tag, kind, count, value, 0) for tag, kind, count, value in entries]
+    ifd = struct.pack("<H", len(entries)) + b"".join(packed) + struct.pack("<I", 0)
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + b"\x00" * 32
+
+
+def jpeg_claiming(jpeg: bytes, width: int, height: int) -> bytes:
+    at = jpeg.find(b"\xff\xc0")
+    assert at > 0, "no baseline SOF marker"
+    return jpeg[:at + 5] + struct.pack(">HH", height, width) + jpeg[at + 9:]
+
+
+def multipart(parts: list[tuple[str, bytes]], boundary: str = "ssnfuzzboundary", *, close: bool = True) -> bytes:
+    out = b"".join(
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"x.png\"\r\n"
+        f"Content-Type: image/png\r\n\r\n".encode() + data + b"\r\n" for name, data in parts)
+    return out + (f"--{boundary}--\r\n".encode() if close else b"")
+
+
+def bad_requests(base: str, product: str, real_png: bytes, rng: random.Random) -> list[tuple[str, str, str, dict, bytes]]:
+    """(category, method, url, headers, body): >= 500 requests that are all wrong in some way."""
+    from PIL import Image
+
+    inspect_url = f"{base}/v1/products/{product}/inspect"
+    image = Image.open(io.BytesIO(real_png)).convert("RGB")
+    encoded = {}
+    for fmt in ("JPEG", "BMP", "TIFF", "GIF", "WEBP"):
+        buffer = io.BytesIO()
+        image.save(buffer, format=fmt)
+        encoded[fmt] = buffer.getvalue()
+    bomb = io.BytesIO()
+    Image.new("L", (2100, 2100)).save(bomb, format="PNG")  # 4.4 Mpx of zeros in a few KB
+    max_bytes = SETTINGS["max_bytes"]
+    png = {"Content-Type": "image/png"}
+    out: list[tuple[str, str, str, dict, bytes]] = []
+
+    def add(category, body, headers=png, url=inspect_url, method="POST"):
+        out.append((category, method, url, dict(headers), body))
+
+    for _ in range(90):
+        add("random_bytes", rng.randbytes(rng.randint(1, 5000)),
+            {"Content-Type": rng.choice(["image/png", "image/jpeg", "application/octet-stream", "image/tiff"])})
+    image_data_end = real_png.rfind(b"IEND") - 16  # cut inside the pixel data (a missing IEND alone still decodes)
+    for _ in range(70):
+        add("truncated_png", real_png[:rng.randint(1, image_data_end)])
+    for fmt, content_type in (("JPEG", "image/jpeg"), ("BMP", "image/bmp"), ("TIFF", "image/tiff")):
+        data = encoded[fmt]
+        for _ in range(25):
+            add(f"truncated_{fmt.lower()}", data[:rng.randint(1, len(data) - 1)], {"Content-Type": content_type})
+    for _ in range(40):
+        corrupt = bytearray(real_png)
+        for _ in range(rng.randint(1, 20)):
+            corrupt[rng.randrange(8, len(corrupt))] = rng.randrange(256)  # keeps the signature, breaks CRCs
+        add("corrupt_png", bytes(corrupt))
+    for _ in range(15):
+        add("zero_bytes", b"", {"Content-Type": rng.choice(["image/png", "application/octet-stream"])})
+    for size in (100_000, 65_535, 30_000, 5_000, 2_001):
+        add("huge_png_header", png_claiming(size, size))
+        add("long_png_header", png_claiming(size, 1))
+        add("huge_bmp_header", bmp_claiming(size, size), {"Content-Type": "image/bmp"})
+        add("huge_tiff_header", tiff_claiming(size, size), {"Content-Type": "image/tiff"})
+        add("huge_jpeg_header", jpeg_claiming(encoded["JPEG"], min(size, 65_535), min(size, 65_535)),
+            {"Content-Type": "image/jpeg"})
+    for _ in range(5):
+        add("decompression_bomb", bomb.getvalue())
+    for extra in (1, 1000, max_bytes // 2):
+        add("oversized_body", rng.randbytes(max_bytes + extra))
+    add("oversized_multipart", multipart([("image", rng.randbytes(max_bytes + 100))]),
+        {"Content-Type": "multipart/form-data; boundary=ssnfuzzboundary"})
+    for content_type in ("text/plain", "application/json", "image/gif", "image/webp", "text/html; charset=utf-8",
+                         "application/x-www-form-urlencoded", "video/mp4", "image/svg+xml", "*/*", "garbage"):
+        add("wrong_content_type", real_png, {"Content-Type": content_type})
+    for _ in range(10):
+        add("missing_content_type", real_png, {})
+    add("gif_as_png", encoded["GIF"])
+    add("webp_as_png", encoded["WEBP"])
+    for _ in range(10):
+        add("text_as_png", rng.choice([b"hello", b"<svg></svg>", b"{\"image\": 1}", b"GIF89a" + b"\x00" * 20]))
+    for _ in range(90):
+        alphabet = "abcdefghijklmnopqrstuvwxyz0123456789-_."
+        name = rng.choice("abcdefghijklmnopqrstuvwxyz") + "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        add("unknown_product", real_png, url=f"{base}/v1/products/{name}/inspect")
+    for name in ("%2e%2e", "a%20b", "%C3%A9t%C3%A9", "x" * 150, "-leading", ".hidden", "a%2Fb", "%00", "%ff%fe"):
+        add("invalid_product_name", real_png, url=f"{base}/v1/products/{name}/inspect")
+    for _ in range(10):
+        add("no_champion", real_png, url=f"{base}/v1/products/{product}-idle/inspect")
+    boundary_header = {"Content-Type": "multipart/form-data; boundary=ssnfuzzboundary"}
+    for _ in range(3):
+        add("multipart_no_boundary", multipart([("image", real_png)]), {"Content-Type": "multipart/form-data"})
+        add("multipart_wrong_boundary", multipart([("image", real_png)], "otherboundary"), boundary_header)
+        add("multipart_not_closed", multipart([("image", real_png)], close=False), boundary_header)
+        add("multipart_missing_field", multipart([("file", real_png)]), boundary_header)
+        add("multipart_two_images", multipart([("image", real_png), ("image", real_png)]), boundary_header)
+        add("multipart_empty_image", multipart([("image", b"")]), boundary_header)
+        add("multipart_not_an_image", multipart([("image", rng.randbytes(300))]), boundary_header)
+        add("multipart_truncated", multipart([("image", real_png)])[:rng.randint(10, 400)], boundary_header)
+        add("multipart_garbage", rng.randbytes(500), boundary_header)
+        add("multipart_no_headers", b"--ssnfuzzboundary\r\n\r\n" + real_png + b"\r\n--ssnfuzzboundary--\r\n",
+            boundary_header)
+        add("multipart_bad_header", b"--ssnfuzzboundary\r\nno colon here\r\n\r\nxx\r\n--ssnfuzzboundary--\r\n",
+            boundary_header)
+        add("multipart_long_boundary", multipart([("image", real_png)], "b" * 300),
+            {"Content-Type": "multipart/form-data; boundary=" + "b" * 300})
+    for value in ("maybe", "2", "", "yes please"):
+        add("bad_query", real_png, url=f"{inspect_url}?return_map={value}")
+        add("bad_query", real_png, url=f"{inspect_url}?return_mask={value}")
+    for method in ("GET", "PUT", "DELETE", "PATCH"):
+        for _ in range(3):
+            add("wrong_method", real_png, method=method)
+    for path in ("/v1/products/x", "/v1/inspect", "/v2/products/x/inspect", "/", "/v1/products/x/inspect/extra"):
+        add("unknown_route", real_png, url=f"{base}{path}")
+    return out
+
+
+def test_fuzz_bad_requests_never_get_a_5xx(served, weld_root):
+    base, product = served["base"], served["product"]
+    real_png = weld_test_images(weld_root, 1)[0].read_bytes()
+    cases = bad_requests(base, product, real_png, random.Random(20261129))
+    assert len(cases) >= 500
+
+    def send(case):
+        category, method, url, headers, body = case
+        try:
+            answer = requests.request(method, url, headers=headers, data=body, timeout=120)
+        except requests.RequestException as error:
+            return category, None, repr(error)
+        return category, answer.status_code, answer.text if answer.status_code != 200 else ""
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(send, cases))
+    server_errors = [r for r in results if r[1] is None or r[1] >= 500]
+    assert not server_errors, server_errors[:10]
+    by_category: dict[str, set[int]] = {}
+    for category, status, _ in results:
+        by_category.setdefault(category, set()).add(status)
+    for category, statuses in by_category.items():
+        if category == "corrupt_png":  # a flipped byte in pixel data can still decode: a 200 is fine there
+            continue
+        assert all(400 <= s < 500 for s in statuses), (category, statuses)
+    for category, status, text in results:
+        if status != 200:
+            assert "error" in json.loads(text), (category, text)  # a JSON error body
+    assert by_category["huge_png_header"] == {413} and by_category["decompression_bomb"] == {413}
+    assert by_category["oversized_body"] == {413} and by_category["unknown_product"] == {404}
+    assert by_category["no_champion"] == {404} and by_category["zero_bytes"] == {400}
+    assert by_category["wrong_content_type"] == {415} and by_category["wrong_method"] == {405}
+
+    assert requests.get(f"{base}/healthz", timeout=30).json()["status"] == "ok"
+    answer = inspect(base, product, real_png)
+    assert answer.status_code == 200, answer.text
