@@ -1,6 +1,6 @@
 """Serving benchmark: requests/s and p50/p95/p99 latency of the inspection endpoint, batching on and off.
 
-    eval "$(infra/local/stack env)"; export SSN_RAY_ADDRESS=127.0.0.1:6379
+    eval "$(infra/local/stack env)"                            # MLflow, RAY_ADDRESS (GCS), SSN_SERVE_PORT
     python bench/bench_serving.py                              # product bench-demo (registered on first use)
     python bench/bench_serving.py --product battery-weld --clients 1 4 16 --requests 300
 
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=200, help="answers per run (default 200)")
     parser.add_argument("--max-seconds", type=float, default=90.0, help="time limit per run (default 90)")
     parser.add_argument("--warmup", type=int, default=10, help="requests before each configuration")
-    parser.add_argument("--address", default=None, help="Ray GCS address (default SSN_RAY_ADDRESS)")
+    parser.add_argument("--address", default=None, help="Ray GCS address (default SSN_RAY_ADDRESS / RAY_ADDRESS)")
     parser.add_argument("--port", type=int, default=None, help="Serve HTTP port (default SSN_SERVE_PORT or 8000)")
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)

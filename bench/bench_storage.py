@@ -36,7 +36,7 @@ def _free_block(count: int) -> int:
     for _ in range(200):
         base = random.randrange(30000, 31900 - count)
         ok = True
-        for p in range(base, base + count):
+        for p in [*range(base, base + count), base + 4 + 10000]:  # + SeaweedFS's admin gRPC port
             with socket.socket() as s:
                 try:
                     s.bind(("127.0.0.1", p))

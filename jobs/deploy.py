@@ -4,7 +4,8 @@
     python jobs/deploy.py --set refresh_s=2 --set batching=false
     python jobs/deploy.py --delete
 
-Connects to the cluster (``--address``, else SSN_RAY_ADDRESS), starts Serve with HTTP on 127.0.0.1:SSN_SERVE_PORT
+Connects to the cluster (``--address``, else SSN_RAY_ADDRESS or RAY_ADDRESS: the GCS address the local stack's
+``env`` exports), starts Serve with HTTP on 127.0.0.1:SSN_SERVE_PORT
 (``--host``/``--port``), deploys ``ssn_platform.serving:build_app`` with the ``args`` of the config file's first
 application plus ``--set key=value`` overrides, waits until ``/readyz`` answers and prints the URLs as JSON.
 The application keeps running after this script exits (Serve is detached); ``--delete`` removes it. The replicas
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="Serve config file (its args are used)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting of ssn_platform.serving.ServeSettings")
-    parser.add_argument("--address", default=None, help="Ray cluster (GCS) address; default SSN_RAY_ADDRESS")
+    parser.add_argument("--address", default=None, help="Ray cluster (GCS) address; default SSN_RAY_ADDRESS, else RAY_ADDRESS")
     parser.add_argument("--host", default="127.0.0.1", help="HTTP host of the Serve proxy (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="HTTP port (default SSN_SERVE_PORT or 8000)")
     parser.add_argument("--name", default=None, help="application name (default: the config's, else ssn)")

@@ -2,6 +2,7 @@
 
     python jobs/train.py --config jobs/configs/battery_weld.yaml [key=value ...]
     ray job submit --working-dir . -- python jobs/train.py --config jobs/configs/battery_weld.yaml train.epochs=50
+    python jobs/train.py --config jobs/configs/battery_weld.yaml --tuned s3://ssn/tuned/battery-weld/efficientnet_lite0.yaml
     python jobs/train.py --smoke-test          # ingests a tiny generated dataset, trains 1 epoch with 2 workers
 
 Overrides use dotted keys and YAML values (`scaling.num_workers=2 model.noise_std=0.5`). Submitting again with the
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML job config (jobs/configs/*.yaml)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: SSN_RAY_ADDRESS or auto)")
     parser.add_argument("--smoke-test", action="store_true", help="tiny end-to-end run on a generated dataset")
+    parser.add_argument("--tuned", default=None,
+                        help="tuned settings written by jobs/tune.py (s3:// URI or file); overrides still win")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args(argv)
 
@@ -50,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     if config is None:
         parser.error("--config is required (or --smoke-test)")
     try:
+        if args.tuned:
+            from ssn_platform.tuning import tuned_settings_overrides
+
+            base = load_job_config(config, overrides)
+            tuned = tuned_settings_overrides(args.tuned, backbone=base.model.backbone, product=base.product)
+            overrides = [*tuned, *overrides]
         job = load_job_config(config, overrides)
         result = run_training(job, address=args.address)
     except (ConfigError, PlatformError) as error:

@@ -48,7 +48,7 @@ class _Exportable(nn.Module):
 
 def _prepare(model: nn.Module, fast: bool) -> nn.Module:
     if isinstance(model, FastSuperSimpleNet):
-        if model.dtype != torch.float32:
+        if model.dtype != torch.float32 or model.backbone_dtype != torch.float32:
             raise ValueError("only float32 fast models can be exported to ONNX")
         return model.eval()
     if not isinstance(model, SuperSimpleNet):

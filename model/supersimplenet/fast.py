@@ -1,29 +1,34 @@
 """Inference-only fast path of SuperSimpleNet: the same outputs as `SuperSimpleNet.eval()(x)`, computed cheaper.
 
+    fast = FastSuperSimpleNet.from_model(model)                        # fp32, equal to the reference within ~1e-5
+    fast = FastSuperSimpleNet.from_model(model, dtype=torch.bfloat16)  # bf16 (see BF16_BACKBONES)
+    out = fast(normalised_images)                                      # InferenceOutput(anomaly_map, score)
+
 Every trick is an exact rewrite of the reference computation (equal up to floating-point rounding):
 
-1. BatchNorm folding. Each BatchNorm of the frozen backbone, and those of both heads, is folded into the convolution
-   that feeds it (w' = w * g / sqrt(v + eps), b' = (b - m) * g / sqrt(v + eps) + beta), computed in float64.
-2. The adaptor is never run. It is a 1x1 convolution, so it folds into every linear layer that reads A: into the
-   segmentation head's first 1x1 convolution in both versions (W' = W_seg @ W_ad, b' = W_seg @ b_ad + b_seg), and in
-   ICPR mode also into the classification convolution (tap by tap, W'_t = W_t @ W_ad). The ICPR bias b_ad sits under
-   the 5x5 convolution's zero padding, so it becomes a fixed bias *map* (larger inside than at the borders).
-3. Low-resolution heads (``heads="separable"``, the default). The pooled features are
-   F = P(U(l2)) (+) P(U(l3)): a bilinear upscale U (align_corners=True) and the 3x3 average pool P
-   (count_include_pad) act on every channel alike, and both are separable (a matrix along H times one along W). A
-   channel-mixing layer therefore commutes with them: the seg head's first convolution is computed on the stride-8
-   and stride-16 maps (4x and 16x fewer positions) and only its 1024-channel result is brought to the feature size,
-   by two small matrix products. The classification head's 5x5 convolution is 25 channel projections (one per tap)
-   followed by 25 zero-padded shifts; a shift is a matrix too, so "project at low resolution, then upscale, pool and
-   shift" becomes two more matrix products per level, with the shift matrices stacked along the contraction.
-   F, A and the 1537-channel concatenation are never materialised. For WRN50 at 256x256 this cuts the heads from
-   about 36 to about 4 GMAC per image. ``heads="folded"`` keeps the reference layout (F materialised, direct 5x5
-   convolution) with only tricks 1-2, as a baseline.
-4. channels_last for the backbone, `torch.inference_mode`, optional bfloat16 weights and activations (the map
-   post-processing, i.e. upsample, blur and sigmoid, and the final linear layer always run in float32).
+1. BatchNorm folding. Each BatchNorm of the frozen backbone (found by tracing which convolution feeds it), and
+   those of both heads, is folded into its convolution: w' = w * g / sqrt(v + eps), b' = (b - m) * g / sqrt(v + eps)
+   + beta, computed in float64.
+2. Adaptor folding. The adaptor is a 1x1 convolution, so it folds into the linear layer after it:
+   W' = W_seg @ W_ad, b' = W_seg @ b_ad + b_seg for the segmentation head's first convolution. In JIMS mode
+   (`adapt_cls_features=False`) the classification head reads raw features, so the adaptor never runs. In ICPR mode
+   the separable heads (3.) fold it into the classification convolution too, tap by tap (W'_t = W_t @ W_ad; the bias
+   b_ad under the 5x5 convolution's zero padding becomes a fixed bias map); the folded heads run it once.
+3. Low-resolution heads (``heads="separable"``). The pooled features are F = P(U(l2)) (+) P(U(l3)): the bilinear
+   upscale U (align_corners=True) and the 3x3 average pool P (count_include_pad) act on every channel alike, so a
+   channel-mixing layer commutes with them. The segmentation head's first convolution is computed on the stride-8
+   and stride-16 maps (4x and 16x fewer positions) and only its result is upscaled and pooled. The classification
+   head's 5x5 convolution is 25 channel projections (one per tap) followed by 25 zero-padded shifts; U, P and the
+   shifts are separable matrices, so "project at low resolution, then upscale, pool and shift" is two small matrix
+   products per level, the shifts stacked along the contraction. F, A and the 1537-channel concatenation are never
+   materialised: for WRN50 at 256x256 the heads drop from about 36 to about 4 GMAC per image. ``heads="folded"``
+   keeps the reference layout (F materialised, direct convolutions) with 1.-2. only; it is faster when F is thin
+   (EfficientNet-Lite0: 152 channels). ``heads="auto"`` (the default) chooses by channel count.
+4. channels_last, `torch.inference_mode`, optional bfloat16 (the map post-processing, i.e. upsample, separable blur
+   and sigmoid, and the final linear layer always run in float32).
 
-Anything whose result the reference throws away is skipped: the adaptor output in JIMS mode, F itself, the
-backbone stages after stride 16 (already cut by `build_feature_extractor`).
+Work whose result the reference throws away is skipped: the adaptor output in JIMS mode, F itself in separable
+mode, the backbone stages after stride 16 (already cut by `build_feature_extractor`).
 """
 
 from __future__ import annotations
@@ -43,6 +48,11 @@ HeadsMode = Literal["auto", "separable", "folded"]
 # 3x for WRN50's 1536 channels and lose 1.3x for EfficientNet-Lite0's 152, where F is small and the direct
 # convolutions are already cheap).
 SEPARABLE_MIN_CHANNELS = 512
+
+# Backbones whose features survive bfloat16. EfficientNet-Lite0's depthwise stack loses about 12 % of its feature
+# norm in bf16 (weld test split: pixel AUROC 74.6 -> 65.6), so with dtype=bfloat16 its backbone stays float32 unless
+# asked otherwise; its heads, most of its FLOPs, still run in bf16. WRN50 keeps its features within about 0.1 %.
+BF16_BACKBONES = frozenset({"wide_resnet50"})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -183,7 +193,7 @@ class FastSuperSimpleNet(nn.Module):
 
     Attributes:
         heads: "separable" (low-resolution heads) or "folded" (reference layout, folded weights).
-        dtype: compute dtype of the backbone and heads (float32 or bfloat16).
+        dtype: compute dtype of the heads (float32 or bfloat16); backbone_dtype: that of the backbone.
         channels_last: run the backbone in channels_last memory format.
     """
 
@@ -201,6 +211,7 @@ class FastSuperSimpleNet(nn.Module):
         dtype: torch.dtype = torch.float32,
         channels_last: bool = True,
         heads: HeadsMode = "auto",
+        backbone_dtype: torch.dtype | None = None,
     ) -> "FastSuperSimpleNet":
         """Folds a (trained) reference model into a fast inference model. The reference is left untouched.
 
@@ -210,15 +221,21 @@ class FastSuperSimpleNet(nn.Module):
             channels_last: run the backbone and the convolutions in channels_last memory format.
             heads: "separable" (low-resolution heads), "folded" (reference layout) or "auto" (separable from
                 `SEPARABLE_MIN_CHANNELS` backbone channels on).
+            backbone_dtype: dtype of the backbone alone. Default: `dtype`, except float32 for backbones not in
+                `BF16_BACKBONES` (then only the heads run in bf16).
         """
         if heads not in ("auto", "separable", "folded"):
             raise ValueError(f"heads must be 'auto', 'separable' or 'folded', got {heads!r}")
-        if dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+        if backbone_dtype is None:
+            backbone_dtype = dtype if model.config.backbone in BF16_BACKBONES else torch.float32
+        for value in (dtype, backbone_dtype):
+            if value not in (torch.float32, torch.bfloat16):
+                raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {value}")
         self = cls()
         config = model.config
         self.config = config
         self.dtype = dtype
+        self.backbone_dtype = backbone_dtype
         self.channels_last = channels_last
         self.icpr = bool(config.adapt_cls_features)
         device = next(model.parameters()).device
@@ -227,7 +244,7 @@ class FastSuperSimpleNet(nn.Module):
         backbone, self.folded_batchnorms = fold_backbone_batchnorm(model.feature_extractor.backbone, example)
         if channels_last:
             backbone = backbone.to(memory_format=torch.channels_last)
-        self.backbone = backbone.to(dtype)
+        self.backbone = backbone.to(backbone_dtype)
         self.level_channels = [int(c) for c in model.feature_extractor.backbone.feature_info.channels()]
         channels = sum(self.level_channels)
         if heads == "auto":
@@ -351,10 +368,12 @@ class FastSuperSimpleNet(nn.Module):
     def run(self, images: torch.Tensor) -> InferenceOutput:
         """`forward` without inference_mode (for tracing and ONNX export)."""
         size = tuple(images.shape[-2:])
-        x = images.to(self.dtype)
+        x = images.to(self.backbone_dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         levels = self.backbone(x)
+        if self.backbone_dtype != self.dtype:
+            levels = [level.to(self.dtype) for level in levels]
         if self.heads == "separable":
             map_logits, hidden_max, hidden_mean = self._separable_heads(levels)
         else:
@@ -368,7 +387,7 @@ class FastSuperSimpleNet(nn.Module):
         (p, q) the 5x5 tap (row, column).
         """
         batch = levels[0].shape[0]
-        height, width = levels[0].shape[-2:]
+        height, width = (int(v) for v in levels[0].shape[-2:])  # python ints: fixed sizes, also when traced
         target = (2 * height, 2 * width)
         sizes = tuple((int(level.shape[-2]), int(level.shape[-1])) for level in levels)
         device = levels[0].device
@@ -430,5 +449,5 @@ def build_fast_model(model: SuperSimpleNet, **options) -> FastSuperSimpleNet:
 
 
 __all__ = [
-    "SEPARABLE_MIN_CHANNELS", "FastSuperSimpleNet", "build_fast_model", "fold_backbone_batchnorm", "fold_conv_bn", "level_operators",
+    "BF16_BACKBONES", "SEPARABLE_MIN_CHANNELS", "FastSuperSimpleNet", "build_fast_model", "fold_backbone_batchnorm", "fold_conv_bn", "level_operators",
 ]

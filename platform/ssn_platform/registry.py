@@ -102,8 +102,9 @@ def load_model(model_uri: str) -> tuple[Any, dict]:
     """Loads a logged or registered model back as a SuperSimpleNet module (eval mode) and its metadata."""
     import mlflow
 
-    local = mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri.rstrip('/')}")
-    candidates = list(Path(local).rglob("model.pt"))
-    if not candidates:
-        raise FileNotFoundError(f"{model_uri}: no SuperSimpleNet checkpoint among its artifacts")
-    return load_checkpoint(candidates[0])
+    with tempfile.TemporaryDirectory(prefix="ssn-model-") as directory:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri.rstrip("/"), dst_path=directory)
+        candidates = list(Path(local).rglob("model.pt"))
+        if not candidates:
+            raise FileNotFoundError(f"{model_uri}: no SuperSimpleNet checkpoint among its artifacts")
+        return load_checkpoint(candidates[0])  # read fully into memory before the folder goes

@@ -446,7 +446,10 @@ def champion_info(product: str) -> tuple[str, str, dict[str, str]]:
 
 
 def load_version(product: str, name: str, version: str, tags: dict[str, str], *, device: str) -> LoadedVersion:
-    """Downloads and builds one registered version, warms it up, and reads its threshold tag."""
+    """Downloads and builds one registered version, warms it up, and reads its threshold tag.
+
+    Like `ssn_platform.registry.load_model`, but the download goes to a temporary directory that is removed: a
+    long-running replica would otherwise keep one copy of the artifacts per switch."""
     import tempfile
     from pathlib import Path
 

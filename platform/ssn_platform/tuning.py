@@ -251,6 +251,7 @@ def _make_searcher_class():
         def __init__(self, *args: Any, max_t: int, search_name: str, **kwargs: Any) -> None:
             self._max_t = int(max_t)
             self._search_name = search_name
+            self._last_step: dict[str, int] = {}
             super().__init__(*args, **kwargs)
 
         def suggest(self, trial_id: str) -> dict | None:
@@ -263,12 +264,21 @@ def _make_searcher_class():
                 config = {**config, STUDY_TRIAL_KEY: ot_trial.number}
             return config
 
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            super().on_trial_result(trial_id, result)
+            self._last_step[trial_id] = int(result.get("training_iteration") or 0)
+
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             ot_trial = self._ot_trials.get(trial_id)
             if ot_trial is None or trial_id in self._completed_trials:
                 return super().on_trial_complete(trial_id, result=result, error=error)
             iterations = int((result or {}).get("training_iteration") or 0)
             ot_trial.set_user_attr("epochs_reached", iterations)
+            value = (result or {}).get(self._metric)
+            if value is not None and iterations > self._last_step.get(trial_id, 0):
+                # Tune hands a result that ends the trial (ASHA stop, max_t) to on_trial_complete only; record it
+                # as an intermediate value too, so pruned trials keep their value and rungs can be re-seeded.
+                ot_trial.report(float(value), iterations)
             stopped = not error and result is not None and self._metric in result and iterations < self._max_t
             if not stopped:
                 return super().on_trial_complete(trial_id, result=result, error=error)
@@ -350,7 +360,7 @@ def trial_driver(config: dict[str, Any], settings: dict[str, Any]) -> None:
     except BaseException as error:
         # Tune ends a trial it stops (ASHA) by ending this actor, which can surface here as an error while the
         # training is torn down; the search driver sets the final status of every child run from Tune's results.
-        client.set_tag(run_id, "ssn.tune.driver_error", type(error).__name__)
+        client.set_tag(run_id, "ssn.tune.driver_interrupted", type(error).__name__)
         raise
     client.set_terminated(run_id, status="FINISHED")
 

@@ -42,15 +42,16 @@ def _port_free(port: int) -> bool:
 
 
 def free_port_block(count: int, *, low: int = 30000, high: int = 31900) -> int:
-    """First port of ``count`` consecutive free ports on 127.0.0.1.
+    """First port of ``count`` consecutive free ports on 127.0.0.1 (and of base + 10004, see below).
 
     The range sits below Linux's ephemeral ports (32768+) and outside Ray's worker ports of the default stack
-    (20002-29999) and of the test stack (moved), so neither outgoing connections nor workers take them.
+    (20002-29999) and of the test stack (moved), so neither outgoing connections nor workers take them. SeaweedFS's
+    admin gRPC port is always its admin port (base + 4) + 10000, so that one must be free too.
     """
     rng = random.Random(os.getpid() ^ time.monotonic_ns())
     for _ in range(200):
         base = rng.randrange(low, high - count)
-        if all(_port_free(base + i) for i in range(count)):
+        if all(_port_free(base + i) for i in range(count)) and _port_free(base + 4 + 10000):
             return base
     raise RuntimeError(f"no {count} consecutive free ports between {low} and {high}")
 
@@ -63,7 +64,7 @@ def stack_port_env(base: int) -> dict[str, str]:
         "SSN_WEED_VOLUME_PORT": str(base + 2),
         "SSN_WEED_FILER_PORT": str(base + 3),
         "SSN_WEED_ADMIN_PORT": str(base + 4),
-        "SSN_WEED_GRPC_OFFSET": "5",  # gRPC ports base+5 .. base+9
+        "SSN_WEED_GRPC_OFFSET": "5",  # gRPC ports base+5 .. base+8; admin gRPC: base+4+10000
         "SSN_MLFLOW_PORT": str(base + 10),
         "SSN_RAY_PORT": str(base + 11),
         "SSN_RAY_DASHBOARD_PORT": str(base + 12),
@@ -108,6 +109,32 @@ class StackProcess:
             )
         return proc
 
+    def move_ports(self, port_base: int) -> None:
+        self.port_base = port_base
+        self.env.update(stack_port_env(port_base))
+
+    def start(self, *services: str, attempts: int = 3, timeout: float = 400) -> subprocess.CompletedProcess[str]:
+        """``up`` on fresh ports, retried on other ports when one was taken meanwhile (e.g. by an outgoing
+        connection's ephemeral port: SeaweedFS's admin gRPC port is always admin port + 10000)."""
+        for attempt in range(attempts):
+            proc = self.run("up", *services, check=False, timeout=timeout)
+            if proc.returncode == 0:
+                return proc
+            logs = "".join(
+                f.read_text(errors="replace")[-4000:] for f in (self.state_dir / "logs").glob("*.log")
+            ) if (self.state_dir / "logs").is_dir() else ""
+            port_clash = any(
+                text in proc.stderr + logs
+                for text in ("already in use", "not available", "address already in use", "Port allocation failed")
+            )
+            if not port_clash or attempt == attempts - 1:
+                raise AssertionError(f"stack up exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+            self.run("down", check=False, timeout=timeout)
+            for log in (self.state_dir / "logs").glob("*.log"):
+                log.unlink()
+            self.move_ports(free_port_block(16))
+        raise AssertionError("unreachable")
+
     def client_env(self) -> dict[str, str]:
         out = self.run("env").stdout
         env: dict[str, str] = {}
@@ -118,8 +145,9 @@ class StackProcess:
         return env
 
     def pid(self, service: str) -> int | None:
+        """The service's session id (= pid of its session leader); the PID file holds "<sid> <start time>"."""
         f = self.state_dir / "run" / f"{service}.pid"
-        return int(f.read_text()) if f.exists() else None
+        return int(f.read_text().split()[0]) if f.exists() else None
 
     def kill_s3(self) -> None:
         """SIGKILL the SeaweedFS server (a crash, not a clean stop) and wait until it is gone."""
@@ -148,7 +176,7 @@ def make_stack():
 def s3_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackProcess]:
     """A private SeaweedFS (S3 only) for the whole session."""
     stack = StackProcess(tmp_path_factory.mktemp("s3stack"), free_port_block(16))
-    stack.run("up", "s3", timeout=120)
+    stack.start("s3", timeout=120)
     try:
         yield stack
     finally:
@@ -187,7 +215,7 @@ def live_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackProces
     stack = StackProcess(tmp_path_factory.mktemp("livestack"), free_port_block(16), {"SSN_RAY_TEMP_DIR": str(ray_tmp)})
     saved = dict(os.environ)
     try:
-        stack.run("up", timeout=400)
+        stack.start(timeout=400)
         os.environ.update(stack.client_env())
         yield stack
     finally:

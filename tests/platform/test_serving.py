@@ -25,6 +25,8 @@ import requests
 
 pytestmark = [pytest.mark.stack, pytest.mark.heavy]
 
+REPO = Path(__file__).resolve().parents[2]
+WELD_SPLIT = REPO / "jobs" / "splits" / "battery_weld.txt"  # val: 12 normal, 25 defective
 IMAGE_SIZE = (128, 72)
 SETTINGS = {
     "refresh_s": 1.0, "max_bytes": 2 * 1024 * 1024, "max_pixels": 4_000_000, "max_side": 8192,
@@ -37,17 +39,11 @@ LOAD_ALLOWANCE_S = 45.0  # a switch is served within refresh_s + one model load 
 # ---------------------------------------------------------------------------------------------------------
 # Helpers (shared in spirit with test_promotion / test_thresholds)
 # ---------------------------------------------------------------------------------------------------------
-def ingest_with_val(weld_root: Path, directory: Path) -> str:
-    from supersimplenet.data import read_layout
+def ingest_with_val(weld_root: Path) -> str:
+    """The weld data with the project's fixed val split (jobs/splits/battery_weld.txt), not moving `latest`."""
     from ssn_platform.datasets import ingest
 
-    samples = sorted(read_layout(weld_root), key=lambda s: s.image)
-    picks = ([s for s in samples if s.split == "train"][:8]
-             + [s for s in samples if s.split == "test" and s.label == 0][:6]
-             + [s for s in samples if s.split == "test" and s.label == 1][:12])
-    split_file = directory / "split.txt"
-    split_file.write_text("".join(f"val {s.image}\n" for s in picks))
-    return ingest(weld_root, product="battery-weld", bucket="ssn", options={"split_file": str(split_file)},
+    return ingest(weld_root, product="battery-weld", bucket="ssn", options={"split_file": str(WELD_SPLIT)},
                   progress=False, update_latest=False).uri
 
 
@@ -101,8 +97,10 @@ def copy_as_champion(source_name: str, version: str, product: str, *, keep_thres
 
 
 def ray_address(stack) -> str:
-    if os.environ.get("SSN_RAY_ADDRESS"):
-        return os.environ["SSN_RAY_ADDRESS"]
+    """The GCS address of the live stack's Ray head."""
+    for name in ("SSN_RAY_ADDRESS", "RAY_ADDRESS"):
+        if os.environ.get(name) and not os.environ[name].startswith("http"):
+            return os.environ[name]
     ports = dict(line.split("=", 1) for line in (stack.state_dir / "ports.env").read_text().split())
     return f"127.0.0.1:{ports['SSN_RAY_PORT']}"
 
@@ -122,7 +120,7 @@ def inspect(base: str, product: str, body: bytes, content_type: str = "image/png
 # The app
 # ---------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def served(live_stack, weld_root, tmp_path_factory):
+def served(live_stack, weld_root):
     from mlflow import MlflowClient
     from ray import serve
 
@@ -131,7 +129,7 @@ def served(live_stack, weld_root, tmp_path_factory):
     from ssn_platform.promotion import evaluate_model, promote
     from ssn_platform.thresholds import calibrate_version
 
-    uri = ingest_with_val(weld_root, tmp_path_factory.mktemp("split"))
+    uri = ingest_with_val(weld_root)
     root, samples = DatasetReader(uri).materialize()
     test = [s for s in samples if s.split == "test"]
     product = f"weld-serve-{uuid.uuid4().hex[:6]}"

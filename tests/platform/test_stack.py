@@ -115,10 +115,12 @@ RAY_JOB = """
 
 
 def test_stack_up_status_down_up_keeps_data(tmp_path: Path, make_stack) -> None:
+    home_token = Path.home() / ".ray" / "auth_token"
+    home_token_existed = home_token.exists()
     ray_tmp = Path(tempfile.mkdtemp(prefix="ssnray", dir="/tmp"))  # short: Ray's socket paths are limited
     stack = make_stack(tmp_path / "state", {"SSN_RAY_TEMP_DIR": str(ray_tmp)})
     try:
-        up = stack.run("up", timeout=400)
+        up = stack.start(timeout=400)
         assert "healthy" in up.stderr
         status = stack.run("status")
         assert [line.split()[1] for line in status.stdout.splitlines()] == ["healthy"] * 3
@@ -171,6 +173,9 @@ def test_stack_up_status_down_up_keeps_data(tmp_path: Path, make_stack) -> None:
             env,
         )
         stack.run("down", timeout=200)
+
+        # the cluster and its clients used the stack's token file, never ~/.ray/auth_token
+        assert home_token.exists() == home_token_existed
 
         # no secret in any log (stack logs and Ray's session logs)
         for folder in (stack.state_dir / "logs", ray_tmp):

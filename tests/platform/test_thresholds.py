@@ -17,6 +17,7 @@ from ssn_platform.thresholds import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
+WELD_SPLIT = REPO / "jobs" / "splits" / "battery_weld.txt"  # val: 12 normal, 25 defective
 IMAGE_SIZE = (128, 72)
 
 
@@ -113,18 +114,11 @@ def test_threshold_tags_round_trip_exactly():
 # ---------------------------------------------------------------------------------------------------------
 # On the stack: calibrate a registered version
 # ---------------------------------------------------------------------------------------------------------
-def ingest_with_val(weld_root: Path, directory: Path) -> str:
-    """The weld data with a val split (8 train normals, 6 test normals, 12 test defects), not moving `latest`."""
-    from supersimplenet.data import read_layout
+def ingest_with_val(weld_root: Path) -> str:
+    """The weld data with the project's fixed val split (jobs/splits/battery_weld.txt), not moving `latest`."""
     from ssn_platform.datasets import ingest
 
-    samples = sorted(read_layout(weld_root), key=lambda s: s.image)
-    picks = ([s for s in samples if s.split == "train"][:8]
-             + [s for s in samples if s.split == "test" and s.label == 0][:6]
-             + [s for s in samples if s.split == "test" and s.label == 1][:12])
-    split_file = directory / "split.txt"
-    split_file.write_text("".join(f"val {s.image}\n" for s in picks))
-    return ingest(weld_root, product="battery-weld", bucket="ssn", options={"split_file": str(split_file)},
+    return ingest(weld_root, product="battery-weld", bucket="ssn", options={"split_file": str(WELD_SPLIT)},
                   progress=False, update_latest=False).uri
 
 
@@ -165,8 +159,8 @@ def register(product: str, dataset_uri: str, model, metrics: dict[str, float]) -
 
 
 @pytest.fixture(scope="module")
-def val_dataset(live_stack, weld_root, tmp_path_factory) -> str:
-    return ingest_with_val(weld_root, tmp_path_factory.mktemp("split"))
+def val_dataset(live_stack, weld_root) -> str:
+    return ingest_with_val(weld_root)
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +184,7 @@ def test_calibrate_version_stores_tags_and_artifact(registered, val_dataset):
     name = f"ssn-{product}"
     threshold = calibrate_version(product, version)  # auto on the val split of the version's dataset
     assert threshold.method == "f1" and threshold.split == "val"
-    assert (threshold.n_normal, threshold.n_defective) == (14, 12)
+    assert (threshold.n_normal, threshold.n_defective) == (12, 25)
     assert threshold.dataset == val_dataset and threshold.dataset_version
 
     client = MlflowClient()
@@ -218,21 +212,23 @@ def test_calibrate_version_stores_tags_and_artifact(registered, val_dataset):
     strict = calibrate_version(product, version, method="false_alarm", false_alarm_rate=0.05)
     tags = client.get_model_version(name, version).tags
     assert tags["threshold_method"] == "false_alarm" and float(tags["threshold"]) == strict.value
-    assert strict.n_normal == 14 and strict.achieved["false_alarm_rate"] <= 0.05
+    assert strict.n_normal == 12 and strict.achieved["false_alarm_rate"] <= 0.05
 
 
 @pytest.mark.stack
 @pytest.mark.heavy
-def test_calibration_never_falls_back_to_the_test_split(registered, weld_dataset):
+def test_calibration_never_falls_back_to_the_test_split(registered, weld_root):
     from mlflow import MlflowClient
 
+    from ssn_platform.datasets import ingest
     from ssn_platform.thresholds import calibrate_version
     from ssn_platform.training import PlatformError
 
     product, version = registered
+    as_shipped = ingest(weld_root, product="battery-weld", bucket="ssn", progress=False, update_latest=False).uri
     before = MlflowClient().get_model_version(f"ssn-{product}", version).tags.get("threshold")
     with pytest.raises(PlatformError, match="has no 'val' split"):
-        calibrate_version(product, version, data_uri=weld_dataset)  # the weld data as shipped: train + test only
+        calibrate_version(product, version, data_uri=as_shipped)  # the weld data as shipped: train + test only
     assert MlflowClient().get_model_version(f"ssn-{product}", version).tags.get("threshold") == before
 
 

@@ -1,0 +1,46 @@
+"""The whole platform on this machine with real images; run by `make quickstart` after the stack is up.
+
+    make quickstart                         # install, stack up, then this script
+    python jobs/quickstart.py --smoke-test  # a smaller variant (fewer trials and epochs), used by CI
+
+Prints each step, the endpoint's answers for held-back test images, and the URLs of the MLflow UI, the Ray
+dashboard, the endpoint's API docs and the HTML report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import _bootstrap  # noqa: F401  (puts model/ and platform/ on sys.path for plain checkouts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke-test", action="store_true", help="fewer trials and epochs")
+    parser.add_argument("--trials", type=int, default=None)
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("overrides", nargs="*", help="key=value overrides for the search and training jobs")
+    args = parser.parse_args(argv)
+
+    from ssn_platform.quickstart import QuickstartSettings, run
+    from ssn_platform.training import PlatformError
+
+    settings = QuickstartSettings(overrides=tuple(args.overrides))
+    if args.smoke_test:
+        settings = QuickstartSettings(trials=2, trial_epochs=1, epochs=2, held_back=6,
+                                      overrides=("model.image_size=[96,96]", *args.overrides))
+    if args.trials is not None or args.epochs is not None:
+        from dataclasses import replace
+
+        settings = replace(settings, trials=args.trials or settings.trials, epochs=args.epochs or settings.epochs)
+    try:
+        run(settings)
+    except PlatformError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

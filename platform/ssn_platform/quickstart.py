@@ -1,0 +1,147 @@
+"""The quickstart: the whole platform on one machine with real images (ELPV solar cells).
+
+Steps (each prints where it is): ingest ELPV into S3 -> sigma/threshold search and a 2-worker DDP training job, both
+through `ray job submit` -> calibrate the threshold -> promote to champion -> deploy the Serve endpoint -> send the
+held-back test images -> write the HTML report and print the URLs. Re-running is safe: the dataset is not uploaded
+again, the search extends its study, and a new model version is only promoted if it is not worse.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ssn_platform.stackenv import apply_stack_env, repo_root
+from ssn_platform.training import PlatformError, worker_env
+
+PRODUCT = "elpv"
+
+
+def say(step: str, message: str) -> None:
+    print(f"[quickstart {time.strftime('%H:%M:%S')}] {step}: {message}", flush=True)
+
+
+@dataclass(frozen=True)
+class QuickstartSettings:
+    config: str = "jobs/configs/elpv.yaml"
+    split_file: str = "jobs/splits/elpv.txt"
+    trials: int = 4
+    trial_epochs: int = 2
+    epochs: int = 6
+    workers: int = 2
+    held_back: int = 12
+    overrides: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _submit(entrypoint: list[str], *, env: dict[str, str], step: str) -> dict[str, Any]:
+    """`ray job submit` of an entrypoint; returns the JSON summary line the job prints last."""
+    runtime_env = {"env_vars": env}
+    command = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--working-dir", str(repo_root()),
+               "--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint]
+    say(step, "ray job submit -- " + " ".join(shlex.quote(a) for a in entrypoint))
+    process = subprocess.Popen(command, cwd=repo_root(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    summary = None
+    tail: list[str] = []
+    assert process.stdout is not None
+    for line in process.stdout:
+        tail = (tail + [line.rstrip()])[-40:]
+        stripped = line.strip()
+        if stripped.startswith("{") and stripped.endswith("}"):
+            try:
+                summary = json.loads(stripped)
+            except json.JSONDecodeError:
+                pass
+    if process.wait() != 0 or summary is None:
+        raise PlatformError(f"{step}: the Ray job failed (exit {process.returncode}); last lines:\n" + "\n".join(tail))
+    return summary
+
+
+def _post_image(url: str, path: Path) -> dict[str, Any]:
+    request = urllib.request.Request(url, data=path.read_bytes(), headers={"Content-Type": "image/png"},
+                                     method="POST")
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def run(settings: QuickstartSettings) -> dict[str, Any]:
+    started = time.monotonic()
+    env_values = apply_stack_env()
+    state = Path(env_values.get("SSN_STACK_DIR") or repo_root() / ".stack")
+    root = repo_root()
+
+    say("3/7 ingest", "exporting the ELPV cells named by " + settings.split_file)
+    from supersimplenet.elpv import export_elpv
+    from ssn_platform.datasets import ingest
+
+    local = export_elpv(state / "data" / "elpv", split_file=root / settings.split_file)
+    dataset = ingest(local, product=PRODUCT, layout="mvtec", options={"split_file": str(root / settings.split_file)},
+                     progress=False)
+    say("3/7 ingest", f"{dataset.uri}")
+
+    job_env = {**worker_env(), "SSN_STACK_DIR": str(state), "SSN_GIT_SHA": os.environ.get("SSN_GIT_SHA", "")}
+    job_env = {k: v for k, v in job_env.items() if v}
+    common = [f"dataset={dataset.uri}", *settings.overrides]
+    search = _submit(["python", "jobs/tune.py", "--config", settings.config, "--trials", str(settings.trials),
+                      f"train.epochs={settings.trial_epochs}", "scaling.num_workers=1", *common],
+                     env=job_env, step="4/7 search")
+    say("4/7 search", f"best {search.get('best_params')} -> {search.get('best_val_image_auroc')}")
+    train_args = ["python", "jobs/train.py", "--config", settings.config, f"train.epochs={settings.epochs}",
+                  f"scaling.num_workers={settings.workers}", *common]
+    if search.get("tuned_settings"):
+        train_args[4:4] = ["--tuned", search["tuned_settings"]]
+    trained = _submit(train_args, env=job_env, step="4/7 train")
+    version = trained["model_version"]
+    say("4/7 train", f"ssn-{PRODUCT} version {version}: {json.dumps(trained['test_metrics'])}")
+
+    from ssn_platform import promotion, serving, thresholds
+
+    threshold = thresholds.calibrate_version(PRODUCT, version, split="val")
+    say("5/7 calibrate", f"threshold {threshold.value:.4f} ({threshold.method})")
+    decision = promotion.promote(PRODUCT, version)
+    say("5/7 promote", f"{'promoted' if decision.promoted else 'kept the champion'}: {decision.reason}")
+    url = serving.deploy({}, name="ssn", route_prefix="/")
+    serving.wait_ready(url, timeout=300)
+    say("5/7 deploy", f"{url}/v1/products/{PRODUCT}/inspect")
+
+    from supersimplenet.data import read_layout
+
+    test = [s for s in read_layout(local, "mvtec", split_file=str(root / settings.split_file)) if s.split == "test"]
+    normal = [s for s in test if s.label == 0][: settings.held_back // 2]
+    defective = [s for s in test if s.label == 1][: settings.held_back - len(normal)]
+    served = []
+    for sample in normal + defective:
+        answer = _post_image(f"{url}/v1/products/{PRODUCT}/inspect", local / sample.image)
+        served.append({"image": sample.image, "label": sample.label, **answer})
+        say("6/7 inspect", f"{sample.image:40s} label {sample.label} score {answer['score']:.4f} "
+                           f"{'ANOMALOUS' if answer['is_anomalous'] else 'normal   '} {answer['latency_ms']:.1f} ms")
+
+    from ssn_platform.report import write_report
+
+    links = {
+        "MLflow UI": os.environ.get("MLFLOW_TRACKING_URI", ""),
+        "Ray dashboard": os.environ.get("RAY_ADDRESS", ""),
+        "Endpoint API docs": f"{url}/docs",
+    }
+    report = write_report(state / "reports" / f"{PRODUCT}.html", product=PRODUCT,
+                          training_run_id=trained["mlflow_run_id"], model_version=version,
+                          search_run_id=search.get("parent_run_id"), served=served, links=links)
+    links["Report"] = f"file://{report}"
+    say("7/7 report", str(report))
+    for name, link in links.items():
+        print(f"  {name:18s} {link}")
+    summary = {
+        "product": PRODUCT, "dataset": dataset.uri, "model_version": version, "promoted": decision.promoted,
+        "threshold": threshold.value, "test_metrics": trained["test_metrics"], "served": len(served),
+        "report": str(report), "links": links, "seconds": round(time.monotonic() - started, 1),
+    }
+    (state / "reports" / "quickstart.json").write_text(json.dumps(summary, indent=2, default=str))
+    say("done", f"{summary['seconds']} s")
+    return summary

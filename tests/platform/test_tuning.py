@@ -1,0 +1,293 @@
+"""The search job: Ray Tune + Optuna + ASHA over the Ray Train job, on the real local stack (and its pure parts)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from supersimplenet.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "jobs" / "configs" / "battery_weld.yaml"
+SPACE = REPO / "jobs" / "configs" / "search_space.yaml"
+SPLIT = REPO / "jobs" / "splits" / "battery_weld.txt"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure parts (no services)
+# ---------------------------------------------------------------------------------------------------------------
+def _base_job(**extra: str):
+    from ssn_platform.jobconfig import load_job_config
+
+    overrides = {"dataset": "s3://ssn/datasets/battery-weld/latest", **extra}
+    return load_job_config(CONFIG, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def test_default_space_file_is_relative_sigma_and_threshold():
+    from ssn_platform.tuning import SearchSpace
+
+    space = SearchSpace.load(SPACE)
+    params = {p.key: p for p in space.params}
+    assert set(params) == {"model.noise_std", "model.perlin_threshold"}
+    assert params["model.noise_std"].distribution == "log_uniform"
+    assert params["model.noise_std"].low <= 0.5 and params["model.noise_std"].high >= 4.0
+    assert (params["model.perlin_threshold"].low, params["model.perlin_threshold"].high) == (0.05, 0.9)
+    assert space.fixed == {"model.noise_std_mode": "relative"}
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"params": {}}, "no parameters"),
+    ({"params": {"model.noise_std": {"distribution": "gauss", "low": 0, "high": 1}}}, "distribution"),
+    ({"params": {"model.noise_std": {"distribution": "log_uniform", "low": 0, "high": 1}}}, "low > 0"),
+    ({"params": {"model.noise_std": {"distribution": "uniform", "low": 2, "high": 1}}}, "low < high"),
+    ({"params": {"noise_std": {"distribution": "uniform", "low": 0, "high": 1}}}, "dotted"),
+    ({"params": {"model.noise_std": {"distribution": "uniform", "low": 0, "high": 1, "step": 2}}}, "unknown"),
+    ({"params": {"model.noise_std": {"distribution": "uniform", "low": 0, "high": 1}},
+      "fixed": {"model.noise_std": 1.0}}, "both searched and fixed"),
+    ({"space": {}}, "unknown top-level"),
+])
+def test_bad_search_spaces_are_rejected(raw, message):
+    from ssn_platform.tuning import SearchSpace
+
+    with pytest.raises(ConfigError, match=message):
+        SearchSpace.from_dict(raw)
+
+
+def test_trial_params_become_a_validated_job_and_lr_scale_moves_both_rates():
+    from ssn_platform.tuning import apply_params
+
+    base = _base_job()
+    job = apply_params(base, {"model.noise_std": 2.5, "model.perlin_threshold": 0.4, "train.lr_scale": 2.0},
+                       {"model.noise_std_mode": "relative"}, validation="synthetic", register=False,
+                       run_name="t-1")
+    assert (job.model.noise_std, job.model.perlin_threshold, job.model.noise_std_mode) == (2.5, 0.4, "relative")
+    assert job.train.lr_adaptor == pytest.approx(2 * base.train.lr_adaptor)
+    assert job.train.lr_heads == pytest.approx(2 * base.train.lr_heads)
+    assert (job.validation, job.register, job.run_name) == ("synthetic", False, "t-1")
+    with pytest.raises(ConfigError):
+        apply_params(base, {"model.noise_std": -1.0})  # the job's own validation applies
+
+
+def test_tuned_settings_file_gives_overrides_for_the_train_job(tmp_path):
+    from ssn_platform.jobconfig import load_job_config
+    from ssn_platform.tuning import TUNED_SCHEMA, tuned_settings_overrides
+
+    path = tmp_path / "tuned.yaml"
+    path.write_text(yaml.safe_dump({
+        "schema": TUNED_SCHEMA, "product": "battery-weld", "backbone": "efficientnet_lite0",
+        "overrides": ["model.noise_std_mode=relative", "model.noise_std=2.75", "model.perlin_threshold=0.31"],
+    }))
+    overrides = tuned_settings_overrides(path, backbone="efficientnet_lite0", product="battery-weld")
+    job = load_job_config(CONFIG, [*overrides, "train.epochs=3", "dataset=s3://ssn/datasets/x/latest"])
+    assert (job.model.noise_std, job.model.perlin_threshold, job.train.epochs) == (2.75, 0.31, 3)
+    with pytest.raises(ConfigError, match="backbone"):
+        tuned_settings_overrides(path, backbone="wide_resnet50")
+    (tmp_path / "other.yaml").write_text("noise_std: 1\n")
+    with pytest.raises(ConfigError, match="not a tuned settings"):
+        tuned_settings_overrides(tmp_path / "other.yaml")
+
+
+def test_storage_url_defaults_and_redaction(monkeypatch, tmp_path):
+    from ssn_platform.tuning import default_storage_url, redact_url
+
+    monkeypatch.delenv("SSN_OPTUNA_STORAGE", raising=False)
+    monkeypatch.setenv("SSN_STACK_DIR", str(tmp_path))
+    assert default_storage_url() == f"sqlite:///{tmp_path.resolve()}/mlflow/optuna.db"
+    monkeypatch.setenv("SSN_OPTUNA_STORAGE", "postgresql://ssn:secret@db:5432/optuna")
+    assert default_storage_url() == "postgresql://ssn:secret@db:5432/optuna"
+    assert redact_url(default_storage_url()) == "postgresql://ssn:***@db:5432/optuna"
+
+
+SEARCHER_SCRIPT = r"""
+import sys
+import optuna
+from ssn_platform.tuning import STUDY_TRIAL_KEY, SearchSpace, _make_searcher_class, open_storage
+
+url, space_file = sys.argv[1], sys.argv[2]
+space = SearchSpace.load(space_file)
+searcher_class = _make_searcher_class()
+
+def searcher(seed):
+    return searcher_class(space=space.optuna_space(), metric="val_image_auroc", mode="max",
+                          sampler=optuna.samplers.TPESampler(seed=seed), study_name="s",
+                          storage=open_storage(url), max_t=3, search_name=f"search-{seed}")
+
+first = searcher(1)
+config = first.suggest("a")
+assert config[STUDY_TRIAL_KEY] == 0 and set(config) == {*space.keys, STUDY_TRIAL_KEY}, config
+first.on_trial_result("a", {"val_image_auroc": 0.6, "training_iteration": 1})
+first.on_trial_complete("a", {"val_image_auroc": 0.55, "training_iteration": 2})  # stopped before max_t
+first.suggest("b")
+first.on_trial_complete("b", {"val_image_auroc": 0.8, "training_iteration": 3})  # full schedule
+second = searcher(2)  # a new search on the stored study
+assert second.suggest("c")[STUDY_TRIAL_KEY] == 2
+study = optuna.load_study(study_name="s", storage=url)
+assert [t.state.name for t in study.trials] == ["PRUNED", "COMPLETE", "RUNNING"]
+assert study.trials[0].value == 0.55 and study.trials[0].intermediate_values == {1: 0.6, 2: 0.55}
+assert study.trials[0].user_attrs["stopped_early"] is True
+assert study.best_trial.number == 1
+print("ok")
+"""
+
+
+def test_searcher_records_asha_stops_as_pruned_with_their_value_and_continues_numbering(tmp_path):
+    """The resume mechanism at the Optuna level: a second searcher on the same stored study appends trials.
+
+    Runs in a subprocess: Ray reads its settings (auth mode, loopback handling) when first imported, and this
+    process must not import it before the live stack's environment is applied."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    proc = subprocess.run([sys.executable, "-c", SEARCHER_SCRIPT, url, str(SPACE)], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_study_plots_survive_a_study_too_small_for_importances(tmp_path):
+    import optuna
+
+    from ssn_platform.tuning import SearchSpace, write_study_plots
+
+    space = SearchSpace.load(SPACE)
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(optuna.trial.create_trial(
+        params={"model.noise_std": 1.0, "model.perlin_threshold": 0.2}, distributions=space.optuna_space(),
+        value=0.7, intermediate_values={1: 0.6, 2: 0.7}))
+    written = write_study_plots(study, space, tmp_path)
+    assert tmp_path / "optimization_history.png" in written
+    assert all(p.stat().st_size > 0 for p in written)
+    assert (tmp_path / "skipped.json").is_file() or len(written) == 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# On the live stack: a small search on the weld data, then a resumed one
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def weld_val_dataset(live_stack, weld_root: Path) -> str:
+    """The weld data ingested with the committed split file (a val split that never overlaps test)."""
+    from ssn_platform.datasets import ingest
+
+    return ingest(weld_root, product="battery-weld", bucket="ssn", options={"split_file": str(SPLIT)},
+                  progress=False, update_latest=False).uri
+
+
+@pytest.fixture(scope="module")
+def search_setup(live_stack, weld_val_dataset, tmp_path_factory):
+    product = f"weld-tune-{uuid.uuid4().hex[:6]}"
+    job = _base_job(**{
+        "dataset": weld_val_dataset, "product": product, "train.epochs": "2", "train.batch_size": "8",
+        "model.image_size": "[128,72]", "scaling.num_workers": "1", "max_failures": "0",
+    })
+    storage = f"sqlite:///{tmp_path_factory.mktemp('optuna') / 'optuna.db'}"
+    return {"job": job, "storage": storage, "study": f"test-{product}"}
+
+
+@pytest.fixture(scope="module")
+def first_search(search_setup):
+    from ssn_platform.tuning import run_search
+
+    # seed 42's first TPE (random start-up) points mix low relative sigmas (val AUROC ~0.47 after one epoch on
+    # this set) with high ones (~0.7): with grace period 1 and reduction factor 2 a low one reaches the epoch-1 rung
+    # after a high one in every arrival order that 2 concurrent trials allow, so ASHA stops at least one.
+    return run_search(search_setup["job"], space=SPACE, num_trials=4, max_concurrent=2,
+                      study_name=search_setup["study"], storage=search_setup["storage"], grace_period=1)
+
+
+@pytest.mark.stack
+@pytest.mark.heavy
+def test_search_finishes_and_asha_stops_a_trial(first_search):
+    result = first_search
+    assert result.validation == "split"
+    assert len(result.session_trials) == 4 and len(result.trials) == 4
+    assert result.stopped_early, "ASHA stopped no trial"
+    stopped = [t for t in result.trials if t.number in result.stopped_early]
+    assert all(t.state == "PRUNED" and t.epochs_reached == 1 and t.value is not None for t in stopped)
+    complete = [t for t in result.trials if t.state == "COMPLETE"]
+    assert complete and all(t.epochs_reached == 2 for t in complete)
+    assert result.best_trial in {t.number for t in complete}
+    assert result.best_value == max(t.value for t in complete)
+
+
+@pytest.mark.stack
+@pytest.mark.heavy
+def test_parent_and_nested_trial_runs_are_in_mlflow(first_search, search_setup):
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    parent = client.get_run(first_search.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["ssn.tune.study"] == search_setup["study"]
+    assert float(parent.data.tags["ssn.tuned.value"]) == pytest.approx(first_search.best_value)
+    assert parent.data.tags["ssn.tuned.model.noise_std"] == str(first_search.best_params["model.noise_std"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 4
+    by_run = {t.mlflow_run_id: t for t in first_search.trials}
+    for child in children:
+        trial = by_run[child.info.run_id]
+        assert len(client.get_metric_history(child.info.run_id, "val_image_auroc")) == trial.epochs_reached
+        if trial.stopped_early:
+            assert child.info.status == "KILLED" and child.data.tags["ssn.tune.stopped_early"] == "true"
+        else:
+            assert child.info.status == "FINISHED"
+        assert child.data.params["validation"] == "split" and child.data.params["register"] == "False"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"tuned_settings.yaml", "trials.csv", "plots"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"plots/optimization_history.png", "plots/contour_sigma_threshold.png"} <= plots
+
+
+@pytest.mark.stack
+@pytest.mark.heavy
+def test_tuned_settings_are_written_to_s3_and_apply_to_a_train_job(first_search, search_setup):
+    import mlflow
+
+    from ssn_platform.jobconfig import load_job_config
+    from ssn_platform.storage import S3Settings, get_bytes, make_client, parse_s3_uri
+    from ssn_platform.tuning import tuned_settings_overrides
+
+    job = search_setup["job"]
+    assert first_search.tuned_uri == f"s3://ssn/tuned/{job.product}/efficientnet_lite0.yaml"
+    bucket, key = parse_s3_uri(first_search.tuned_uri)
+    stored = yaml.safe_load(get_bytes(make_client(S3Settings.from_env()), bucket, key))
+    artifact = yaml.safe_load(Path(mlflow.artifacts.download_artifacts(
+        run_id=first_search.parent_run_id, artifact_path="tuned_settings.yaml")).read_text())
+    assert stored == artifact
+    for field in ("product", "backbone", "noise_std", "noise_std_mode", "perlin_threshold", "metric", "value",
+                  "study"):
+        assert field in stored
+    assert stored["noise_std"] == first_search.best_params["model.noise_std"]
+    assert stored["noise_std_mode"] == "relative" and stored["study"] == search_setup["study"]
+    overrides = tuned_settings_overrides(first_search.tuned_uri, backbone=job.model.backbone)
+    tuned_job = load_job_config(CONFIG, [*overrides, f"dataset={job.dataset}"])
+    assert tuned_job.model.perlin_threshold == first_search.best_params["model.perlin_threshold"]
+
+
+@pytest.mark.stack
+@pytest.mark.heavy
+def test_running_the_same_study_again_adds_trials(first_search, search_setup):
+    import optuna
+    from mlflow import MlflowClient
+
+    from ssn_platform.tuning import run_search
+
+    second = run_search(search_setup["job"], space=SPACE, num_trials=2, max_concurrent=2,
+                        study_name=search_setup["study"], storage=search_setup["storage"], grace_period=1)
+    study = optuna.load_study(study_name=search_setup["study"], storage=search_setup["storage"])
+    assert len(study.trials) == 6 and len(second.trials) == 6
+    assert sorted(second.session_trials) == [4, 5]
+    assert second.parent_run_id != first_search.parent_run_id
+    # the new trials were proposed afresh (the sampler seed moves with the study), not replayed
+    earlier = {tuple(sorted(t.params.items())) for t in first_search.trials}
+    assert all(tuple(sorted(t.params.items())) not in earlier for t in second.trials if t.number >= 4)
+    # the best of the whole study, earlier trials included
+    complete = [t for t in second.trials if t.state == "COMPLETE"]
+    assert second.best_value == max(t.value for t in complete)
+    parent = MlflowClient().get_run(second.parent_run_id)
+    assert parent.data.tags["ssn.tune.trials_before"] == "4" and parent.data.tags["ssn.tune.trials_total"] == "6"
+    assert int(parent.data.tags["ssn.tune.asha_seeded_values"]) >= 4
+    assert study.user_attrs["ssn.sessions"] == [first_search.parent_run_id, second.parent_run_id]
