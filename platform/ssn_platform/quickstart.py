@@ -73,8 +73,9 @@ def _post_image(url: str, path: Path) -> dict[str, Any]:
 
 def run(settings: QuickstartSettings) -> dict[str, Any]:
     started = time.monotonic()
-    env_values = apply_stack_env()
-    state = Path(env_values.get("SSN_STACK_DIR") or repo_root() / ".stack")
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        apply_stack_env()  # the local stack's client environment, unless the caller set one up already
+    state = Path(os.environ.get("SSN_STACK_DIR") or repo_root() / ".stack")
     root = repo_root()
 
     say("3/7 ingest", "exporting the ELPV cells named by " + settings.split_file)

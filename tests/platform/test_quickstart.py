@@ -1,0 +1,34 @@
+"""The README's main command, smoke-sized, on the real local stack with real ELPV images."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.stack, pytest.mark.heavy]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_quickstart_smoke_end_to_end(live_stack):
+    proc = subprocess.run([sys.executable, "jobs/quickstart.py", "--smoke-test"], cwd=REPO, env=dict(os.environ),
+                          capture_output=True, text=True, timeout=2400)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
+    state = Path(os.environ["SSN_STACK_DIR"])
+    summary = json.loads((state / "reports" / "quickstart.json").read_text())
+    assert summary["served"] == 6
+    assert proc.stdout.count("6/7 inspect") == 6  # the endpoint answered every held-back test image
+
+    from mlflow import MlflowClient
+
+    champion = MlflowClient().get_model_version_by_alias("ssn-elpv", "champion")
+    assert champion.version == summary["model_version"]
+    report = Path(summary["report"]).read_text()
+    for name in ("Image AUROC", "AP (detection)", "F1-max"):
+        assert name in report
+    assert "data:image/png;base64" in report
+    for label in ("MLflow UI", "Ray dashboard", "Endpoint API docs", "Report"):
+        assert label in proc.stdout
