@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Ray reads these when first imported; a test that imports ray before a stack fixture applies its environment must
+# still never bind to the machine's interface address (only 127.0.0.1 is ours) nor report usage.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 # The repository's sibling folder `shared` (../shared/data): real data sets that are never committed and
 # that CI lays out read-only. Tests must copy files to tmp_path before changing anything.

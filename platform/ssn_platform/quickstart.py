@@ -38,6 +38,8 @@ class QuickstartSettings:
     epochs: int = 6
     workers: int = 2
     held_back: int = 12
+    # Promotion floor on image AUROC: chance level for the quickstart; production products set their own.
+    floor: float = 0.5
     overrides: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -106,8 +108,10 @@ def run(settings: QuickstartSettings) -> dict[str, Any]:
 
     threshold = thresholds.calibrate_version(PRODUCT, version, split="val")
     say("5/7 calibrate", f"threshold {threshold.value:.4f} ({threshold.method})")
-    decision = promotion.promote(PRODUCT, version)
+    decision = promotion.promote(PRODUCT, version, floor=settings.floor)
     say("5/7 promote", f"{'promoted' if decision.promoted else 'kept the champion'}: {decision.reason}")
+    if not decision.promoted and decision.champion_version is None:
+        raise PlatformError(f"version {version} was not promoted and there is no champion to serve: {decision.reason}")
     url = serving.deploy({}, name="ssn", route_prefix="/")
     serving.wait_ready(url, timeout=300)
     say("5/7 deploy", f"{url}/v1/products/{PRODUCT}/inspect")

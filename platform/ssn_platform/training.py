@@ -342,8 +342,9 @@ def finalize_run(job: JobConfig, model, *, root: Path, test_samples: list, devic
             }))
         if tracker.run_id:
             tracker.client.log_artifacts(tracker.run_id, str(out), artifact_path="evaluation")
-            registry.log_and_register(job, model.cpu(), run_id=tracker.run_id, metrics=metrics,
-                                      provenance=provenance)
+            if job.register:
+                registry.log_and_register(job, model.cpu(), run_id=tracker.run_id, metrics=metrics,
+                                          provenance=provenance)
     return metrics
 
 
@@ -379,12 +380,12 @@ def _open_mlflow_run(job: JobConfig, run_name: str) -> tuple[str, str]:
         path = Path(directory) / "config.yaml"
         path.write_text(yaml.safe_dump({**job.to_dict(), "run_name": run_name}, sort_keys=False))
         client.log_artifact(run_id, str(path))
-    for key, value in _lineage_tags(job).items():
+    for key, value in lineage_tags(job).items():
         client.set_tag(run_id, key, value)
     return run_id, "RUNNING"
 
 
-def _lineage_tags(job: JobConfig) -> dict[str, str]:
+def lineage_tags(job: JobConfig) -> dict[str, str]:
     from ssn_platform.datasets import DatasetReader
 
     reader = DatasetReader(job.dataset, cache_dir=_cache_dir())
@@ -399,15 +400,23 @@ def _lineage_tags(job: JobConfig) -> dict[str, str]:
 
 
 def connect_ray(address: str | None = None) -> None:
-    """Connects to the cluster: `address`, SSN_RAY_ADDRESS, or the job's own cluster under `ray job submit`."""
+    """Connects to the cluster: `address`, SSN_RAY_ADDRESS, or the job's own cluster under `ray job submit`.
+
+    Every process of the job also gets RAY_ADDRESS (this cluster): when a Train controller dies abruptly (a Tune
+    stop, a killed driver) Ray's detached PlacementGroupCleaner frees its CPUs, and it finds the cluster through
+    the State API, which gives up when several Ray clusters run on one machine; the CPUs would stay reserved.
+    """
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("SSN_RAY_ADDRESS")
+    cluster = address if address not in (None, "auto", "local") else os.environ.get("RAY_ADDRESS")
     if address is None and os.environ.get("RAY_ADDRESS", "").startswith("http"):
         address = "auto"  # RAY_ADDRESS names the job API here; ray.init wants the cluster
     env = worker_env()
+    if cluster and address != "local":
+        env["RAY_ADDRESS"] = cluster
     job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {}) or {}
     for key in (job_env.get("env_vars") or {}):
         env.pop(key, None)  # ray refuses to merge a key the submitted job already sets

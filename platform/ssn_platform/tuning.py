@@ -424,34 +424,6 @@ def resolve_validation(job: JobConfig) -> str:
     )
 
 
-def connect_ray(address: str | None = None) -> None:
-    """`training.connect_ray`, plus RAY_ADDRESS (this cluster) in the environment of every process of the job.
-
-    Why: Tune ends a stopped trial by ending its actor, so the trial's Ray Train controller dies ungracefully and
-    Train V2's detached PlacementGroupCleaner must free the trial's worker placement group. The cleaner finds the
-    cluster through the State API, which (without RAY_ADDRESS) gives up when several Ray clusters run on one
-    machine (a dev stack next to a test stack): the CPUs then stay reserved and the next trials never start.
-    """
-    import ray
-
-    from ssn_platform import training
-
-    if ray.is_initialized():
-        return
-    target = address or os.environ.get("SSN_RAY_ADDRESS")
-    cluster = target if target not in (None, "auto", "local") else os.environ.get("RAY_ADDRESS")
-    if not cluster or target == "local":
-        training.connect_ray(address)
-        return
-    if target is None and os.environ.get("RAY_ADDRESS", "").startswith("http"):
-        target = "auto"  # RAY_ADDRESS names the job API here; ray.init resolves the cluster from it
-    env = {**training.worker_env(), "RAY_ADDRESS": cluster}
-    job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {}) or {}
-    for key in (job_env.get("env_vars") or {}):
-        env.pop(key, None)  # ray refuses to merge a key the submitted job already sets
-    ray.init(address=target, log_to_driver=True, runtime_env={"env_vars": env})
-
-
 def trials_per_cluster(job: JobConfig, num_trials: int) -> int:
     """How many trials the cluster's resources run at once: CPUs (or GPUs) / what one trial's workers need."""
     import ray
@@ -543,7 +515,7 @@ def run_search(
 
     training.check_mlflow()
     validation = resolve_validation(job)
-    connect_ray(address)
+    training.connect_ray(address)
     concurrency = max_concurrent or trials_per_cluster(job, num_trials)
 
     _, study = _prepare_study(storage_url, study_name, job, metric=metric, mode=mode)
@@ -564,7 +536,7 @@ def run_search(
     sessions = list(study.user_attrs.get("ssn.sessions", []))
     study.set_user_attr("ssn.sessions", [*sessions, parent_id])
     try:
-        for key, value in training._lineage_tags(job).items():
+        for key, value in training.lineage_tags(job).items():
             client.set_tag(parent_id, key, value)
         from mlflow.entities import Param
 
