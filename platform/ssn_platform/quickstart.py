@@ -89,6 +89,7 @@ def run(settings: QuickstartSettings) -> dict[str, Any]:
                      progress=False)
     say("3/7 ingest", f"{dataset.uri}")
 
+    # no secrets here: the stack's Ray head already holds the S3 keys, and Ray logs runtime envs
     job_env = {**worker_env(), "SSN_STACK_DIR": str(state), "SSN_GIT_SHA": os.environ.get("SSN_GIT_SHA", "")}
     job_env = {k: v for k, v in job_env.items() if v}
     common = [f"dataset={dataset.uri}", *settings.overrides]
@@ -132,7 +133,7 @@ def run(settings: QuickstartSettings) -> dict[str, Any]:
 
     links = {
         "MLflow UI": os.environ.get("MLFLOW_TRACKING_URI", ""),
-        "Ray dashboard": os.environ.get("RAY_ADDRESS", ""),
+        "Ray dashboard": os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS", ""),
         "Endpoint API docs": f"{url}/docs",
     }
     report = write_report(state / "reports" / f"{PRODUCT}.html", product=PRODUCT,

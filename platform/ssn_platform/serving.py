@@ -67,11 +67,11 @@ RAW_CONTENT_TYPES = frozenset({
 })
 PIL_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")  # the only decoders Pillow may try
 MULTIPART_OVERHEAD = 64 * 1024
-# Environment a replica needs (read when the app is built; passed through the deployment's runtime_env).
+# Non-secret environment a replica needs (read when the app is built; passed through the deployment's
+# runtime_env, which Ray logs: credentials come from the nodes' environment, never from here).
 SERVE_ENV = (
-    "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_DISABLE_TELEMETRY", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-    "AWS_DEFAULT_REGION", "AWS_REGION", "SSN_CACHE_DIR",
+    "MLFLOW_TRACKING_URI", "MLFLOW_DISABLE_TELEMETRY", "MLFLOW_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION",
+    "SSN_CACHE_DIR",
 )
 
 

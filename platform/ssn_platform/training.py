@@ -41,11 +41,12 @@ from ssn_platform.jobconfig import JobConfig, build_job_config
 
 log = logging.getLogger(__name__)
 
-# Environment that workers need; passed through runtime_env (never through the config, which is logged).
+# Non-secret settings that workers need, passed through runtime_env (never through the config, which is logged).
+# Secrets are not among them: Ray writes runtime_env into its logs. S3 keys reach workers from the nodes'
+# environment (the local stack starts its Ray head with them; clusters use node env or IAM roles).
 WORKER_ENV = (
-    "SSN_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
-    "AWS_REGION", "SSN_S3_ADDRESSING_STYLE", "MLFLOW_TRACKING_URI", "MLFLOW_DISABLE_TELEMETRY", "SSN_CACHE_DIR",
-    "SSN_GIT_SHA",
+    "SSN_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "SSN_S3_ADDRESSING_STYLE",
+    "MLFLOW_TRACKING_URI", "MLFLOW_DISABLE_TELEMETRY", "SSN_CACHE_DIR", "SSN_GIT_SHA",
 )
 RUN_TAG = "ssn.run_name"
 CHECKPOINT_FILE = "state.pt"
