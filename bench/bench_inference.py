@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import ctypes
 import functools
+import gc
 import json
 import math
 import os
@@ -76,9 +77,9 @@ def summary(values: list[float]) -> dict[str, float]:
 class RssPeak:
     """Peak resident memory of a block, minus the resident memory before it (Linux, CPU).
 
-    glibc is told to serve every allocation above 64 KiB by mmap, so that freed tensors leave the resident set and
-    the peak of one configuration is not hidden by memory an earlier one left in the heap; the peak counter is reset
-    through /proc/self/clear_refs. Elsewhere it falls back to ru_maxrss, which cannot be reset (then only the first
+    Before each call, free heap memory is handed back (malloc_trim) and glibc is told to serve every allocation
+    above 64 KiB by mmap, so that memory an earlier configuration left in the heap does not hide this one's peak;
+    the peak counter is reset through /proc/self/clear_refs. Elsewhere it falls back to ru_maxrss, which cannot be reset (then only the first
     and largest configuration is exact; the JSON says which method was used).
     """
 
@@ -107,6 +108,8 @@ class RssPeak:
             fn()
             return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**20
         self.libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: large blocks by mmap, returned when freed
+        gc.collect()
+        self.libc.malloc_trim(0)  # free heap pages leave the resident set, so reusing them counts again
         try:
             with open("/proc/self/clear_refs", "w") as handle:
                 handle.write("5")
