@@ -1,7 +1,7 @@
 """Speed of our SuperSimpleNet (reference and fast path) against anomalib's, in one interleaved run.
 
-    python bench/bench_inference.py                      # full CPU run (about 10 minutes on 2 cores)
-    python bench/bench_inference.py --quick              # a short smoke version (about 2 minutes)
+    python bench/bench_inference.py                      # full CPU run (about 12 minutes on 2 quiet cores)
+    python bench/bench_inference.py --quick              # a short version, Lite0 only (about 75 s)
     python bench/bench_inference.py --device cuda --dtypes fp32 bf16 --batches 1 16 64 [--cuda-graphs]
     python bench/bench_inference.py --auroc-only         # bf16 vs fp32 image AUROC on the weld test split
 
@@ -330,24 +330,38 @@ def make_trainers(backbone: str, device: torch.device, ours: torch.nn.Module,
 
 
 def interleaved(fns: list[Callable[[], Any]], device: torch.device, *, repeats: int, warmup: int,
-                budget_s: float, min_rounds: int = 3) -> list[dict[str, Any]]:
+                budget_s: float, min_rounds: int = 3,
+                memory: Callable[[Callable[[], Any]], float] | None = None) -> list[dict[str, Any]]:
     """Warm-up, then rounds of every fn in turn: `repeats` rounds, fewer (not under `min_rounds`) when a round
     takes more than `budget_s / repeats`, more (up to 4x) when rounds are cheap, since medians of cheap, noisy
-    configurations need them."""
+    configurations need them.
+
+    `memory(fn)` runs fn and returns its peak memory: one extra, untimed call after the warm-up (steady state),
+    or without warm-up (the one-step training runs) the last timed call, whose time then includes the accounting
+    (gc, malloc_trim, page faults of fresh mappings: well under 1 % of such a step)."""
     first = [0.0] * len(fns)
+    peaks: list[float | None] = [None] * len(fns)
     for _ in range(warmup):
         for index, fn in enumerate(fns):
             first[index] = timed(fn, device)[0]
+    if memory is not None and warmup:
+        for index, fn in enumerate(fns):
+            peaks[index] = memory(fn)
     fits = math.floor(budget_s / max(sum(first), 1e-9)) if warmup else repeats
     rounds = max(min(min_rounds, repeats), min(4 * repeats, fits))
     walls: list[list[float]] = [[] for _ in fns]
     cpus: list[list[float]] = [[] for _ in fns]
-    for _ in range(rounds):
+    for round_index in range(rounds):
         for index, fn in enumerate(fns):
-            wall, cpu = timed(fn, device)
+            if memory is not None and not warmup and round_index == rounds - 1:
+                holder: list[float] = []
+                wall, cpu = timed(lambda fn=fn: holder.append(memory(fn)), device)
+                peaks[index] = holder[0]
+            else:
+                wall, cpu = timed(fn, device)
             walls[index].append(wall)
             cpus[index].append(cpu)
-    return [{"wall": summary(w), "cpu": summary(c)} for w, c in zip(walls, cpus)]
+    return [{"wall": summary(w), "cpu": summary(c), "peak_memory_mib": p} for w, c, p in zip(walls, cpus, peaks)]
 
 
 def bench_backbone(backbone: str, args: argparse.Namespace, device: torch.device, peaks: dict[str, float],
@@ -374,10 +388,11 @@ def bench_backbone(backbone: str, args: argparse.Namespace, device: torch.device
     nominal = flops.get(("ours-ref", "fp32")) or max(flops.values())
     log(f"[{backbone}] FLOPs/image {out['flops_per_image']}")
 
+    memory = (lambda fn: gpu_peak(fn, device)) if device.type == "cuda" else (rss.measure if rss else None)
     for batch in args.batches:
         x = torch.randn(batch, 3, *size, device=device)
         stats = interleaved([lambda impl=impl: impl.infer(x) for impl in impls], device, repeats=args.repeats,
-                            warmup=args.warmup, budget_s=args.budget)
+                            warmup=args.warmup, budget_s=args.budget, memory=memory)
         for impl, stat in zip(impls, stats):
             peak = peaks.get(impl.dtype) or peaks.get("fp32")
             ips = batch / stat["wall"]["median"]
@@ -396,17 +411,12 @@ def bench_backbone(backbone: str, args: argparse.Namespace, device: torch.device
                 "nominal_fraction_of_peak_cpu_time": nominal * batch / stat["cpu"]["median"]
                 / 1e9 / cpu_peaks.get(impl.dtype, cpu_peaks.get("fp32", peak)),
                 "peak_used": impl.dtype if impl.dtype in peaks else "fp32",
+                "peak_memory_mib": stat["peak_memory_mib"],
                 "note": impl.note,
             }
             out["inference"].append(row)
             log(f"[{backbone}] b{batch} {impl.name:9s} {impl.dtype}: {row['latency_ms']['median']:9.1f} ms "
                 f"({row['latency_ms']['min']:.1f}-{row['latency_ms']['max']:.1f}), {ips:7.2f} img/s")
-        for impl in impls:  # peak memory, after the timing (its allocator settings slow allocation down)
-            fn = (lambda impl=impl: impl.infer(x))
-            mib = gpu_peak(fn, device) if device.type == "cuda" else (rss.measure(fn) if rss else float("nan"))
-            for row in out["inference"]:
-                if (row["impl"], row["dtype"], row["batch"]) == (impl.name, impl.dtype, batch):
-                    row["peak_memory_mib"] = mib
         del x
 
     if args.train_batches:
@@ -416,7 +426,7 @@ def bench_backbone(backbone: str, args: argparse.Namespace, device: torch.device
             big = batch >= 32 and backbone == "wide_resnet50" and device.type == "cpu"
             stats = interleaved([lambda t=t: t.step(batch) for t in trainers], device,
                                 repeats=1 if big else args.train_repeats, warmup=0 if big else 1,
-                                budget_s=args.budget, min_rounds=1)
+                                budget_s=args.budget, min_rounds=1, memory=memory)
             for trainer, stat in zip(trainers, stats):
                 ips = batch / stat["wall"]["median"]
                 row = {"backbone": backbone, "impl": trainer.name, "batch": batch,
@@ -424,12 +434,8 @@ def bench_backbone(backbone: str, args: argparse.Namespace, device: torch.device
                        "cpu_time_ms": {k: v * 1000 if k != "n" else v for k, v in stat["cpu"].items()},
                        "images_per_s": ips, "flops_per_image": train_flops[trainer.name],
                        "fraction_of_peak": train_flops[trainer.name] * ips / 1e9 / peaks["fp32"],
-                       "repeats_note": "1 timed step, no warm-up at this size (2 cores)" if big else "",
-                       "note": trainer.note}
-                if device.type == "cuda":
-                    row["peak_memory_mib"] = gpu_peak(lambda t=trainer: t.step(batch), device)
-                elif rss:
-                    row["peak_memory_mib"] = rss.measure(lambda t=trainer: t.step(batch))
+                       "repeats_note": ("1 timed step, no warm-up, memory accounted in it" if big else ""),
+                       "peak_memory_mib": stat["peak_memory_mib"], "note": trainer.note}
                 out["train"].append(row)
                 log(f"[{backbone}] train b{batch} {trainer.name:9s}: {row['step_ms']['median']:9.1f} ms "
                     f"({row['step_ms']['min']:.1f}-{row['step_ms']['max']:.1f})")
@@ -542,7 +548,7 @@ def table(results: dict[str, Any]) -> str:
                 f"| {row['images_per_s']:.2f} | {row['cpu_time_ms']['median']:.1f} | {row['flops_per_image'] / 1e9:.1f} "
                 f"| {100 * row['executed_fraction_of_peak']:.0f} / {100 * row['executed_fraction_of_peak_cpu_time']:.0f} "
                 f"| {100 * row['nominal_fraction_of_peak']:.0f} / {100 * row['nominal_fraction_of_peak_cpu_time']:.0f} "
-                f"| {row.get('peak_memory_mib', float('nan')):.0f} |")
+                f"| {row['peak_memory_mib'] if row['peak_memory_mib'] is not None else float('nan'):.0f} |")
     header = "| backbone | impl | train batch | step ms median (min-max) | img/s | GFLOP/img (fwd+bwd) | % fp32 peak | peak RSS MiB | note |"
     lines += ["", header, "|" + "---|" * (header.count("|") - 1)]
     for bench in results["backbones"]:
@@ -550,7 +556,8 @@ def table(results: dict[str, Any]) -> str:
             lines.append(
                 f"| {row['backbone']} | {row['impl']} | {row['batch']} | {fmt_range(row['step_ms'])} | "
                 f"{row['images_per_s']:.2f} | {row['flops_per_image'] / 1e9:.1f} | {100 * row['fraction_of_peak']:.0f} | "
-                f"{row.get('peak_memory_mib', float('nan')):.0f} | {row['repeats_note']} |")
+                f"{row['peak_memory_mib'] if row['peak_memory_mib'] is not None else float('nan'):.0f} | "
+                f"{row['repeats_note']} |")
     lines.append("")
     for bench in results["backbones"]:
         lines.append(f"{bench['backbone']}: params {bench['params']}; anomalib: {bench['anomalib']}")
