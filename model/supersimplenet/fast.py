@@ -276,6 +276,9 @@ class FastSuperSimpleNet(nn.Module):
         def buffer(name: str, value: torch.Tensor, *, keep_fp32: bool = False) -> None:
             self.register_buffer(name, value.to(device, torch.float32 if keep_fp32 else dtype).contiguous())
 
+        # Input normalisation of the backbone, so preprocessing code takes either model.
+        buffer("mean", model.mean.double(), keep_fp32=True)
+        buffer("std", model.std.double(), keep_fp32=True)
         buffer("blur_h", model.blur.kernel_h.double(), keep_fp32=True)
         buffer("blur_w", model.blur.kernel_w.double(), keep_fp32=True)
         self.blur_radius = int(model.blur.radius)
@@ -315,6 +318,10 @@ class FastSuperSimpleNet(nn.Module):
                 for name in ("seg_weight", "seg_out_weight", "cls_feat_weight", "cls_map_weight"):
                     setattr(self, name, getattr(self, name).contiguous(memory_format=torch.channels_last))
         return self.eval()
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """[0, 1] RGB images -> the backbone's input normalisation (as `SuperSimpleNet.normalize`)."""
+        return (images - self.mean) / self.std
 
     # -- helpers -----------------------------------------------------------------------------------------------
 

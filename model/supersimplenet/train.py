@@ -29,6 +29,7 @@ from supersimplenet.backbones import get_preset, load_backbone_weights
 from supersimplenet.checkpoint import save_checkpoint
 from supersimplenet.config import ModelConfig, TrainConfig, to_dict
 from supersimplenet.data import BalancedSampler, DefectDataset, Sample, apply_supervision, read_layout
+from supersimplenet.inference import inference_model
 from supersimplenet.losses import dilate_masks, distance_weight_maps, supersimplenet_loss
 from supersimplenet.metrics import compute_metrics
 from supersimplenet.model import SuperSimpleNet, build_model
@@ -171,8 +172,10 @@ class Predictions:
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, *, device: torch.device, progress: bool = False) -> Predictions:
-    net = unwrap(model)
-    net.eval()
+    """Scores and maps of a loader's images through the fast inference path (`supersimplenet.inference`).
+
+    `model` (possibly DDP-wrapped, in any mode) is folded once per call and left as it was."""
+    net = inference_model(unwrap(model))
     scores, labels, maps, masks, indices = [], [], [], [], []
     for batch in tqdm(loader, desc="predict", leave=False, disable=not progress):
         out = net(batch["image"].to(device))

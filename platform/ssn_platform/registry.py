@@ -46,16 +46,15 @@ def _pyfunc_class():
         """pyfunc wrapper: RGB images [N, H, W, 3] (uint8 or floats in [0, 1]) -> image scores."""
 
         def load_context(self, context) -> None:
-            self.model, self.metadata = load_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
+            from supersimplenet.inference import inference_model
+
+            model, self.metadata = load_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
+            self.model = inference_model(model)  # the folded fast path, as evaluation and serving run
 
         def predict(self, context, model_input, params=None):
-            import torch
-
             from supersimplenet.inference import predict_images
 
-            images = np.asarray(model_input)
-            with torch.no_grad():
-                scores, _ = predict_images(self.model, images)
+            scores, _ = predict_images(self.model, np.asarray(model_input))
             return scores
 
     return SuperSimpleNetModel

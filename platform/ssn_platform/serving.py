@@ -97,6 +97,7 @@ class ServeSettings:
     refresh_s: float = 10.0
     negative_cache_s: float = 2.0
     device: str = "auto"
+    precision: str = "fp32"
     torch_threads: int = 0
     batching: bool = True
     max_batch_size: int = 8
@@ -121,6 +122,7 @@ class ServeSettings:
         check(self.refresh_s > 0, f"refresh_s must be > 0, got {self.refresh_s}")
         check(self.negative_cache_s >= 0, "negative_cache_s must be >= 0")
         check(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
+        check(self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {self.precision!r}")
         check(self.max_batch_size >= 1, "max_batch_size must be >= 1")
         check(self.batch_wait_timeout_s >= 0, "batch_wait_timeout_s must be >= 0")
         check(self.num_replicas == "auto" or (isinstance(self.num_replicas, int) and self.num_replicas >= 1),
@@ -445,11 +447,14 @@ def champion_info(product: str) -> tuple[str, str, dict[str, str]]:
     return name, str(version), tags
 
 
-def load_version(product: str, name: str, version: str, tags: dict[str, str], *, device: str) -> LoadedVersion:
-    """Downloads and builds one registered version, warms it up, and reads its threshold tag.
+def load_version(product: str, name: str, version: str, tags: dict[str, str], *, device: str,
+                 precision: str = "fp32") -> LoadedVersion:
+    """Downloads one registered version, folds it into the fast inference model, warms it up, reads its threshold.
 
     Like `ssn_platform.registry.load_model`, but the download goes to a temporary directory that is removed: a
-    long-running replica would otherwise keep one copy of the artifacts per switch."""
+    long-running replica would otherwise keep one copy of the artifacts per switch. Only the folded model is kept
+    (`supersimplenet.inference.inference_model`, the path offline evaluation runs): fp32 serves the offline scores
+    within 1e-5; bf16 trades that for speed (BENCHMARKS.md)."""
     import tempfile
     from pathlib import Path
 
@@ -457,7 +462,7 @@ def load_version(product: str, name: str, version: str, tags: dict[str, str], *,
     import torch
 
     from supersimplenet.checkpoint import load_checkpoint
-    from supersimplenet.inference import predict_images
+    from supersimplenet.inference import inference_model, predict_images
 
     threshold = threshold_from_tags(tags)
     if threshold is None:
@@ -471,11 +476,18 @@ def load_version(product: str, name: str, version: str, tags: dict[str, str], *,
         model, _ = load_checkpoint(found[0])
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = model.to(device).eval()
+    model = inference_model(model.to(device), precision=precision)
     height, width = model.config.image_size
     predict_images(model, [np.zeros((height, width, 3), dtype=np.float32)])  # warm-up before it serves
     return LoadedVersion(product=product, registered_model=name, version=version, model=model, threshold=threshold,
                          threshold_method=tags.get("threshold_method"))
+
+
+def inference_info(model: Any) -> dict[str, str]:
+    """How a loaded (folded) model computes: heads layout, precision and device, for the products listing."""
+    precision = {"torch.float32": "fp32", "torch.bfloat16": "bf16"}.get(str(model.dtype), str(model.dtype))
+    return {"engine": type(model).__name__, "heads": model.heads, "precision": precision,
+            "device": str(model.fc_weight.device)}
 
 
 def run_items(items: list[tuple[LoadedVersion, np.ndarray]]) -> list[Any]:
@@ -584,7 +596,8 @@ def inspector_deployment(max_models_per_replica: int = 4):
             loop = asyncio.get_running_loop()
             name, version, tags = await loop.run_in_executor(self._io_pool, champion_info, product)
             loaded = await loop.run_in_executor(
-                self._io_pool, lambda: load_version(product, name, version, tags, device=self.settings.device))
+                self._io_pool, lambda: load_version(product, name, version, tags, device=self.settings.device,
+                                     precision=self.settings.precision))
             holder = ProductModel(product, loaded)
             self._holders[product] = holder
             self._ensure_refresher()
@@ -666,7 +679,8 @@ def inspector_deployment(max_models_per_replica: int = 4):
             else:
                 loaded = await loop.run_in_executor(
                     self._io_pool,
-                    lambda: load_version(holder.product, name, version, tags, device=self.settings.device))
+                    lambda: load_version(holder.product, name, version, tags, device=self.settings.device,
+                                         precision=self.settings.precision))
             if holder.evicted:
                 return
             holder.swap(loaded)
@@ -781,7 +795,8 @@ def inspector_deployment(max_models_per_replica: int = 4):
                                     "champion_version": str(aliases[CHAMPION]),
                                     "previous_version": str(aliases[PREVIOUS]) if PREVIOUS in aliases else None,
                                     "loaded_version": loaded.version if loaded else None,
-                                    "threshold": loaded.threshold if loaded else None})
+                                    "threshold": loaded.threshold if loaded else None,
+                                    "inference": inference_info(loaded.model) if loaded else None})
                     token = page.token
                     if not token:
                         return sorted(out, key=lambda p: p["product"])

@@ -218,8 +218,9 @@ def score_images(model, paths: Sequence[Path], *, batch_size: int = 16) -> np.nd
     """Scores of image files through the serving path: decode with PIL, then `predict_images`."""
     from PIL import Image
 
-    from supersimplenet.inference import predict_images
+    from supersimplenet.inference import inference_model, predict_images
 
+    model = inference_model(model)  # fold once, not per batch
     scores: list[np.ndarray] = []
     for start in range(0, len(paths), batch_size):
         images = []

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import yaml
 
 from supersimplenet.backbones import get_preset, load_backbone_weights
-from supersimplenet.checkpoint import checkpoint_dict, model_from_checkpoint_dict
+from supersimplenet.checkpoint import checkpoint_dict
 from supersimplenet.data import DefectDataset, apply_supervision
 from supersimplenet.model import build_model
 from supersimplenet.train import (

@@ -237,3 +237,75 @@ def weld_dataset(live_stack: StackProcess, weld_root: Path) -> str:
     from ssn_platform.datasets import ingest
 
     return ingest(weld_root, product="battery-weld", bucket="ssn", progress=False).uri
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Registry fixtures shared by the calibration, promotion and serving tests
+# ---------------------------------------------------------------------------------------------------------
+WELD_SPLIT = REPO / "jobs" / "splits" / "battery_weld.txt"  # val: 12 normal, 25 defective
+REGISTRY_IMAGE_SIZE = (128, 72)  # small models: the registry tests are about the platform, not accuracy
+
+
+@pytest.fixture(scope="session")
+def weld_val_dataset(live_stack: StackProcess, weld_root: Path) -> str:
+    """battery_weld/denoised with the project's fixed val split (jobs/splits/battery_weld.txt), ingested without
+    moving the product's ``latest`` pointer: its manifest URI."""
+    from ssn_platform.datasets import ingest
+
+    return ingest(weld_root, product="battery-weld", bucket="ssn", options={"split_file": str(WELD_SPLIT)},
+                  progress=False, update_latest=False).uri
+
+
+def _random_head_model(seed: int, *, head_scale: float | None = 0.05):
+    """EfficientNet-Lite0 with its ImageNet weights and seeded random heads: a model of fixed, reproducible quality.
+
+    With `head_scale` the final linear layer is scaled (and its bias zeroed) so that scores spread instead of
+    saturating; None keeps the initialisation as is."""
+    import torch
+
+    from supersimplenet.backbones import load_backbone_weights
+    from supersimplenet.config import ModelConfig
+    from supersimplenet.model import build_model
+
+    config = ModelConfig(backbone="efficientnet_lite0", image_size=REGISTRY_IMAGE_SIZE, noise_std=1.0,
+                         noise_std_mode="relative")
+    torch.manual_seed(seed)
+    model = build_model(config)
+    load_backbone_weights(model.feature_extractor.backbone, config.backbone, "default")
+    if head_scale is not None:
+        with torch.no_grad():
+            model.classification_head.fc.weight.mul_(head_scale)
+            model.classification_head.fc.bias.zero_()
+    return model.eval()
+
+
+def _register(product: str, dataset_uri: str, model, metrics: dict[str, float]) -> str:
+    """Logs `model` to a fresh run and registers it as a new version of ``ssn-<product>`` (the training job's
+    `log_and_register`); returns the version."""
+    from mlflow import MlflowClient
+
+    from supersimplenet.config import to_dict
+    from ssn_platform.jobconfig import build_job_config
+    from ssn_platform.registry import log_and_register
+
+    job = build_job_config({"product": product, "dataset": dataset_uri, "model": to_dict(model.config),
+                            "train": {"epochs": 1, "batch_size": 8}, "scaling": {"num_workers": 1}})
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(job.experiment_name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(job.experiment_name)
+    run = client.create_run(experiment_id, run_name=f"test-{uuid.uuid4().hex[:6]}")
+    version = log_and_register(job, model, run_id=run.info.run_id, metrics=metrics, provenance="test")
+    client.set_terminated(run.info.run_id)
+    return version
+
+
+@pytest.fixture(scope="session")
+def random_head_model():
+    """`random_head_model(seed, *, head_scale=0.05)` -> an eval-mode SuperSimpleNet (see `_random_head_model`)."""
+    return _random_head_model
+
+
+@pytest.fixture(scope="session")
+def register_version(live_stack: StackProcess):
+    """`register_version(product, dataset_uri, model, metrics)` -> the new registered version (a string)."""
+    return _register

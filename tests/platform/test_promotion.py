@@ -14,72 +14,29 @@ import pytest
 pytestmark = [pytest.mark.stack, pytest.mark.heavy]
 
 REPO = Path(__file__).resolve().parents[2]
-WELD_SPLIT = REPO / "jobs" / "splits" / "battery_weld.txt"  # val: 12 normal, 25 defective
-IMAGE_SIZE = (128, 72)
 METRIC = "pixel_auroc"  # image-level metrics of untrained heads on the weld seams are near chance
 FLOOR = 0.3  # both models pass it: the worse one is refused for the margin, not the floor
 
 
-def ingest_with_val(weld_root: Path) -> str:
-    """The weld data with the project's fixed val split (jobs/splits/battery_weld.txt), not moving `latest`."""
-    from ssn_platform.datasets import ingest
-
-    return ingest(weld_root, product="battery-weld", bucket="ssn", options={"split_file": str(WELD_SPLIT)},
-                  progress=False, update_latest=False).uri
-
-
-def random_head_model(seed: int):
-    """ImageNet backbone with seeded random heads: a model of fixed, reproducible quality."""
-    import torch
-
-    from supersimplenet.backbones import load_backbone_weights
-    from supersimplenet.config import ModelConfig
-    from supersimplenet.model import build_model
-
-    config = ModelConfig(backbone="efficientnet_lite0", image_size=IMAGE_SIZE, noise_std=1.0, noise_std_mode="relative")
-    torch.manual_seed(seed)
-    model = build_model(config)
-    load_backbone_weights(model.feature_extractor.backbone, config.backbone, "default")
-    return model.eval()
-
-
-def register(product: str, dataset_uri: str, model, metrics: dict[str, float]) -> str:
-    from mlflow import MlflowClient
-
-    from supersimplenet.config import to_dict
-    from ssn_platform.jobconfig import build_job_config
-    from ssn_platform.registry import log_and_register
-
-    job = build_job_config({"product": product, "dataset": dataset_uri, "model": to_dict(model.config),
-                            "train": {"epochs": 1, "batch_size": 8}, "scaling": {"num_workers": 1}})
-    client = MlflowClient()
-    experiment = client.get_experiment_by_name(job.experiment_name)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(job.experiment_name)
-    run = client.create_run(experiment_id, run_name=f"test-{uuid.uuid4().hex[:6]}")
-    version = log_and_register(job, model, run_id=run.info.run_id, metrics=metrics, provenance="test")
-    client.set_terminated(run.info.run_id)
-    return version
-
-
 @pytest.fixture(scope="module")
-def setup(live_stack, weld_root):
+def setup(weld_val_dataset, random_head_model, register_version):
     """Product with v1 (better), v2 (worse) evaluated on the test split, and v3 never evaluated; none calibrated."""
     from ssn_platform.datasets import DatasetReader
     from ssn_platform.promotion import evaluate_model
 
-    uri = ingest_with_val(weld_root)
+    uri = weld_val_dataset
     root, samples = DatasetReader(uri).materialize()
     test = [s for s in samples if s.split == "test"]
-    good, bad = random_head_model(0), random_head_model(1)
+    good, bad = random_head_model(0, head_scale=None), random_head_model(1, head_scale=None)
     good_metrics, bad_metrics = evaluate_model(good, root, test), evaluate_model(bad, root, test)
     assert bad_metrics[METRIC] >= FLOOR and good_metrics[METRIC] > bad_metrics[METRIC] + 0.05, (
         f"test premise: seed 0 must beat seed 1 clearly on {METRIC}, both above {FLOOR}: "
         f"{good_metrics[METRIC]} vs {bad_metrics[METRIC]}")
     product = f"weld-promo-{uuid.uuid4().hex[:6]}"
     versions = {
-        "good": register(product, uri, good, good_metrics),
-        "bad": register(product, uri, bad, bad_metrics),
-        "unevaluated": register(product, uri, good, {}),
+        "good": register_version(product, uri, good, good_metrics),
+        "bad": register_version(product, uri, bad, bad_metrics),
+        "unevaluated": register_version(product, uri, good, {}),
     }
     return {"product": product, "name": f"ssn-{product}", "uri": uri, "versions": versions,
             "metrics": {"good": good_metrics, "bad": bad_metrics}}

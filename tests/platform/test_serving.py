@@ -26,8 +26,6 @@ import requests
 pytestmark = [pytest.mark.stack, pytest.mark.heavy]
 
 REPO = Path(__file__).resolve().parents[2]
-WELD_SPLIT = REPO / "jobs" / "splits" / "battery_weld.txt"  # val: 12 normal, 25 defective
-IMAGE_SIZE = (128, 72)
 SETTINGS = {
     "refresh_s": 1.0, "max_bytes": 2 * 1024 * 1024, "max_pixels": 4_000_000, "max_side": 8192,
     "max_models_per_replica": 2, "max_batch_size": 8, "batch_wait_timeout_s": 0.01, "negative_cache_s": 2.0,
@@ -37,52 +35,8 @@ LOAD_ALLOWANCE_S = 45.0  # a switch is served within refresh_s + one model load 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Helpers (shared in spirit with test_promotion / test_thresholds)
+# Helpers (the registry fixtures random_head_model / register_version / weld_val_dataset are in conftest.py)
 # ---------------------------------------------------------------------------------------------------------
-def ingest_with_val(weld_root: Path) -> str:
-    """The weld data with the project's fixed val split (jobs/splits/battery_weld.txt), not moving `latest`."""
-    from ssn_platform.datasets import ingest
-
-    return ingest(weld_root, product="battery-weld", bucket="ssn", options={"split_file": str(WELD_SPLIT)},
-                  progress=False, update_latest=False).uri
-
-
-def random_head_model(seed: int, *, head_scale: float = 0.05):
-    """ImageNet backbone, seeded random heads; the fc is scaled so that scores spread instead of saturating."""
-    import torch
-
-    from supersimplenet.backbones import load_backbone_weights
-    from supersimplenet.config import ModelConfig
-    from supersimplenet.model import build_model
-
-    config = ModelConfig(backbone="efficientnet_lite0", image_size=IMAGE_SIZE, noise_std=1.0, noise_std_mode="relative")
-    torch.manual_seed(seed)
-    model = build_model(config)
-    load_backbone_weights(model.feature_extractor.backbone, config.backbone, "default")
-    with torch.no_grad():
-        model.classification_head.fc.weight.mul_(head_scale)
-        model.classification_head.fc.bias.zero_()
-    return model.eval()
-
-
-def register(product: str, dataset_uri: str, model, metrics: dict[str, float]) -> str:
-    from mlflow import MlflowClient
-
-    from supersimplenet.config import to_dict
-    from ssn_platform.jobconfig import build_job_config
-    from ssn_platform.registry import log_and_register
-
-    job = build_job_config({"product": product, "dataset": dataset_uri, "model": to_dict(model.config),
-                            "train": {"epochs": 1, "batch_size": 8}, "scaling": {"num_workers": 1}})
-    client = MlflowClient()
-    experiment = client.get_experiment_by_name(job.experiment_name)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(job.experiment_name)
-    run = client.create_run(experiment_id, run_name=f"test-{uuid.uuid4().hex[:6]}")
-    version = log_and_register(job, model, run_id=run.info.run_id, metrics=metrics, provenance="test")
-    client.set_terminated(run.info.run_id)
-    return version
-
-
 def copy_as_champion(source_name: str, version: str, product: str, *, keep_threshold: bool = True) -> None:
     """Registers the same logged model as the champion of another product (no upload: same artifacts)."""
     from mlflow import MlflowClient
@@ -120,7 +74,7 @@ def inspect(base: str, product: str, body: bytes, content_type: str = "image/png
 # The app
 # ---------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def served(live_stack, weld_root):
+def served(live_stack, weld_val_dataset, random_head_model, register_version):
     from mlflow import MlflowClient
     from ray import serve
 
@@ -129,7 +83,7 @@ def served(live_stack, weld_root):
     from ssn_platform.promotion import evaluate_model, promote
     from ssn_platform.thresholds import calibrate_version
 
-    uri = ingest_with_val(weld_root)
+    uri = weld_val_dataset
     root, samples = DatasetReader(uri).materialize()
     test = [s for s in samples if s.split == "test"]
     product = f"weld-serve-{uuid.uuid4().hex[:6]}"
@@ -137,7 +91,7 @@ def served(live_stack, weld_root):
     versions = []
     for seed in (1, 2):
         model = random_head_model(seed)
-        versions.append(register(product, uri, model, evaluate_model(model, root, test)))
+        versions.append(register_version(product, uri, model, evaluate_model(model, root, test)))
         calibrate_version(product, versions[-1])
     decision = promote(product, versions[0], margin=1.0, floor=0.0)
     assert decision.promoted, decision.reason
@@ -155,15 +109,21 @@ def served(live_stack, weld_root):
 
 
 def test_served_scores_equal_offline_scores(served, weld_root):
+    import torch
     from PIL import Image
 
-    from supersimplenet.inference import predict_images
+    from supersimplenet.inference import predict_images, preprocess
     from ssn_platform.registry import load_model
 
     base, product, version = served["base"], served["product"], served["versions"][0]
     model, _ = load_model(f"models:/{served['name']}/{version}")
     paths = weld_test_images(weld_root)
     offline = {p: predict_images(model, [Image.open(p)]) for p in paths}
+    for path in paths[:3]:  # offline evaluation runs the fast path: within 1e-5 of the reference forward
+        batch = preprocess(model, [Image.open(path)])
+        with torch.inference_mode():
+            reference = float(model.eval()(batch).score[0])
+        assert abs(reference - float(offline[path][0][0])) <= 1e-5
 
     answers = {p: inspect(base, product, p.read_bytes(), return_map="true", return_mask="true") for p in paths}
     with ThreadPoolExecutor(6) as pool:  # concurrent requests are batched together: same scores
@@ -180,7 +140,8 @@ def test_served_scores_equal_offline_scores(served, weld_root):
         assert body["is_anomalous"] == (body["score"] >= body["threshold"])
         heat = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["anomaly_map_png"]))))
         mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["mask_png"]))))
-        assert heat.shape == (*IMAGE_SIZE, 3) and mask.shape == IMAGE_SIZE and set(np.unique(mask)) <= {0, 255}
+        size = tuple(model.config.image_size)
+        assert heat.shape == (*size, 3) and mask.shape == size and set(np.unique(mask)) <= {0, 255}
         assert body["defect_area_percent"] == pytest.approx(100.0 * np.mean(mask > 0))
         assert body["defect_area_percent"] == pytest.approx(100.0 * np.mean(maps[0] >= body["threshold"]), abs=0.5)
         assert (body["image_width"], body["image_height"]) == Image.open(path).size
@@ -209,11 +170,16 @@ def test_served_scores_equal_offline_scores(served, weld_root):
         assert abs(answer.json()["score"] - float(offline[paths[1]][0][0])) <= 1e-5
 
 
-def test_products_health_and_docs(served):
+def test_products_health_and_docs(served, weld_root):
     base, product = served["base"], served["product"]
+    assert inspect(base, product, weld_test_images(weld_root)[0].read_bytes()).status_code == 200  # loaded now
     listing = requests.get(f"{base}/v1/products", timeout=30).json()["products"]
     entry = {p["product"]: p for p in listing}[product]
     assert entry["champion_version"] == served["versions"][0] and entry["registered_model"] == served["name"]
+    assert entry["loaded_version"] == served["versions"][0]
+    # the replica serves the folded fast path (folded heads for Lite0's 152 channels), float32 by default
+    assert entry["inference"] == {"engine": "FastSuperSimpleNet", "heads": "folded", "precision": "fp32",
+                                  "device": "cpu"}
     assert f"{product}-idle" not in {p["product"] for p in listing}  # no champion: not served
     assert requests.get(f"{base}/healthz", timeout=30).json()["status"] == "ok"
     ready = requests.get(f"{base}/readyz", timeout=30)

@@ -17,8 +17,6 @@ from ssn_platform.thresholds import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-WELD_SPLIT = REPO / "jobs" / "splits" / "battery_weld.txt"  # val: 12 normal, 25 defective
-IMAGE_SIZE = (128, 72)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -114,64 +112,15 @@ def test_threshold_tags_round_trip_exactly():
 # ---------------------------------------------------------------------------------------------------------
 # On the stack: calibrate a registered version
 # ---------------------------------------------------------------------------------------------------------
-def ingest_with_val(weld_root: Path) -> str:
-    """The weld data with the project's fixed val split (jobs/splits/battery_weld.txt), not moving `latest`."""
-    from ssn_platform.datasets import ingest
-
-    return ingest(weld_root, product="battery-weld", bucket="ssn", options={"split_file": str(WELD_SPLIT)},
-                  progress=False, update_latest=False).uri
-
-
-def random_head_model(seed: int, *, head_scale: float = 0.05):
-    """ImageNet backbone, seeded random heads (fc scaled so that scores spread instead of saturating)."""
-    import torch
-
-    from supersimplenet.backbones import load_backbone_weights
-    from supersimplenet.config import ModelConfig
-    from supersimplenet.model import build_model
-
-    config = ModelConfig(backbone="efficientnet_lite0", image_size=IMAGE_SIZE, noise_std=1.0, noise_std_mode="relative")
-    torch.manual_seed(seed)
-    model = build_model(config)
-    load_backbone_weights(model.feature_extractor.backbone, config.backbone, "default")
-    with torch.no_grad():
-        model.classification_head.fc.weight.mul_(head_scale)
-        model.classification_head.fc.bias.zero_()
-    return model.eval()
-
-
-def register(product: str, dataset_uri: str, model, metrics: dict[str, float]) -> str:
-    from mlflow import MlflowClient
-
-    from supersimplenet.config import to_dict
-    from ssn_platform.jobconfig import build_job_config
-    from ssn_platform.registry import log_and_register
-
-    job = build_job_config({"product": product, "dataset": dataset_uri, "model": to_dict(model.config),
-                            "train": {"epochs": 1, "batch_size": 8}, "scaling": {"num_workers": 1}})
-    client = MlflowClient()
-    experiment = client.get_experiment_by_name(job.experiment_name)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(job.experiment_name)
-    run = client.create_run(experiment_id, run_name=f"test-{uuid.uuid4().hex[:6]}")
-    version = log_and_register(job, model, run_id=run.info.run_id, metrics=metrics, provenance="test")
-    client.set_terminated(run.info.run_id)
-    return version
-
-
 @pytest.fixture(scope="module")
-def val_dataset(live_stack, weld_root) -> str:
-    return ingest_with_val(weld_root)
-
-
-@pytest.fixture(scope="module")
-def registered(val_dataset) -> tuple[str, str]:
+def registered(weld_val_dataset, random_head_model, register_version) -> tuple[str, str]:
     product = f"weld-cal-{uuid.uuid4().hex[:6]}"
-    return product, register(product, val_dataset, random_head_model(1), {"image_auroc": 0.5})
+    return product, register_version(product, weld_val_dataset, random_head_model(1), {"image_auroc": 0.5})
 
 
 @pytest.mark.stack
 @pytest.mark.heavy
-def test_calibrate_version_stores_tags_and_artifact(registered, val_dataset):
+def test_calibrate_version_stores_tags_and_artifact(registered, weld_val_dataset):
     from mlflow import MlflowClient
     from PIL import Image
 
@@ -185,7 +134,7 @@ def test_calibrate_version_stores_tags_and_artifact(registered, val_dataset):
     threshold = calibrate_version(product, version)  # auto on the val split of the version's dataset
     assert threshold.method == "f1" and threshold.split == "val"
     assert (threshold.n_normal, threshold.n_defective) == (12, 25)
-    assert threshold.dataset == val_dataset and threshold.dataset_version
+    assert threshold.dataset == weld_val_dataset and threshold.dataset_version
 
     client = MlflowClient()
     tags = client.get_model_version(name, version).tags
@@ -201,7 +150,7 @@ def test_calibrate_version_stores_tags_and_artifact(registered, val_dataset):
     assert stored["value"] == threshold.value and stored["version"] == version
 
     # the same threshold from offline scores of the val images (the serving path: PIL decode + predict_images)
-    root, samples = DatasetReader(val_dataset).materialize()
+    root, samples = DatasetReader(weld_val_dataset).materialize()
     val = [s for s in samples if s.split == "val"]
     model, _ = load_model(f"models:/{name}/{version}")
     scores, _ = predict_images(model, [Image.open(root / s.image) for s in val])
@@ -234,7 +183,7 @@ def test_calibration_never_falls_back_to_the_test_split(registered, weld_root):
 
 @pytest.mark.stack
 @pytest.mark.heavy
-def test_calibrate_job_recalibrates_without_retraining(registered, val_dataset):
+def test_calibrate_job_recalibrates_without_retraining(registered, weld_val_dataset):
     import os
 
     from mlflow import MlflowClient
@@ -242,7 +191,7 @@ def test_calibrate_job_recalibrates_without_retraining(registered, val_dataset):
     product, version = registered
     out = subprocess.run(
         [sys.executable, str(REPO / "jobs" / "calibrate.py"), "--product", product, "--version", version,
-         "--data", val_dataset, "--method", "recall", "--target-recall", "0.9"],
+         "--data", weld_val_dataset, "--method", "recall", "--target-recall", "0.9"],
         capture_output=True, text=True, timeout=300, cwd=REPO, env=os.environ.copy(),
     )
     assert out.returncode == 0, out.stderr[-3000:]

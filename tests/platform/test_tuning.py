@@ -16,7 +16,6 @@ from supersimplenet.config import ConfigError
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "jobs" / "configs" / "battery_weld.yaml"
 SPACE = REPO / "jobs" / "configs" / "search_space.yaml"
-SPLIT = REPO / "jobs" / "splits" / "battery_weld.txt"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -166,15 +165,6 @@ def test_study_plots_survive_a_study_too_small_for_importances(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # On the live stack: a small search on the weld data, then a resumed one
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def weld_val_dataset(live_stack, weld_root: Path) -> str:
-    """The weld data ingested with the committed split file (a val split that never overlaps test)."""
-    from ssn_platform.datasets import ingest
-
-    return ingest(weld_root, product="battery-weld", bucket="ssn", options={"split_file": str(SPLIT)},
-                  progress=False, update_latest=False).uri
-
-
 @pytest.fixture(scope="module")
 def search_setup(live_stack, weld_val_dataset, tmp_path_factory):
     product = f"weld-tune-{uuid.uuid4().hex[:6]}"
