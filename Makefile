@@ -30,7 +30,10 @@ stack-status:
 	infra/local/stack status
 
 # The README's main command: install, bring up the stack, ingest ELPV, search, train, calibrate, promote, serve.
-quickstart: setup
+quickstart:
+	@echo "[quickstart $$(date +%H:%M:%S)] 1/7 install: $(VENV) with the pinned set (requirements.lock)"
+	@$(MAKE) --no-print-directory setup
+	@echo "[quickstart $$(date +%H:%M:%S)] 2/7 stack: SeaweedFS (S3), MLflow server, Ray head on 127.0.0.1"
 	infra/local/stack up
 	$(BIN)/python jobs/quickstart.py
 

@@ -6,7 +6,10 @@ import torch
 from supersimplenet.backbones import get_preset, load_backbone_weights
 from supersimplenet.config import ModelConfig
 from supersimplenet.data import load_image
-from supersimplenet.fast import FastSuperSimpleNet, fold_backbone_batchnorm, level_operators
+from supersimplenet.fast import (
+    BACKBONE_MICRO_BATCH, SEG_CHUNK_ROWS, FastSuperSimpleNet, fold_backbone_batchnorm, level_operators,
+    upsample_blur_matrix,
+)
 from supersimplenet.model import build_model
 
 ATOL = 1e-5
@@ -114,6 +117,37 @@ def test_batch_one_and_auto_heads(weld):
     out = fast(weld[:1])
     assert out.score.shape == (1,)
     assert_close(out, ref, ATOL)
+
+
+@pytest.mark.parametrize("icpr", [False, True], ids=["jims", "icpr"])
+def test_micro_batches_and_partial_blocks_change_nothing(weld_root, icpr):
+    """A batch larger than BACKBONE_MICRO_BATCH (4 + 3 images) whose position count is no multiple of
+    SEG_CHUNK_ROWS (7 x 32 x 18 = 4032): the batch equals the reference and each image scored alone."""
+    size = (128, 72)
+    images = normalise(weld_images(weld_root, size, count=7), "efficientnet_lite0")
+    assert images.shape[0] > BACKBONE_MICRO_BATCH and (7 * 32 * 18) % SEG_CHUNK_ROWS != 0
+    model = lite0_model(icpr=icpr, images=images, size=size)
+    with torch.no_grad():
+        ref = model(images)
+    fast = FastSuperSimpleNet.from_model(model, heads="folded")
+    out = fast(images)
+    assert_close(out, ref, ATOL)
+    for index in (0, 4, 6):  # first image, first of the second micro-batch, last
+        alone = fast(images[index:index + 1])
+        assert float((alone.anomaly_map[0] - out.anomaly_map[index]).abs().max()) <= ATOL
+        assert abs(float(alone.score[0] - out.score[index])) <= ATOL
+
+
+def test_upsample_blur_matrix_is_the_reference_post_processing():
+    """The matrix form of upsampling + reflect-padded blur equals the reference model's ops (float64, 1e-12)."""
+    model = build_model(ModelConfig(backbone="efficientnet_lite0", image_size=(96, 160)))
+    maps = torch.randn(2, 1, 24, 40, dtype=torch.float64)
+    blur = model.blur.double()
+    expected = blur(torch.nn.functional.interpolate(maps, size=(96, 160), mode="bilinear", align_corners=False))
+    rows = upsample_blur_matrix(24, 96, model.blur.kernel_h.flatten())
+    cols = upsample_blur_matrix(40, 160, model.blur.kernel_w.flatten())
+    assert rows.shape == (96, 24) and cols.shape == (160, 40)
+    assert torch.allclose(rows @ maps @ cols.t(), expected, atol=1e-12, rtol=0)
 
 
 def test_non_square_training_size(weld_root):
