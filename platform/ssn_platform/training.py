@@ -400,8 +400,10 @@ def lineage_tags(job: JobConfig) -> dict[str, str]:
     }
 
 
-def connect_ray(address: str | None = None) -> None:
+def connect_ray(address: str | None = None, *, log_to_driver: bool = True) -> None:
     """Connects to the cluster: `address`, SSN_RAY_ADDRESS, or the job's own cluster under `ray job submit`.
+
+    `log_to_driver=False` keeps the cluster's actor logs (Serve replicas, say) out of this process's output.
 
     Every process of the job also gets RAY_ADDRESS (this cluster): when a Train controller dies abruptly (a Tune
     stop, a killed driver) Ray's detached PlacementGroupCleaner frees its CPUs, and it finds the cluster through
@@ -424,7 +426,7 @@ def connect_ray(address: str | None = None) -> None:
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
     if address == "local":
         kwargs["num_cpus"] = int(os.environ.get("SSN_LOCAL_CPUS", os.cpu_count() or 2))
-    ray.init(address=address, log_to_driver=True, **kwargs)
+    ray.init(address=address, log_to_driver=log_to_driver, **kwargs)
 
 
 def run_training(job: JobConfig, *, address: str | None = None) -> TrainingResult:

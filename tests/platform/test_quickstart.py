@@ -26,6 +26,9 @@ def test_quickstart_smoke_end_to_end(live_stack):
 
     champion = MlflowClient().get_model_version_by_alias("ssn-elpv", "champion")
     assert champion.version == summary["model_version"]
+    assert champion.tags["threshold_method"] == "false_alarm"  # the quickstart budgets false alarms (10 %)
+    # one line per step: no replica request logs, no artifact progress bars
+    assert "ServeReplica" not in proc.stdout and "Downloading artifacts" not in proc.stdout + proc.stderr
     report = Path(summary["report"]).read_text()
     for name in ("Image AUROC", "AP (detection)", "F1-max"):
         assert name in report
