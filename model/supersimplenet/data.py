@@ -860,6 +860,15 @@ def load_mask(path: PathLike | None, *, size: tuple[int, int]) -> torch.Tensor:
     return mask
 
 
+def normalization_tensors(mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validated per-channel (mean, std) as [3, 1, 1] tensors for normalising [3, H, W] images."""
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std need 3 values each, got {mean!r} and {std!r}")
+    if any(float(v) <= 0 for v in std):
+        raise ValueError(f"std values must be positive, got {std!r}")
+    return torch.tensor([float(v) for v in mean]).view(3, 1, 1), torch.tensor([float(v) for v in std]).view(3, 1, 1)
+
+
 class DefectDataset(torch.utils.data.Dataset):
     """Tensors for a list of samples, optionally extended by the 4 flip variants of spec 6.3.
 
@@ -883,12 +892,7 @@ class DefectDataset(torch.utils.data.Dataset):
         self.root = Path(root)
         self.samples = tuple(samples)
         self.image_size = _check_size(image_size)
-        if len(mean) != 3 or len(std) != 3:
-            raise ValueError(f"mean and std need 3 values each, got {mean!r} and {std!r}")
-        if any(float(v) <= 0 for v in std):
-            raise ValueError(f"std values must be positive, got {std!r}")
-        self.mean = torch.tensor([float(v) for v in mean]).view(3, 1, 1)
-        self.std = torch.tensor([float(v) for v in std]).view(3, 1, 1)
+        self.mean, self.std = normalization_tensors(mean, std)
         self.flips = bool(flips)
 
     def __len__(self) -> int:

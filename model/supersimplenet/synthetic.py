@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 import torch
 
-from supersimplenet.data import PathLike, Sample, _check_size, load_image
+from supersimplenet.data import PathLike, Sample, _check_size, load_image, normalization_tensors
 from supersimplenet.perlin import next_pow2, perlin_noise
 
 AREA_RANGE = (0.01, 0.06)  # fraction of the image covered by one synthetic defect
@@ -134,12 +134,7 @@ class SyntheticDefectDataset(torch.utils.data.Dataset):
                 f"e.g. {defective[0]}"
             )
         self.image_size = _check_size(image_size)
-        if len(mean) != 3 or len(std) != 3:
-            raise ValueError(f"mean and std need 3 values each, got {mean!r} and {std!r}")
-        if any(float(v) <= 0 for v in std):
-            raise ValueError(f"std values must be positive, got {std!r}")
-        self.mean = torch.tensor([float(v) for v in mean]).view(3, 1, 1)
-        self.std = torch.tensor([float(v) for v in std]).view(3, 1, 1)
+        self.mean, self.std = normalization_tensors(mean, std)
         self.seed = int(seed)
 
     def __len__(self) -> int:

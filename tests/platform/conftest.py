@@ -149,6 +149,13 @@ class StackProcess:
         f = self.state_dir / "run" / f"{service}.pid"
         return int(f.read_text().split()[0]) if f.exists() else None
 
+    @staticmethod
+    def session_pids(sid: int) -> list[int]:
+        """Live (non-zombie) processes of session `sid`: what a stopped service must not leave behind."""
+        out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True, check=True).stdout
+        pids = [int(p) for p, s in (line.split() for line in out.splitlines()) if int(s) == sid]
+        return [p for p in pids if pid_alive(p)]
+
     def kill_s3(self) -> None:
         """SIGKILL the SeaweedFS server (a crash, not a clean stop) and wait until it is gone."""
         pid = self.pid("s3")

@@ -44,20 +44,6 @@ def _http_status(url: str, token: str | None = None) -> int:
         return exc.code
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in {"Z", "X"}
-
-
-def _session_pids(sid: int) -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True, check=True).stdout
-    pids = [int(p) for p, s in (line.split() for line in out.splitlines()) if int(s) == sid]
-    return [p for p in pids if pid_alive(p)]
-
-
 PUT_AND_LOG = """
     import os, tempfile, mlflow
     from ssn_platform.storage import make_client, put_bytes
@@ -155,7 +141,7 @@ def test_stack_up_status_down_up_keeps_data(tmp_path: Path, make_stack) -> None:
         assert all(sids.values())
         stack.run("down", timeout=200)
         for name, sid in sids.items():
-            assert not _session_pids(sid), f"{name} left processes behind: {_session_pids(sid)}"
+            assert not stack.session_pids(sid), f"{name} left processes behind: {stack.session_pids(sid)}"
         assert stack.run("status", check=False).returncode != 0
         assert not (stack.state_dir / "run" / "s3.pid").exists()
 
