@@ -146,7 +146,8 @@ class ServeSettings:
                     values[f.name] = (raw.lower() in ("1", "true", "yes", "on") if kind == "bool"
                                       else int(raw) if kind == "int" else float(raw))
                 except ValueError:
-                    raise ValueError(f"serving settings: {f.name} must be a {kind}, got {raw!r}") from None
+                    article = "an" if kind == "int" else "a"
+                    raise ValueError(f"serving settings: {f.name} must be {article} {kind}, got {raw!r}") from None
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,41 @@
+"""The inspection service's settings and model loading helpers, without a stack (test_serving.py runs the app)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from supersimplenet.config import ModelConfig
+from supersimplenet.inference import inference_model
+from supersimplenet.model import build_model
+from ssn_platform.serving import ServeSettings, inference_info
+
+
+def test_settings_from_strings_and_round_trip():
+    settings = ServeSettings.from_dict({"precision": "bf16", "max_batch_size": "16", "batching": "false",
+                                        "refresh_s": "2.5"})
+    assert (settings.precision, settings.max_batch_size, settings.batching, settings.refresh_s) == ("bf16", 16, False,
+                                                                                                   2.5)
+    assert ServeSettings.from_dict(settings.to_dict()) == settings
+    assert ServeSettings().precision == "fp32"  # served scores equal offline ones unless asked otherwise
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"precision": "fp16"}, "precision must be fp32 or bf16, got 'fp16'"),
+    ({"device": "tpu"}, "device must be auto, cpu or cuda"),
+    ({"max_batch_size": "many"}, "max_batch_size must be an int, got 'many'"),
+    ({"max_batchsize": 8}, "unknown option(s) ['max_batchsize']"),
+    ({"num_replicas": 0}, "num_replicas must be a positive int or 'auto'"),
+])
+def test_bad_settings_name_the_culprit(values, message):
+    with pytest.raises(ValueError) as error:
+        ServeSettings.from_dict(values)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_inference_info_describes_the_folded_model(precision):
+    model = build_model(ModelConfig(backbone="efficientnet_lite0", image_size=(96, 96))).eval()
+    info = inference_info(inference_model(model, precision=precision))
+    assert info == {"engine": "FastSuperSimpleNet", "heads": "folded", "precision": precision, "device": "cpu"}
+    assert torch.equal(model.mean, inference_model(model).mean)  # normalisation travels with the folded model
