@@ -33,3 +33,15 @@ def weld_root(shared_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def mpdd_root(shared_data: Path) -> Path:
     return shared_data / "mpdd_metal_plate" / "data_supervised" / "metal_plate"
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Ray must not be imported while tests are collected: it reads its settings (address, auth mode and token)
+    when first imported, before the ``live_stack`` fixture applies the stack's, and every later in-process
+    connection of the session then fails ("Failed to connect to Ray cluster"). Import Ray-using platform modules
+    inside tests and fixtures."""
+    import sys
+
+    if "ray" in sys.modules and session.items:
+        raise pytest.UsageError("a test module imported ray at collection time (directly or through an "
+                                "ssn_platform module): import it inside the test or fixture instead")

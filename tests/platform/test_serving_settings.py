@@ -8,10 +8,20 @@ import torch
 from supersimplenet.config import ModelConfig
 from supersimplenet.inference import inference_model
 from supersimplenet.model import build_model
-from ssn_platform.serving import ServeSettings, inference_info
+
+# ssn_platform.serving imports Ray, which reads its auth settings when first imported: a module-level import here
+# (at collection, before the live_stack fixture applies the stack's token) breaks every later in-process Ray
+# connection of the session. Import inside the tests.
+
+
+def serving():
+    from ssn_platform import serving as module
+
+    return module
 
 
 def test_settings_from_strings_and_round_trip():
+    ServeSettings = serving().ServeSettings
     settings = ServeSettings.from_dict({"precision": "bf16", "max_batch_size": "16", "batching": "false",
                                         "refresh_s": "2.5"})
     assert (settings.precision, settings.max_batch_size, settings.batching, settings.refresh_s) == ("bf16", 16, False,
@@ -29,13 +39,13 @@ def test_settings_from_strings_and_round_trip():
 ])
 def test_bad_settings_name_the_culprit(values, message):
     with pytest.raises(ValueError) as error:
-        ServeSettings.from_dict(values)
+        serving().ServeSettings.from_dict(values)
     assert message in str(error.value)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_inference_info_describes_the_folded_model(precision):
     model = build_model(ModelConfig(backbone="efficientnet_lite0", image_size=(96, 96))).eval()
-    info = inference_info(inference_model(model, precision=precision))
+    info = serving().inference_info(inference_model(model, precision=precision))
     assert info == {"engine": "FastSuperSimpleNet", "heads": "folded", "precision": precision, "device": "cpu"}
     assert torch.equal(model.mean, inference_model(model).mean)  # normalisation travels with the folded model
