@@ -75,6 +75,12 @@ SEG_CHUNK_ROWS = 1024
 BACKBONE_MICRO_BATCH = 4
 
 
+def _eager_cpu(tensor: torch.Tensor) -> bool:
+    """Whether the CPU-only rewrites (4., 6.) apply: eager execution on CPU. Traced graphs (ONNX export) need the
+    batch-size-independent form, and a GPU gains nothing from blocking."""
+    return tensor.device.type == "cpu" and not torch.jit.is_tracing()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # BatchNorm folding
 # ----------------------------------------------------------------------------------------------------------------
@@ -345,8 +351,6 @@ class FastSuperSimpleNet(nn.Module):
             buffer("seg_weight", seg_w[:, :, None, None])
             buffer("seg_bias", seg_b)
             buffer("seg_out_weight", seg_out_w[:, :, None, None])
-            buffer("seg_weight_t", seg_w.t())  # [C, S]: the same weights for the blocked matrix products
-            buffer("seg_out_t", seg_out_w.t())  # [S, 1]
             buffer("cls_feat_weight", w_cls_feat)
             if channels_last:
                 for name in ("seg_weight", "seg_out_weight", "cls_feat_weight", "cls_map_weight"):
@@ -433,7 +437,7 @@ class FastSuperSimpleNet(nn.Module):
 
     def _backbone_levels(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The backbone's levels; on CPU computed `BACKBONE_MICRO_BATCH` images at a time (6.)."""
-        if torch.jit.is_tracing() or x.device.type != "cpu" or x.shape[0] <= BACKBONE_MICRO_BATCH:
+        if not _eager_cpu(x) or x.shape[0] <= BACKBONE_MICRO_BATCH:
             return self.backbone(x)
         parts = [self.backbone(chunk) for chunk in x.split(BACKBONE_MICRO_BATCH)]
         return [torch.cat(level) for level in zip(*parts)]
@@ -502,7 +506,7 @@ class FastSuperSimpleNet(nn.Module):
 
     def _segmentation_logits(self, features: torch.Tensor) -> torch.Tensor:
         """Segmentation head (folded) on features [b, C, h, w] -> map logits [b, 1, h, w]; blocked on CPU (4.)."""
-        if torch.jit.is_tracing() or features.device.type != "cpu":
+        if not _eager_cpu(features):
             hidden = F.leaky_relu_(F.conv2d(features, self.seg_weight, self.seg_bias), self.negative_slope)
             return F.conv2d(hidden, self.seg_out_weight)
         batch, channels, height, width = features.shape
@@ -510,20 +514,16 @@ class FastSuperSimpleNet(nn.Module):
         count = rows.shape[0]
         out = rows.new_empty(count, 1)
         block = rows.new_empty(min(SEG_CHUNK_ROWS, count), self.seg_bias.shape[0])
+        weight, out_weight = self.seg_weight.flatten(1).t(), self.seg_out_weight.flatten(1).t()  # views [C, S], [S, 1]
         for start in range(0, count, SEG_CHUNK_ROWS):
             part = rows[start:start + SEG_CHUNK_ROWS]
-            hidden = torch.addmm(self.seg_bias, part, self.seg_weight_t, out=block[:part.shape[0]])
+            hidden = torch.addmm(self.seg_bias, part, weight, out=block[:part.shape[0]])
             F.leaky_relu_(hidden, self.negative_slope)
-            torch.mm(hidden, self.seg_out_t, out=out[start:start + part.shape[0]])
+            torch.mm(hidden, out_weight, out=out[start:start + part.shape[0]])
         return out.view(batch, height, width, 1).permute(0, 3, 1, 2)
 
 
-def build_fast_model(model: SuperSimpleNet, **options) -> FastSuperSimpleNet:
-    """Alias of `FastSuperSimpleNet.from_model`."""
-    return FastSuperSimpleNet.from_model(model, **options)
-
-
 __all__ = [
-    "BACKBONE_MICRO_BATCH", "BF16_BACKBONES", "SEG_CHUNK_ROWS", "SEPARABLE_MIN_CHANNELS", "FastSuperSimpleNet", "build_fast_model",
+    "BACKBONE_MICRO_BATCH", "BF16_BACKBONES", "SEG_CHUNK_ROWS", "SEPARABLE_MIN_CHANNELS", "FastSuperSimpleNet",
     "fold_backbone_batchnorm", "fold_conv_bn", "level_operators", "upsample_blur_matrix",
 ]

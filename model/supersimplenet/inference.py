@@ -26,7 +26,7 @@ PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloa
 InferenceModel = SuperSimpleNet | FastSuperSimpleNet
 
 
-def inference_model(model: InferenceModel, *, precision: Precision = "fp32") -> FastSuperSimpleNet:
+def inference_model(model: InferenceModel, *, precision: Precision | None = None) -> FastSuperSimpleNet:
     """The model every prediction runs: `model` folded into a `FastSuperSimpleNet` (returned as is if it is one).
 
     Fold once and keep the result when predicting repeatedly (serving does); folding copies the backbone.
@@ -34,16 +34,17 @@ def inference_model(model: InferenceModel, *, precision: Precision = "fp32") -> 
     Args:
         model: a reference model (its eval-mode computation is reproduced; it is left untouched) or a fast one.
         precision: "fp32" (equal to the reference within about 1e-5) or "bf16" (see `supersimplenet.fast`).
+            None: fp32 for a reference model, whatever a fast model already runs in.
     """
-    if precision not in PRECISIONS:
+    if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     if isinstance(model, FastSuperSimpleNet):
-        if model.dtype != PRECISIONS[precision]:
+        if precision is not None and model.dtype != PRECISIONS[precision]:
             raise ValueError(f"the fast model runs in {model.dtype}, not {precision}; fold the reference model again")
         return model
     if not isinstance(model, SuperSimpleNet):
         raise TypeError(f"expected a SuperSimpleNet or FastSuperSimpleNet, got {type(model).__name__}")
-    return FastSuperSimpleNet.from_model(model, dtype=PRECISIONS[precision])
+    return FastSuperSimpleNet.from_model(model, dtype=PRECISIONS[precision or "fp32"])
 
 
 def to_array(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -74,6 +75,6 @@ def predict_images(model: InferenceModel, images: Sequence[Image.Image | np.ndar
     """Scores [N] and anomaly maps [N, H, W] (model resolution) of decoded images, through `inference_model`."""
     if isinstance(images, np.ndarray) and images.ndim == 3 and images.shape[-1] not in (1, 3):
         images = [images]  # one grayscale image
-    net = inference_model(model) if isinstance(model, SuperSimpleNet) else model
+    net = inference_model(model)
     out = net(preprocess(net, list(images)))
     return out.score.float().cpu().numpy(), out.anomaly_map[:, 0].float().cpu().numpy()

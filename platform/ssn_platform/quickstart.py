@@ -125,10 +125,8 @@ def run(settings: QuickstartSettings) -> dict[str, Any]:
     say("5/7 promote", f"{'promoted' if decision.promoted else 'kept the champion'}: {decision.reason}")
     if not decision.promoted and decision.champion_version is None:
         raise PlatformError(f"version {version} was not promoted and there is no champion to serve: {decision.reason}")
-    from ssn_platform.training import connect_ray
-
-    connect_ray(log_to_driver=False)  # the replicas' request logs would bury the quickstart's own lines
-    url = serving.deploy({}, name="ssn", route_prefix="/")
+    # log_to_driver=False: the replicas' request logs would bury the quickstart's own lines
+    url = serving.deploy({}, name="ssn", route_prefix="/", log_to_driver=False)
     serving.wait_ready(url, timeout=300)
     say("5/7 deploy", f"{url}/v1/products/{PRODUCT}/inspect")
 
