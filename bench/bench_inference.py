@@ -391,7 +391,7 @@ def bench_backbone(backbone: str, args: argparse.Namespace, device: torch.device
     memory = (lambda fn: gpu_peak(fn, device)) if device.type == "cuda" else (rss.measure if rss else None)
     for batch in args.batches:
         x = torch.randn(batch, 3, *size, device=device)
-        stats = interleaved([lambda impl=impl: impl.infer(x) for impl in impls], device, repeats=args.repeats,
+        stats = interleaved([lambda impl=impl, x=x: impl.infer(x) for impl in impls], device, repeats=args.repeats,
                             warmup=args.warmup, budget_s=args.budget, memory=memory)
         for impl, stat in zip(impls, stats):
             peak = peaks.get(impl.dtype) or peaks.get("fp32")

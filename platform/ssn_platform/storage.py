@@ -68,21 +68,12 @@ _CREDENTIAL_CODES = {
     "InvalidClientTokenId",
     "AuthorizationHeaderMalformed",
 }
-_TRANSIENT_CODES = {
-    "InternalError",
-    "ServiceUnavailable",
-    "SlowDown",
-    "RequestTimeout",
-    "RequestTimeTooSkewed",
-    "Throttling",
-    "ThrottlingException",
-    "RequestLimitExceeded",
+# Answers worth another try that botocore's retry handler does not retry itself (it already retries 5xx answers,
+# throttling and request timeouts ``max_attempts`` times: retrying those again would multiply the wait before a
+# persistent server error reaches the user, e.g. 8 x 10 attempts of a full SeaweedFS's InternalError).
+_RETRY_BEYOND_BOTOCORE_CODES = {
     "BadDigest",  # the body was cut on the way in
     "IncompleteBody",
-    "500",
-    "502",
-    "503",
-    "504",
 }
 
 T = TypeVar("T")
@@ -324,7 +315,9 @@ def _client_error_code(exc: bexc.ClientError) -> tuple[str, int | None]:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """True for errors worth retrying: connection trouble, cut streams, throttling and 5xx answers."""
+    """True for errors worth retrying after botocore's own retries: connection trouble (a server restarting takes
+    longer than botocore's budget), cut streams and bodies, failed verification. Not 5xx answers or throttling:
+    botocore has already retried those ``max_attempts`` times."""
     if isinstance(exc, StorageError):
         return isinstance(exc, (EndpointError, IntegrityError)) and getattr(exc, "transient", False)
     if isinstance(
@@ -340,8 +333,8 @@ def is_transient(exc: BaseException) -> bool:
     ):
         return True
     if isinstance(exc, bexc.ClientError):
-        code, status = _client_error_code(exc)
-        return code in _TRANSIENT_CODES or (status is not None and status >= 500)
+        code, _ = _client_error_code(exc)
+        return code in _RETRY_BEYOND_BOTOCORE_CODES
     name = type(exc).__name__
     return name in {"ProtocolError", "IncompleteRead", "ReadTimeoutError", "NewConnectionError"}
 
@@ -377,8 +370,11 @@ def translate_error(
         if code in {"NoSuchKey", "404", "NotFound"}:
             return ObjectNotFoundError(f"{target} does not exist (at {endpoint}){doing}")
         msg = exc.response.get("Error", {}).get("Message", "") if hasattr(exc, "response") else ""
-        err = StorageError(f"S3 error {code or status}{doing} {target} at {endpoint}: {msg}".rstrip(": "))
-        return err
+        text = f"S3 error {code or status}{doing} {target} at {endpoint}: {msg}".rstrip(": ")
+        if status is not None and status >= 500:
+            tries = 1 + int(exc.response.get("ResponseMetadata", {}).get("RetryAttempts", 0))
+            text += f" (the same answer {tries} times; the server's log says why)" if tries > 1 else ""
+        return StorageError(text)
     if isinstance(exc, (bexc.ConnectionError, bexc.HTTPClientError, ConnectionError, TimeoutError)):
         return EndpointError(f"cannot reach S3 endpoint {endpoint}{doing} {target}: {type(exc).__name__}")
     if isinstance(exc, (bexc.ResponseStreamingError, bexc.IncompleteReadError)):
@@ -399,9 +395,9 @@ def call_with_retries(
 ) -> T:
     """Run ``fn`` retrying transient failures with exponential backoff and full jitter.
 
-    botocore already retries each request; this outer loop covers what it cannot: a response body cut half-way
-    (server restarted mid-download) and content that fails verification. Non-transient errors are raised at
-    once, translated into :class:`StorageError`.
+    botocore already retries each request (5xx answers and throttling included); this outer loop covers what it
+    cannot: a server down for longer than botocore's budget (restarting), a response body cut half-way and content
+    that fails verification. Anything else is raised at once, translated into :class:`StorageError`.
     """
     for attempt in range(attempts):
         try:

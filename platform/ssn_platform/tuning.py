@@ -674,8 +674,12 @@ def _trial_dirname(trial) -> str:
 
 def _close_child_runs(client, experiment_id: str, parent_id: str, results: Mapping[str, Any], *,
                       max_t: int) -> dict[str, str]:
-    """Ends child runs that Tune stopped (a stop ends the trial actor, so the trial cannot end its own run):
-    KILLED + `ssn.tune.stopped_early` when stopped before max_t, FINISHED at max_t, FAILED on errors.
+    """Tags every child run with the epochs Tune judged (`ssn.tune.epochs_reached`) and `ssn.tune.stopped_early`
+    when ASHA stopped it before max_t, and ends the runs that Tune stopped (a stop ends the trial actor, so the
+    trial cannot end its own run): KILLED when stopped before max_t, FINISHED at max_t, FAILED on errors.
+
+    The workers do not wait for the scheduler's verdict on an epoch: a stopped trial's run may hold one more epoch
+    of metrics than Tune judged, and one whose last epoch finished meanwhile may have ended itself as FINISHED.
     Returns {tune trial id: MLflow run id}."""
     runs = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
                               max_results=5000)
@@ -685,13 +689,15 @@ def _close_child_runs(client, experiment_id: str, parent_id: str, results: Mappi
         out[trial_id] = run.info.run_id
         result = results.get(trial_id)
         iterations = int((result.metrics or {}).get("training_iteration") or 0) if result is not None else 0
+        client.set_tag(run.info.run_id, "ssn.tune.epochs_reached", str(iterations))
+        stopped = result is not None and result.error is None and 0 < iterations < max_t
+        if stopped:
+            client.set_tag(run.info.run_id, "ssn.tune.stopped_early", "true")
         if run.info.status == "FINISHED":
             continue
-        client.set_tag(run.info.run_id, "ssn.tune.epochs_reached", str(iterations))
         if result is None or result.error is not None or iterations == 0:
             client.set_terminated(run.info.run_id, status="FAILED")
-        elif iterations < max_t:
-            client.set_tag(run.info.run_id, "ssn.tune.stopped_early", "true")
+        elif stopped:
             client.set_terminated(run.info.run_id, status="KILLED")
         else:
             # ASHA also stops a trial at max_t, which can end the trial actor before the trial ends its own run

@@ -205,13 +205,33 @@ def s3_client(s3_settings):
 
 
 @pytest.fixture
-def bucket(s3_client) -> str:
-    """A fresh bucket for one test."""
+def bucket(s3_client) -> Iterator[str]:
+    """A fresh bucket for one test, emptied and deleted afterwards: SeaweedFS gives every bucket a volume of its
+    own and frees it only with the bucket."""
     from ssn_platform.storage import ensure_bucket
 
     name = f"t-{uuid.uuid4().hex[:16]}"
     ensure_bucket(s3_client, name)
-    return name
+    yield name
+    delete_bucket(s3_client, name)
+
+
+@pytest.fixture
+def drop_bucket(s3_client):
+    """``drop_bucket(name)``: empty and delete a bucket of the session's SeaweedFS."""
+    return lambda name: delete_bucket(s3_client, name)
+
+
+def delete_bucket(client, name: str) -> None:
+    """Delete every object of bucket ``name``, then the bucket (a bucket a test already deleted is fine)."""
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
+            keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
+            if keys:
+                client.delete_objects(Bucket=name, Delete={"Objects": keys, "Quiet": True})
+        client.delete_bucket(Bucket=name)
+    except client.exceptions.NoSuchBucket:
+        pass
 
 
 @pytest.fixture(scope="session")

@@ -240,6 +240,52 @@ def test_s3_server_restarted_in_the_middle_of_a_read(mpdd_root, s3_stack, s3_set
 
 
 @pytest.mark.stack
+def test_the_stack_holds_many_buckets(s3_client, drop_bucket):
+    """Every SeaweedFS bucket takes a volume of its own; the stack sets the volume count instead of SeaweedFS's
+    default derived from the free disk space (a dozen on a nearly full disk: the 13th bucket could not be written)."""
+    from ssn_platform.storage import ensure_bucket, get_bytes, put_bytes
+
+    names = [f"many-{i:02d}-{os.getpid()}" for i in range(40)]
+    try:
+        for name in names:
+            ensure_bucket(s3_client, name)
+            put_bytes(s3_client, name, "x", name.encode())
+        assert [get_bytes(s3_client, name, "x") for name in names] == [name.encode() for name in names]
+    finally:
+        for name in names:
+            drop_bucket(name)
+
+
+@pytest.mark.stack
+def test_a_persistent_server_error_is_raised_after_botocore_retries_only(make_stack, tmp_path):
+    """A server that keeps answering 500 (a SeaweedFS with no volume left for a new bucket: a real failure, caused
+    here with a one-volume server) fails the write after botocore's attempts, not after our retries of its
+    retries, and the error names the object and the endpoint."""
+    from ssn_platform.storage import ensure_bucket, make_client, put_bytes
+
+    stack = make_stack(tmp_path / "state", {"SSN_WEED_MAX_VOLUMES": "1"})
+    stack.start("s3", timeout=120)
+    try:
+        settings = dataclasses.replace(S3Settings.from_env(stack.client_env()), max_attempts=3)
+        client = make_client(settings)
+        sent: list[str] = []
+        client.meta.events.register("before-send.s3.PutObject", lambda **kw: sent.append(kw["request"].url))
+        ensure_bucket(client, "first")
+        put_bytes(client, "first", "a.bin", b"takes the only volume")
+        ensure_bucket(client, "second")
+        sent.clear()
+        with pytest.raises(StorageError) as info:
+            put_bytes(client, "second", "b.bin", b"no volume left")
+        assert len(sent) == 3, sent
+        msg = str(info.value)
+        assert "s3://second/b.bin" in msg and settings.endpoint_url in msg and "InternalError" in msg
+        assert "3 times" in msg
+        assert not isinstance(info.value, CredentialsError | ObjectNotFoundError)
+    finally:
+        stack.run("down", check=False, timeout=120)
+
+
+@pytest.mark.stack
 def test_wrong_credentials_give_a_clear_error(weld_root, weld_ingested, s3_settings, bucket, tmp_path):
     bad_secret = "definitely-not-the-secret-0123456789"
     wrong = dataclasses.replace(s3_settings, secret_access_key=bad_secret, max_attempts=2)

@@ -217,13 +217,21 @@ def test_parent_and_nested_trial_runs_are_in_mlflow(first_search, search_setup):
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(children) == 4
     by_run = {t.mlflow_run_id: t for t in first_search.trials}
+    max_t = search_setup["job"].train.epochs
     for child in children:
         trial = by_run[child.info.run_id]
-        assert len(client.get_metric_history(child.info.run_id, "val_image_auroc")) == trial.epochs_reached
+        history = sorted(client.get_metric_history(child.info.run_id, "val_image_auroc"), key=lambda m: m.step)
+        assert [m.step for m in history] == list(range(len(history)))
+        # the epochs Tune judged are all logged, with the value Tune saw; a stopped trial's workers may have
+        # finished one more epoch before the stop reached them
+        assert trial.epochs_reached <= len(history) <= min(trial.epochs_reached + 1, max_t)
+        assert history[trial.epochs_reached - 1].value == pytest.approx(trial.value, abs=1e-12)
+        assert child.data.tags["ssn.tune.epochs_reached"] == str(trial.epochs_reached)
         if trial.stopped_early:
-            assert child.info.status == "KILLED" and child.data.tags["ssn.tune.stopped_early"] == "true"
+            assert child.data.tags["ssn.tune.stopped_early"] == "true"
+            assert child.info.status == "KILLED" or (child.info.status == "FINISHED" and len(history) == max_t)
         else:
-            assert child.info.status == "FINISHED"
+            assert child.info.status == "FINISHED" and "ssn.tune.stopped_early" not in child.data.tags
         assert child.data.params["validation"] == "split" and child.data.params["register"] == "False"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"tuned_settings.yaml", "trials.csv", "plots"} <= artifacts
