@@ -37,8 +37,9 @@ quickstart:
 	infra/local/stack up
 	$(BIN)/python jobs/quickstart.py
 
+# Stops the local stack and keeps its data; `make teardown PURGE=1` deletes the data too (S3, MLflow, credentials).
 teardown:
-	infra/local/stack down
+	infra/local/stack $(if $(PURGE),purge,down)
 
 bench: setup
 	$(BIN)/python bench/bench_inference.py

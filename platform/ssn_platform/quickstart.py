@@ -162,5 +162,6 @@ def run(settings: QuickstartSettings) -> dict[str, Any]:
         "report": str(report), "links": links, "seconds": round(time.monotonic() - started, 1),
     }
     (state / "reports" / "quickstart.json").write_text(json.dumps(summary, indent=2, default=str))
-    say("done", f"{summary['seconds']} s")
+    say("done", f"{summary['seconds']} s; the stack keeps running: `make teardown` stops it and keeps its data, "
+                "`make teardown PURGE=1` deletes the data too")
     return summary

@@ -180,3 +180,41 @@ def test_env_requires_a_started_stack(tmp_path: Path, make_stack) -> None:
     proc = stack.run("env", check=False)
     assert proc.returncode != 0 and "run 'infra/local/stack up' first" in proc.stderr
     assert stack.run("status", check=False).returncode != 0
+
+
+def test_purge_stops_everything_and_deletes_only_a_stack_state(tmp_path: Path, make_stack) -> None:
+    # a folder that `up` did not make is never deleted, whatever SSN_STACK_DIR says
+    precious = tmp_path / "not-a-stack"
+    precious.mkdir()
+    (precious / "keep.txt").write_text("mine")
+    refused = make_stack(precious).run("purge", check=False)
+    assert refused.returncode != 0 and "holds no stack state" in refused.stderr
+    assert (precious / "keep.txt").read_text() == "mine"
+
+    stack = make_stack(tmp_path / "state")
+    try:
+        stack.start("s3", "mlflow", timeout=300)
+        env = stack.client_env()
+        _python("""
+            from ssn_platform.storage import S3Settings, make_client, put_bytes
+            put_bytes(make_client(S3Settings.from_env()), "ssn", "probe.txt", b"data")
+            """, env)
+        sids = {name: stack.pid(name) for name in ("s3", "mlflow")}
+        purged = stack.run("purge", timeout=200)
+        assert "deleted" in purged.stderr
+        for name, sid in sids.items():
+            assert not stack.session_pids(sid), f"{name} left processes behind: {stack.session_pids(sid)}"
+        assert not stack.state_dir.exists()
+        again = stack.run("purge")  # nothing left: still fine
+        assert "nothing to delete" in again.stderr and not stack.state_dir.exists()
+
+        # a new `up` starts empty: new credentials, no object
+        stack.start("s3", timeout=120)
+        fresh = stack.client_env()
+        assert fresh["AWS_SECRET_ACCESS_KEY"] != env["AWS_SECRET_ACCESS_KEY"]
+        assert _python("""
+            from ssn_platform.storage import S3Settings, make_client, object_exists
+            print(object_exists(make_client(S3Settings.from_env()), "ssn", "probe.txt"))
+            """, fresh).strip() == "False"
+    finally:
+        stack.run("down", check=False, timeout=200)
