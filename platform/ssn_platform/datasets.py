@@ -28,6 +28,12 @@ one download per object per node (``fcntl`` lock per object, temp file + atomic 
 download and again on every use (a corrupt entry is downloaded again). ``materialize()`` builds
 ``<cache>/views/<bucket>/<version prefix>/`` of hard links (copies where links fail) at the samples' relative paths
 and returns ``(root, samples)`` for ``supersimplenet.data.DefectDataset(root=root, samples=samples, ...)``.
+
+The cache lives in ``SSN_CACHE_DIR`` (default ``$TMPDIR/ssn-cache``) and is bounded by ``SSN_CACHE_MAX_GB`` (unset:
+unbounded). Past the bound, :func:`prune_cache` deletes objects no view links, then the views least recently
+materialized with the objects only they linked, never a view that a live process is using: ``materialize()`` holds
+a shared ``flock`` on its view until the process ends, and pruning skips every view it cannot lock exclusively. It
+waits for no one: while another process fetches or materializes it does nothing (that process prunes after).
 """
 
 from __future__ import annotations
@@ -39,10 +45,12 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import mimetypes
 import os
 import re
 import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -76,7 +84,12 @@ __all__ = [
     "canonical_json",
     "dataset_prefix",
     "default_cache_dir",
+    "cache_limit_bytes",
+    "prune_cache",
+    "PruneStats",
 ]
+
+log = logging.getLogger(__name__)
 
 SCHEMA = "ssn-dataset-manifest"
 SCHEMA_VERSION = 1
@@ -473,26 +486,38 @@ def _check_bucket(client: Any, bucket: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ reader
 def default_cache_dir() -> Path:
-    env = os.environ.get("SSN_DATASET_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "ssn-platform" / "datasets"
+    """The node-local cache: ``SSN_CACHE_DIR``, default ``$TMPDIR/ssn-cache`` (datasets and fetched weights)."""
+    return Path(os.environ.get("SSN_CACHE_DIR") or Path(tempfile.gettempdir()) / "ssn-cache")
+
+
+def cache_limit_bytes(env: Mapping[str, str] | None = None) -> int | None:
+    """``SSN_CACHE_MAX_GB`` in bytes (GiB), or None when unset: the bound :func:`prune_cache` keeps the cache to."""
+    raw = (os.environ if env is None else env).get("SSN_CACHE_MAX_GB", "").strip()
+    if not raw:
+        return None
+    try:
+        gib = float(raw)
+    except ValueError:
+        raise ValueError(f"SSN_CACHE_MAX_GB must be a number of GiB, got {raw!r}") from None
+    if not gib > 0 or gib != gib or gib == float("inf"):
+        raise ValueError(f"SSN_CACHE_MAX_GB must be a positive number of GiB, got {raw!r}")
+    return int(gib * (1 << 30))
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path, timeout: float | None = None) -> Iterator[None]:
-    """Exclusive ``flock`` on ``path`` (its folder must exist); works across processes and across threads (each
-    holder opens its own descriptor)."""
+def _file_lock(path: Path, timeout: float | None = None, *, shared: bool = False) -> Iterator[None]:
+    """Exclusive (or shared) ``flock`` on ``path`` (its folder must exist); works across processes and across
+    threads (each holder opens its own descriptor)."""
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         if timeout is None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.flock(fd, mode)
         else:
             deadline = time.monotonic() + timeout
             while True:
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fd, mode | fcntl.LOCK_NB)
                     break
                 except OSError as exc:
                     if exc.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
@@ -501,6 +526,152 @@ def _file_lock(path: Path, timeout: float | None = None) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def _try_lock(path: Path, mode: int) -> int | None:
+    """A descriptor holding ``flock(mode)`` on ``path``, or None when another holder conflicts (never waits)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return None
+        raise
+    return fd
+
+
+def _cache_lock(cache_dir: Path) -> Path:
+    """Shared by every fetch/materialize, exclusive for pruning: pruning never deletes what one is placing."""
+    return cache_dir / "locks" / "cache.lock"
+
+
+def _view_use_marker(cache_dir: Path, view: Path) -> Path:
+    """``<cache>/locks/views/<hash>.use``: names the view; its mtime is the view's last use; a live process using
+    the view holds a shared ``flock`` on it."""
+    return cache_dir / "locks" / "views" / f"{hashlib.sha256(str(view).encode()).hexdigest()}.use"
+
+
+_HELD_VIEWS: dict[str, int] = {}  # view use marker -> descriptor holding its shared lock until this process ends
+_HELD_VIEWS_LOCK = threading.Lock()
+
+
+def _hold_view(cache_dir: Path, view: Path) -> None:
+    """Mark ``view`` used now and in use by this process (the lock goes with the process: no stale claims)."""
+    marker = _view_use_marker(cache_dir, view)
+    with _HELD_VIEWS_LOCK:
+        if str(marker) not in _HELD_VIEWS:
+            marker.write_text(str(view.relative_to(cache_dir)))
+            fd = os.open(marker, os.O_RDWR)
+            fcntl.flock(fd, fcntl.LOCK_SH)  # only pruning takes it exclusively, and pruning is excluded meanwhile
+            _HELD_VIEWS[str(marker)] = fd
+        os.utime(marker)
+
+
+@dataclasses.dataclass
+class PruneStats:
+    bytes_before: int = 0  # the cache's objects, in bytes
+    bytes_after: int = 0
+    objects_deleted: int = 0
+    views_deleted: int = 0
+    views_in_use: int = 0  # views past their turn that a live process holds: kept
+    busy: bool = False  # another process was fetching or materializing: nothing was done
+
+
+def _object_entries(objects: Path) -> list[tuple[Path, os.stat_result]]:
+    out = []
+    for path in objects.glob("*/*"):
+        if path.name.startswith("."):  # a download in progress (.part)
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            out.append((path, path.stat()))
+    return out
+
+
+def prune_cache(cache_dir: str | os.PathLike[str], max_bytes: int) -> PruneStats:
+    """Bring the cache's objects to ``max_bytes`` or less, if it can without touching what a live process uses.
+
+    First objects that no view links (hard-link count 1), oldest first, until under the bound; then, least recently
+    materialized first, views that no live process holds, each with every object only it linked. Never waits: when another process
+    holds the cache lock (fetching or materializing), returns at once with ``busy`` set.
+    """
+    if max_bytes < 0:
+        raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+    cache = Path(cache_dir)
+    stats = PruneStats()
+    objects = cache / "objects"
+    if not objects.is_dir():
+        return stats
+    lock = _cache_lock(cache)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = _try_lock(lock, fcntl.LOCK_EX)
+    if fd is None:
+        stats.busy = True
+        return stats
+    try:
+        total = sum(st.st_size for _, st in _object_entries(objects))
+        stats.bytes_before = total
+
+        def drop_unlinked(*, every: bool) -> None:
+            """Objects no view links, oldest first: until under the bound, or ``every`` one of them."""
+            nonlocal total
+            unlinked = [(path, st) for path, st in _object_entries(objects) if st.st_nlink == 1]
+            for path, st in sorted(unlinked, key=lambda item: item[1].st_mtime):
+                if total <= max_bytes and not every:
+                    return
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    total -= st.st_size
+                    stats.objects_deleted += 1
+
+        drop_unlinked(every=False)
+        markers = sorted((cache / "locks" / "views").glob("*.use"), key=lambda m: m.stat().st_mtime)
+        views_root = (cache / "views").resolve()
+        for marker in markers:
+            if total <= max_bytes:
+                break
+            held = _try_lock(marker, fcntl.LOCK_EX)
+            if held is None:
+                stats.views_in_use += 1
+                continue
+            try:
+                view = (cache / marker.read_text().strip()).resolve()
+                if view.is_relative_to(views_root) and view != views_root:
+                    _make_writable(view)
+                    shutil.rmtree(view, ignore_errors=True)
+                    for parent in view.parents:  # the empty product/bucket folders above it
+                        if parent == views_root or not parent.is_relative_to(views_root):
+                            break
+                        try:
+                            parent.rmdir()
+                        except OSError:
+                            break
+                    stats.views_deleted += 1
+                marker.unlink(missing_ok=True)
+            finally:
+                os.close(held)
+            drop_unlinked(every=True)  # an evicted view goes with the objects only it linked
+        stats.bytes_after = total
+    finally:
+        os.close(fd)
+    if stats.objects_deleted or stats.views_deleted:
+        log.info("dataset cache %s: deleted %d views and %d objects, %d -> %d bytes (bound %d)", cache,
+                 stats.views_deleted, stats.objects_deleted, stats.bytes_before, stats.bytes_after, max_bytes)
+    if stats.bytes_after > max_bytes:
+        log.warning("dataset cache %s holds %d bytes, above its bound of %d: %d views past their turn are in use",
+                    cache, stats.bytes_after, max_bytes, stats.views_in_use)
+    return stats
+
+
+def _make_writable(tree: Path) -> None:
+    """Folders of a view must be writable for their entries to be removed (the entries are links to 0444 files,
+    which a directory's permissions alone govern)."""
+    for folder, _, _ in os.walk(tree):
+        with contextlib.suppress(OSError):
+            os.chmod(folder, 0o755)
 
 
 @dataclasses.dataclass
@@ -532,6 +703,7 @@ class DatasetReader:
         progress: bool | None = False,
         on_download: Callable[[str, int], None] | None = None,
         verify_on_use: bool = True,
+        max_cache_bytes: int | None = None,
     ) -> None:
         self.uri = uri
         self.bucket, self._key = parse_s3_uri(uri)
@@ -542,12 +714,15 @@ class DatasetReader:
         self.progress = progress
         self.on_download = on_download
         self.verify_on_use = verify_on_use
+        # the bound materialize() prunes the cache to (None: SSN_CACHE_MAX_GB, itself unset = unbounded)
+        self.max_cache_bytes = max_cache_bytes if max_cache_bytes is not None else cache_limit_bytes()
         self.stats = ReaderStats()
         self._stats_lock = threading.Lock()
         self._manifest: Manifest | None = None
         self._manifest_key: str | None = None
         self._link_ok = True
         self._dirs: set[Path] = set()  # folders known to exist (saves a mkdir system call per file)
+        self.last_prune: PruneStats | None = None  # what the last materialize() pruned
 
     # -- S3 side ---------------------------------------------------------------------------------------------
     @property
@@ -698,7 +873,9 @@ class DatasetReader:
 
     def fetch(self) -> ReaderStats:
         """Make sure every object of the dataset is in the cache and valid. Returns the reader's statistics."""
-        self._fetch()
+        self._mkdir(_cache_lock(self.cache_dir).parent)
+        with _file_lock(_cache_lock(self.cache_dir), shared=True):
+            self._fetch()
         return self.stats
 
     def _fetch(self) -> dict[str, Path]:
@@ -754,15 +931,19 @@ class DatasetReader:
 
         ``root_dir`` is a per-version directory of hard links into the cache at the samples' relative paths.
         """
-        paths = self._fetch()  # every entry verified (sha256) just now
         view = self.view_dir()
         view_lock = self.cache_dir / "locks" / "views" / f"{hashlib.sha256(str(view).encode()).hexdigest()}.lock"
         self._mkdir(view_lock.parent)
-        with _file_lock(view_lock):
-            for rel_key, (sha, size) in sorted(self.manifest.objects().items()):
-                rel_path = rel_key[len(OBJECTS_DIR) + 1:]
-                dest = view.joinpath(*rel_path.split("/"))
-                if not dest.resolve().is_relative_to(view.resolve()):  # belt and braces: keys are validated
-                    raise DatasetError(f"{rel_path!r} escapes the dataset view")
-                self._place(paths[sha], dest, sha, size)
+        with _file_lock(_cache_lock(self.cache_dir), shared=True):
+            paths = self._fetch()  # every entry verified (sha256) just now
+            with _file_lock(view_lock):
+                for rel_key, (sha, size) in sorted(self.manifest.objects().items()):
+                    rel_path = rel_key[len(OBJECTS_DIR) + 1:]
+                    dest = view.joinpath(*rel_path.split("/"))
+                    if not dest.resolve().is_relative_to(view.resolve()):  # belt and braces: keys are validated
+                        raise DatasetError(f"{rel_path!r} escapes the dataset view")
+                    self._place(paths[sha], dest, sha, size)
+            _hold_view(self.cache_dir, view)
+        if self.max_cache_bytes is not None:
+            self.last_prune = prune_cache(self.cache_dir, self.max_cache_bytes)
         return view, self.manifest.samples()

@@ -71,7 +71,7 @@ MULTIPART_OVERHEAD = 64 * 1024
 # runtime_env, which Ray logs: credentials come from the nodes' environment, never from here).
 SERVE_ENV = (
     "MLFLOW_TRACKING_URI", "MLFLOW_DISABLE_TELEMETRY", "MLFLOW_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION",
-    "SSN_CACHE_DIR",
+    "SSN_CACHE_DIR", "SSN_CACHE_MAX_GB",
 )
 
 

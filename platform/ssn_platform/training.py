@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 # environment (the local stack starts its Ray head with them; clusters use node env or IAM roles).
 WORKER_ENV = (
     "SSN_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "SSN_S3_ADDRESSING_STYLE",
-    "MLFLOW_TRACKING_URI", "MLFLOW_DISABLE_TELEMETRY", "SSN_CACHE_DIR", "SSN_GIT_SHA",
+    "MLFLOW_TRACKING_URI", "MLFLOW_DISABLE_TELEMETRY", "SSN_CACHE_DIR", "SSN_CACHE_MAX_GB", "SSN_GIT_SHA",
 )
 RUN_TAG = "ssn.run_name"
 CHECKPOINT_FILE = "state.pt"
@@ -129,15 +129,12 @@ def _resolve_weights(weights: str, cache_dir: Path) -> str:
     return str(target)
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("SSN_CACHE_DIR") or Path(tempfile.gettempdir()) / "ssn-cache")
-
 
 def load_job_data(job: JobConfig) -> tuple[Path, list, list, list]:
     """(root, train, val, test) samples of the job's dataset, via the node-local S3 cache."""
     from ssn_platform.datasets import DatasetReader
 
-    root, samples = DatasetReader(job.dataset, cache_dir=_cache_dir()).materialize()
+    root, samples = DatasetReader(job.dataset).materialize()
     samples = apply_supervision(samples, job.train.supervision, mask_ratio=job.train.mask_ratio, seed=job.train.seed)
     splits = {name: [s for s in samples if s.split == name] for name in ("train", "val", "test")}
     if not splits["train"]:
@@ -189,6 +186,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from ssn_platform.datasets import default_cache_dir
+
     job = build_job_config(config["job"])
     cfg = job.train
     context = ray.train.get_context()
@@ -203,7 +202,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)  # identical initial heads on every rank (DDP also broadcasts rank 0's)
     model = build_model(job.model)
     provenance = load_backbone_weights(model.feature_extractor.backbone, job.model.backbone,
-                                       _resolve_weights(job.weights, _cache_dir()))
+                                       _resolve_weights(job.weights, default_cache_dir()))
     model.to(device)
     loader, sampler = build_train_loader(train_set, train_samples, cfg, rank=rank, world_size=world_size,
                                          batch_size=job.per_worker_batch_size)
@@ -389,7 +388,7 @@ def _open_mlflow_run(job: JobConfig, run_name: str) -> tuple[str, str]:
 def lineage_tags(job: JobConfig) -> dict[str, str]:
     from ssn_platform.datasets import DatasetReader
 
-    reader = DatasetReader(job.dataset, cache_dir=_cache_dir())
+    reader = DatasetReader(job.dataset)
     return {
         "ssn.dataset.uri": job.dataset,
         "ssn.dataset.manifest": f"s3://{reader.bucket}/{reader.prefix}/manifest.json",

@@ -406,13 +406,13 @@ class SearchResult:
 def resolve_validation(job: JobConfig) -> str:
     """The job's own validation mode, or ("none") "split" when the val split holds both classes, else
     "synthetic" when it holds at least two normal images."""
-    from ssn_platform.training import PlatformError, _cache_dir
+    from ssn_platform.training import PlatformError
 
     if job.validation != "none":
         return job.validation
     from ssn_platform.datasets import DatasetReader
 
-    val = [s for s in DatasetReader(job.dataset, cache_dir=_cache_dir()).samples if s.split == "val"]
+    val = [s for s in DatasetReader(job.dataset).samples if s.split == "val"]
     labels = {s.label for s in val}
     if labels == {0, 1}:
         return "split"

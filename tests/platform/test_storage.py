@@ -399,3 +399,120 @@ def test_ingest_job_smoke_test(s3_stack, tmp_path):
     assert second.returncode == 0 and second.stdout.strip() == uri
     assert "uploaded 0 " in second.stderr
     assert env["AWS_SECRET_ACCESS_KEY"] not in first.stderr + second.stderr
+
+
+# ------------------------------------------------------------------------------------------------ cache bound
+@pytest.mark.parametrize("raw,expected", [("", None), ("2", 2 << 30), ("0.5", 1 << 29), (" 1 ", 1 << 30)])
+def test_cache_limit_from_the_environment(raw, expected):
+    assert datasets.cache_limit_bytes({"SSN_CACHE_MAX_GB": raw}) == expected
+
+
+@pytest.mark.parametrize("raw", ["abc", "0", "-1", "nan", "inf", "1GB"])
+def test_a_bad_cache_limit_names_the_variable(raw):
+    with pytest.raises(ValueError) as info:
+        datasets.cache_limit_bytes({"SSN_CACHE_MAX_GB": raw})
+    assert "SSN_CACHE_MAX_GB" in str(info.value) and repr(raw) in str(info.value)
+
+
+_HOLDER = """
+import sys
+from ssn_platform.datasets import DatasetReader
+root, _ = DatasetReader(sys.argv[1], cache_dir=sys.argv[2]).materialize()
+print(root, flush=True)
+sys.stdin.readline()  # keeps using the view until told
+"""
+
+
+def _start_holder(uri: str, cache: Path, env: dict[str, str]):
+    """A live process that materialized ``uri`` into ``cache`` and keeps using it: (process, view root)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, uri, str(cache)], env={**os.environ, **env},
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    root = proc.stdout.readline().strip()
+    assert root, proc.stderr.read()
+    return proc, Path(root)
+
+
+def _release(proc) -> None:
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+    assert proc.wait(timeout=60) == 0
+
+
+def _unique_bytes(reader: DatasetReader) -> int:
+    return sum(dict(reader.manifest.objects().values()).values())
+
+
+def _cache_bytes(cache: Path) -> int:
+    return sum(p.stat().st_size for p in (cache / "objects").glob("*/*") if not p.name.startswith("."))
+
+
+@pytest.mark.stack
+def test_cache_pruning_deletes_idle_views_and_keeps_views_in_use(weld_root, mpdd_root, s3_stack, s3_settings,
+                                                                bucket, tmp_path):
+    weld = ingest(weld_root, product="weld", bucket=bucket, settings=s3_settings, progress=False)
+    mpdd = ingest(mpdd_root, product="mpdd", bucket=bucket, settings=s3_settings, progress=False)
+    env = s3_stack.client_env()
+    cache = tmp_path / "cache"
+    weld_bytes = _unique_bytes(DatasetReader(weld.uri, cache_dir=cache, settings=s3_settings))
+    mpdd_bytes = _unique_bytes(DatasetReader(mpdd.uri, cache_dir=cache, settings=s3_settings))
+
+    # weld: materialized by a process that has ended (idle); mpdd: by a process still using it
+    _release(_start_holder(weld.uri, cache, env)[0])
+    holder, mpdd_root_view = _start_holder(mpdd.uri, cache, env)
+    try:
+        assert _cache_bytes(cache) == weld_bytes + mpdd_bytes
+        # another process mid-materialize holds the cache lock: pruning waits for no one and does nothing
+        with datasets._file_lock(datasets._cache_lock(cache), shared=True):
+            busy = datasets.prune_cache(cache, 0)
+        assert busy.busy and _cache_bytes(cache) == weld_bytes + mpdd_bytes
+
+        stats = datasets.prune_cache(cache, 0)
+        assert (stats.views_deleted, stats.views_in_use) == (1, 1), stats
+        assert stats.bytes_before == weld_bytes + mpdd_bytes and stats.bytes_after == mpdd_bytes
+        assert _cache_bytes(cache) == mpdd_bytes
+        assert not (cache / "views" / bucket / "datasets" / "weld").exists()
+        # the view in use is whole and still the exact data
+        _assert_identical_tree(mpdd_root_view, mpdd_root, Manifest.from_json(
+            (cache / "manifests" / bucket / Path(*parse_s3_uri(mpdd.uri)[1].split("/"))).read_bytes()).samples())
+    finally:
+        _release(holder)
+    stats = datasets.prune_cache(cache, 0)  # its user has ended
+    assert (stats.views_deleted, stats.bytes_after) == (1, 0) and _cache_bytes(cache) == 0
+    assert not any((cache / "views").iterdir())
+
+    # materialized again after pruning: downloaded again, identical
+    again = DatasetReader(weld.uri, cache_dir=cache, settings=s3_settings)
+    root, samples = again.materialize()
+    assert again.stats.downloaded == len(dict(again.manifest.objects().values()))
+    _assert_identical_tree(root, weld_root, samples)
+
+
+@pytest.mark.stack
+def test_materialize_keeps_the_cache_to_its_bound(weld_root, mpdd_root, s3_stack, s3_settings, bucket, tmp_path,
+                                                  monkeypatch):
+    weld = ingest(weld_root, product="weld", bucket=bucket, settings=s3_settings, progress=False)
+    mpdd = ingest(mpdd_root, product="mpdd", bucket=bucket, settings=s3_settings, progress=False)
+    cache = tmp_path / "cache"
+    weld_bytes = _unique_bytes(DatasetReader(weld.uri, cache_dir=cache, settings=s3_settings))
+    mpdd_bytes = _unique_bytes(DatasetReader(mpdd.uri, cache_dir=cache, settings=s3_settings))
+    bound_gib = (max(weld_bytes, mpdd_bytes) + 1024) / (1 << 30)  # room for one of the two
+    monkeypatch.setenv("SSN_CACHE_MAX_GB", repr(bound_gib))
+
+    _release(_start_holder(mpdd.uri, cache, s3_stack.client_env())[0])  # mpdd: used once, long ago
+    reader = DatasetReader(weld.uri, cache_dir=cache, settings=s3_settings)
+    assert reader.max_cache_bytes == int(bound_gib * (1 << 30))
+    root, samples = reader.materialize()
+    assert reader.last_prune.views_deleted == 1 and _cache_bytes(cache) == weld_bytes
+    _assert_identical_tree(root, weld_root, samples)
+
+    # this process still uses the weld view: materializing mpdd cannot evict it, so the cache stays above its
+    # bound (a warning) and both views are whole
+    second = DatasetReader(mpdd.uri, cache_dir=cache, settings=s3_settings)
+    root2, samples2 = second.materialize()
+    assert second.last_prune.views_in_use == 2 and second.last_prune.views_deleted == 0  # weld's and its own
+    assert _cache_bytes(cache) == weld_bytes + mpdd_bytes
+    _assert_identical_tree(root, weld_root, samples)
+    _assert_identical_tree(root2, mpdd_root, samples2)
