@@ -34,6 +34,9 @@ unbounded). Past the bound, :func:`prune_cache` deletes objects no view links, t
 materialized with the objects only they linked, never a view that a live process is using: ``materialize()`` holds
 a shared ``flock`` on its view until the process ends, and pruning skips every view it cannot lock exclusively. It
 waits for no one: while another process fetches or materializes it does nothing (that process prunes after).
+The bound counts the objects: where the file system refuses hard links, views hold copies it does not count.
+``flock`` locks belong to open file descriptions, which ``fork()`` shares: a forked child (a DataLoader worker)
+keeps its parent's views held while it lives. On NFS, where ``flock`` is emulated, keep the cache on a local disk.
 """
 
 from __future__ import annotations
@@ -549,10 +552,17 @@ def _cache_lock(cache_dir: Path) -> Path:
     return cache_dir / "locks" / "cache.lock"
 
 
+def _view_lock_path(cache_dir: Path, view: Path, suffix: str) -> Path:
+    """``<cache>/locks/views/<hash><suffix>``, named after the view's path inside the cache (every spelling of
+    the cache folder, through a symlink or not, names the same lock)."""
+    name = hashlib.sha256(view.relative_to(cache_dir).as_posix().encode()).hexdigest()
+    return cache_dir / "locks" / "views" / f"{name}{suffix}"
+
+
 def _view_use_marker(cache_dir: Path, view: Path) -> Path:
     """``<cache>/locks/views/<hash>.use``: names the view; its mtime is the view's last use; a live process using
     the view holds a shared ``flock`` on it."""
-    return cache_dir / "locks" / "views" / f"{hashlib.sha256(str(view).encode()).hexdigest()}.use"
+    return _view_lock_path(cache_dir, view, ".use")
 
 
 _HELD_VIEWS: dict[str, int] = {}  # view use marker -> descriptor holding its shared lock until this process ends
@@ -600,7 +610,7 @@ def prune_cache(cache_dir: str | os.PathLike[str], max_bytes: int) -> PruneStats
     """
     if max_bytes < 0:
         raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
-    cache = Path(cache_dir)
+    cache = Path(cache_dir).resolve()
     stats = PruneStats()
     objects = cache / "objects"
     if not objects.is_dir():
@@ -628,8 +638,9 @@ def prune_cache(cache_dir: str | os.PathLike[str], max_bytes: int) -> PruneStats
                     stats.objects_deleted += 1
 
         drop_unlinked(every=False)
+        views_root = cache / "views"
+        _mark_unmarked_views(cache)
         markers = sorted((cache / "locks" / "views").glob("*.use"), key=lambda m: m.stat().st_mtime)
-        views_root = (cache / "views").resolve()
         for marker in markers:
             if total <= max_bytes:
                 break
@@ -639,17 +650,24 @@ def prune_cache(cache_dir: str | os.PathLike[str], max_bytes: int) -> PruneStats
                 continue
             try:
                 view = (cache / marker.read_text().strip()).resolve()
-                if view.is_relative_to(views_root) and view != views_root:
+                if not view.is_relative_to(views_root) or view == views_root:
+                    log.warning("dataset cache %s: %s names %s, not a view: ignored", cache, marker, view)
+                    marker.unlink(missing_ok=True)
+                    continue
+                if view.exists():
                     _make_writable(view)
-                    shutil.rmtree(view, ignore_errors=True)
-                    for parent in view.parents:  # the empty product/bucket folders above it
-                        if parent == views_root or not parent.is_relative_to(views_root):
-                            break
-                        try:
-                            parent.rmdir()
-                        except OSError:
-                            break
-                    stats.views_deleted += 1
+                    shutil.rmtree(view, onerror=lambda _fn, path, exc: log.warning(
+                        "dataset cache: could not delete %s: %s", path, exc[1]))
+                if view.exists():
+                    continue  # partly deleted: the marker stays, so a later prune tries again
+                for parent in view.parents:  # the empty product/bucket folders above it
+                    if parent == views_root or not parent.is_relative_to(views_root):
+                        break
+                    try:
+                        parent.rmdir()
+                    except OSError:
+                        break
+                stats.views_deleted += 1
                 marker.unlink(missing_ok=True)
             finally:
                 os.close(held)
@@ -664,6 +682,20 @@ def prune_cache(cache_dir: str | os.PathLike[str], max_bytes: int) -> PruneStats
         log.warning("dataset cache %s holds %d bytes, above its bound of %d: %d views past their turn are in use",
                     cache, stats.bytes_after, max_bytes, stats.views_in_use)
     return stats
+
+
+def _mark_unmarked_views(cache: Path) -> None:
+    """Give a use marker, dated by the folder, to every view that has none (built before markers existed), so that
+    pruning can reach it. Runs under the exclusive cache lock: no view is being built meanwhile."""
+    for view in (cache / "views").glob(f"*/{DATASETS_ROOT}/*/*"):
+        if not view.is_dir() or view.is_symlink():
+            continue
+        marker = _view_use_marker(cache, view)
+        if not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(view.relative_to(cache).as_posix())
+            mtime = view.stat().st_mtime
+            os.utime(marker, (mtime, mtime))
 
 
 def _make_writable(tree: Path) -> None:
@@ -707,7 +739,8 @@ class DatasetReader:
     ) -> None:
         self.uri = uri
         self.bucket, self._key = parse_s3_uri(uri)
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        # resolved once: views and their locks must not depend on how the cache folder is spelled
+        self.cache_dir = (Path(cache_dir) if cache_dir is not None else default_cache_dir()).resolve()
         self.settings = settings
         self._client = client
         self.workers = max(1, workers)
@@ -876,6 +909,8 @@ class DatasetReader:
         self._mkdir(_cache_lock(self.cache_dir).parent)
         with _file_lock(_cache_lock(self.cache_dir), shared=True):
             self._fetch()
+        if self.max_cache_bytes is not None:
+            self.last_prune = prune_cache(self.cache_dir, self.max_cache_bytes)
         return self.stats
 
     def _fetch(self) -> dict[str, Path]:
@@ -932,10 +967,11 @@ class DatasetReader:
         ``root_dir`` is a per-version directory of hard links into the cache at the samples' relative paths.
         """
         view = self.view_dir()
-        view_lock = self.cache_dir / "locks" / "views" / f"{hashlib.sha256(str(view).encode()).hexdigest()}.lock"
+        view_lock = _view_lock_path(self.cache_dir, view, ".lock")
         self._mkdir(view_lock.parent)
         with _file_lock(_cache_lock(self.cache_dir), shared=True):
             paths = self._fetch()  # every entry verified (sha256) just now
+            _hold_view(self.cache_dir, view)  # before building: a half-built view is prunable after a crash
             with _file_lock(view_lock):
                 for rel_key, (sha, size) in sorted(self.manifest.objects().items()):
                     rel_path = rel_key[len(OBJECTS_DIR) + 1:]
@@ -943,7 +979,6 @@ class DatasetReader:
                     if not dest.resolve().is_relative_to(view.resolve()):  # belt and braces: keys are validated
                         raise DatasetError(f"{rel_path!r} escapes the dataset view")
                     self._place(paths[sha], dest, sha, size)
-            _hold_view(self.cache_dir, view)
         if self.max_cache_bytes is not None:
             self.last_prune = prune_cache(self.cache_dir, self.max_cache_bytes)
         return view, self.manifest.samples()

@@ -459,9 +459,12 @@ def test_cache_pruning_deletes_idle_views_and_keeps_views_in_use(weld_root, mpdd
     weld_bytes = _unique_bytes(DatasetReader(weld.uri, cache_dir=cache, settings=s3_settings))
     mpdd_bytes = _unique_bytes(DatasetReader(mpdd.uri, cache_dir=cache, settings=s3_settings))
 
-    # weld: materialized by a process that has ended (idle); mpdd: by a process still using it
+    # weld: materialized by a process that has ended (idle); mpdd: by a process still using it, which spells the
+    # cache folder through a symlink (the same views, the same locks)
     _release(_start_holder(weld.uri, cache, env)[0])
-    holder, mpdd_root_view = _start_holder(mpdd.uri, cache, env)
+    (tmp_path / "cache-link").symlink_to(cache)
+    holder, mpdd_root_view = _start_holder(mpdd.uri, tmp_path / "cache-link", env)
+    assert mpdd_root_view.is_relative_to(cache)
     try:
         assert _cache_bytes(cache) == weld_bytes + mpdd_bytes
         # another process mid-materialize holds the cache lock: pruning waits for no one and does nothing
@@ -479,6 +482,9 @@ def test_cache_pruning_deletes_idle_views_and_keeps_views_in_use(weld_root, mpdd
             (cache / "manifests" / bucket / Path(*parse_s3_uri(mpdd.uri)[1].split("/"))).read_bytes()).samples())
     finally:
         _release(holder)
+    # a view without a use marker (built before markers existed) is pruned too
+    for marker in (cache / "locks" / "views").glob("*.use"):
+        marker.unlink()
     stats = datasets.prune_cache(cache, 0)  # its user has ended
     assert (stats.views_deleted, stats.bytes_after) == (1, 0) and _cache_bytes(cache) == 0
     assert not any((cache / "views").iterdir())
