@@ -83,6 +83,7 @@ def _post_image(url: str, path: Path) -> dict[str, Any]:
 def run(settings: QuickstartSettings) -> dict[str, Any]:
     started = time.monotonic()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per step, no progress bars
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the MLflow UI link is printed at the end
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         apply_stack_env()  # the local stack's client environment, unless the caller set one up already
     state = Path(os.environ.get("SSN_STACK_DIR") or repo_root() / ".stack")

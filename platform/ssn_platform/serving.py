@@ -884,12 +884,14 @@ def deploy(settings: dict[str, Any] | None = None, *, address: str | None = None
            route_prefix: str = "/", host: str = "127.0.0.1", port: int | None = None,
            log_to_driver: bool = True) -> str:
     """Starts Serve on the cluster (HTTP on host:port, default 127.0.0.1:SSN_SERVE_PORT) and deploys the app
-    without blocking. Returns the base URL. `log_to_driver=False` keeps the replicas' logs out of this process's
-    output (when this call makes the process's Ray connection)."""
+    without blocking. Returns the base URL. `log_to_driver=False` keeps the replicas' logs and the INFO lines of
+    Ray and Serve out of this process's output (the replicas' logs: when this call makes the Ray connection)."""
     from ssn_platform.training import check_mlflow, connect_ray
 
     check_mlflow(ServeSettings.from_dict(settings).mlflow_tracking_uri)
     connect_ray(address, log_to_driver=log_to_driver)
+    if not log_to_driver:
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     port = port or serve_port()
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(settings), name=name, route_prefix=route_prefix, blocking=False)

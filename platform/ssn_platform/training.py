@@ -402,7 +402,8 @@ def lineage_tags(job: JobConfig) -> dict[str, str]:
 def connect_ray(address: str | None = None, *, log_to_driver: bool = True) -> None:
     """Connects to the cluster: `address`, SSN_RAY_ADDRESS, or the job's own cluster under `ray job submit`.
 
-    `log_to_driver=False` keeps the cluster's actor logs (Serve replicas, say) out of this process's output.
+    `log_to_driver=False` makes a quiet driver: the cluster's actor logs (Serve replicas, say) and Ray's own INFO
+    lines stay out of this process's output (warnings still show).
 
     Every process of the job also gets RAY_ADDRESS (this cluster): when a Train controller dies abruptly (a Tune
     stop, a killed driver) Ray's detached PlacementGroupCleaner frees its CPUs, and it finds the cluster through
@@ -425,7 +426,8 @@ def connect_ray(address: str | None = None, *, log_to_driver: bool = True) -> No
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
     if address == "local":
         kwargs["num_cpus"] = int(os.environ.get("SSN_LOCAL_CPUS", os.cpu_count() or 2))
-    ray.init(address=address, log_to_driver=log_to_driver, **kwargs)
+    ray.init(address=address, log_to_driver=log_to_driver,
+             logging_level=logging.INFO if log_to_driver else logging.WARNING, **kwargs)
 
 
 def run_training(job: JobConfig, *, address: str | None = None) -> TrainingResult:

@@ -27,8 +27,11 @@ def test_quickstart_smoke_end_to_end(live_stack):
     champion = MlflowClient().get_model_version_by_alias("ssn-elpv", "champion")
     assert champion.version == summary["model_version"]
     assert champion.tags["threshold_method"] == "false_alarm"  # the quickstart budgets false alarms (10 %)
-    # one line per step: no replica request logs, no artifact progress bars
-    assert "ServeReplica" not in proc.stdout and "Downloading artifacts" not in proc.stdout + proc.stderr
+    # one line per step: no replica request logs, no artifact progress bars, no Ray/Serve/MLflow chatter
+    output = proc.stdout + proc.stderr
+    assert "ServeReplica" not in proc.stdout and "Downloading artifacts" not in output
+    for chatter in ("Connecting to existing Ray cluster", "Started Serve", "View run"):
+        assert chatter not in output, chatter
     report = Path(summary["report"]).read_text()
     for name in ("Image AUROC", "AP (detection)", "F1-max"):
         assert name in report
