@@ -904,13 +904,21 @@ class DatasetReader:
             self.on_download(key, size)
         return path
 
-    def fetch(self) -> ReaderStats:
-        """Make sure every object of the dataset is in the cache and valid. Returns the reader's statistics."""
-        self._mkdir(_cache_lock(self.cache_dir).parent)
-        with _file_lock(_cache_lock(self.cache_dir), shared=True):
-            self._fetch()
+    @contextlib.contextmanager
+    def _using_cache(self) -> Iterator[None]:
+        """The cache lock, shared, around placing objects and views (pruning cannot run meanwhile); then a prune
+        to the bound, once the lock is released."""
+        lock = _cache_lock(self.cache_dir)
+        self._mkdir(lock.parent)
+        with _file_lock(lock, shared=True):
+            yield
         if self.max_cache_bytes is not None:
             self.last_prune = prune_cache(self.cache_dir, self.max_cache_bytes)
+
+    def fetch(self) -> ReaderStats:
+        """Make sure every object of the dataset is in the cache and valid. Returns the reader's statistics."""
+        with self._using_cache():
+            self._fetch()
         return self.stats
 
     def _fetch(self) -> dict[str, Path]:
@@ -969,7 +977,7 @@ class DatasetReader:
         view = self.view_dir()
         view_lock = _view_lock_path(self.cache_dir, view, ".lock")
         self._mkdir(view_lock.parent)
-        with _file_lock(_cache_lock(self.cache_dir), shared=True):
+        with self._using_cache():
             paths = self._fetch()  # every entry verified (sha256) just now
             _hold_view(self.cache_dir, view)  # before building: a half-built view is prunable after a crash
             with _file_lock(view_lock):
@@ -979,6 +987,4 @@ class DatasetReader:
                     if not dest.resolve().is_relative_to(view.resolve()):  # belt and braces: keys are validated
                         raise DatasetError(f"{rel_path!r} escapes the dataset view")
                     self._place(paths[sha], dest, sha, size)
-        if self.max_cache_bytes is not None:
-            self.last_prune = prune_cache(self.cache_dir, self.max_cache_bytes)
         return view, self.manifest.samples()

@@ -129,7 +129,6 @@ def _resolve_weights(weights: str, cache_dir: Path) -> str:
     return str(target)
 
 
-
 def load_job_data(job: JobConfig) -> tuple[Path, list, list, list]:
     """(root, train, val, test) samples of the job's dataset, via the node-local S3 cache."""
     from ssn_platform.datasets import DatasetReader
