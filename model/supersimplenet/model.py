@@ -140,6 +140,15 @@ class InferenceOutput:
     score: torch.Tensor  # [B] in [0, 1]
 
 
+def image_score(kind: str, head_score: torch.Tensor, anomaly_map: torch.Tensor) -> torch.Tensor:
+    """The reported image score [B] from the head's probability [B] and the anomaly map [B, 1, H, W] in [0, 1]
+    (`ModelConfig.image_score`; the same function for the reference and the fast path)."""
+    if kind == "head":
+        return head_score
+    map_max = anomaly_map.flatten(1).amax(dim=1)
+    return map_max if kind == "map_max" else 0.5 * (head_score + map_max)
+
+
 class SuperSimpleNet(nn.Module):
     """The whole model. `forward` trains with synthetic anomalies in train mode and predicts in eval mode."""
 
@@ -243,7 +252,9 @@ class SuperSimpleNet(nn.Module):
         self, map_logits: torch.Tensor, score_logits: torch.Tensor, size: tuple[int, int],
     ) -> InferenceOutput:
         upsampled = F.interpolate(map_logits, size=size, mode="bilinear", align_corners=False)
-        return InferenceOutput(anomaly_map=torch.sigmoid(self.blur(upsampled)), score=torch.sigmoid(score_logits))
+        anomaly_map = torch.sigmoid(self.blur(upsampled))
+        score = image_score(self.config.image_score, torch.sigmoid(score_logits), anomaly_map)
+        return InferenceOutput(anomaly_map=anomaly_map, score=score)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {

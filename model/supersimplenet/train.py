@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from supersimplenet.backbones import get_preset, load_backbone_weights
 from supersimplenet.checkpoint import save_checkpoint
-from supersimplenet.config import ModelConfig, TrainConfig, to_dict
+from supersimplenet.config import ModelConfig, TrainConfig, recommended_model_config, to_dict
 from supersimplenet.data import BalancedSampler, DefectDataset, Sample, apply_supervision, read_layout
 from supersimplenet.inference import inference_model
 from supersimplenet.losses import dilate_masks, distance_weight_maps, supersimplenet_loss
@@ -287,25 +287,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def default_model_config(backbone: str, **overrides: Any) -> ModelConfig:
-    """The recommended settings per backbone: the paper's for WRN50, feature-scale-relative noise otherwise."""
-    base = ModelConfig(backbone=backbone)
-    if backbone != "wide_resnet50":
-        base = replace(base, noise_std_mode="relative", noise_std=RELATIVE_NOISE_STD)
-    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
-
-
-# sigma as a multiple of the median per-channel feature std (backbones.md). Measured on the battery weld data with
-# Lite0, 256x128, 15 epochs, seed 42 (image AUROC): 0.5 -> 0.32, 1 -> 0.79, 2 -> 0.92, 4 -> 0.95. The search job
-# refines it per product and backbone.
-RELATIVE_NOISE_STD = 4.0
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = _parse(argv)
     supervised = args.supervision != "unsupervised"
-    model_config = default_model_config(
+    model_config = recommended_model_config(
         args.backbone, image_size=tuple(args.image_size), noise_std=args.noise_std,
         noise_std_mode=args.noise_std_mode, perlin_threshold=args.perlin_threshold,
         adapt_cls_features=True if args.icpr else None, stop_grad=not supervised,

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,9 +120,13 @@ def run(settings: QuickstartSettings) -> dict[str, Any]:
 
     from ssn_platform import promotion, serving, thresholds
 
-    threshold = thresholds.calibrate_version(PRODUCT, version, split="val", method=settings.threshold_method,
-                                             false_alarm_rate=settings.false_alarm_rate)
-    say("5/7 calibrate", f"threshold {threshold.value:.4f} ({threshold.method})")
+    with warnings.catch_warnings():  # a TooFewImagesWarning is said below, with the result
+        warnings.simplefilter("ignore", thresholds.TooFewImagesWarning)
+        threshold = thresholds.calibrate_version(PRODUCT, version, split="val", method=settings.threshold_method,
+                                                 false_alarm_rate=settings.false_alarm_rate)
+    say("5/7 calibrate", f"threshold {threshold.value:.4f} ({threshold.method}; {threshold.interval_text()})")
+    if threshold.warning:
+        say("5/7 calibrate", f"warning: {threshold.warning}")
     decision = promotion.promote(PRODUCT, version, floor=settings.floor)
     say("5/7 promote", f"{'promoted' if decision.promoted else 'kept the champion'}: {decision.reason}")
     if not decision.promoted and decision.champion_version is None:

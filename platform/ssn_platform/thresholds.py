@@ -11,9 +11,18 @@ registered version is computed on the dataset's validation split (never silently
   defective validation images.
 * ``auto``: ``f1`` when the split holds normal and defective images, else ``false_alarm``.
 
+How sure: a rate measured on n images is itself an estimate. Every threshold records the exact (Clopper-Pearson)
+two-sided 95 % confidence interval of the false-alarm rate it gives on the calibration normals (k of n flagged) and
+of the recall it gives on the calibration defectives (see `rate_interval`). When there are too few images for the
+requested rate to be shown at all, `calibrate` warns (`TooFewImagesWarning`) and the record keeps the message: with
+zero false alarms among n normals the one-sided 95 % upper bound of the rate is still ``1 - 0.05**(1/n)``, about
+``3/n`` (the rule of three), so a rate r needs at least ``ceil(3/r)`` normals (300 for 1 %), and a target recall t
+at least ``ceil(3/(1-t))`` defectives.
+
 `calibrate_version` scores the split with the model library's inference path (`predict_images`, the one the
 Serve application uses), then stores the result on the model version as tags ``threshold``, ``threshold_method``,
-``threshold_params`` (JSON), ``threshold_split`` and ``threshold_dataset``, and as an artifact
+``threshold_params`` (JSON), ``threshold_split``, ``threshold_dataset``, ``threshold_intervals`` (JSON) and
+``threshold_warning`` (empty without a warning), and as an artifact
 ``calibration/v<version>/threshold.json`` (plus the per-image ``scores.json``) on the version's MLflow run.
 Recalibrating (``jobs/calibrate.py``) overwrites the tags; the artifacts of every calibration stay on the run.
 """
@@ -25,6 +34,7 @@ import datetime as _dt
 import json
 import math
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,10 +47,18 @@ TAG_METHOD = "threshold_method"
 TAG_PARAMS = "threshold_params"
 TAG_SPLIT = "threshold_split"
 TAG_DATASET = "threshold_dataset"
+TAG_INTERVALS = "threshold_intervals"
+TAG_WARNING = "threshold_warning"
+CONFIDENCE = 0.95  # of the recorded intervals; the rule of three (`images_needed`) is the one-sided 95 % bound
 
 
 class ThresholdError(ValueError):
     """Calibration is impossible with the given data or settings; the message says why."""
+
+
+class TooFewImagesWarning(UserWarning):
+    """Too few calibration images to show the requested false-alarm rate (or recall); the threshold is still
+    computed, but its rate on new images is uncertain far beyond the request (see `images_needed`)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +75,10 @@ class Threshold:
         computed_on: UTC time of the calibration (ISO 8601).
         split: the dataset split the scores came from.
         dataset: URI of the dataset (manifest or `latest` pointer) and dataset_version its content version.
+        confidence: the level of `intervals` (0.95); None in records made before intervals were recorded.
+        intervals: Clopper-Pearson intervals of the achieved rates, ``{"false_alarm_rate": {"k", "n", "low",
+            "high"}, "recall": {...}}`` (k of n images flagged); a rate is present when its class has images.
+        warning: why the calibration images are too few for the requested rate (`TooFewImagesWarning`), or None.
     """
 
     value: float
@@ -69,6 +91,9 @@ class Threshold:
     split: str | None = None
     dataset: str | None = None
     dataset_version: str | None = None
+    confidence: float | None = None
+    intervals: dict[str, dict[str, float]] = field(default_factory=dict)
+    warning: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -77,6 +102,11 @@ class Threshold:
     def from_dict(cls, values: dict[str, Any]) -> "Threshold":
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+    def interval_text(self) -> str:
+        """The intervals on one line, e.g. ``false_alarm_rate 0/50, 95% CI [0, 0.0711]``; empty in old records."""
+        return "; ".join(f"{rate} {i['k']}/{i['n']}, {self.confidence:.0%} CI [{i['low']:.3g}, {i['high']:.3g}]"
+                         for rate, i in self.intervals.items())
 
     def tags(self) -> dict[str, str]:
         """The model-version tags of this threshold (``repr`` keeps the float exact)."""
@@ -89,6 +119,9 @@ class Threshold:
             TAG_PARAMS: json.dumps(params, sort_keys=True, separators=(",", ":"), default=_json_default)[:4900],
             TAG_SPLIT: self.split or "",
             TAG_DATASET: self.dataset or "",
+            TAG_INTERVALS: json.dumps({"confidence": self.confidence, **self.intervals}, sort_keys=True,
+                                      separators=(",", ":"), default=_json_default) if self.intervals else "",
+            TAG_WARNING: self.warning or "",  # always set: a recalibration clears an earlier warning
         }
 
 
@@ -163,10 +196,44 @@ def recall_threshold(defective_scores: Any, target_recall: float) -> float:
     return float(d[max(needed, 1) - 1])
 
 
+def rate_interval(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The exact (Clopper-Pearson) two-sided confidence interval of a rate observed as k of n images.
+
+    The bounds are the rates at which seeing k or more (low) or k or fewer (high) of n has probability
+    ``(1 - confidence) / 2``: beta quantiles, via `scipy.stats.binomtest`. Conservative (covers at least
+    `confidence`), and meaningful at k = 0: 0 of 50 gives (0, 0.0711), 1 of 100 gives (0.00025, 0.0545).
+    """
+    from scipy.stats import binomtest
+
+    interval = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="exact")
+    return float(interval.low), float(interval.high)
+
+
+def images_needed(rate: float) -> int | None:
+    """Fewest images that can show an error rate of at most `rate` at 95 % (one-sided), by the rule of three:
+    with 0 errors among n the upper bound is ``1 - 0.05**(1/n)``, just under ``3/n``. None for rate 0 (never)."""
+    return math.ceil(3.0 / rate - 1e-9) if rate > 0 else None
+
+
+def _too_few(n: int, requested: float, *, recall: bool = False) -> str | None:
+    """The warning text when n images cannot show the `requested` false-alarm rate (or recall), else None."""
+    needed = images_needed(1.0 - requested if recall else requested)
+    if needed is not None and n >= needed:
+        return None
+    images, what = ("defective", "recall") if recall else ("normal", "false-alarm rate")
+    bound = (f"even with no miss the 95 % lower bound is about 1 - 3/{n} = {max(1 - 3 / n, 0):.3g}" if recall
+             else f"even with no false alarm the 95 % upper bound is about 3/{n} = {min(3 / n, 1):.3g}")
+    need = (f"{requested:g} needs at least {needed} {images} images" if needed is not None
+            else f"no number of images can show {requested:g}")
+    return f"{n} {images} images cannot show a {what} of {requested:g}: {bound} (rule of three); {need}"
+
+
 def calibrate(scores: Any, labels: Any, *, method: str = "auto", false_alarm_rate: float = 0.01,
               target_recall: float = 0.95, split: str | None = None, dataset: str | None = None,
               dataset_version: str | None = None) -> Threshold:
-    """A threshold for image scores (labels: 0 normal, 1 defective) by `method` (see the module docstring)."""
+    """A threshold for image scores (labels: 0 normal, 1 defective) by `method` (see the module docstring),
+    with the confidence intervals of its rates; warns (`TooFewImagesWarning`) when the images are too few for
+    the requested false-alarm rate or recall."""
     if method not in METHODS:
         raise ThresholdError(f"method must be one of {METHODS}, got {method!r}")
     s, y = _inputs(scores, labels)
@@ -175,9 +242,11 @@ def calibrate(scores: Any, labels: Any, *, method: str = "auto", false_alarm_rat
     if method == "auto":
         resolved = "f1" if n_defective and n_normal else "false_alarm"
     params: dict[str, Any] = {"requested_method": method}
+    warning = None
     if resolved == "false_alarm":
         value = false_alarm_threshold(s[~y], false_alarm_rate)
         params["false_alarm_rate"] = float(false_alarm_rate)
+        warning = _too_few(n_normal, false_alarm_rate)
     elif resolved == "f1":
         if not n_defective or not n_normal:
             raise ThresholdError(
@@ -193,10 +262,20 @@ def calibrate(scores: Any, labels: Any, *, method: str = "auto", false_alarm_rat
             raise ThresholdError("recall: needs defective calibration images, found none")
         value = recall_threshold(s[y], target_recall)
         params["target_recall"] = float(target_recall)
+        warning = _too_few(n_defective, target_recall, recall=True)
     achieved = {k: float(v) for k, v in rates_at(value, s, y).items()}
+    intervals = {}
+    for rate, chosen in (("false_alarm_rate", ~y), ("recall", y)):
+        if chosen.any():  # k of n images of the class flagged
+            k, n = int(np.sum(s[chosen] >= value)), int(chosen.sum())
+            low, high = rate_interval(k, n)
+            intervals[rate] = {"k": k, "n": n, "low": low, "high": high}
+    if warning:
+        warnings.warn(warning, TooFewImagesWarning, stacklevel=2)
     return Threshold(value=float(value), method=resolved, parameters=params, n_normal=n_normal,
                      n_defective=n_defective, achieved=achieved, computed_on=_now(), split=split,
-                     dataset=dataset, dataset_version=dataset_version)
+                     dataset=dataset, dataset_version=dataset_version, confidence=CONFIDENCE,
+                     intervals=intervals, warning=warning)
 
 
 # ---------------------------------------------------------------------------------------------------------

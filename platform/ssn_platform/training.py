@@ -37,6 +37,7 @@ from supersimplenet.train import (
     build_optimizer, build_scheduler, build_train_loader, eval_loader, measure_feature_scale, predict, train_epoch,
 )
 from supersimplenet.metrics import compute_metrics
+from ssn_platform import resume
 from ssn_platform.jobconfig import JobConfig, build_job_config
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,6 @@ WORKER_ENV = (
     "MLFLOW_TRACKING_URI", "MLFLOW_DISABLE_TELEMETRY", "SSN_CACHE_DIR", "SSN_CACHE_MAX_GB", "SSN_GIT_SHA",
 )
 RUN_TAG = "ssn.run_name"
-CHECKPOINT_FILE = "state.pt"
 
 
 class PlatformError(RuntimeError):
@@ -208,13 +208,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
 
+    state = _resume_state(rank, device)
     start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        # A private copy per rank: ranks on one node must not read a directory another rank is still writing.
-        with tempfile.TemporaryDirectory(prefix=f"ssn-resume-{rank}-") as directory:
-            checkpoint.to_directory(directory)
-            state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    if state is not None:
         model.load_state_dict(state["model"]["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -259,7 +255,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             with tempfile.TemporaryDirectory() as directory:
                 if rank == 0:
                     net = ddp_model.module if hasattr(ddp_model, "module") else ddp_model
-                    torch.save({
+                    resume.write_checkpoint(directory, {
                         "epoch": epoch,
                         "model": checkpoint_dict(_plain_model(net, job)),
                         "optimizer": optimizer.state_dict(),
@@ -267,11 +263,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         "sampler": sampler.state_dict() if hasattr(sampler, "state_dict") else {"epoch": epoch},
                         "rng": torch.get_rng_state(),
                         "weights_provenance": provenance,
-                    }, Path(directory) / CHECKPOINT_FILE)
+                    })
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                                     checkpoint_dir_name=f"epoch_{epoch:05d}")
+                                     checkpoint_dir_name=resume.checkpoint_dir_name(epoch))
                 else:
-                    ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=f"epoch_{epoch:05d}")
+                    ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=resume.checkpoint_dir_name(epoch))
         else:
             ray.train.report(metrics)
 
@@ -279,6 +275,40 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         net = ddp_model.module if hasattr(ddp_model, "module") else ddp_model
         finalize_run(job, _plain_model(net, job), root=root, test_samples=test_samples, device=device,
                      tracker=tracker, provenance=provenance)
+
+
+def _resume_state(rank: int, device: torch.device) -> dict[str, Any] | None:
+    """The state of the run's newest complete checkpoint in run storage, the same on every rank; None if none.
+
+    Ray hands a restarted (or resubmitted) group only checkpoints its controller registered, and a worker that dies
+    within one controller poll of a report loses that registration (see `ssn_platform.resume`). Rank 0 therefore
+    scans the run directory itself and broadcasts the epoch it chose; each rank then loads that checkpoint.
+    """
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()  # DeveloperAPI: the run directory and its filesystem
+    fs, run_dir = storage.storage_filesystem, storage.experiment_fs_path
+    handed = ray.train.get_checkpoint()
+    state, epoch = None, -1
+    if rank == 0:
+        found = resume.newest_complete(fs, run_dir)
+        if found is not None:
+            (stored, state), epoch = found, found[0].epoch
+            handed_name = Path(handed.path).name if handed is not None else None
+            if handed_name != Path(stored.path).name:
+                log.warning("resuming from %s, the newest complete checkpoint in run storage (Ray handed %s: "
+                            "a worker died before the controller registered the newer one)", stored.path, handed_name)
+    epoch = int(_broadcast_scalar(float(epoch), device))
+    if epoch < 0:
+        return None
+    if state is None:
+        state = resume.load_verified(fs, f"{run_dir.rstrip('/')}/{resume.checkpoint_dir_name(epoch)}")
+        if state is None:
+            raise PlatformError(f"rank {rank}: checkpoint {resume.checkpoint_dir_name(epoch)} of {run_dir} that rank 0 "
+                                "verified is incomplete here")
+    if int(state["epoch"]) != epoch:
+        raise PlatformError(f"{run_dir}/{resume.checkpoint_dir_name(epoch)} holds epoch {state['epoch']}")
+    return state
 
 
 def _plain_model(net: torch.nn.Module, job: JobConfig):

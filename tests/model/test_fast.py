@@ -226,3 +226,20 @@ def test_level_operator_is_upscale_pool_shift():
     for tap in range(5):
         shifted = torch.nn.functional.pad(pooled, (2, 2))[tap: tap + 14]
         assert torch.allclose(ops[:, :, tap] @ signal[0, 0, 0], shifted, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["map_max", "mean"])
+def test_every_image_score_is_the_same_on_the_fast_path_and_derives_from_head_and_map(weld, kind):
+    import dataclasses
+
+    head_model = lite0_model(icpr=False, images=weld)
+    model = build_model(dataclasses.replace(head_model.config, image_score=kind))
+    model.load_state_dict(head_model.state_dict())
+    model.eval()
+    with torch.no_grad():
+        ref, head = model(weld), head_model(weld)
+    assert torch.equal(ref.anomaly_map, head.anomaly_map)  # the option changes the image score only
+    map_max = head.anomaly_map.flatten(1).amax(dim=1)
+    expected = map_max if kind == "map_max" else 0.5 * (head.score + map_max)
+    assert torch.allclose(ref.score, expected, atol=1e-7)
+    assert_close(FastSuperSimpleNet.from_model(model)(weld), ref, ATOL)

@@ -187,3 +187,8 @@ def test_invalid_config_names_field():
         ModelConfig(backbone="resnet9000")
     with pytest.raises(ConfigError, match="image_size"):
         ModelConfig(image_size=(32, 32))
+
+
+def test_an_unknown_image_score_is_an_error_naming_the_field():
+    with pytest.raises(ConfigError, match="model.image_score.*'max'"):
+        ModelConfig(image_score="max")

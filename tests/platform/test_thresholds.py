@@ -7,13 +7,15 @@ import math
 import subprocess
 import sys
 import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ssn_platform.thresholds import (
-    Threshold, ThresholdError, calibrate, false_alarm_threshold, rates_at, recall_threshold, threshold_from_tags,
+    Threshold, ThresholdError, TooFewImagesWarning, calibrate, false_alarm_threshold, images_needed, rate_interval,
+    rates_at, recall_threshold, threshold_from_tags,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,6 +66,7 @@ def test_f1_method_uses_the_f1_optimal_threshold():
     assert overlapping.achieved["f1"] == pytest.approx(6 / 7)
 
 
+@pytest.mark.filterwarnings("ignore::ssn_platform.thresholds.TooFewImagesWarning")  # tiny data on purpose
 def test_recall_method_is_the_highest_threshold_reaching_the_target():
     scores = [0.9, 0.8, 0.7, 0.6, 0.1, 0.2]
     labels = [1, 1, 1, 1, 0, 0]
@@ -76,6 +79,7 @@ def test_recall_method_is_the_highest_threshold_reaching_the_target():
     assert result.achieved["recall"] >= 0.75 and result.parameters["target_recall"] == 0.75
 
 
+@pytest.mark.filterwarnings("ignore::ssn_platform.thresholds.TooFewImagesWarning")  # tiny data on purpose
 def test_auto_picks_f1_with_labelled_defects_and_false_alarm_without():
     assert calibrate([0.1, 0.9], [0, 1]).method == "f1"
     normal_only = calibrate([0.1, 0.2, 0.3], [0, 0, 0])
@@ -107,6 +111,105 @@ def test_threshold_tags_round_trip_exactly():
     assert json.loads(tags["threshold_params"])["n_defective"] == 2
     assert threshold_from_tags({}) is None and threshold_from_tags({"threshold": "nan"}) is None
     assert Threshold.from_dict(threshold.to_dict()) == threshold
+
+
+# ---------------------------------------------------------------------------------------------------------
+# How sure: confidence intervals and the rule of three
+# ---------------------------------------------------------------------------------------------------------
+def _quietly(*args, **kwargs) -> Threshold:
+    """`calibrate`, failing the test on any warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return calibrate(*args, **kwargs)
+
+
+def test_rate_interval_is_the_exact_clopper_pearson_interval():
+    from scipy.stats import beta
+
+    low, high = rate_interval(0, 50)
+    assert low == 0.0 and high == pytest.approx(0.071122, abs=1e-6)  # 1 - 0.025**(1/50)
+    assert high == pytest.approx(1 - 0.025 ** (1 / 50), rel=1e-9)
+    # the rule of three is the one-sided 95 % bound, i.e. the upper end of the two-sided 90 % interval
+    assert rate_interval(0, 50, confidence=0.90)[1] == pytest.approx(0.058155, abs=1e-6)
+    low, high = rate_interval(1, 100)
+    assert low == pytest.approx(0.000253, abs=1e-6) and high == pytest.approx(0.054459, abs=1e-6)
+    assert (low, high) == pytest.approx((beta.ppf(0.025, 1, 100), beta.ppf(0.975, 2, 99)), rel=1e-9)
+    low, high = rate_interval(50, 50)
+    assert low == pytest.approx(0.928878, abs=1e-6) and high == 1.0
+
+
+def test_images_needed_follows_the_rule_of_three():
+    assert images_needed(0.01) == 300 and images_needed(0.05) == 60 and images_needed(0.1) == 30
+    assert images_needed(1 - 0.95) == 60  # a target recall of 0.95 allows a miss rate of 0.05
+    assert images_needed(0.0) is None  # a rate of 0 is never shown
+    # with that many images and no errors, the exact one-sided 95 % bound is indeed at most the rate
+    for rate in (0.3, 0.05, 0.01, 0.001):
+        assert rate_interval(0, images_needed(rate), confidence=0.90)[1] <= rate
+
+
+def test_a_false_alarm_threshold_from_50_normals_warns_that_1_percent_needs_300():
+    with pytest.warns(TooFewImagesWarning, match="needs at least 300 normal images") as caught:
+        result = calibrate(np.linspace(0, 1, 50), np.zeros(50), method="false_alarm", false_alarm_rate=0.01)
+    assert result.warning == str(caught[0].message)
+    assert result.warning.startswith("50 normal images cannot show a false-alarm rate of 0.01")
+    assert "3/50 = 0.06" in result.warning
+    # no normal image may be flagged, and 0 of 50 still allows up to 7.1 % false alarms
+    assert result.confidence == 0.95
+    assert result.intervals == {"false_alarm_rate": {"k": 0, "n": 50, "low": 0.0,
+                                                     "high": pytest.approx(0.071122, abs=1e-6)}}
+    assert result.interval_text() == "false_alarm_rate 0/50, 95% CI [0, 0.0711]"
+
+
+def test_enough_normals_calibrate_without_a_warning_and_record_the_interval():
+    result = _quietly(np.linspace(0, 1, 400), np.zeros(400), method="false_alarm", false_alarm_rate=0.01)
+    assert result.warning is None
+    interval = result.intervals["false_alarm_rate"]
+    assert (interval["k"], interval["n"]) == (4, 400) and result.achieved["false_alarm_rate"] == 0.01
+    assert (interval["low"], interval["high"]) == pytest.approx((0.002731, 0.025405), abs=1e-6)
+    assert _quietly(np.linspace(0, 1, 300), np.zeros(300), method="false_alarm", false_alarm_rate=0.01).warning is None
+    with pytest.warns(TooFewImagesWarning):
+        calibrate(np.linspace(0, 1, 299), np.zeros(299), method="false_alarm", false_alarm_rate=0.01)
+    with pytest.warns(TooFewImagesWarning, match="no number of images can show 0"):
+        calibrate(np.linspace(0, 1, 400), np.zeros(400), method="false_alarm", false_alarm_rate=0.0)
+
+
+def test_a_recall_threshold_records_the_recall_interval_and_warns_with_too_few_defectives():
+    scores = np.r_[np.linspace(0.5, 1, 20), np.linspace(0, 0.4, 10)]
+    labels = np.r_[np.ones(20), np.zeros(10)]
+    with pytest.warns(TooFewImagesWarning, match="needs at least 60 defective images"):
+        result = calibrate(scores, labels, method="recall", target_recall=0.95)
+    assert result.warning.startswith("20 defective images cannot show a recall of 0.95")
+    recall = result.intervals["recall"]
+    assert (recall["k"], recall["n"]) == (19, 20)
+    assert (recall["low"], recall["high"]) == pytest.approx(rate_interval(19, 20), rel=1e-12)
+    assert recall["low"] == pytest.approx(0.751267, abs=1e-6)  # 19 of 20 only shows recall >= 0.75
+    assert result.intervals["false_alarm_rate"] == {"k": 0, "n": 10, "low": 0.0,
+                                                    "high": pytest.approx(rate_interval(0, 10)[1])}
+    enough = _quietly(np.linspace(0.5, 1, 60), np.ones(60), method="recall", target_recall=0.95)
+    assert enough.warning is None and enough.intervals["recall"]["k"] == 57
+    assert _quietly([0.1, 0.9], [0, 1], method="f1").warning is None  # f1 requests no rate
+
+
+def test_intervals_and_warning_round_trip_through_dict_and_tags():
+    scores, labels = np.r_[np.linspace(0, 0.5, 50), [0.9, 0.95]], np.r_[np.zeros(50), [1, 1]]  # no NaN rates
+    with pytest.warns(TooFewImagesWarning):
+        result = calibrate(scores, labels, method="false_alarm", false_alarm_rate=0.01, split="val")
+    assert Threshold.from_dict(json.loads(json.dumps(result.to_dict()))) == result
+    tags = result.tags()
+    assert tags["threshold_warning"] == result.warning
+    assert json.loads(tags["threshold_intervals"]) == {
+        "confidence": 0.95,
+        "false_alarm_rate": {"k": 0, "n": 50, "low": 0.0, "high": pytest.approx(0.071122, abs=1e-6)},
+        "recall": {"k": 2, "n": 2, "low": pytest.approx(0.158114, abs=1e-6), "high": 1.0},  # 0.025**(1/2)
+    }
+    quiet = _quietly(np.linspace(0, 1, 400), np.zeros(400), method="false_alarm", false_alarm_rate=0.01)
+    assert quiet.tags()["threshold_warning"] == ""  # set even when empty: a recalibration clears the old warning
+    # a record from before intervals were recorded still loads, with none
+    old = {k: v for k, v in result.to_dict().items() if k not in ("confidence", "intervals", "warning")}
+    loaded = Threshold.from_dict(old)
+    assert (loaded.confidence, loaded.intervals, loaded.warning) == (None, {}, None)
+    assert loaded.tags()["threshold_intervals"] == "" and loaded.tags()["threshold_warning"] == ""
+    assert loaded.interval_text() == "" and loaded.value == result.value
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -79,46 +79,130 @@ def _train_worker_pids() -> list[int]:
     return [a.pid for a in actors if a.pid]
 
 
-def test_killed_worker_resumes_from_last_checkpoint(live_stack, weld_dataset):
-    from mlflow import MlflowClient
+RESUME_EPOCHS = 6
 
+
+def _resume_job(weld_dataset: str, product: str, **extra: str):
+    return _job(weld_dataset, **{"train.epochs": str(RESUME_EPOCHS), "product": product, **extra})
+
+
+def _state_dict(job, version: str) -> dict:
+    from ssn_platform.registry import load_model
+
+    model, _ = load_model(f"models:/{job.registered_model_name}/{version}")
+    return model.state_dict()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_weights(live_stack, weld_dataset) -> dict:
+    """The weights an uninterrupted run of the resume tests' job registers."""
     from ssn_platform.training import run_training
 
-    job = _job(weld_dataset, **{"train.epochs": "6"})
+    job = _resume_job(weld_dataset, f"weld-ref-{uuid.uuid4().hex[:6]}")
+    result = run_training(job)
+    return _state_dict(job, result.model_version)
+
+
+def _kill_a_worker_after_a_stored_checkpoint(job, running: threading.Thread, *, min_epoch: int = 1) -> int:
+    """Waits until the run's storage holds a complete checkpoint of `min_epoch` or later, then SIGKILLs a Ray
+    Train worker at once, inside the window in which the controller may not yet have registered that checkpoint.
+    Returns the newest complete epoch seen just before the kill."""
+    from ssn_platform import resume
+    from ssn_platform.training import storage_filesystem
+
+    fs, run_dir = storage_filesystem(), f"{job.storage[len('s3://'):].rstrip('/')}/{job.run_name}"
+    deadline = time.monotonic() + 600
+    while running.is_alive() and time.monotonic() < deadline:
+        candidates = [c for c in resume.stored_checkpoints(fs, run_dir) if c.epoch >= min_epoch]
+        if candidates and resume.load_verified(fs, candidates[0].path) is not None:
+            pids = _train_worker_pids()
+            assert pids, "a checkpoint was stored but no Ray Train worker is alive"
+            os.kill(pids[-1], signal.SIGKILL)
+            return candidates[0].epoch
+        time.sleep(0.1)
+    raise AssertionError("the run ended (or timed out) before a checkpoint was stored")
+
+
+def _run_in_thread(job) -> tuple[threading.Thread, dict]:
+    from ssn_platform.training import run_training
+
     outcome: dict = {}
 
     def target() -> None:
         try:
             outcome["result"] = run_training(job)
-        except BaseException as error:  # surfaced by the assertion below
+        except BaseException as error:  # surfaced by the caller's assertions
             outcome["error"] = error
 
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
+    return thread, outcome
+
+
+def _assert_resumed_without_retraining(run_id: str, stored_epoch: int) -> int:
+    """The run resumed after `stored_epoch` and retrained at most the one epoch whose checkpoint the crash cut."""
+    from mlflow import MlflowClient
+
     client = MlflowClient()
-    killed = None
-    deadline = time.monotonic() + 600
-    while thread.is_alive() and time.monotonic() < deadline and killed is None:
-        runs = client.search_runs(
-            [e.experiment_id for e in client.search_experiments(filter_string=f"name = '{job.experiment_name}'")],
-            filter_string=f"tags.`ssn.run_name` = '{job.run_name}'",
-        )
-        # two epochs done means at least one checkpoint exists (checkpoint_every=1)
-        if runs and len(client.get_metric_history(runs[0].info.run_id, "loss")) >= 2:
-            pids = _train_worker_pids()
-            if pids:
-                killed = pids[-1]
-                os.kill(killed, signal.SIGKILL)
-        time.sleep(0.5)
+    resumed_from = int(client.get_run(run_id).data.tags["ssn.resumed_from_epoch"])
+    assert resumed_from >= stored_epoch + 1
+    steps = [m.step for m in client.get_metric_history(run_id, "loss")]
+    assert sorted(set(steps)) == list(range(RESUME_EPOCHS))
+    retrained = {step for step in steps if steps.count(step) > 1}
+    assert retrained <= {resumed_from}, f"epochs trained twice: {sorted(retrained)} (resumed from {resumed_from})"
+    return resumed_from
+
+
+def _assert_same_weights(weights: dict, reference: dict) -> None:
+    import torch
+
+    assert weights.keys() == reference.keys()
+    for name, value in reference.items():
+        if value.is_floating_point():
+            assert torch.allclose(weights[name], value, rtol=1e-4, atol=1e-5), name
+        else:
+            assert torch.equal(weights[name], value), name
+
+
+def test_killed_worker_resumes_from_the_checkpoint_stored_just_before_and_ends_as_an_uninterrupted_run(
+        live_stack, weld_dataset, uninterrupted_weights):
+    from mlflow import MlflowClient
+
+    job = _resume_job(weld_dataset, f"weld-{uuid.uuid4().hex[:6]}")
+    thread, outcome = _run_in_thread(job)
+    stored_epoch = _kill_a_worker_after_a_stored_checkpoint(job, thread)
     thread.join(timeout=900)
-    assert killed is not None, "the run finished before a worker could be killed"
+    assert not thread.is_alive(), "the run did not finish after the kill"
     assert "error" not in outcome, outcome.get("error")
     result = outcome["result"]
-    run = client.get_run(result.mlflow_run_id)
-    assert int(run.data.tags["ssn.resumed_from_epoch"]) > 0
-    assert run.info.status == "FINISHED"
-    assert len(client.get_metric_history(result.mlflow_run_id, "test_image_auroc")) == 1
-    assert result.model_version is not None
+    run = MlflowClient().get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED" and result.resumed
+    _assert_resumed_without_retraining(result.mlflow_run_id, stored_epoch)
+    assert len(MlflowClient().get_metric_history(result.mlflow_run_id, "test_image_auroc")) == 1
+    _assert_same_weights(_state_dict(job, result.model_version), uninterrupted_weights)
+
+
+def test_resubmitting_a_failed_run_name_continues_from_its_last_stored_checkpoint(
+        live_stack, weld_dataset, uninterrupted_weights):
+    from mlflow import MlflowClient
+
+    from ssn_platform.training import run_training
+
+    job = _resume_job(weld_dataset, f"weld-{uuid.uuid4().hex[:6]}", max_failures="0")
+    thread, outcome = _run_in_thread(job)
+    stored_epoch = _kill_a_worker_after_a_stored_checkpoint(job, thread, min_epoch=2)
+    thread.join(timeout=900)
+    assert "error" in outcome, "with max_failures=0 a killed worker must fail the run"
+    first = MlflowClient().search_runs(
+        [MlflowClient().get_experiment_by_name(job.experiment_name).experiment_id],
+        filter_string=f"tags.`ssn.run_name` = '{job.run_name}'")
+    assert [r.info.status for r in first] == ["FAILED"]
+
+    result = run_training(job)  # the same run_name, submitted again
+    assert result.mlflow_run_id == first[0].info.run_id and result.resumed
+    assert MlflowClient().get_run(result.mlflow_run_id).info.status == "FINISHED"
+    _assert_resumed_without_retraining(result.mlflow_run_id, stored_epoch)
+    _assert_same_weights(_state_dict(job, result.model_version), uninterrupted_weights)
 
 
 def test_ray_job_submit_smoke(live_stack):
