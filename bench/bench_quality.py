@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO / "model"))  # runs from a checkout without the edit
 from supersimplenet.config import ModelConfig, TrainConfig, recommended_model_config  # noqa: E402
 from supersimplenet.data import DefectDataset, read_layout  # noqa: E402
 from supersimplenet.backbones import get_preset  # noqa: E402
-from supersimplenet.metrics import IMAGE_SCORES, compute_metrics, image_scores  # noqa: E402
+from supersimplenet.metrics import IMAGE_SCORES, compute_metrics  # noqa: E402
 from supersimplenet.train import eval_loader, fit, predict  # noqa: E402
 
 
@@ -159,16 +159,12 @@ def run_once(name: str, protocol: Protocol, root: Path, model_cfg: ModelConfig, 
     metrics = compute_metrics(scores=predictions.scores, labels=predictions.labels,
                               maps=predictions.maps if has_masks else None,
                               masks=predictions.masks if has_masks else None)
-    variants = image_scores(predictions.scores, predictions.maps)
-    for score_name, values in variants.items():
-        image = compute_metrics(scores=values, labels=predictions.labels)
-        metrics[f"image_auroc[{score_name}]"] = image["image_auroc"]
-        metrics[f"ap_det[{score_name}]"] = image["ap_det"]
+    metrics.update(predictions.score_metrics())
     types = [test[i].defect_type for i in predictions.indices]
     for defect_type in sorted({t for t in types if t}):
         keep = np.array([t in ("", defect_type) for t in types])
         if len({t for t in types if t}) > 1:
-            metrics[f"image_auroc[head]/{defect_type}"] = compute_metrics(
+            metrics[f"image_auroc_{model_cfg.image_score}/{defect_type}"] = compute_metrics(
                 scores=predictions.scores[keep], labels=predictions.labels[keep])["image_auroc"]
     normal = predictions.labels == 0
     return {
@@ -206,13 +202,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seeds = args.seeds[:1] if args.quick else args.seeds
     settings = [parse_setting(text) for text in args.settings]
     report: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "python": platform.python_version(),
                     "torch": torch.__version__, "processor": platform.processor() or platform.machine()},
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv), "runs": [],
         "summary": {},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    keys = [f"image_auroc[{s}]" for s in IMAGE_SCORES] + [f"ap_det[{s}]" for s in IMAGE_SCORES] + [
+    keys = [f"image_auroc_{s}" for s in IMAGE_SCORES] + [f"ap_det_{s}" for s in IMAGE_SCORES] + [
         "pixel_auroc", "aupro", "ap_loc"]
     rows = []
     for name in args.datasets:
@@ -228,10 +225,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 run.update(setting=setting, seed=seed, epochs=epochs)
                 runs.append(run)
                 report["runs"].append(run)
-                head = run["metrics"]["image_auroc[head]"]
-                print(f"  {name} {setting} seed {seed}: image AUROC head {head:.3f}, "
-                      f"map-max {run['metrics']['image_auroc[map_max]']:.3f}, "
-                      f"mean {run['metrics']['image_auroc[mean]']:.3f} ({run['train_seconds']:.0f} s)", flush=True)
+                aurocs = ", ".join(f"{s} {run['metrics'][f'image_auroc_{s}']:.3f}" for s in IMAGE_SCORES)
+                print(f"  {name} {setting} seed {seed}: image AUROC {aurocs} ({run['train_seconds']:.0f} s)",
+                      flush=True)
                 args.out.write_text(json.dumps(report, indent=1, default=float))
             summary = summarise(runs, keys)
             report["summary"][f"{name}/{setting}"] = {"epochs": epochs, "seeds": seeds, "train_images":

@@ -9,11 +9,16 @@ Every trial trains the config's job (its epochs are ASHA's resource; override th
 the trial's parameters and is scored per epoch on the dataset's val split (ingest with a split file, e.g.
 --split-file jobs/splits/battery_weld.txt; synthetic defects when the val split has no defective images).
 The study (default `ssn-<product>-<backbone>`) lives in a database (--storage, SSN_OPTUNA_STORAGE, or sqlite
-next to the local stack's MLflow db); running again with the same study adds trials. The best configuration is
-written to s3://<bucket>/tuned/<product>/<backbone>.yaml and logged with the search's MLflow parent run.
+next to the local stack's MLflow db); running again with the same study adds trials. The first trial is the
+config's own values of the searched keys (the baseline; unless the study already has it, or --no-baseline), and
+ASHA never stops it. Tuned settings are written to s3://<bucket>/tuned/<product>/<backbone>.yaml and logged with
+the search's MLflow parent run: the best configuration's only when it beats the baseline by more than the margin
+(max(--min-margin, the spread between nearly identical trials)), else the config's own values (`decision:
+kept_defaults`), so `jobs/train.py --tuned` never trains with settings the search could not show to be better.
 Under `ray job submit`, pass SSN_OPTUNA_STORAGE (or --storage) and the S3/MLflow settings in the runtime env.
 
-Prints a JSON summary (study, parent run, best parameters and value, tuned settings URI) as its last line.
+Prints the decision and its reason, then a JSON summary (study, parent run, best parameters and value, decision,
+baseline value, margin, tuned parameters, tuned settings URI) as its last line.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import tempfile
 from pathlib import Path
 
 import _bootstrap  # noqa: F401  (puts model/ and platform/ on sys.path for plain checkouts)
+from ssn_platform.tuned import DEFAULT_MIN_MARGIN  # light: no Ray, MLflow or torch
 
 DEFAULT_SPACE = Path(__file__).with_name("configs") / "search_space.yaml"
 SMOKE_OVERRIDES = [
@@ -60,9 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
     parser.add_argument("--reduction-factor", type=int, default=2, help="ASHA reduction factor (default 2)")
     parser.add_argument("--time-budget", type=float, default=None, help="stop starting trials after MINUTES")
-    parser.add_argument("--baseline", action="store_true",
-                        help="evaluate the config's own values of the searched keys first (new studies only)")
-    parser.add_argument("--retrain", action="store_true", help="retrain and register the best configuration")
+    parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                        help="evaluate the config's own values of the searched keys first, unless the study has "
+                             "them already (default); --no-baseline: no such trial, and the best trial is written "
+                             "without a comparison when the study has none")
+    parser.add_argument("--min-margin", type=float, default=DEFAULT_MIN_MARGIN,
+                        help="the best trial replaces the config's values only when it beats the baseline by more "
+                             "than max(this, the spread between nearly identical trials); in the metric's units "
+                             "(default %(default)s AUROC)")
+    parser.add_argument("--retrain", action="store_true", help="retrain and register the tuned settings (the best "
+                        "configuration, or the config's own values when the search kept them)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: SSN_RAY_ADDRESS or auto)")
     parser.add_argument("--smoke-test", action="store_true", help="tiny search on a generated dataset")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the base job")
@@ -71,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     from supersimplenet.config import ConfigError
     from ssn_platform.jobconfig import load_job_config
     from ssn_platform.training import PlatformError
-    from ssn_platform.tuning import SearchSpace, _value_of, run_search
+    from ssn_platform.tuning import SearchSpace, run_search
 
     overrides = list(args.overrides)
     config = args.config
@@ -89,20 +102,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         job = load_job_config(config, overrides)
         space = SearchSpace.load(args.space)
-        initial = [{key: _value_of(job, key) for key in space.keys}] if args.baseline else None
         result = run_search(
             job, space=space, num_trials=trials, max_concurrent=args.max_concurrent, study_name=study,
             storage=args.storage, metric=args.metric, grace_period=args.grace_period,
-            reduction_factor=args.reduction_factor, retrain=args.retrain, initial_points=initial,
-            time_budget_s=args.time_budget * 60 if args.time_budget else None, address=args.address,
+            reduction_factor=args.reduction_factor, retrain=args.retrain, baseline=args.baseline,
+            min_margin=args.min_margin, time_budget_s=args.time_budget * 60 if args.time_budget else None,
+            address=args.address,
         )
     except (ConfigError, PlatformError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    decision = result.decision
+    print(f"tuned settings: {decision.decision}: {decision.reason}", flush=True)
     summary = {
         "study": result.study_name, "search": result.search_name, "parent_run_id": result.parent_run_id,
         "validation": result.validation, "best_trial": result.best_trial, "best_params": result.best_params,
-        f"best_{result.metric}": result.best_value, "tuned_settings": result.tuned_uri,
+        f"best_{result.metric}": result.best_value, "decision": decision.decision,
+        "baseline_trial": decision.baseline_trial, f"baseline_{result.metric}": decision.baseline_value,
+        "margin": decision.margin, "reason": decision.reason, "tuned_params": result.tuned_params,
+        "tuned_settings": result.tuned_uri,
         "trials_in_study": len(result.trials), "trials_this_run": len(result.session_trials),
         "stopped_early": result.stopped_early, "max_concurrent": result.max_concurrent,
         "wall_seconds": round(result.wall_seconds, 1),

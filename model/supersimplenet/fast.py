@@ -403,8 +403,9 @@ class FastSuperSimpleNet(nn.Module):
         source = (int(map_logits.shape[-2]), int(map_logits.shape[-1]))
         rows, cols = self._map_operators(source, size, map_logits.device)
         maps = torch.sigmoid(torch.matmul(torch.matmul(rows, map_logits.float()), cols))
-        return InferenceOutput(anomaly_map=maps,
-                               score=image_score(self.config.image_score, torch.sigmoid(score_logits.float()), maps))
+        head = torch.sigmoid(score_logits.float())
+        return InferenceOutput(anomaly_map=maps, score=image_score(self.config.image_score, head, maps),
+                               head_score=head)
 
     def _score(self, hidden_max: torch.Tensor, hidden_mean: torch.Tensor, map_logits: torch.Tensor) -> torch.Tensor:
         pooled = torch.cat(

@@ -137,7 +137,8 @@ class TrainOutput:
 @dataclass
 class InferenceOutput:
     anomaly_map: torch.Tensor  # [B, 1, H, W] in [0, 1]
-    score: torch.Tensor  # [B] in [0, 1]
+    score: torch.Tensor  # [B] in [0, 1]: the image score of `ModelConfig.image_score`
+    head_score: torch.Tensor | None = None  # [B] the classification head's probability (equals score for "head")
 
 
 def image_score(kind: str, head_score: torch.Tensor, anomaly_map: torch.Tensor) -> torch.Tensor:
@@ -254,7 +255,7 @@ class SuperSimpleNet(nn.Module):
         upsampled = F.interpolate(map_logits, size=size, mode="bilinear", align_corners=False)
         anomaly_map = torch.sigmoid(self.blur(upsampled))
         score = image_score(self.config.image_score, torch.sigmoid(score_logits), anomaly_map)
-        return InferenceOutput(anomaly_map=anomaly_map, score=score)
+        return InferenceOutput(anomaly_map=anomaly_map, score=score, head_score=torch.sigmoid(score_logits))
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {

@@ -15,7 +15,7 @@ import logging
 import os
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -31,7 +31,7 @@ from supersimplenet.config import ModelConfig, TrainConfig, recommended_model_co
 from supersimplenet.data import BalancedSampler, DefectDataset, Sample, apply_supervision, read_layout
 from supersimplenet.inference import inference_model
 from supersimplenet.losses import dilate_masks, distance_weight_maps, supersimplenet_loss
-from supersimplenet.metrics import compute_metrics
+from supersimplenet.metrics import compute_metrics, image_scores
 from supersimplenet.model import SuperSimpleNet, build_model
 
 log = logging.getLogger(__name__)
@@ -163,11 +163,22 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
 
 @dataclass
 class Predictions:
-    scores: np.ndarray  # [N] image scores in [0, 1]
+    scores: np.ndarray  # [N] image scores in [0, 1] (the model's `image_score`)
     labels: np.ndarray  # [N]
     maps: np.ndarray  # [N, H, W] anomaly maps in [0, 1]
     masks: np.ndarray  # [N, H, W] ground truth
     indices: np.ndarray  # [N] dataset indices
+    head_scores: np.ndarray | None = None  # [N] the classification head's probabilities
+
+    def score_metrics(self) -> dict[str, float]:
+        """Image AUROC and AP-det of every image score (`supersimplenet.metrics.IMAGE_SCORES`), keyed
+        ``image_auroc_<score>`` and ``ap_det_<score>``: what evaluation and the search compare."""
+        head = self.scores if self.head_scores is None else self.head_scores
+        out = {}
+        for name, values in image_scores(head, self.maps).items():
+            image = compute_metrics(scores=values, labels=self.labels)
+            out[f"image_auroc_{name}"], out[f"ap_det_{name}"] = image["image_auroc"], image["ap_det"]
+        return out
 
 
 @torch.no_grad()
@@ -176,10 +187,11 @@ def predict(model: nn.Module, loader: DataLoader, *, device: torch.device, progr
 
     `model` (possibly DDP-wrapped, in any mode) is folded once per call and left as it was."""
     net = inference_model(unwrap(model))
-    scores, labels, maps, masks, indices = [], [], [], [], []
+    scores, labels, maps, masks, indices, heads = [], [], [], [], [], []
     for batch in tqdm(loader, desc="predict", leave=False, disable=not progress):
         out = net(batch["image"].to(device))
         scores.append(out.score.cpu().numpy())
+        heads.append(out.head_score.float().cpu().numpy())
         maps.append(out.anomaly_map[:, 0].cpu().numpy())
         labels.append(batch["label"].numpy())
         masks.append(batch["mask"][:, 0].numpy())
@@ -187,6 +199,7 @@ def predict(model: nn.Module, loader: DataLoader, *, device: torch.device, progr
     return Predictions(
         scores=np.concatenate(scores), labels=np.concatenate(labels).astype(np.int64),
         maps=np.concatenate(maps), masks=np.concatenate(masks).astype(np.uint8), indices=np.concatenate(indices),
+        head_scores=np.concatenate(heads),
     )
 
 

@@ -248,6 +248,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             val = predict(net, eval_loader(val_set, batch_size=job.per_worker_batch_size), device=device)
             scores = compute_metrics(scores=val.scores, labels=val.labels)
             metrics.update({"val_image_auroc": scores["image_auroc"], "val_ap_det": scores["ap_det"]})
+            metrics.update({f"val_{k}": v for k, v in val.score_metrics().items()})
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
         last = epoch + 1 == cfg.epochs
@@ -349,7 +350,7 @@ class _RankZeroTracker:
 def finalize_run(job: JobConfig, model, *, root: Path, test_samples: list, device: torch.device,
                  tracker: _RankZeroTracker, provenance: str) -> dict[str, float]:
     """Test metrics, artifacts, the logged model and its registration; once per job."""
-    from ssn_platform import plots, registry
+    from ssn_platform import evaluation, plots, registry
 
     preset = get_preset(job.model.backbone)
     metrics: dict[str, float] = {}
@@ -361,8 +362,11 @@ def finalize_run(job: JobConfig, model, *, root: Path, test_samples: list, devic
             predictions = predict(model, eval_loader(test_set, batch_size=job.per_worker_batch_size), device=device)
             metrics = compute_metrics(scores=predictions.scores, labels=predictions.labels, maps=predictions.maps,
                                       masks=predictions.masks)
+            metrics.update(predictions.score_metrics())  # every image score, for evaluation and the search
             tracker.log_metrics({f"test_{k}": v for k, v in metrics.items()}, step=job.train.epochs)
             (out / "test_metrics.json").write_text(json.dumps(metrics, indent=2))
+            evaluation.write_breakdown(out, model, test_set, predictions, batch_size=job.per_worker_batch_size,
+                                       device=device)  # per image score and defect class, score histogram
             plots.write_curves(predictions.scores, predictions.labels, out)
             plots.write_overlays(root, test_samples, predictions, out / "overlays", count=job.overlays)
             (out / "test_predictions.json").write_text(json.dumps({

@@ -23,7 +23,11 @@ What one search does (`run_search`):
   random start-up points, and the same command on the same study state proposes the same points.
 * Tracking. One MLflow parent run per search session; every trial is a child run (tag `mlflow.parentRunId`) to
   which rank 0 logs the per-epoch metrics. ASHA-stopped trials end as KILLED with `ssn.tune.stopped_early=true`.
-* Result. The best COMPLETE trial of the whole study becomes the product's tuned settings for the backbone:
+* Baseline. The job's own values of the searched keys run as the first trial unless the study already holds one
+  (`baseline=False` opts out); ASHA never stops it (see ssn_platform.tuned for the rule below).
+* Result. The best COMPLETE trial of the whole study becomes the product's tuned settings for the backbone only when
+  it beats the baseline by more than the margin (`decision: tuned`); otherwise the settings written are the job's
+  own (`decision: kept_defaults`). Either way:
   `tuned_settings.yaml` (artifact of the parent run, tags `ssn.tuned.*` on it) and
   `s3://<dataset bucket>/tuned/<product>/<backbone>.yaml` for the train job (`tuned_settings_overrides`).
   Artifacts: Optuna history, intermediate values, parameter importances, sigma x threshold contour (PNG) and
@@ -52,6 +56,8 @@ import yaml
 
 from supersimplenet.config import ConfigError
 from ssn_platform.jobconfig import JobConfig, _set_dotted, build_job_config, parse_overrides
+from ssn_platform.tuned import (BASELINE_ATTR, BASELINE_KEY, DEFAULT_MIN_MARGIN, Decision, baseline_protecting_asha,
+                                find_baseline, judge)
 
 log = logging.getLogger(__name__)
 
@@ -248,11 +254,16 @@ def _make_searcher_class():
     from ray.tune.search.optuna import OptunaSearch
 
     class StudySearch(OptunaSearch):
-        def __init__(self, *args: Any, max_t: int, search_name: str, **kwargs: Any) -> None:
+        def __init__(self, *args: Any, max_t: int, search_name: str, baseline: Mapping[str, Any] | None = None,
+                     points: Sequence[Mapping[str, Any]] = (), **kwargs: Any) -> None:
             self._max_t = int(max_t)
             self._search_name = search_name
             self._last_step: dict[str, int] = {}
             super().__init__(*args, **kwargs)
+            if baseline:  # the baseline first, then the initial points
+                self._ot_study.enqueue_trial(dict(baseline), user_attrs={BASELINE_ATTR: True})
+            for point in points:
+                self._ot_study.enqueue_trial(dict(point))
 
         def suggest(self, trial_id: str) -> dict | None:
             config = super().suggest(trial_id)
@@ -261,7 +272,8 @@ def _make_searcher_class():
                 ot_trial.set_user_attr("tune_trial_id", trial_id)
                 ot_trial.set_user_attr("search", self._search_name)
                 ot_trial.set_user_attr("max_t", self._max_t)
-                config = {**config, STUDY_TRIAL_KEY: ot_trial.number}
+                config = {**config, STUDY_TRIAL_KEY: ot_trial.number,
+                          **({BASELINE_KEY: True} if ot_trial.user_attrs.get(BASELINE_ATTR) else {})}
             return config
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -314,7 +326,7 @@ def trial_driver(config: dict[str, Any], settings: dict[str, Any]) -> None:
 
     trial_id = ray.tune.get_context().get_trial_id()
     number = config.get(STUDY_TRIAL_KEY)
-    params = {k: v for k, v in config.items() if k != STUDY_TRIAL_KEY}
+    params = {k: v for k, v in config.items() if k not in (STUDY_TRIAL_KEY, BASELINE_KEY)}
     run_name = trial_run_name(settings["search_name"], number, trial_id)
     base = build_job_config(settings["base_job"])
     job = apply_params(base, params, settings["fixed"], validation=settings["validation"], validate_every=1,
@@ -333,6 +345,8 @@ def trial_driver(config: dict[str, Any], settings: dict[str, Any]) -> None:
     }
     if number is not None:
         tags["ssn.tune.study_trial"] = str(number)
+    if config.get(BASELINE_KEY):
+        tags["ssn.tune.baseline"] = "true"
     run = client.create_run(settings["experiment_id"], run_name=run_name, tags=tags)
     run_id = run.info.run_id
     logged = {k: ("" if v is None else str(v))[:6000] for k, v in job.flat_params().items()}
@@ -379,6 +393,7 @@ class TrialSummary:
     search: str | None
     mlflow_run_id: str | None = None
     duration_s: float | None = None
+    baseline: bool = False  # the job's own settings (ssn_platform.tuned)
 
 
 @dataclass
@@ -401,6 +416,8 @@ class SearchResult:
     max_concurrent: int
     wall_seconds: float
     retrain: Any = None  # training.TrainingResult when retrain=True
+    decision: Decision | None = None  # best vs baseline (ssn_platform.tuned)
+    tuned_params: dict[str, Any] = field(default_factory=dict)  # the searched keys' values written (best or baseline)
 
 
 def resolve_validation(job: JobConfig) -> str:
@@ -482,16 +499,18 @@ def run_search(
     initial_points: Sequence[Mapping[str, Any]] | None = None,
     time_budget_s: float | None = None,
     address: str | None = None,
+    baseline: bool = True,
+    min_margin: float = DEFAULT_MIN_MARGIN,
 ) -> SearchResult:
     """Runs (or extends) a search and records the best configuration of the whole study; see the module doc.
 
     `job` is the base job: every trial trains it with `job.train.epochs` epochs (the ASHA resource) and its
-    scaling. `initial_points` (dicts of searched keys) are evaluated first, only when the study is still empty.
+    scaling. `initial_points` (dicts of searched keys) are evaluated first, only when the study is still empty,
+    after the baseline trial (`baseline`; ssn_platform.tuned has it and the `min_margin` rule).
     """
     import ray.train
     import ray.tune
     from mlflow import MlflowClient
-    from ray.tune.schedulers import ASHAScheduler
 
     from ssn_platform import training
 
@@ -502,6 +521,8 @@ def run_search(
         raise ConfigError(f"grace_period must be >= 1, got {grace_period}")
     if reduction_factor < 2:
         raise ConfigError(f"reduction_factor must be >= 2, got {reduction_factor}")
+    if not (min_margin >= 0 and math.isfinite(min_margin)):
+        raise ConfigError(f"min_margin must be a number >= 0, got {min_margin}")
     search_space = SearchSpace.load(space)
     mode = mode or _mode_for(metric)
     epochs = job.train.epochs
@@ -510,6 +531,10 @@ def run_search(
         _value_of(job, p.key)
         for value in p.corners():
             apply_params(job, {p.key: value}, search_space.fixed)
+    baseline_point = {key: _value_of(job, key) for key in search_space.keys}
+    if baseline and any(_value_of(job, k) != v for k, v in search_space.fixed.items()):
+        log.warning("the baseline trial applies the space's fixed %s, which differ from the job's own values",
+                    dict(search_space.fixed))
     study_name = study_name or default_study_name(job)
     storage_url = storage or default_storage_url()
 
@@ -520,6 +545,8 @@ def run_search(
 
     _, study = _prepare_study(storage_url, study_name, job, metric=metric, mode=mode)
     existing = len(study.trials)
+    run_baseline = baseline and find_baseline(study.get_trials(deepcopy=False), baseline_point, max_t=epochs,
+                                              complete_only=True) is None
     stamp = time.strftime("%Y%m%d-%H%M%S")
     search_name = f"tune-{job.product}-{stamp}-{uuid.uuid4().hex[:6]}"
 
@@ -545,7 +572,8 @@ def run_search(
             "tune.num_trials": str(num_trials), "tune.max_concurrent": str(concurrency),
             "tune.grace_period": str(grace_period), "tune.reduction_factor": str(reduction_factor),
             "tune.space": json.dumps(search_space.to_dict(), sort_keys=True)[:6000],
-            "tune.validation": validation, "tune.metric": metric,
+            "tune.validation": validation, "tune.metric": metric, "tune.baseline": str(run_baseline),
+            "tune.min_margin": str(min_margin),
         })
         client.log_batch(parent_id, params=[Param(k, v) for k, v in logged.items()])
 
@@ -560,11 +588,11 @@ def run_search(
                 raise ConfigError(f"initial point {point} must give exactly the searched keys {search_space.keys}")
         searcher = _make_searcher_class()(
             space=search_space.optuna_space(), metric=metric, mode=mode, sampler=sampler,
-            study_name=study_name, storage=open_storage(storage_url), points_to_evaluate=points or None,
-            max_t=epochs, search_name=search_name,
+            study_name=study_name, storage=open_storage(storage_url), points=points, max_t=epochs,
+            search_name=search_name, baseline=baseline_point if run_baseline else None,
         )
-        scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=grace_period,
-                                  reduction_factor=reduction_factor, max_t=epochs)
+        scheduler = baseline_protecting_asha(time_attr="training_iteration", grace_period=grace_period,
+                                             reduction_factor=reduction_factor, max_t=epochs)
         seeded = seed_asha_rungs(scheduler, study, max_t=epochs, mode=mode)
         client.set_tag(parent_id, "ssn.tune.asha_seeded_values", str(seeded))
         storage_root = job.storage[len("s3://"):].rstrip("/")
@@ -604,28 +632,34 @@ def run_search(
             raise training.PlatformError(f"search {search_name}: no trial finished; first error: "
                                          f"{errors[0] if errors else 'unknown'}")
         best = _best_trial(study)
+        decision, chosen = judge(study, search_space.params, best, baseline_point, max_t=epochs, mode=mode,
+                                 min_margin=min_margin, baseline_requested=baseline)
+        log.info("search %s: %s: %s", search_name, decision.decision, decision.reason)
         settings_doc = tuned_settings_document(
-            job, search_space, best, metric=metric, mode=mode, study_name=study_name, validation=validation,
-            search_name=search_name, parent_run_id=parent_id,
-            best_run_id=next((t.mlflow_run_id for t in summaries if t.number == best.number), None),
+            job, search_space, chosen, metric=metric, mode=mode, study_name=study_name, validation=validation,
+            search_name=search_name, parent_run_id=parent_id, decision=decision,
+            best_run_id=next((t.mlflow_run_id for t in summaries if t.number == chosen.number), None),
         )
         tuned_uri = write_tuned_settings(job, settings_doc)
         _log_search_artifacts(client, parent_id, study, summaries, settings_doc, search_space)
         tags = {
-            "ssn.tuned.uri": tuned_uri, "ssn.tuned.value": f"{best.value:.6f}",
-            "ssn.tuned.study_trial": str(best.number), "ssn.tune.trials_total": str(len(summaries)),
+            "ssn.tuned.uri": tuned_uri, "ssn.tuned.value": "none" if chosen.value is None else f"{chosen.value:.6f}",
+            "ssn.tuned.study_trial": str(chosen.number), "ssn.tune.trials_total": str(len(summaries)),
             "ssn.tune.trials_session": str(len(session)), "ssn.tune.stopped_early": str(len(stopped)),
             "ssn.tune.max_concurrent": str(concurrency),
         }
-        tags.update({f"ssn.tuned.{k}": str(v) for k, v in best.params.items()})
+        tags.update({f"ssn.tuned.{k}": str(v) for k, v in chosen.params.items()})
         tags.update({f"ssn.tuned.{k}": str(v) for k, v in search_space.fixed.items()})
+        tags.update(decision.tags())
         for key, value in tags.items():
             client.set_tag(parent_id, key, value)
         client.log_metric(parent_id, f"best_{metric}", float(best.value))
+        if decision.baseline_value is not None:
+            client.log_metric(parent_id, f"baseline_{metric}", decision.baseline_value)
 
         retrained = None
         if retrain:
-            best_job = apply_params(job, best.params, search_space.fixed, validation="none",
+            best_job = apply_params(job, chosen.params, search_space.fixed, validation="none",
                                     run_name=f"{search_name}-best")
             retrained = training.run_training(best_job, address=address)
             client.set_tag(parent_id, "ssn.tune.retrain_run_id", retrained.mlflow_run_id)
@@ -640,7 +674,8 @@ def run_search(
         metric=metric, mode=mode, validation=validation, best_params=dict(best.params), best_value=best.value,
         best_trial=best.number, tuned_settings=settings_doc, tuned_uri=tuned_uri, trials=summaries,
         session_trials=session, stopped_early=stopped, max_concurrent=concurrency,
-        wall_seconds=time.perf_counter() - started, retrain=retrained,
+        wall_seconds=time.perf_counter() - started, retrain=retrained, decision=decision,
+        tuned_params=dict(chosen.params),
     )
 
 
@@ -714,7 +749,7 @@ def _summaries(study, child_runs: Mapping[str, str]) -> list[TrialSummary]:
             number=trial.number, state=trial.state.name, value=trial.value, params=dict(trial.params),
             epochs_reached=attrs.get("epochs_reached"), stopped_early=bool(attrs.get("stopped_early", False)),
             search=attrs.get("search"), mlflow_run_id=child_runs.get(attrs.get("tune_trial_id", "")),
-            duration_s=duration,
+            duration_s=duration, baseline=bool(attrs.get(BASELINE_ATTR, False)),
         ))
     return out
 
@@ -736,8 +771,9 @@ def _best_trial(study):
 # Tuned settings: document, S3 object, overrides for the train job
 # ---------------------------------------------------------------------------------------------------------
 def tuned_settings_document(job: JobConfig, space: SearchSpace, best, *, metric: str, mode: str, study_name: str,
-                            validation: str, search_name: str, parent_run_id: str,
-                            best_run_id: str | None) -> dict[str, Any]:
+                            validation: str, search_name: str, parent_run_id: str, best_run_id: str | None,
+                            decision: Decision | None = None) -> dict[str, Any]:
+    """The settings of `best` (a trial or tuned.Chosen: the best trial's or, kept_defaults, the baseline's)."""
     tuned = apply_params(job, best.params, space.fixed)
     overrides = {**{k: v for k, v in space.fixed.items()}, **dict(best.params)}
     if LR_SCALE_KEY in overrides:
@@ -755,7 +791,8 @@ def tuned_settings_document(job: JobConfig, space: SearchSpace, best, *, metric:
         "lr_heads": tuned.train.lr_heads,
         "metric": metric,
         "mode": mode,
-        "value": float(best.value),
+        "value": None if best.value is None else float(best.value),
+        **(decision.document_fields() if decision is not None else {}),
         "study": study_name,
         "study_trial": best.number,
         "validation": validation,
@@ -853,12 +890,12 @@ def write_trials_csv(summaries: Sequence[TrialSummary], space: SearchSpace, path
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["number", "state", "value", *keys, *extra, "epochs_reached", "stopped_early", "duration_s",
-                     "search", "mlflow_run_id"])
+                     "search", "mlflow_run_id", "baseline"])
     for t in summaries:
         writer.writerow([t.number, t.state, "" if t.value is None else t.value,
                          *[t.params.get(k, "") for k in [*keys, *extra]], t.epochs_reached or "",
                          t.stopped_early, "" if t.duration_s is None else f"{t.duration_s:.1f}", t.search or "",
-                         t.mlflow_run_id or ""])
+                         t.mlflow_run_id or "", t.baseline])
     path.write_text(buffer.getvalue())
     return path
 

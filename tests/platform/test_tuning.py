@@ -163,6 +163,205 @@ def test_study_plots_survive_a_study_too_small_for_importances(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Best vs baseline: the keep-the-defaults rule (ssn_platform.tuned), no services
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("best, baseline, mode, decision, text", [
+    (0.712, 0.621, "max", "tuned", "+0.091 clears the margin 0.020"),
+    (0.632, 0.621, "max", "kept_defaults", "+0.011 does not clear the margin 0.020 (--min-margin); keeping"),
+    (0.64, 0.62, "max", "kept_defaults", "+0.020 does not clear"),  # exactly the margin is not enough
+    (0.50, 0.70, "max", "kept_defaults", "-0.200 does not clear"),  # the issue's case: worse than the defaults
+    (0.40, 0.45, "min", "tuned", "-0.050 (lower is better) clears"),
+    (0.44, 0.45, "min", "kept_defaults", "does not clear"),
+    (0.50, 0.45, "min", "kept_defaults", "+0.050 (lower is better) does not clear"),
+])
+def test_best_replaces_the_defaults_only_beyond_the_margin(best, baseline, mode, decision, text):
+    from ssn_platform.tuned import decide
+
+    result = decide(best, baseline, mode=mode, min_margin=0.02, best_trial=3, baseline_trial=0)
+    assert result.decision == decision and result.tuned == (decision == "tuned")
+    assert (result.best_value, result.baseline_value, result.margin) == (best, baseline, 0.02)
+    assert text in result.reason and f"best {best:.3f} vs defaults {baseline:.3f}" in result.reason
+    fields = result.document_fields()
+    assert {k: fields[k] for k in ("decision", "baseline_value", "best_value", "margin", "reason")} == {
+        "decision": decision, "baseline_value": baseline, "best_value": best, "margin": 0.02,
+        "reason": result.reason}
+    assert result.tags()["ssn.tuned.decision"] == decision and result.tags()["ssn.tuned.margin"] == "0.020000"
+
+
+def test_spread_of_nearly_identical_trials_widens_the_margin_but_never_narrows_it():
+    from ssn_platform.tuned import decide
+
+    wide = decide(0.75, 0.70, mode="max", min_margin=0.02, noise=0.06, noise_pairs=2)
+    assert wide.decision == "kept_defaults" and wide.margin == 0.06
+    assert "largest spread of 2 nearly identical trial pairs" in wide.reason
+    narrow = decide(0.75, 0.70, mode="max", min_margin=0.02, noise=0.004, noise_pairs=1)
+    assert narrow.decision == "tuned" and narrow.margin == 0.02 and "(--min-margin)" in narrow.reason
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"baseline_value": None}, "no baseline value"),
+    ({"baseline_value": float("nan")}, "finite"),
+    ({"min_margin": -0.01}, "min_margin"),
+    ({"mode": "maximize"}, "mode"),
+])
+def test_decision_refuses_a_missing_baseline_and_bad_input(kwargs, message):
+    from ssn_platform.tuned import decide
+
+    arguments = {"best_value": 0.8, "baseline_value": 0.7, "mode": "max", "min_margin": 0.02, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        decide(**arguments)
+
+
+def _trial(number, sigma, threshold, value, state="COMPLETE", **attrs):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(number=number, params={"model.noise_std": sigma, "model.perlin_threshold": threshold},
+                           value=value, state=SimpleNamespace(name=state), user_attrs={"max_t": 2, **attrs})
+
+
+def test_noise_is_the_largest_spread_between_trials_at_nearly_identical_settings():
+    from ssn_platform.tuned import near_identical_spread
+    from ssn_platform.tuning import SearchSpace
+
+    params = SearchSpace.load(SPACE).params  # sigma log-uniform 0.1..8 (5 %: x1.245), threshold 0.05..0.9 (0.0425)
+    trials = [_trial(0, 4.0, 0.20, 0.70), _trial(1, 4.4, 0.22, 0.66), _trial(2, 4.2, 0.21, 0.71),
+              _trial(3, 1.4, 0.51, 0.90), _trial(4, 4.0, 0.30, 0.50)]
+    assert near_identical_spread(trials, params) == (pytest.approx(0.05), 3)  # pairs 0-1, 0-2, 1-2
+    assert near_identical_spread(trials[3:], params) == (None, 0)
+
+
+def _study_with(*trials):
+    import optuna
+
+    from ssn_platform.tuning import SearchSpace
+
+    space = SearchSpace.load(SPACE).optuna_space()
+    study = optuna.create_study(direction="maximize")
+    for params, value, state, attrs in trials:
+        study.add_trial(optuna.trial.create_trial(
+            params=params, distributions=space, value=value if state == "COMPLETE" else None,
+            state=getattr(optuna.trial.TrialState, state), user_attrs={"max_t": 2, **attrs}))
+    return study
+
+
+DEFAULTS = {"model.noise_std": 4.0, "model.perlin_threshold": 0.2}
+SIGMA_1_4 = {"model.noise_std": 1.4, "model.perlin_threshold": 0.51}
+
+
+@pytest.mark.parametrize("values, decision, written", [
+    ((0.70, 0.71), "kept_defaults", DEFAULTS),
+    ((0.70, 0.80), "tuned", SIGMA_1_4),
+])
+def test_judge_writes_the_best_or_the_baseline_settings(values, decision, written):
+    from ssn_platform.tuned import judge
+    from ssn_platform.tuning import SearchSpace, _best_trial
+
+    study = _study_with((DEFAULTS, values[0], "COMPLETE", {"ssn.baseline": True}),
+                        (SIGMA_1_4, values[1], "COMPLETE", {}))
+    result, chosen = judge(study, SearchSpace.load(SPACE).params, _best_trial(study), DEFAULTS, max_t=2, mode="max",
+                           min_margin=0.02, baseline_requested=True)
+    assert (result.decision, result.baseline_trial, result.best_trial) == (decision, 0, 1)
+    assert result.baseline_value == values[0] and result.best_value == values[1]
+    assert chosen.params == written and chosen.value == values[written is SIGMA_1_4]
+
+
+def test_judge_without_a_complete_baseline():
+    from ssn_platform.tuned import judge
+    from ssn_platform.tuning import SearchSpace, _best_trial
+
+    params = SearchSpace.load(SPACE).params
+    no_baseline = _study_with((SIGMA_1_4, 0.8, "COMPLETE", {}))
+    best = _best_trial(no_baseline)
+    # opted out (--no-baseline) and none in the study: the best trial, said to be uncompared
+    result, chosen = judge(no_baseline, params, best, DEFAULTS, max_t=2, mode="max", min_margin=0.02,
+                           baseline_requested=False)
+    assert result.decision == "tuned" and result.baseline_value is None and chosen.params == SIGMA_1_4
+    assert "without a comparison" in result.reason
+    # requested but it failed (or did not run): the defaults are kept, with the job's own values
+    failed = _study_with((DEFAULTS, None, "FAIL", {"ssn.baseline": True}), (SIGMA_1_4, 0.8, "COMPLETE", {}))
+    result, chosen = judge(failed, params, _best_trial(failed), DEFAULTS, max_t=2, mode="max", min_margin=0.02,
+                           baseline_requested=True)
+    assert result.decision == "kept_defaults" and result.baseline_trial == 0 and "ended FAIL" in result.reason
+    assert chosen.params == DEFAULTS and chosen.value is None
+    # a baseline of other defaults (or another max_t) is not this job's baseline
+    other = _study_with(({"model.noise_std": 2.0, "model.perlin_threshold": 0.2}, 0.7, "COMPLETE",
+                         {"ssn.baseline": True}), (SIGMA_1_4, 0.8, "COMPLETE", {}))
+    result, _ = judge(other, params, _best_trial(other), DEFAULTS, max_t=2, mode="max", min_margin=0.02,
+                      baseline_requested=True)
+    assert result.decision == "kept_defaults" and "did not run" in result.reason
+
+
+def test_kept_defaults_document_gives_the_baseline_values_to_the_train_job(tmp_path):
+    from ssn_platform.jobconfig import load_job_config
+    from ssn_platform.tuned import Chosen, decide
+    from ssn_platform.tuning import SearchSpace, tuned_settings_document, tuned_settings_overrides
+
+    job = _base_job(**{"model.noise_std": "3.0", "model.perlin_threshold": "0.25"})
+    decision = decide(0.632, 0.621, mode="max", min_margin=0.02, best_trial=5, baseline_trial=0)
+    chosen = Chosen({"model.noise_std": 3.0, "model.perlin_threshold": 0.25}, 0.621, 0)
+    document = tuned_settings_document(job, SearchSpace.load(SPACE), chosen, metric="val_image_auroc", mode="max",
+                                       study_name="s", validation="split", search_name="tune-x",
+                                       parent_run_id="p", best_run_id=None, decision=decision)
+    assert document["decision"] == "kept_defaults" and document["reason"] == decision.reason
+    assert (document["value"], document["baseline_value"], document["best_value"]) == (0.621, 0.621, 0.632)
+    assert (document["study_trial"], document["best_trial"], document["margin"]) == (0, 5, 0.02)
+    path = tmp_path / "tuned.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    tuned = load_job_config(CONFIG, [*tuned_settings_overrides(path, backbone=job.model.backbone),
+                                     f"dataset={job.dataset}"])
+    assert (tuned.model.noise_std, tuned.model.perlin_threshold, tuned.model.noise_std_mode) == (3.0, 0.25,
+                                                                                                 "relative")
+
+
+BASELINE_SCRIPT = r"""
+import sys
+from types import SimpleNamespace
+import optuna
+from ray.tune.schedulers import TrialScheduler
+from ssn_platform.tuned import BASELINE_KEY, baseline_protecting_asha
+from ssn_platform.tuning import STUDY_TRIAL_KEY, SearchSpace, _make_searcher_class, open_storage
+
+url, space_file = sys.argv[1], sys.argv[2]
+space = SearchSpace.load(space_file)
+baseline = {"model.noise_std": 4.0, "model.perlin_threshold": 0.2}
+point = {"model.noise_std": 1.0, "model.perlin_threshold": 0.5}
+searcher = _make_searcher_class()(space=space.optuna_space(), metric="val_image_auroc", mode="max",
+                                  sampler=optuna.samplers.TPESampler(seed=1), study_name="s",
+                                  storage=open_storage(url), max_t=3, search_name="x", baseline=baseline,
+                                  points=[point])
+first, second, third = searcher.suggest("a"), searcher.suggest("b"), searcher.suggest("c")
+assert first == {**baseline, STUDY_TRIAL_KEY: 0, BASELINE_KEY: True}, first
+assert second == {**point, STUDY_TRIAL_KEY: 1} and BASELINE_KEY not in third, (second, third)
+study = optuna.load_study(study_name="s", storage=url)
+assert [t.user_attrs.get("ssn.baseline") for t in study.trials] == [True, None, None]
+
+scheduler = baseline_protecting_asha(time_attr="training_iteration", metric="m", mode="max", grace_period=1,
+                                     reduction_factor=2, max_t=3)
+def trial(name, config):
+    t = SimpleNamespace(trial_id=name, config=config)
+    scheduler.on_trial_add(None, t)
+    return t
+good, base, poor = trial("good", {}), trial("base", {BASELINE_KEY: True}), trial("poor", {})
+result = lambda it, m: {"training_iteration": it, "m": m}
+assert scheduler.on_trial_result(None, good, result(1, 0.9)) == TrialScheduler.CONTINUE
+assert scheduler.on_trial_result(None, base, result(1, 0.1)) == TrialScheduler.CONTINUE  # plain ASHA: STOP
+assert scheduler.on_trial_result(None, poor, result(1, 0.05)) == TrialScheduler.STOP
+assert scheduler.on_trial_result(None, base, result(2, 0.1)) == TrialScheduler.CONTINUE
+assert scheduler.on_trial_result(None, base, result(3, 0.1)) == TrialScheduler.STOP  # max_t: ends as usual
+assert scheduler._num_stopped == 2
+print("ok")
+"""
+
+
+def test_baseline_trial_comes_first_is_marked_and_asha_never_stops_it(tmp_path):
+    """In a subprocess for the reason given above (Ray must not be imported in the test process)."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    proc = subprocess.run([sys.executable, "-c", BASELINE_SCRIPT, url, str(SPACE)], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # On the live stack: a small search on the weld data, then a resumed one
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
@@ -180,9 +379,10 @@ def search_setup(live_stack, weld_val_dataset, tmp_path_factory):
 def first_search(search_setup):
     from ssn_platform.tuning import run_search
 
-    # seed 42's first TPE (random start-up) points mix low relative sigmas (val AUROC ~0.47 after one epoch on
-    # this set) with high ones (~0.7): with grace period 1 and reduction factor 2 a low one reaches the epoch-1 rung
-    # after a high one in every arrival order that 2 concurrent trials allow, so ASHA stops at least one.
+    # trial 0 is the baseline (the job's relative sigma 4.0, threshold 0.2), which ASHA never stops; seed 42's
+    # first TPE (random start-up) points after it are sigma 4.26 and then 0.11 and 0.53: low relative sigmas (val
+    # AUROC ~0.47 after one epoch on this set) reach the epoch-1 rung after the high ones (~0.7) with 2 concurrent
+    # trials, so ASHA stops at least one.
     return run_search(search_setup["job"], space=SPACE, num_trials=4, max_concurrent=2,
                       study_name=search_setup["study"], storage=search_setup["storage"], grace_period=1)
 
@@ -211,8 +411,9 @@ def test_parent_and_nested_trial_runs_are_in_mlflow(first_search, search_setup):
     parent = client.get_run(first_search.parent_run_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["ssn.tune.study"] == search_setup["study"]
-    assert float(parent.data.tags["ssn.tuned.value"]) == pytest.approx(first_search.best_value)
-    assert parent.data.tags["ssn.tuned.model.noise_std"] == str(first_search.best_params["model.noise_std"])
+    # ssn.tuned.* describe the settings written: the best trial's, or the baseline's when the defaults were kept
+    assert float(parent.data.tags["ssn.tuned.value"]) == pytest.approx(first_search.tuned_settings["value"])
+    assert parent.data.tags["ssn.tuned.model.noise_std"] == str(first_search.tuned_params["model.noise_std"])
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(children) == 4
@@ -243,6 +444,7 @@ def test_parent_and_nested_trial_runs_are_in_mlflow(first_search, search_setup):
 @pytest.mark.heavy
 def test_tuned_settings_are_written_to_s3_and_apply_to_a_train_job(first_search, search_setup):
     import mlflow
+    from mlflow import MlflowClient
 
     from ssn_platform.jobconfig import load_job_config
     from ssn_platform.storage import S3Settings, get_bytes, make_client, parse_s3_uri
@@ -258,11 +460,31 @@ def test_tuned_settings_are_written_to_s3_and_apply_to_a_train_job(first_search,
     for field in ("product", "backbone", "noise_std", "noise_std_mode", "perlin_threshold", "metric", "value",
                   "study"):
         assert field in stored
-    assert stored["noise_std"] == first_search.best_params["model.noise_std"]
+    # the baseline: trial 0, the job's own settings, run to the full schedule (ASHA never stops it)
+    baseline = [t for t in first_search.trials if t.baseline]
+    assert [t.number for t in baseline] == [0] and first_search.decision.baseline_trial == 0
+    assert baseline[0].params == {"model.noise_std": job.model.noise_std,
+                                  "model.perlin_threshold": job.model.perlin_threshold}
+    assert baseline[0].state == "COMPLETE" and baseline[0].epochs_reached == job.train.epochs
+    assert MlflowClient().get_run(baseline[0].mlflow_run_id).data.tags["ssn.tune.baseline"] == "true"
+    # the written settings change the defaults only when best - baseline clears the margin
+    assert stored["baseline_value"] == baseline[0].value and stored["best_value"] == first_search.best_value
+    assert stored["margin"] >= 0.02
+    tuned = first_search.best_value - baseline[0].value > stored["margin"] + 1e-9
+    assert stored["decision"] == ("tuned" if tuned else "kept_defaults") == first_search.decision.decision
+    expected = first_search.best_params if tuned else baseline[0].params
+    assert first_search.tuned_params == expected
+    assert stored["value"] == (first_search.best_value if tuned else baseline[0].value)
+    assert stored["noise_std"] == expected["model.noise_std"]
     assert stored["noise_std_mode"] == "relative" and stored["study"] == search_setup["study"]
     overrides = tuned_settings_overrides(first_search.tuned_uri, backbone=job.model.backbone)
     tuned_job = load_job_config(CONFIG, [*overrides, f"dataset={job.dataset}"])
-    assert tuned_job.model.perlin_threshold == first_search.best_params["model.perlin_threshold"]
+    assert tuned_job.model.perlin_threshold == expected["model.perlin_threshold"]
+    assert tuned_job.model.noise_std == expected["model.noise_std"]
+    tags = MlflowClient().get_run(first_search.parent_run_id).data.tags
+    assert tags["ssn.tuned.decision"] == stored["decision"] and tags["ssn.tuned.reason"] == stored["reason"]
+    assert float(tags["ssn.tuned.baseline_value"]) == pytest.approx(baseline[0].value)
+    assert float(tags["ssn.tuned.margin"]) == pytest.approx(stored["margin"])
 
 
 @pytest.mark.stack
@@ -278,6 +500,7 @@ def test_running_the_same_study_again_adds_trials(first_search, search_setup):
     study = optuna.load_study(study_name=search_setup["study"], storage=search_setup["storage"])
     assert len(study.trials) == 6 and len(second.trials) == 6
     assert sorted(second.session_trials) == [4, 5]
+    assert [t.number for t in second.trials if t.baseline] == [0]  # the study's baseline is reused, not rerun
     assert second.parent_run_id != first_search.parent_run_id
     # the new trials were proposed afresh (the sampler seed moves with the study), not replayed
     earlier = {tuple(sorted(t.params.items())) for t in first_search.trials}

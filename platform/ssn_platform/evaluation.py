@@ -1,0 +1,486 @@
+"""Evaluation of SuperSimpleNet models: several seeds of one job (mean ± std), or one registered version.
+
+`evaluate_seeds(job, seeds)` trains one run per seed with `ssn_platform.training.run_training` (train.seed and run
+name `<base>-seed<k>` overridden, never registered), each a child of one MLflow parent run (``mlflow.parentRunId``),
+collects every seed's test metrics from its run (``test_*`` and ``evaluation/breakdown.json``, which the training
+job's test step writes with `write_breakdown`) and logs ``<metric>_mean`` and ``<metric>_std`` (population std) on
+the parent. `evaluate_version(...)` scores the test split of a dataset version with a registered model through the
+one inference path (`supersimplenet.train.predict`) and logs the metrics on a parent run of its own.
+
+Both report, besides `compute_metrics` of the model's reported image score: AUROC and AP of every image score
+(``image_auroc_<head|map_max|mean>``, ``ap_det_<...>``: `supersimplenet.train.Predictions.score_metrics`), of every
+defect class against all normal test images (``class.<defect_type>.*``, `Sample.defect_type`), pixel metrics where
+the test split has masks, and a histogram (20 bins over [0, 1]) of the reported score of normal and defective
+images. Artifacts ``evaluation.md`` and ``evaluation.json``; tags ``ssn.evaluate.*``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import re
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from supersimplenet.metrics import compute_metrics
+from ssn_platform.training import PlatformError
+
+log = logging.getLogger(__name__)
+
+HISTOGRAM_BINS = 20
+BREAKDOWN_FILE = "breakdown.json"  # written by the training job's test step into its `evaluation/` artifacts
+BREAKDOWN_ARTIFACT = f"evaluation/{BREAKDOWN_FILE}"
+OVERALL = ("image_auroc", "ap_det", "f1_max", "f1_threshold", "pixel_auroc", "ap_loc", "aupro", "pixel_f1_max")
+TAG = "ssn.evaluate."
+_KEY_CHARS = re.compile(r"[^A-Za-z0-9_.\-/ ]")  # what MLflow accepts in a metric name
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_-]+))$")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pure parts: metrics of one set of predictions, aggregation over seeds, tables
+# ---------------------------------------------------------------------------------------------------------
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float, np.floating, np.integer)) and math.isfinite(float(value))
+
+
+def jsonable(value: Any) -> Any:
+    """`value` with numpy scalars as Python numbers and every non-finite float as None (strict JSON)."""
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(float(value)) else None
+    return int(value) if isinstance(value, np.integer) else value
+
+
+def metric_key(name: str) -> str:
+    """`name` as a part of an MLflow metric name (letters, digits and ``_.-/`` and space; others become ``_``)."""
+    return _KEY_CHARS.sub("_", name) or "_"
+
+
+def check_seeds(seeds: Iterable[Any] | None) -> list[int]:
+    """The seeds as distinct integers; PlatformError for none, a non-integer or a repeated one."""
+    seeds = [str(seed) for seed in (seeds or [])]
+    if not seeds:
+        raise PlatformError("no seeds: pass at least one, e.g. --seeds 0 1 2")
+    bad = [seed for seed in seeds if not re.fullmatch(r"[+-]?\d+", seed.strip())]
+    if bad:
+        raise PlatformError(f"seeds must be integers, got {bad}")
+    out = [int(seed) for seed in seeds]
+    if len(set(out)) != len(out):
+        raise PlatformError(f"seeds must be distinct, got {out}")
+    return out
+
+
+def score_histogram(scores: Any, labels: Any, *, bins: int = HISTOGRAM_BINS) -> dict[str, list]:
+    """Counts of normal and defective image scores in `bins` equal bins over [0, 1] (the last bin holds 1.0)."""
+    s = np.clip(np.asarray(scores, dtype=np.float64).reshape(-1), 0.0, 1.0)
+    y = np.asarray(labels).reshape(-1).astype(bool)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    normal, _ = np.histogram(s[~y], bins=edges)
+    defective, _ = np.histogram(s[y], bins=edges)
+    return {"edges": edges.tolist(), "normal": normal.tolist(), "defective": defective.tolist()}
+
+
+def per_class_metrics(scores: Any, labels: Any, defect_types: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Image AUROC and AP of each defect class: its defective images against every normal image.
+
+    Defective images without a class name count in no class. Undefined values (no normal image) are nan."""
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    y = np.asarray(labels).reshape(-1).astype(np.int64)
+    types = np.asarray([t or "" for t in defect_types], dtype=object)
+    if not (s.shape == y.shape == types.shape):
+        raise ValueError(f"scores ({s.size}), labels ({y.size}) and defect_types ({types.size}) differ in length")
+    out: dict[str, dict[str, float]] = {}
+    for name in sorted({t for t, label in zip(types, y) if label == 1 and t}):
+        keep = (y == 0) | ((y == 1) & (types == name))
+        metrics = compute_metrics(scores=s[keep], labels=y[keep])
+        out[name] = {"image_auroc": metrics["image_auroc"], "ap_det": metrics["ap_det"],
+                     "n_defective": int(((y == 1) & (types == name)).sum())}
+    return out
+
+
+def summarize(predictions, samples: Sequence, *, image_score: str, overall: bool = True) -> dict[str, Any]:
+    """Evaluation of test predictions (`supersimplenet.train.Predictions` of the reported `image_score`; `samples[k]`
+    is image k): {"image_score", "n_images", "n_normal", "n_defective", "metrics", "classes", "histogram"}.
+    "metrics": `compute_metrics` (with `overall`; pixel metrics where a test image has a mask),
+    ``image_auroc_<score>`` / ``ap_det_<score>`` of every image score and ``class.<defect type>.image_auroc|ap_det``."""
+    labels = np.asarray(predictions.labels)
+    if len(samples) != labels.size:
+        raise ValueError(f"{len(samples)} samples for {labels.size} predictions")
+    metrics: dict[str, float] = {}
+    if overall:
+        has_masks = any(getattr(s, "mask", None) for s in samples)
+        metrics.update(compute_metrics(scores=predictions.scores, labels=labels,
+                                       maps=predictions.maps if has_masks else None,
+                                       masks=predictions.masks if has_masks else None))
+    metrics.update(predictions.score_metrics())
+    classes = per_class_metrics(predictions.scores, labels, [s.defect_type for s in samples])
+    for name, values in classes.items():
+        metrics[f"class.{metric_key(name)}.image_auroc"] = values["image_auroc"]
+        metrics[f"class.{metric_key(name)}.ap_det"] = values["ap_det"]
+    return {"image_score": image_score, "n_images": int(labels.size), "n_normal": int((labels == 0).sum()),
+            "n_defective": int((labels == 1).sum()), "metrics": metrics,
+            "classes": {name: values["n_defective"] for name, values in classes.items()},
+            "histogram": score_histogram(predictions.scores, labels)}
+
+
+def aggregate(per_run: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """{metric: {"mean", "std", "n"}} over runs: numpy mean and population std (ddof 0) of the runs where the
+    metric is defined (finite); n counts them. A metric defined in no run has mean and std nan."""
+    keys: dict[str, None] = {}
+    for metrics in per_run:
+        keys.update(dict.fromkeys(metrics))
+    out = {}
+    for key in keys:
+        values = np.asarray([float(m[key]) for m in per_run if _finite(m.get(key))], dtype=np.float64)
+        out[key] = {"mean": float(np.mean(values)) if values.size else math.nan,
+                    "std": float(np.std(values)) if values.size else math.nan, "n": int(values.size)}
+    return out
+
+
+def sum_histograms(histograms: Sequence[Mapping[str, Any]]) -> dict[str, list]:
+    """Bin-wise sum of `score_histogram`s (the seeds' test images pooled)."""
+    return {"edges": list(histograms[0]["edges"]),
+            "normal": np.sum([h["normal"] for h in histograms], axis=0).astype(int).tolist(),
+            "defective": np.sum([h["defective"] for h in histograms], axis=0).astype(int).tolist()}
+
+
+def ordered(keys: Iterable[str]) -> list[str]:
+    """Overall metrics in `compute_metrics` order, then other plain names, score variants, defect classes."""
+    def rank(key: str) -> tuple:
+        if key in OVERALL:
+            return (0, OVERALL.index(key), key)
+        variant = key.startswith(("image_auroc_", "ap_det_"))
+        return (2 if variant else 3 if key.startswith("class.") else 1, 0, key)
+
+    return sorted(keys, key=rank)
+
+
+def _fmt(value: Any) -> str:
+    return f"{float(value):.4f}" if _finite(value) else "n/a"
+
+
+def markdown(report: Mapping[str, Any]) -> str:
+    """The Markdown tables of a report dict (`EvaluationReport.to_dict()`)."""
+    lines = [f"# Evaluation: {report['title']}", ""]
+    lines += [f"- {k}: {v}" for k, v in report["subject"].items() if v not in (None, "")]
+    lines.append("")
+    if report["mode"] == "seeds":
+        runs = report["runs"]
+        lines.append("| metric | mean ± std | n | " + " | ".join(f"seed {r['seed']}" for r in runs) + " |")
+        lines.append("|---|---|---|" + "---|" * len(runs))
+        for key in ordered(report["aggregate"]):
+            agg = report["aggregate"][key]
+            cells = [_fmt(r["metrics"].get(key)) for r in runs]
+            lines.append(f"| {key} | {_fmt(agg['mean'])} ± {_fmt(agg['std'])} | {agg['n']} | {' | '.join(cells)} |")
+    else:
+        lines += ["| metric | value |", "|---|---|"]
+        lines += [f"| {key} | {_fmt(report['metrics'][key])} |" for key in ordered(report["metrics"])]
+    histogram = report.get("histogram")
+    if histogram:
+        pooled = " (test images of all seeds pooled)" if report["mode"] == "seeds" else ""
+        lines += ["", f"Reported image score ({report.get('image_score')}) of normal and defective test images"
+                  f"{pooled}:", "", "| score | normal | defective |", "|---|---|---|"]
+        edges = histogram["edges"]
+        for i, (normal, defective) in enumerate(zip(histogram["normal"], histogram["defective"])):
+            close = "]" if i == len(edges) - 2 else ")"
+            lines.append(f"| [{edges[i]:.2f}, {edges[i + 1]:.2f}{close} | {normal} | {defective} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scoring (the one inference path) and the training job's hook
+# ---------------------------------------------------------------------------------------------------------
+def summarize_dataset(model, dataset, predictions, *, batch_size: int, device, overall: bool = True) -> dict:
+    """`summarize` of `predictions` (`supersimplenet.train.predict` of `model` on the `DefectDataset` `dataset`)."""
+    from supersimplenet.train import unwrap
+
+    samples = [dataset.samples[i] for i in np.asarray(predictions.indices)]
+    return summarize(predictions, samples, image_score=unwrap(model).config.image_score, overall=overall)
+
+
+def write_breakdown(out_dir: Path, model, dataset, predictions, *, batch_size: int, device) -> dict[str, Any]:
+    """The training job's test step hook: `summarize_dataset` without the overall metrics (the run logs them as
+    ``test_*``), written to ``<out_dir>/breakdown.json``."""
+    summary = summarize_dataset(model, dataset, predictions, batch_size=batch_size, device=device, overall=False)
+    (Path(out_dir) / BREAKDOWN_FILE).write_text(json.dumps(jsonable(summary), indent=2))
+    return summary
+
+
+def score_samples(model, root: Path, samples: Sequence, *, batch_size: int = 16) -> dict[str, Any]:
+    """`summarize_dataset` of a model on `samples`, scored as the training job's test step scores."""
+    import torch
+
+    from supersimplenet.backbones import get_preset
+    from supersimplenet.data import DefectDataset
+    from supersimplenet.train import eval_loader, predict
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    preset = get_preset(model.config.backbone)
+    dataset = DefectDataset(root=root, samples=samples, image_size=model.config.image_size, mean=preset.mean,
+                            std=preset.std)
+    predictions = predict(model.to(device), eval_loader(dataset, batch_size=batch_size), device=device)
+    return summarize_dataset(model, dataset, predictions, batch_size=batch_size, device=device)
+
+
+def require_test_split(samples: Sequence, where: str) -> list:
+    """The test-split samples (objects with `.split`, or manifest records); PlatformError naming `where` if none."""
+    split = [s for s in samples if (s.get("split") if isinstance(s, Mapping) else s.split) == "test"]
+    if not split:
+        present = sorted({s.get("split") if isinstance(s, Mapping) else s.split for s in samples})
+        raise PlatformError(f"{where} has no 'test' split to evaluate on (splits present: {present}); ingest it "
+                            "with test images or pass another dataset")
+    return split
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MLflow: reports and parent runs
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class EvaluationReport:
+    """What an evaluation logged: `metrics` are the parent run's metrics (``<metric>_mean``/``_std`` for seeds)."""
+
+    mode: str  # "seeds" or "version"
+    title: str
+    parent_run_id: str
+    experiment: str
+    subject: dict[str, Any]
+    metrics: dict[str, float]
+    image_score: str | None = None
+    histogram: dict[str, list] | None = None
+    classes: dict[str, int] = field(default_factory=dict)
+    runs: list[dict[str, Any]] = field(default_factory=list)  # seeds: {seed, run_name, run_id, metrics}
+    aggregate: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def markdown(self) -> str:
+        return markdown(self.to_dict())
+
+    def summary(self) -> dict[str, Any]:
+        """The job's last output line."""
+        return jsonable({"mode": self.mode, "evaluation_run_id": self.parent_run_id, "experiment": self.experiment,
+                         "runs": [r["run_id"] for r in self.runs], "metrics": self.metrics})
+
+
+@contextlib.contextmanager
+def _parent_run(client, experiment_id: str, name: str, tags: dict[str, str]) -> Iterator[str]:
+    """A parent run that ends FINISHED, or FAILED when the block raises."""
+    run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    try:
+        yield run_id
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id, status="FINISHED")
+
+
+def _experiment_id(client, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else client.create_experiment(name)
+
+
+def _log_report(client, report: EvaluationReport) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), now, 0) for k, v in report.metrics.items() if _finite(v)]
+    for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
+        client.log_batch(report.parent_run_id, metrics=metrics[start:start + 1000])
+    with tempfile.TemporaryDirectory() as directory:
+        (Path(directory) / "evaluation.md").write_text(report.markdown(), encoding="utf-8")
+        (Path(directory) / "evaluation.json").write_text(json.dumps(jsonable(report.to_dict()), indent=2))
+        client.log_artifacts(report.parent_run_id, directory)
+
+
+def _seed_run(client, seed: int, result) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """A seed's {seed, run_name, run_id, metrics} (its ``test_*`` metrics over its breakdown's) and its breakdown
+    (None for runs trained before the training job wrote one)."""
+    import mlflow
+
+    if not result.metrics:
+        raise PlatformError(f"run {result.run_name} ({result.mlflow_run_id}) logged no test metrics")
+    breakdown = None
+    if BREAKDOWN_ARTIFACT in {a.path for a in client.list_artifacts(result.mlflow_run_id, "evaluation")}:
+        with tempfile.TemporaryDirectory() as directory:
+            path = mlflow.artifacts.download_artifacts(run_id=result.mlflow_run_id, artifact_path=BREAKDOWN_ARTIFACT,
+                                                       dst_path=directory)
+            breakdown = json.loads(Path(path).read_text())
+    metrics = {k: (math.nan if v is None else v) for k, v in (breakdown or {}).get("metrics", {}).items()}
+    return {"seed": seed, "run_name": result.run_name, "run_id": result.mlflow_run_id,
+            "metrics": {**metrics, **result.metrics}}, breakdown
+
+
+def train_seeds(jobs: Sequence, *, parallel: int, train: Callable[[Any], Any]) -> list:
+    """`train(job)` for every job, `parallel` at a time in threads; results in the jobs' order. On a failure the
+    jobs not yet started are cancelled, the running ones finish, and the first failure (in job order) is raised."""
+    if parallel <= 1 or len(jobs) == 1:
+        return [train(job) for job in jobs]
+    with ThreadPoolExecutor(max_workers=min(parallel, len(jobs)), thread_name_prefix="ssn-seed") as pool:
+        futures = [pool.submit(train, job) for job in jobs]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+def evaluate_seeds(job, seeds: Iterable[Any], *, parallel: int = 1, address: str | None = None,
+                   config_path: str | None = None) -> EvaluationReport:
+    """Trains `job` once per seed (run `<base>-seed<k>`, not registered), each run a child of one MLflow parent
+    run in the job's experiment, and logs the seeds' mean and population std of every test metric on it.
+
+    `base` is `job.run_name` or a fresh name; evaluating the same base again reuses the seeds' finished runs."""
+    from mlflow import MlflowClient
+
+    from ssn_platform.datasets import DatasetReader
+    from ssn_platform.training import _open_mlflow_run, check_mlflow, connect_ray, lineage_tags, run_training
+
+    seeds = check_seeds(seeds)
+    if parallel < 1:
+        raise PlatformError(f"--parallel must be >= 1, got {parallel}")
+    check_mlflow()
+    reader = DatasetReader(job.dataset)
+    n_test = len(require_test_split(reader.manifest.records, f"{job.dataset} (dataset version {reader.version})"))
+    base = job.run_name or f"{job.product}-eval-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    jobs = [dataclasses.replace(job, run_name=f"{base}-seed{seed}", register=False,
+                                train=dataclasses.replace(job.train, seed=seed)) for seed in seeds]
+    client = MlflowClient()
+    tags = {"ssn.product": job.product, f"{TAG}mode": "seeds", f"{TAG}seeds": " ".join(map(str, seeds)),
+            f"{TAG}base_run_name": base, f"{TAG}config": config_path or "", f"{TAG}parallel": str(parallel),
+            f"{TAG}dataset": job.dataset, f"{TAG}dataset_version": reader.version,
+            f"{TAG}n_test_images": str(n_test), **lineage_tags(job)}
+    with _parent_run(client, _experiment_id(client, job.experiment_name), base, tags) as parent_id:
+        for seed, seed_job in zip(seeds, jobs):  # created (or found) first: nested under the parent while training
+            child_id, _ = _open_mlflow_run(seed_job, seed_job.run_name)
+            client.set_tag(child_id, "mlflow.parentRunId", parent_id)
+            client.set_tag(child_id, f"{TAG}seed", str(seed))
+        if parallel > 1:
+            import ray
+
+            connect_ray(address)  # once, before the threads race to initialise Ray
+            need = min(parallel, len(jobs)) * job.scaling.num_workers * job.scaling.cpus_per_worker
+            if need > ray.cluster_resources().get("CPU", 0):
+                log.warning("--parallel %d: the runs need %g CPUs at once, more than the cluster has now; they wait "
+                            "for room (or an autoscaler)", parallel, need)
+        results = train_seeds(jobs, parallel=parallel, train=lambda j: run_training(j, address=address))
+        runs, breakdowns = zip(*(_seed_run(client, seed, result) for seed, result in zip(seeds, results)))
+        missing = [run["run_name"] for run, breakdown in zip(runs, breakdowns) if breakdown is None]
+        breakdowns = [b for b in breakdowns if b is not None]
+        if missing:
+            log.warning("runs without %s (trained before the training job wrote it): %s", BREAKDOWN_ARTIFACT,
+                        ", ".join(missing))
+            client.set_tag(parent_id, f"{TAG}breakdown_missing", " ".join(missing))
+        client.set_tag(parent_id, f"{TAG}runs", " ".join(r["run_id"] for r in runs))
+        stats = aggregate([r["metrics"] for r in runs])
+        metrics = {}
+        for key in ordered(stats):
+            metrics[f"{key}_mean"], metrics[f"{key}_std"] = stats[key]["mean"], stats[key]["std"]
+        report = EvaluationReport(
+            mode="seeds", title=f"{base} ({len(seeds)} seeds)", parent_run_id=parent_id,
+            experiment=job.experiment_name, metrics=metrics, runs=list(runs), aggregate=stats,
+            subject={"config": config_path, "dataset": job.dataset, "dataset_version": reader.version,
+                     "seeds": " ".join(map(str, seeds)), "test images per seed": n_test,
+                     "std": "population (numpy.std, ddof 0) over the seeds where the metric is defined"},
+            image_score=breakdowns[0]["image_score"] if breakdowns else job.model.image_score,
+            histogram=sum_histograms([b["histogram"] for b in breakdowns]) if breakdowns else None,
+            classes=breakdowns[0].get("classes", {}) if breakdowns else {},
+        )
+        _log_report(client, report)
+    return report
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/<name>/<version>`` or ``models:/<name>@<alias>`` -> (name, version, alias)."""
+    match = _MODEL_URI.match(uri or "")
+    if not match:
+        raise PlatformError(f"model URI {uri!r} is not models:/<name>/<version> or models:/<name>@<alias>")
+    return match["name"], match["version"], match["alias"]
+
+
+def _resolve_version(client, product: str | None, version: str | None, model_uri: str | None):
+    from mlflow.exceptions import MlflowException
+
+    from ssn_platform.registry import registered_model_name
+
+    if model_uri:
+        name, version, alias = parse_model_uri(model_uri)
+    elif product and version:
+        name, alias = registered_model_name(product), None
+    else:
+        raise PlatformError("name the model: --product and --version, or --model-uri models:/...")
+    try:
+        if alias:
+            return name, client.get_model_version_by_alias(name, alias)
+        return name, client.get_model_version(name, str(version))
+    except MlflowException as error:
+        what = f"alias {alias!r}" if alias else f"version {version}"
+        raise PlatformError(f"{name} {what} does not exist: {error.message}") from None
+
+
+def evaluate_version(*, product: str | None = None, version: str | None = None, model_uri: str | None = None,
+                     dataset: str | None = None, experiment: str | None = None,
+                     batch_size: int = 16) -> EvaluationReport:
+    """Scores the test split of `dataset` (default: the dataset version the model was trained on, tag
+    ``ssn.dataset.manifest`` of its training run, else the version's ``dataset`` tag) with a registered version and
+    logs the metrics on a parent run (experiment `experiment`, else the training run's, else ``ssn-<product>``)."""
+    from mlflow import MlflowClient
+
+    from ssn_platform.datasets import DatasetReader
+    from ssn_platform.registry import load_model
+    from ssn_platform.training import check_mlflow
+
+    check_mlflow()
+    client = MlflowClient()
+    name, model_version = _resolve_version(client, product, version, model_uri)
+    version = str(model_version.version)
+    product = product or (name[len("ssn-"):] if name.startswith("ssn-") else name)
+    try:
+        source_run = client.get_run(model_version.run_id) if model_version.run_id else None
+    except Exception:  # noqa: BLE001 - a deleted training run only loses the defaults it would give
+        source_run = None
+    uri = dataset or (source_run.data.tags.get("ssn.dataset.manifest") if source_run else None) \
+        or model_version.tags.get("dataset")
+    if not uri:
+        raise PlatformError(f"{name} version {version} names no dataset (run tag 'ssn.dataset.manifest' or version "
+                            "tag 'dataset'); pass --dataset s3://...")
+    reader = DatasetReader(uri)
+    where = f"{uri} (dataset version {reader.version})"
+    require_test_split(reader.manifest.records, where)  # before downloading anything
+    root, samples = reader.materialize()
+    test = require_test_split(samples, where)
+    model, _ = load_model(f"models:/{name}/{version}")
+    summary = score_samples(model, root, test, batch_size=batch_size)
+    experiment_id = (_experiment_id(client, experiment) if experiment else source_run.info.experiment_id
+                     if source_run is not None else _experiment_id(client, f"ssn-{product}"))
+    model_uri = f"models:/{name}/{version}"
+    tags = {"ssn.product": product, f"{TAG}mode": "version", f"{TAG}model_uri": model_uri,
+            f"{TAG}registered_model": name, f"{TAG}model_version": version,
+            f"{TAG}source_run_id": model_version.run_id or "", f"{TAG}dataset": uri,
+            f"{TAG}dataset_version": reader.version, f"{TAG}n_test_images": str(len(test)),
+            f"{TAG}image_score": summary["image_score"]}
+    with _parent_run(client, experiment_id, f"{name}-v{version}-evaluation", tags) as parent_id:
+        report = EvaluationReport(
+            mode="version", title=f"{name} version {version}", parent_run_id=parent_id,
+            experiment=client.get_experiment(experiment_id).name, metrics=summary["metrics"],
+            image_score=summary["image_score"], histogram=summary["histogram"], classes=summary["classes"],
+            subject={"model": model_uri, "training run": model_version.run_id, "dataset": uri,
+                     "dataset_version": reader.version, "test images": f"{summary['n_images']} "
+                     f"({summary['n_normal']} normal, {summary['n_defective']} defective)"},
+        )
+        _log_report(client, report)
+    return report
