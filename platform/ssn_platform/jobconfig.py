@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from supersimplenet.config import ConfigError, ModelConfig, TrainConfig, from_dict, to_dict
+from supersimplenet.config import ConfigError, ModelConfig, TrainConfig, from_dict, recommended_model_config, to_dict
 
 PRODUCT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # as the dataset store
 VALIDATION_MODES = ("none", "split", "synthetic")
@@ -174,6 +174,11 @@ def build_job_config(values: Mapping[str, Any]) -> JobConfig:
         raw = values.get(section) or {}
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{section} must be a mapping, got {type(raw).__name__}")
+        if section == "model":
+            # A model section starts from the backbone's recommended settings (supersimplenet.config), so
+            # `model: {backbone: efficientnet_lite0}` alone trains well; every key it gives wins.
+            base = recommended_model_config(raw.get("backbone") or ModelConfig.backbone)
+            raw = {**to_dict(base), **raw}
         values[section] = from_dict(cls, raw, section=section)
     for required in ("product", "dataset"):
         if not values.get(required):

@@ -66,3 +66,17 @@ def unused_tcp_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_a_model_section_naming_only_the_backbone_gets_its_recommended_settings(tmp_path):
+    from supersimplenet.config import recommended_model_config
+
+    path = tmp_path / "job.yaml"
+    path.write_text("product: p\ndataset: s3://ssn/datasets/p/latest\nmodel: {backbone: efficientnet_lite1}\n")
+    job = load_job_config(path)
+    assert job.model == recommended_model_config("efficientnet_lite1")
+    assert job.model.noise_std_mode == "relative"  # not the paper's absolute 0.015, tuned for WRN50 only
+    explicit = load_job_config(path, ["model.noise_std_mode=absolute", "model.noise_std=0.015"])
+    assert (explicit.model.noise_std_mode, explicit.model.noise_std) == ("absolute", 0.015)
+    wrn50 = load_job_config(path, ["model.backbone=wide_resnet50", "weights=random"])
+    assert wrn50.model.noise_std_mode == "absolute"
