@@ -5,7 +5,7 @@ epochs, batch). Every run trains with `supersimplenet.train.fit` in this process
 Ray workers and Tune trials) on the protocol's train split and scores its test split through the one inference
 path (`supersimplenet.train.predict`). The val split is never used here. Each run reports the image metrics of
 three image scores (`supersimplenet.metrics.IMAGE_SCORES`: the classification head's, the anomaly map's maximum,
-and their mean), AUROC per defect class, and the pixel metrics where masks exist.
+and their mean, "combined"), AUROC per defect class, and the pixel metrics where masks exist.
 
 Settings (`--settings`, several allowed): `paper` (absolute sigma 0.015, Perlin threshold 0.2, or 0.6 for the
 supervised protocols: the paper's values, tuned for WideResNet50 features), `defaults` (what the platform trains

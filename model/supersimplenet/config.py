@@ -14,8 +14,8 @@ from typing import Any, Mapping, TypeVar
 SUPERVISION_REGIMES = ("unsupervised", "weak", "mixed", "supervised")
 NOISE_STD_MODES = ("absolute", "relative")
 # The image score a model reports (`supersimplenet.model.image_score`): the classification head's (the paper's),
-# the maximum of the anomaly map, or the mean of the two.
-IMAGE_SCORES = ("head", "map_max", "mean")
+# the maximum of the anomaly map, or the mean of the two ("combined").
+IMAGE_SCORES = ("head", "map_max", "combined")
 
 T = TypeVar("T")
 
@@ -51,7 +51,7 @@ class ModelConfig:
         cls_hidden: output channels of the classification head's convolution.
         blur_sigma: sigma of the Gaussian blur applied to the upsampled anomaly map.
         image_score: the image score every prediction reports, one of `IMAGE_SCORES`: "head" (the classification
-            head's, the paper's), "map_max" (the anomaly map's maximum, the authors' "seg-" metrics) or "mean"
+            head's, the paper's), "map_max" (the anomaly map's maximum, the authors' "seg-" metrics) or "combined"
             (of the two). Changes no weight: evaluation compares all three on any trained model.
     """
 

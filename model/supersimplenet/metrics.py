@@ -342,7 +342,7 @@ def image_scores(head_scores: Any, maps: Any) -> dict[str, np.ndarray]:
 
     * ``head``: the classification head's score (the paper's image score);
     * ``map_max``: the maximum of the blurred anomaly map (the authors' code reports these "seg-" metrics too);
-    * ``mean``: the mean of the two, which needs no calibration of one against the other because both are
+    * ``combined``: the mean of the two, which needs no calibration of one against the other because both are
       probabilities of the same model.
     """
     head = _check_values(_to_numpy(head_scores, "scores").astype(np.float64).reshape(-1), "scores")
@@ -350,7 +350,7 @@ def image_scores(head_scores: Any, maps: Any) -> dict[str, np.ndarray]:
     if m.shape[0] != head.shape[0]:
         raise ValueError(f"maps: {m.shape[0]} images but scores has {head.shape[0]} entries")
     map_max = m.reshape(m.shape[0], -1).max(axis=1)
-    return {"head": head, "map_max": map_max, "mean": 0.5 * (head + map_max)}
+    return {"head": head, "map_max": map_max, "combined": 0.5 * (head + map_max)}
 
 
 def compute_metrics(

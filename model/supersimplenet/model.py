@@ -147,7 +147,7 @@ def image_score(kind: str, head_score: torch.Tensor, anomaly_map: torch.Tensor) 
     if kind == "head":
         return head_score
     map_max = anomaly_map.flatten(1).amax(dim=1)
-    return map_max if kind == "map_max" else 0.5 * (head_score + map_max)
+    return map_max if kind == "map_max" else 0.5 * (head_score + map_max)  # "combined"
 
 
 class SuperSimpleNet(nn.Module):

@@ -8,7 +8,7 @@ the parent. `evaluate_version(...)` scores the test split of a dataset version w
 one inference path (`supersimplenet.train.predict`) and logs the metrics on a parent run of its own.
 
 Both report, besides `compute_metrics` of the model's reported image score: AUROC and AP of every image score
-(``image_auroc_<head|map_max|mean>``, ``ap_det_<...>``: `supersimplenet.train.Predictions.score_metrics`), of every
+(``image_auroc_<head|map_max|combined>``, ``ap_det_<...>``: `supersimplenet.train.Predictions.score_metrics`), of every
 defect class against all normal test images (``class.<defect_type>.*``, `Sample.defect_type`), pixel metrics where
 the test split has masks, and a histogram (20 bins over [0, 1]) of the reported score of normal and defective
 images. Artifacts ``evaluation.md`` and ``evaluation.json``; tags ``ssn.evaluate.*``.

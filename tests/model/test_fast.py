@@ -228,7 +228,7 @@ def test_level_operator_is_upscale_pool_shift():
         assert torch.allclose(ops[:, :, tap] @ signal[0, 0, 0], shifted, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["map_max", "mean"])
+@pytest.mark.parametrize("kind", ["map_max", "combined"])
 def test_every_image_score_is_the_same_on_the_fast_path_and_derives_from_head_and_map(weld, kind):
     import dataclasses
 

@@ -334,13 +334,13 @@ def test_validation_errors_name_the_argument():
         image_auroc([], [])
 
 
-def test_image_scores_are_the_head_the_map_maximum_and_their_mean():
+def test_image_scores_are_the_head_the_map_maximum_and_their_mean_combined():
     from supersimplenet.metrics import image_scores
 
     maps = np.zeros((2, 4, 4))
     maps[0, 1, 2], maps[1, 3, 3] = 0.9, 0.2
     scores = image_scores([0.1, 0.6], maps)
-    assert list(scores) == ["head", "map_max", "mean"]
-    assert np.allclose(scores["map_max"], [0.9, 0.2]) and np.allclose(scores["mean"], [0.5, 0.4])
+    assert list(scores) == ["head", "map_max", "combined"]
+    assert np.allclose(scores["map_max"], [0.9, 0.2]) and np.allclose(scores["combined"], [0.5, 0.4])
     with pytest.raises(ValueError, match="maps: 2 images but scores has 3"):
         image_scores([0.1, 0.6, 0.3], maps)

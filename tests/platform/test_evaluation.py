@@ -100,7 +100,7 @@ def test_summary_has_every_image_score_and_pixel_metrics_only_where_masks_exist(
     metrics = summary["metrics"]
     assert metrics["image_auroc"] == metrics["image_auroc_head"] == 1.0
     assert metrics["image_auroc_map_max"] == pytest.approx(0.5)  # map maxima 0.9 0.1 | 0.2 0.8
-    assert metrics["image_auroc_mean"] == pytest.approx(0.75)  # means 0.55 0.1 | 0.45 0.85
+    assert metrics["image_auroc_combined"] == pytest.approx(0.75)  # means 0.55 0.1 | 0.45 0.85
     assert metrics["class.dent.image_auroc"] == 1.0 and summary["classes"] == {"dent": 2}
     assert "pixel_auroc" not in metrics and summary["n_normal"] == summary["n_defective"] == 2
 
@@ -155,7 +155,7 @@ def test_training_test_step_logs_a_breakdown_that_agrees_with_its_test_metrics(t
     root = make_smoke_dataset(tmp_path / "smoke")
     test = [s for s in read_layout(root, "mvtec") if s.split == "test"]
     job = build_job_config({"product": "smoke", "dataset": "s3://ssn/datasets/smoke/latest", "register": False,
-                            "overlays": 1, "model": {"image_size": [96, 96], "image_score": "mean"},
+                            "overlays": 1, "model": {"image_size": [96, 96], "image_score": "combined"},
                             "scaling": {"num_workers": 1}, "train": {"batch_size": 2}})
     torch.manual_seed(0)
     logged = tmp_path / "logged"
@@ -168,11 +168,11 @@ def test_training_test_step_logs_a_breakdown_that_agrees_with_its_test_metrics(t
     metrics = finalize_run(job, build_model(job.model).eval(), root=root, test_samples=test,
                            device=torch.device("cpu"), tracker=tracker, provenance="random")
     breakdown = json.loads((logged / "evaluation" / "breakdown.json").read_text())
-    assert breakdown["image_score"] == "mean" and breakdown["classes"] == {"scratch": 2}
+    assert breakdown["image_score"] == "combined" and breakdown["classes"] == {"scratch": 2}
     assert "image_auroc" not in breakdown["metrics"]  # the run logs the overall metrics itself
-    # one defect class, every normal image: the class's AUROC is the run's (reported score: the mean)
+    # one defect class, every normal image: the class's AUROC is the run's (reported score: the combined one)
     assert breakdown["metrics"]["class.scratch.image_auroc"] == pytest.approx(metrics["image_auroc"])
-    for key in (f"{m}_{k}" for m in ("image_auroc", "ap_det") for k in ("head", "map_max", "mean")):
+    for key in (f"{m}_{k}" for m in ("image_auroc", "ap_det") for k in ("head", "map_max", "combined")):
         assert breakdown["metrics"][key] == pytest.approx(metrics[key])  # the run logs them as test_<key> too
     assert sum(breakdown["histogram"]["normal"]) == sum(breakdown["histogram"]["defective"]) == 2
 
@@ -305,7 +305,7 @@ def test_seed_runs_nest_under_a_parent_with_their_mean_and_std_and_a_version_rep
     assert metrics["image_auroc_mean"] == pytest.approx(np.mean(aurocs), abs=1e-9)
     assert metrics["image_auroc_std"] == pytest.approx(np.std(aurocs), abs=1e-9)
     # weld's defects are one class, and the model reports the head's score: both views equal the headline
-    assert metrics["score.head.image_auroc_mean"] == pytest.approx(np.mean(aurocs), abs=1e-9)
+    assert metrics["image_auroc_head_mean"] == pytest.approx(np.mean(aurocs), abs=1e-9)
     assert metrics["class.defective.image_auroc_mean"] == pytest.approx(np.mean(aurocs), abs=1e-9)
     assert {"evaluation.md", "evaluation.json"} <= {a.path for a in client.list_artifacts(parent_id)}
     report = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=parent_id, artifact_path="evaluation.json",
