@@ -78,7 +78,7 @@ PROTOCOLS: dict[str, Protocol] = {
 
 
 def paper_overrides(protocol: Protocol) -> dict[str, Any]:
-    return {"noise_std_mode": "absolute", "noise_std": 0.015,
+    return {"noise_std_mode": "absolute", "noise_std": 0.015, "image_score": "head",
             "perlin_threshold": 0.6 if protocol.supervision != "unsupervised" else 0.2}
 
 
@@ -112,8 +112,7 @@ def _coerce(value: str, current: Any) -> Any:
 
 def build_configs(protocol: Protocol, setting: str, raw: dict[str, str], *, seed: int, epochs: int,
                   backbone: str) -> tuple[ModelConfig, TrainConfig]:
-    supervised = protocol.supervision != "unsupervised"
-    model = recommended_model_config(backbone, image_size=protocol.image_size, stop_grad=not supervised)
+    model = recommended_model_config(backbone, supervision=protocol.supervision, image_size=protocol.image_size)
     if setting == "paper":
         model = replace(model, **paper_overrides(protocol))
     train = TrainConfig(epochs=epochs, batch_size=protocol.batch_size, seed=seed, supervision=protocol.supervision)

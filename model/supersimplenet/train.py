@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from supersimplenet.backbones import get_preset, load_backbone_weights
 from supersimplenet.checkpoint import save_checkpoint
-from supersimplenet.config import ModelConfig, TrainConfig, recommended_model_config, to_dict
+from supersimplenet.config import IMAGE_SCORES, ModelConfig, TrainConfig, recommended_model_config, to_dict
 from supersimplenet.data import BalancedSampler, DefectDataset, Sample, apply_supervision, read_layout
 from supersimplenet.inference import inference_model
 from supersimplenet.losses import dilate_masks, distance_weight_maps, supersimplenet_loss
@@ -290,6 +290,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--noise-std-mode", choices=["absolute", "relative"], default=None)
     parser.add_argument("--perlin-threshold", type=float, default=None)
     parser.add_argument("--icpr", action="store_true", help="ICPR variant: classification head on adapted features")
+    parser.add_argument("--image-score", default=None, choices=list(IMAGE_SCORES),
+                        help="image score (default: the recommended one for the backbone and supervision)")
     parser.add_argument("--epochs", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=None)
@@ -305,10 +307,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = _parse(argv)
     supervised = args.supervision != "unsupervised"
     model_config = recommended_model_config(
-        args.backbone, image_size=tuple(args.image_size), noise_std=args.noise_std,
+        args.backbone, supervision=args.supervision, image_size=tuple(args.image_size), noise_std=args.noise_std,
         noise_std_mode=args.noise_std_mode, perlin_threshold=args.perlin_threshold,
-        adapt_cls_features=True if args.icpr else None, stop_grad=not supervised,
-        overlap=False,
+        adapt_cls_features=True if args.icpr else None, image_score=args.image_score, overlap=False,
     )
     train_config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, seed=args.seed if args.seed is not None else (456654 if supervised else 42),

@@ -175,9 +175,11 @@ def build_job_config(values: Mapping[str, Any]) -> JobConfig:
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{section} must be a mapping, got {type(raw).__name__}")
         if section == "model":
-            # A model section starts from the backbone's recommended settings (supersimplenet.config), so
-            # `model: {backbone: efficientnet_lite0}` alone trains well; every key it gives wins.
-            base = recommended_model_config(raw.get("backbone") or ModelConfig.backbone)
+            # A model section starts from the recommended settings of its backbone and the job's supervision
+            # (supersimplenet.config), so `model: {backbone: efficientnet_lite0}` alone trains well; its keys win.
+            train = values.get("train") if isinstance(values.get("train"), Mapping) else {}
+            base = recommended_model_config(raw.get("backbone") or ModelConfig.backbone,
+                                            supervision=train.get("supervision") or "unsupervised")
             raw = {**to_dict(base), **raw}
         values[section] = from_dict(cls, raw, section=section)
     for required in ("product", "dataset"):

@@ -304,8 +304,9 @@ def test_seed_runs_nest_under_a_parent_with_their_mean_and_std_and_a_version_rep
     metrics = parent.data.metrics
     assert metrics["image_auroc_mean"] == pytest.approx(np.mean(aurocs), abs=1e-9)
     assert metrics["image_auroc_std"] == pytest.approx(np.std(aurocs), abs=1e-9)
-    # weld's defects are one class, and the model reports the head's score: both views equal the headline
-    assert metrics["image_auroc_head_mean"] == pytest.approx(np.mean(aurocs), abs=1e-9)
+    # weld's defects are one class, and the model reports the config's image score: both views equal the headline
+    reported = load_job_config(REPO / "jobs/configs/battery_weld.yaml").model.image_score
+    assert metrics[f"image_auroc_{reported}_mean"] == pytest.approx(np.mean(aurocs), abs=1e-9)
     assert metrics["class.defective.image_auroc_mean"] == pytest.approx(np.mean(aurocs), abs=1e-9)
     assert {"evaluation.md", "evaluation.json"} <= {a.path for a in client.list_artifacts(parent_id)}
     report = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=parent_id, artifact_path="evaluation.json",
