@@ -203,7 +203,7 @@ def markdown(report: Mapping[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # Scoring (the one inference path) and the training job's hook
 # ---------------------------------------------------------------------------------------------------------
-def summarize_dataset(model, dataset, predictions, *, batch_size: int, device, overall: bool = True) -> dict:
+def summarize_dataset(model, dataset, predictions, *, overall: bool = True) -> dict:
     """`summarize` of `predictions` (`supersimplenet.train.predict` of `model` on the `DefectDataset` `dataset`)."""
     from supersimplenet.train import unwrap
 
@@ -211,10 +211,10 @@ def summarize_dataset(model, dataset, predictions, *, batch_size: int, device, o
     return summarize(predictions, samples, image_score=unwrap(model).config.image_score, overall=overall)
 
 
-def write_breakdown(out_dir: Path, model, dataset, predictions, *, batch_size: int, device) -> dict[str, Any]:
+def write_breakdown(out_dir: Path, model, dataset, predictions) -> dict[str, Any]:
     """The training job's test step hook: `summarize_dataset` without the overall metrics (the run logs them as
     ``test_*``), written to ``<out_dir>/breakdown.json``."""
-    summary = summarize_dataset(model, dataset, predictions, batch_size=batch_size, device=device, overall=False)
+    summary = summarize_dataset(model, dataset, predictions, overall=False)
     (Path(out_dir) / BREAKDOWN_FILE).write_text(json.dumps(jsonable(summary), indent=2))
     return summary
 
@@ -232,7 +232,7 @@ def score_samples(model, root: Path, samples: Sequence, *, batch_size: int = 16)
     dataset = DefectDataset(root=root, samples=samples, image_size=model.config.image_size, mean=preset.mean,
                             std=preset.std)
     predictions = predict(model.to(device), eval_loader(dataset, batch_size=batch_size), device=device)
-    return summarize_dataset(model, dataset, predictions, batch_size=batch_size, device=device)
+    return summarize_dataset(model, dataset, predictions)
 
 
 def require_test_split(samples: Sequence, where: str) -> list:

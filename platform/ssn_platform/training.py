@@ -365,8 +365,7 @@ def finalize_run(job: JobConfig, model, *, root: Path, test_samples: list, devic
             metrics.update(predictions.score_metrics())  # every image score, for evaluation and the search
             tracker.log_metrics({f"test_{k}": v for k, v in metrics.items()}, step=job.train.epochs)
             (out / "test_metrics.json").write_text(json.dumps(metrics, indent=2))
-            evaluation.write_breakdown(out, model, test_set, predictions, batch_size=job.per_worker_batch_size,
-                                       device=device)  # per image score and defect class, score histogram
+            evaluation.write_breakdown(out, model, test_set, predictions)  # per image score and defect class
             plots.write_curves(predictions.scores, predictions.labels, out)
             plots.write_overlays(root, test_samples, predictions, out / "overlays", count=job.overlays)
             (out / "test_predictions.json").write_text(json.dumps({
