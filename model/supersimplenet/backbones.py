@@ -38,6 +38,7 @@ class BackbonePreset:
     Attributes:
         timm_name: the architecture passed to `timm.create_model`.
         out_indices: the default feature levels, at strides 8 and 16 (`feature_info` indices).
+        num_levels: how many feature levels `features_only` offers (level i has stride 2 ** (i + 1)).
         mean: per-channel input mean the weights were trained with.
         std: per-channel input std.
         default_weights: a callable returning the path of weights shipped by an installed package, or None when
@@ -52,6 +53,7 @@ class BackbonePreset:
     std: tuple[float, float, float]
     default_weights: Callable[[], Path] | None = None
     positional_keys: bool = False
+    num_levels: int = 5
 
 
 def _lite_package_file(variant: int) -> Path:

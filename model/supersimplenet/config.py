@@ -16,6 +16,10 @@ NOISE_STD_MODES = ("absolute", "relative")
 # The image score a model reports (`supersimplenet.model.image_score`): the classification head's (the paper's),
 # the maximum of the anomaly map, or the mean of the two ("combined").
 IMAGE_SCORES = ("head", "map_max", "combined")
+# Compute precision of a training step (`supersimplenet.train.train_step`): everything in float32, or the trainable
+# layers (adaptor and heads, most of a step's FLOPs) under bfloat16 autocast with float32 weights, optimiser state,
+# losses and frozen backbone.
+TRAIN_PRECISIONS = ("fp32", "bf16")
 
 T = TypeVar("T")
 
@@ -50,6 +54,9 @@ class ModelConfig:
         seg_hidden: hidden width of the segmentation head.
         cls_hidden: output channels of the classification head's convolution.
         blur_sigma: sigma of the Gaussian blur applied to the upsampled anomaly map.
+        feature_levels: the two backbone feature levels (`feature_info` indices, increasing) that are upscaled and
+            concatenated; None takes the preset's (strides 8 and 16). The feature maps are twice the first level's
+            size, so (1, 2) costs the heads about 4x and (3, 4) about 1/4 of the default.
         image_score: the image score every prediction reports, one of `IMAGE_SCORES`: "head" (the classification
             head's, the paper's), "map_max" (the anomaly map's maximum, the authors' "seg-" metrics) or "combined"
             (of the two). Changes no weight: evaluation compares all three on any trained model.
@@ -70,6 +77,7 @@ class ModelConfig:
     cls_hidden: int = 128
     blur_sigma: float = 4.0
     image_score: str = "head"
+    feature_levels: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         from supersimplenet.backbones import PRESETS  # local import: backbones imports this module
@@ -85,14 +93,28 @@ class ModelConfig:
         _check(0.0 <= self.perlin_threshold, f"model.perlin_threshold must be >= 0, got {self.perlin_threshold}")
         _check(self.blur_sigma > 0, f"model.blur_sigma must be > 0, got {self.blur_sigma}")
         _check(self.seg_hidden > 0 and self.cls_hidden > 0, "model.seg_hidden and model.cls_hidden must be > 0")
+        if self.feature_levels is not None:
+            levels = tuple(self.feature_levels)
+            _check(len(levels) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in levels)
+                   and 0 <= levels[0] < levels[1],
+                   f"model.feature_levels must be two increasing feature levels (e.g. [2, 3]), got {levels!r}")
+            available = PRESETS[self.backbone].num_levels
+            _check(levels[1] < available, f"model.feature_levels: {self.backbone} has levels 0-{available - 1}, "
+                   f"got {levels!r}")
+            object.__setattr__(self, "feature_levels", levels)
         _check(self.image_score in IMAGE_SCORES,
                f"model.image_score must be one of {IMAGE_SCORES}, got {self.image_score!r}")
 
     @property
     def feature_size(self) -> tuple[int, int]:
-        """Spatial size of the feature maps: twice the stride-8 map, i.e. about a quarter of the input."""
+        """Spatial size of the feature maps: twice the first level's map (its stride is 2 ** (level + 1) in every
+        preset), i.e. about a quarter of the input with the default levels."""
+        from supersimplenet.backbones import get_preset  # local import: backbones imports this module
+
+        first = (self.feature_levels or get_preset(self.backbone).out_indices)[0]
+        stride = 2 ** (first + 1)
         height, width = self.image_size
-        return (2 * -(-height // 8), 2 * -(-width // 8))
+        return (2 * -(-height // stride), 2 * -(-width // stride))
 
     @property
     def resolved_mask_align_corners(self) -> bool:
@@ -103,7 +125,12 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings (spec section 5). Defaults are the paper's except the epoch count."""
+    """Optimisation settings (spec section 5). Defaults are the paper's except the epoch count.
+
+    `precision` ("fp32" or "bf16", `TRAIN_PRECISIONS`) is the compute precision of the trainable layers; see
+    `supersimplenet.train.train_step`. bf16 needs hardware with native bfloat16 to be faster (AVX-512 BF16 or AMX
+    CPUs, Ampere-or-newer GPUs); QUALITY.md and BENCHMARKS.md have its measured speed and accuracy.
+    """
 
     epochs: int = 300
     batch_size: int = 32
@@ -124,6 +151,7 @@ class TrainConfig:
     num_workers: int = 0
     eval_every: int = 0
     deterministic: bool = True
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
@@ -137,6 +165,8 @@ class TrainConfig:
         _check(self.dilate is None or (self.dilate >= 1 and self.dilate % 2 == 1),
                f"train.dilate must be an odd kernel size, got {self.dilate}")
         _check(self.num_workers >= 0, f"train.num_workers must be >= 0, got {self.num_workers}")
+        _check(self.precision in TRAIN_PRECISIONS,
+               f"train.precision must be one of {TRAIN_PRECISIONS}, got {self.precision!r}")
 
     @property
     def supervised(self) -> bool:

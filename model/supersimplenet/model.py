@@ -27,9 +27,9 @@ from supersimplenet.perlin import perlin_masks
 class FeatureExtractor(nn.Module):
     """Frozen backbone -> upscaled, concatenated, locally averaged features F [B, C, 2*H8, 2*W8]."""
 
-    def __init__(self, *, backbone: str) -> None:
+    def __init__(self, *, backbone: str, levels: tuple[int, int] | None = None) -> None:
         super().__init__()
-        self.backbone = build_feature_extractor(backbone)
+        self.backbone = build_feature_extractor(backbone, levels)
         self.backbone.requires_grad_(False)
         self.backbone.eval()
         self.channels = int(sum(self.backbone.feature_info.channels()))
@@ -42,8 +42,10 @@ class FeatureExtractor(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            levels = self.backbone(images)
+        # Always float32, also inside a bf16 training step's autocast: the frozen backbone is a small share of a
+        # step's time, and Lite0's depthwise stack loses accuracy in bf16 (supersimplenet.fast, BF16_BACKBONES).
+        with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
+            levels = self.backbone(images.float())
             height, width = levels[0].shape[-2:]
             size = (2 * height, 2 * width)
             upscaled = [F.interpolate(level, size=size, mode="bilinear", align_corners=True) for level in levels]
@@ -159,7 +161,7 @@ class SuperSimpleNet(nn.Module):
         preset = get_preset(config.backbone)
         self.register_buffer("mean", torch.tensor(preset.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(preset.std).view(1, 3, 1, 1), persistent=False)
-        self.feature_extractor = FeatureExtractor(backbone=config.backbone)
+        self.feature_extractor = FeatureExtractor(backbone=config.backbone, levels=config.feature_levels)
         channels = self.feature_extractor.channels
         self.adaptor = nn.Conv2d(channels, channels, kernel_size=1, bias=True)
         self.segmentation_head = SegmentationHead(channels=channels, hidden=config.seg_hidden)
@@ -224,7 +226,8 @@ class SuperSimpleNet(nn.Module):
             device=masks.device,
         )
         noise_mask = noise_mask * perlin
-        noise = torch.randn_like(adapted) * self.effective_noise_std * noise_mask
+        # float32 noise in every precision: the same random stream whether or not the step runs under bf16 autocast
+        noise = torch.randn_like(adapted, dtype=torch.float32) * self.effective_noise_std * noise_mask
         final_masks = ((masks + noise_mask) > 0).float()
         final_labels = ((labels + final_masks.flatten(1).amax(dim=1)) > 0).float()
         return adapted + noise, raw + noise, final_masks, final_labels

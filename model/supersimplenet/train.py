@@ -10,6 +10,7 @@ process.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -27,7 +28,9 @@ from tqdm.auto import tqdm
 
 from supersimplenet.backbones import get_preset, load_backbone_weights
 from supersimplenet.checkpoint import save_checkpoint
-from supersimplenet.config import IMAGE_SCORES, ModelConfig, TrainConfig, recommended_model_config, to_dict
+from supersimplenet.config import (
+    IMAGE_SCORES, TRAIN_PRECISIONS, ModelConfig, TrainConfig, recommended_model_config, to_dict,
+)
 from supersimplenet.data import BalancedSampler, DefectDataset, Sample, apply_supervision, read_layout
 from supersimplenet.inference import inference_model
 from supersimplenet.losses import dilate_masks, distance_weight_maps, supersimplenet_loss
@@ -131,7 +134,11 @@ def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torc
         masks = dilate_masks(masks, cfg.resolved_dilate)
         weights = distance_weight_maps(masks, net.config.feature_size, weight=cfg.dt_weight, power=cfg.dt_power)
         pixel_weights = torch.cat((weights, weights))
-    out = model(images, masks, labels)
+    # bf16: the trainable layers run under autocast (weights, gradients and optimiser state stay float32; the
+    # backbone opts out in FeatureExtractor.forward); the losses are computed in float32 from float32 logits.
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        out = model(images, masks, labels)
+    out = dataclasses.replace(out, map_logits=out.map_logits.float(), score_logits=out.score_logits.float())
     if pixel_weights is not None and pixel_weights.shape[-2:] != out.map_logits.shape[-2:]:
         pixel_weights = nn.functional.interpolate(pixel_weights, size=out.map_logits.shape[-2:], mode="bilinear",
                                                   align_corners=True)
@@ -297,6 +304,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--eval-every", type=int, default=0)
     parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--precision", default="fp32", choices=list(TRAIN_PRECISIONS),
+                        help="compute precision of the trainable layers (TrainConfig.precision)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", required=True, help="output folder for model.pt and metrics.json")
     return parser.parse_args(argv)
@@ -314,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     train_config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, seed=args.seed if args.seed is not None else (456654 if supervised else 42),
         supervision=args.supervision, mask_ratio=args.mask_ratio, eval_every=args.eval_every,
-        num_workers=args.num_workers,
+        num_workers=args.num_workers, precision=args.precision,
     )
     options = {"split_file": args.split_file} if args.split_file else {}
     samples = read_layout(args.data, args.layout, category=args.category, **options)

@@ -54,6 +54,33 @@ def test_feature_sizes_for_other_inputs(lite0, size, feature):
     assert lite0(torch.randn(1, 3, *size)).anomaly_map.shape == (1, 1, *size)
 
 
+@pytest.mark.parametrize("levels, channels, feature", [((1, 2), 24 + 40, (64, 36)), ((3, 4), 112 + 320, (16, 10))])
+def test_other_feature_levels_change_channels_and_resolution_and_survive_a_checkpoint(tmp_path, levels, channels,
+                                                                                      feature):
+    from supersimplenet.checkpoint import load_checkpoint, save_checkpoint
+    from supersimplenet.inference import inference_model
+
+    torch.manual_seed(0)
+    config = ModelConfig(image_size=(128, 72), feature_levels=list(levels))
+    assert config.feature_levels == levels and config.feature_size == feature
+    model = build_model(config).eval()
+    assert model.feature_extractor.channels == model.adaptor.in_channels == channels
+    images = torch.rand(2, 3, 128, 72)
+    raw, _ = model.features(images)
+    assert tuple(raw.shape[-2:]) == feature
+    save_checkpoint(tmp_path / "model.pt", model)
+    loaded, _ = load_checkpoint(tmp_path / "model.pt")
+    assert loaded.config.feature_levels == levels
+    expected, again = model(images), inference_model(loaded)(images)
+    assert torch.allclose(expected.anomaly_map, again.anomaly_map, atol=1e-5)
+
+
+@pytest.mark.parametrize("levels, message", [((3, 2), "increasing"), ((2, 5), "levels 0-4"), ((2,), "increasing")])
+def test_bad_feature_levels_are_refused_by_field_name(levels, message):
+    with pytest.raises(ConfigError, match=f"model.feature_levels.*{message}"):
+        ModelConfig(feature_levels=levels)
+
+
 def test_lite0_channels_from_feature_info(lite0):
     assert lite0.feature_extractor.channels == 40 + 112
     assert lite0.adaptor.in_channels == 152

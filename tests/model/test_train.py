@@ -96,3 +96,62 @@ def test_supervised_run_on_mpdd_metal_plate_learns(mpdd_root):
     assert losses[-1] < losses[0]
     assert result.test_metrics["image_auroc"] > 0.7, result.test_metrics
     assert result.test_metrics["pixel_auroc"] > 0.7, result.test_metrics
+
+
+def _one_step_gradients(weld_root, precision):
+    """Losses and gradients of one training step on 4 real weld seams from a fixed initial state."""
+    from supersimplenet.backbones import get_preset, load_backbone_weights
+    from supersimplenet.data import DefectDataset
+    from supersimplenet.train import train_step
+
+    config = ModelConfig(image_size=(128, 72), noise_std_mode="relative", noise_std=4.0)
+    torch.manual_seed(0)
+    model = build_model(config)
+    load_backbone_weights(model.feature_extractor.backbone, config.backbone, "default")
+    preset = get_preset(config.backbone)
+    samples = [s for s in read_layout(weld_root) if s.split == "train"][:4]
+    dataset = DefectDataset(root=weld_root, samples=samples, image_size=config.image_size, mean=preset.mean,
+                            std=preset.std)
+    batch = torch.utils.data.default_collate([dataset[i] for i in range(4)])
+    cfg = TrainConfig(batch_size=4, precision=precision)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the step leaves the weights as they were
+    torch.manual_seed(1)  # the same Perlin masks and noise in both precisions
+    losses = train_step(model, batch, optimizer, cfg, device=torch.device("cpu"))
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return losses, grads
+
+
+def test_a_bf16_training_step_matches_the_fp32_step_on_real_images(weld_root):
+    """bf16 autocast changes rounding only: the same losses within 2 % and gradients pointing the same way, while
+    weights and gradients stay float32."""
+    fp32_losses, fp32_grads = _one_step_gradients(weld_root, "fp32")
+    bf16_losses, bf16_grads = _one_step_gradients(weld_root, "bf16")
+    assert fp32_losses["loss"] > 0.05
+    for name in fp32_losses:
+        assert bf16_losses[name] == pytest.approx(fp32_losses[name], rel=0.02, abs=1e-3), name
+    assert fp32_grads.keys() == bf16_grads.keys() and len(fp32_grads) >= 6
+    for name, grad in fp32_grads.items():
+        assert bf16_grads[name].dtype == torch.float32
+        if grad.norm() < 1e-4:  # the biases of convolutions followed by BatchNorm: zero in exact arithmetic
+            assert bf16_grads[name].norm() < 1e-3, name
+            continue
+        cosine = torch.nn.functional.cosine_similarity(grad.flatten(), bf16_grads[name].flatten(), dim=0)
+        assert cosine > 0.99, (name, float(cosine))
+        assert float((bf16_grads[name] - grad).norm() / grad.norm()) < 0.15, name
+
+
+def test_the_backbone_stays_float32_inside_a_bf16_autocast(weld_root):
+    model = build_model(ModelConfig(image_size=(128, 72))).eval()
+    images = torch.rand(2, 3, 128, 72)
+    reference = model.feature_extractor(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = model.feature_extractor(images)
+    assert autocast.dtype == torch.float32 and torch.equal(autocast, reference)
+
+
+def test_an_unknown_training_precision_is_refused_by_name():
+    from supersimplenet.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.precision"):
+        TrainConfig(precision="fp16")
