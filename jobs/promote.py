@@ -2,13 +2,16 @@
 
     python jobs/promote.py --product battery-weld --version 4
     python jobs/promote.py --product battery-weld --version 4 --margin 0.01 --floor 0.7 --metric pixel_auroc
+    python jobs/promote.py --product battery-weld --version 4 --require-seeds 3
     python jobs/promote.py --product battery-weld --rollback
 
 Promotion evaluates the candidate and the current champion on the evaluation split (``--split``, default test) of
 the candidate's dataset (or ``--data``) with the same code, and moves the ``champion`` alias (the old champion
 becomes ``previous``) only when the candidate is not worse than the champion by more than ``--margin`` on the
 product's primary metric (``--metric``, else the registered model's ``primary_metric`` tag, else image_auroc) and
-reaches ``--floor``. A version without a calibrated threshold or without a test evaluation is refused. Every
+reaches ``--floor``. ``--require-seeds N`` also needs a multi-seed evaluation of the version's recipe (same config
+and dataset version, any seeds: ``jobs/evaluate.py --config ... --seeds 0 1 2``) whose mean reaches the floor. A
+version without a calibrated threshold or without a test evaluation is refused. Every
 decision is recorded in the MLflow experiment ``ssn-<product>-promotions`` and as tags on the version.
 ``--rollback`` makes ``previous`` the champion again.
 
@@ -34,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metric", default=None, help="primary metric (default: the product's, else image_auroc)")
     parser.add_argument("--data", default=None, help="dataset URI (default: the candidate's dataset tag)")
     parser.add_argument("--split", default="test", help="evaluation split (default: test)")
+    parser.add_argument("--require-seeds", type=int, default=0, metavar="N",
+                        help="also require a multi-seed evaluation (jobs/evaluate.py) of the version's recipe over "
+                             ">= N seeds whose mean clears --floor (default 0: not required)")
     args = parser.parse_args(argv)
     if args.rollback == (args.version is not None):
         parser.error("give either --version V or --rollback")
@@ -53,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"rollback": True, **result.__dict__}))
             return 0
         decision = promote(args.product, args.version, margin=args.margin, floor=args.floor, metric=args.metric,
-                           data_uri=args.data, split=args.split)
+                           data_uri=args.data, split=args.split, require_seeds=args.require_seeds)
     except (PromotionError, PlatformError, StorageError, CheckpointError, MlflowException, ValueError,
             OSError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -9,6 +9,10 @@
    same data: the evaluation split (default ``test``) of the candidate's dataset (or ``data_uri``), with
    `supersimplenet.train.predict` and `supersimplenet.metrics.compute_metrics`, the code of the training job's test
    metrics.
+   With ``require_seeds=N`` the candidate's recipe (tag ``ssn.recipe`` of its training run,
+   `ssn_platform.training.recipe_fingerprint`) must also have a finished multi-seed evaluation over at least N seeds
+   (`jobs/evaluate.py --seeds ...`, same tag), and the floor applies to that evaluation's mean as well: one lucky
+   seed cannot make a champion of a recipe that is weak on average.
 3. Promoted when ``candidate >= champion - margin`` and ``candidate >= floor`` on the product's primary metric
    (``metric`` argument, else the registered model's tag ``primary_metric``, else ``image_auroc``; all metrics
    are higher-is-better). The old champion gets alias ``previous`` first, then ``champion`` moves in one registry
@@ -70,6 +74,8 @@ class Decision:
     n_images: int = 0
     decided_at: str = ""
     run_id: str | None = None
+    require_seeds: int = 0
+    seeds_evaluation: dict[str, Any] | None = None  # {run_id, seeds, mean, std} of the recipe's evaluation
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -156,6 +162,32 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
+def find_seed_evaluation(client, run_id: str, metric: str, require_seeds: int) -> tuple[dict[str, Any] | None, str]:
+    """The newest finished multi-seed evaluation of the recipe that trained run `run_id` over at least
+    `require_seeds` seeds that reports ``<metric>_mean``: ({run_id, seeds, mean, std}, "") or (None, why not)."""
+    run = client.get_run(run_id)
+    recipe = run.data.tags.get("ssn.recipe")
+    if not recipe:
+        return None, (f"its training run {run_id} has no recipe tag (ssn.recipe; trained before recipes were "
+                      "recorded), so no multi-seed evaluation can be matched to it")
+    found = client.search_runs(
+        [run.info.experiment_id], order_by=["attributes.start_time DESC"], max_results=200,
+        filter_string=f"tags.`ssn.recipe` = '{recipe}' and tags.`ssn.evaluate.mode` = 'seeds' "
+                      "and attributes.status = 'FINISHED'")
+    counts = []
+    for evaluation in found:
+        seeds = evaluation.data.tags.get("ssn.evaluate.seeds", "").split()
+        counts.append(len(seeds))
+        mean = evaluation.data.metrics.get(f"{metric}_mean")
+        if len(seeds) >= require_seeds and _finite(mean):
+            return {"run_id": evaluation.info.run_id, "seeds": [int(x) for x in seeds], "mean": float(mean),
+                    "std": float(evaluation.data.metrics.get(f"{metric}_std", math.nan))}, ""
+    seen = f" (found evaluations over {sorted(set(counts))} seeds)" if counts else ""
+    return None, (f"its recipe {recipe} has no finished multi-seed evaluation over >= {require_seeds} seeds reporting "
+                  f"{metric}{seen}; run jobs/evaluate.py with the version's config and --seeds (at least "
+                  f"{require_seeds})")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Recording
 # ---------------------------------------------------------------------------------------------------------
@@ -184,6 +216,11 @@ def _record(client, decision: Decision) -> str:
     metrics = [Metric(f"candidate_{k}", v, now, 0) for k, v in decision.candidate_metrics.items() if _finite(v)]
     metrics += [Metric(f"champion_{k}", v, now, 0) for k, v in decision.champion_metrics.items() if _finite(v)]
     metrics.append(Metric("promoted", 1.0 if decision.promoted else 0.0, now, 0))
+    if decision.seeds_evaluation:
+        metrics += [Metric(f"seeds_{decision.metric}_{k}", decision.seeds_evaluation[k], now, 0)
+                    for k in ("mean", "std") if _finite(decision.seeds_evaluation[k])]
+        params["seeds_evaluation_run_id"] = decision.seeds_evaluation["run_id"]
+    params["require_seeds"] = decision.require_seeds
     client.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
     decision.run_id = run_id
     with tempfile.TemporaryDirectory() as directory:
@@ -232,8 +269,12 @@ def _finish(client, decision: Decision) -> Decision:
 # Promotion and rollback
 # ---------------------------------------------------------------------------------------------------------
 def promote(product: str, version: str | int, *, margin: float = 0.005, floor: float = 0.6, metric: str | None = None,
-            data_uri: str | None = None, split: str = "test", batch_size: int = 16) -> Decision:
+            data_uri: str | None = None, split: str = "test", batch_size: int = 16,
+            require_seeds: int = 0) -> Decision:
     """Evaluates candidate `version` against the champion and moves the ``champion`` alias when it qualifies.
+
+    `require_seeds` > 0 also requires a multi-seed evaluation of the candidate's recipe over that many seeds whose
+    mean clears `floor` (`find_seed_evaluation`).
 
     Returns the recorded `Decision` (``promoted`` False with a ``reason`` when refused). Raises PromotionError
     when the version does not exist, the data has no `split`, or the metric is unknown.
@@ -247,6 +288,8 @@ def promote(product: str, version: str | int, *, margin: float = 0.005, floor: f
 
     if margin < 0:
         raise PromotionError(f"margin must be >= 0, got {margin}")
+    if require_seeds < 0:
+        raise PromotionError(f"require_seeds must be >= 0, got {require_seeds}")
     check_mlflow()
     client = _client()
     name, version = registered_model_name(product), str(version)
@@ -259,7 +302,7 @@ def promote(product: str, version: str | int, *, margin: float = 0.005, floor: f
     champion = aliases.get(CHAMPION)
     decision = Decision(product=product, registered_model=name, candidate_version=version, champion_version=champion,
                         metric=metric, margin=float(margin), floor=float(floor), promoted=False, reason="",
-                        split=split)
+                        split=split, require_seeds=int(require_seeds))
 
     # -- preconditions: refused without evaluating anything
     threshold = threshold_from_tags(candidate.tags)
@@ -274,6 +317,17 @@ def promote(product: str, version: str | int, *, margin: float = 0.005, floor: f
     if champion == version:
         decision.reason = f"version {version} is already the champion"
         return _finish(client, decision)
+    if require_seeds:
+        decision.seeds_evaluation, why = find_seed_evaluation(client, candidate.run_id, metric, require_seeds)
+        if decision.seeds_evaluation is None:
+            decision.reason = f"version {version}: {why}"
+            return _finish(client, decision)
+        seeds = decision.seeds_evaluation
+        if seeds["mean"] < floor:
+            decision.reason = (f"the multi-seed mean of version {version}'s recipe, {metric} {seeds['mean']:.4f} +- "
+                               f"{seeds['std']:.4f} over {len(seeds['seeds'])} seeds (evaluation run "
+                               f"{seeds['run_id']}), is below the floor {floor:.4f}")
+            return _finish(client, decision)
 
     # -- evaluation: same code, same data for both
     uri = data_uri or candidate.tags.get("dataset")

@@ -417,11 +417,32 @@ def _open_mlflow_run(job: JobConfig, run_name: str) -> tuple[str, str]:
     return run_id, "RUNNING"
 
 
+# Fields of the train section that change one run of a recipe, not the recipe: the seed, the loader's processes and
+# how often the step is evaluated. Two runs with equal fingerprints differ only in these (and in the cluster).
+RECIPE_EXCLUDED_TRAIN_FIELDS = ("seed", "num_workers", "eval_every")
+
+
+def recipe_fingerprint(job: JobConfig, dataset_version: str) -> str:
+    """sha256 (16 hex digits) of what a trained model's quality depends on: the model section, the train section
+    without `RECIPE_EXCLUDED_TRAIN_FIELDS`, the backbone weights and the dataset version. A multi-seed evaluation
+    (`ssn_platform.evaluation.evaluate_seeds`) and a registered version trained from the same recipe carry the same
+    tag ``ssn.recipe``, which is how `ssn_platform.promotion.promote(require_seeds=...)` finds the one for the other.
+    """
+    import hashlib
+
+    from supersimplenet.config import to_dict
+
+    train = {k: v for k, v in to_dict(job.train).items() if k not in RECIPE_EXCLUDED_TRAIN_FIELDS}
+    recipe = {"model": to_dict(job.model), "train": train, "weights": job.weights, "dataset_version": dataset_version}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def lineage_tags(job: JobConfig) -> dict[str, str]:
     from ssn_platform.datasets import DatasetReader
 
     reader = DatasetReader(job.dataset)
     return {
+        "ssn.recipe": recipe_fingerprint(job, reader.version),
         "ssn.dataset.uri": job.dataset,
         "ssn.dataset.manifest": f"s3://{reader.bucket}/{reader.prefix}/manifest.json",
         # the version is the content hash of the manifest's records

@@ -329,3 +329,33 @@ def test_seed_runs_nest_under_a_parent_with_their_mean_and_std_and_a_version_rep
     assert run.data.metrics["image_auroc"] == pytest.approx(trained.metrics["image_auroc"], abs=1e-6)
     with pytest.raises(PlatformError, match=f"ssn-{product} version 99 does not exist"):
         evaluate_version(product=product, version="99")
+
+    # promote can require the recipe's multi-seed mean: the registered run (seed 42) shares the seeds' recipe
+    from ssn_platform.promotion import promote
+    from ssn_platform.thresholds import calibrate_version
+
+    assert client.get_run(trained.mlflow_run_id).data.tags["ssn.recipe"] == parent.data.tags["ssn.recipe"]
+    calibrate_version(product, "1", split="test", method="false_alarm", false_alarm_rate=0.1)
+    too_few = promote(product, "1", floor=0.0, require_seeds=3)
+    assert not too_few.promoted and ">= 3 seeds" in too_few.reason and "[2]" in too_few.reason, too_few.reason
+    below = promote(product, "1", floor=metrics["image_auroc_mean"] + 1e-6, require_seeds=2)
+    assert not below.promoted and "multi-seed mean" in below.reason, below.reason
+    assert below.seeds_evaluation["run_id"] == parent_id and not below.candidate_metrics  # refused before scoring
+    promoted = promote(product, "1", floor=0.0, require_seeds=2)
+    assert promoted.promoted, promoted.reason
+    assert promoted.seeds_evaluation == {"run_id": parent_id, "seeds": [0, 1], "mean": pytest.approx(np.mean(aurocs)),
+                                         "std": pytest.approx(np.std(aurocs))}
+    recorded = client.get_run(promoted.run_id).data
+    assert recorded.metrics["seeds_image_auroc_mean"] == pytest.approx(np.mean(aurocs))
+    assert recorded.params["seeds_evaluation_run_id"] == parent_id and recorded.params["require_seeds"] == "2"
+
+
+def test_a_recipe_fingerprint_ignores_the_seed_and_the_loader_but_not_the_settings_or_the_data():
+    from ssn_platform.jobconfig import load_job_config
+    from ssn_platform.training import recipe_fingerprint
+
+    base = recipe_fingerprint(load_job_config(CONFIG, []), "v1")
+    assert recipe_fingerprint(load_job_config(CONFIG, ["train.seed=7", "train.num_workers=2"]), "v1") == base
+    assert recipe_fingerprint(load_job_config(CONFIG, ["model.noise_std=2.0"]), "v1") != base
+    assert recipe_fingerprint(load_job_config(CONFIG, ["train.epochs=31"]), "v1") != base
+    assert recipe_fingerprint(load_job_config(CONFIG, []), "v2") != base
