@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS ?= dev,quickstart,onnx
 
-.PHONY: setup test test-fast stack-up stack-down stack-status quickstart teardown bench lock
+.PHONY: setup lint test test-fast stack-up stack-down stack-status quickstart teardown bench lock
 
 setup: $(BIN)/.installed
 
@@ -12,6 +12,10 @@ $(BIN)/.installed: pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c requirements.lock -e '.[$(EXTRAS)]'
 	touch $@
+
+# ruff's lint rules from pyproject.toml over every Python file of the repository.
+lint: setup
+	$(BIN)/ruff check .
 
 # The whole suite, heavy tests included (they start their own private stack on free ports).
 test: setup

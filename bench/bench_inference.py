@@ -80,8 +80,8 @@ class RssPeak:
 
     Before each call, free heap memory is handed back (malloc_trim) and glibc is told to serve every allocation
     above 64 KiB by mmap, so that memory an earlier configuration left in the heap does not hide this one's peak;
-    the peak counter is reset through /proc/self/clear_refs. Elsewhere it falls back to ru_maxrss, which cannot be reset (then only the first
-    and largest configuration is exact; the JSON says which method was used).
+    the peak counter is reset through /proc/self/clear_refs. Elsewhere it falls back to ru_maxrss, which cannot be
+    reset (then only the first and largest configuration is exact; the JSON says which method was used).
     """
 
     def __init__(self) -> None:
@@ -217,7 +217,7 @@ def build_anomalib(backbone: str, device: torch.device, ours: torch.nn.Module) -
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from anomalib.models.image.supersimplenet import torch_model as anomalib_model
-    except Exception as error:  # not installed, or an import-time failure of its many dependencies
+    except Exception as error:  # noqa: BLE001 - not installed, or an import-time failure of its many dependencies
         return None, f"anomalib not importable ({type(error).__name__}: {error}); install the '.[bench]' extra"
     timm_name, layers = ANOMALIB_LAYERS[backbone]
     original = anomalib_model.TimmFeatureExtractor
@@ -314,8 +314,12 @@ def make_trainers(backbone: str, device: torch.device, ours: torch.nn.Module,
 
     def ours_step(batch: int) -> None:
         ours.train()
-        data = {"image": torch.randn(batch, 3, *size, device=device), "mask": torch.zeros(batch, 1, *size, device=device),
-                "label": torch.zeros(batch, device=device), "segmented": torch.zeros(batch, dtype=torch.bool, device=device)}
+        data = {
+            "image": torch.randn(batch, 3, *size, device=device),
+            "mask": torch.zeros(batch, 1, *size, device=device),
+            "label": torch.zeros(batch, device=device),
+            "segmented": torch.zeros(batch, dtype=torch.bool, device=device),
+        }
         train_step(ours, data, optimizer, cfg, device=device)
         ours.eval()
 
@@ -378,7 +382,7 @@ def interleaved(fns: list[Callable[[], Any]], device: torch.device, *, repeats: 
         for index, fn in enumerate(fns):
             if memory is not None and not warmup and round_index == rounds - 1:
                 holder: list[float] = []
-                wall, cpu = timed(lambda fn=fn: holder.append(memory(fn)), device)
+                wall, cpu = timed(lambda fn=fn, holder=holder: holder.append(memory(fn)), device)
                 peaks[index] = holder[0]
             else:
                 wall, cpu = timed(fn, device)
@@ -423,7 +427,10 @@ def bench_backbone(backbone: str, args: argparse.Namespace, device: torch.device
             peak = peaks.get(impl.dtype) or peaks.get("fp32")
             ips = batch / stat["wall"]["median"]
             row = {
-                "backbone": backbone, "impl": impl.name, "dtype": impl.dtype, "batch": batch,
+                "backbone": backbone,
+                "impl": impl.name,
+                "dtype": impl.dtype,
+                "batch": batch,
                 "latency_ms": {k: v * 1000 if k != "n" else v for k, v in stat["wall"].items()},
                 "cpu_time_ms": {k: v * 1000 if k != "n" else v for k, v in stat["cpu"].items()},
                 "images_per_s": ips,
@@ -432,14 +439,23 @@ def bench_backbone(backbone: str, args: argparse.Namespace, device: torch.device
                 "executed_gflops": flops[(impl.name, impl.dtype)] * ips / 1e9,
                 "executed_fraction_of_peak": flops[(impl.name, impl.dtype)] * ips / 1e9 / peak,
                 "nominal_fraction_of_peak": nominal * ips / 1e9 / peak,
-                "executed_fraction_of_peak_cpu_time": flops[(impl.name, impl.dtype)] * batch / stat["cpu"]["median"]
-                / 1e9 / cpu_peaks.get(impl.dtype, cpu_peaks.get("fp32", peak)),
-                "nominal_fraction_of_peak_cpu_time": nominal * batch / stat["cpu"]["median"]
-                / 1e9 / cpu_peaks.get(impl.dtype, cpu_peaks.get("fp32", peak)),
+                "executed_fraction_of_peak_cpu_time": flops[(impl.name, impl.dtype)]
+                * batch
+                / stat["cpu"]["median"]
+                / 1e9
+                / cpu_peaks.get(impl.dtype, cpu_peaks.get("fp32", peak)),
+                "nominal_fraction_of_peak_cpu_time": nominal
+                * batch
+                / stat["cpu"]["median"]
+                / 1e9
+                / cpu_peaks.get(impl.dtype, cpu_peaks.get("fp32", peak)),
                 "peak_used": impl.dtype if impl.dtype in peaks else "fp32",
                 # the roofline of a mixed-precision graph: each FLOP at the peak of the dtype it computes in
-                "mixed_fraction_of_peak": ips * sum(
-                    f / 1e9 / (peaks.get(d) or peaks["fp32"]) for d, f in flops_by_dtype[(impl.name, impl.dtype)].items()),
+                "mixed_fraction_of_peak": ips
+                * sum(
+                    f / 1e9 / (peaks.get(d) or peaks["fp32"])
+                    for d, f in flops_by_dtype[(impl.name, impl.dtype)].items()
+                ),
                 "flops_by_dtype": flops_by_dtype[(impl.name, impl.dtype)],
                 "peak_memory_mib": stat["peak_memory_mib"],
                 "note": impl.note,
@@ -454,7 +470,7 @@ def bench_backbone(backbone: str, args: argparse.Namespace, device: torch.device
         train_flops = {t.name: count_flops(lambda t=t: t.step(1)) for t in trainers}
         for batch in args.train_batches:
             big = batch >= 32 and backbone == "wide_resnet50" and device.type == "cpu"
-            stats = interleaved([lambda t=t: t.step(batch) for t in trainers], device,
+            stats = interleaved([lambda t=t, batch=batch: t.step(batch) for t in trainers], device,
                                 repeats=1 if big else args.train_repeats, warmup=0 if big else 1,
                                 budget_s=args.budget, min_rounds=1, memory=memory)
             for trainer, stat in zip(trainers, stats):
@@ -530,7 +546,10 @@ def auroc_check(args: argparse.Namespace, log: Callable[[str], None]) -> dict[st
     with torch.inference_mode():
         for name, fn in variants.items():
             parts = [fn(images[i: i + 16]) for i in range(0, len(images), 16)]
-            outputs[name] = (torch.cat([p.score.float() for p in parts]), torch.cat([p.anomaly_map.float() for p in parts]))
+            outputs[name] = (
+                torch.cat([p.score.float() for p in parts]),
+                torch.cat([p.anomaly_map.float() for p in parts]),
+            )
     base_scores, base_maps = outputs["ours-ref fp32"]
     rows = {}
     for name, (scores, maps) in outputs.items():
@@ -563,8 +582,13 @@ def table(results: dict[str, Any]) -> str:
                          f"max |d score| {row['max_abs_score_diff']:.1e}  max |d map| {row['max_abs_map_diff']:.1e}"
                          for name, row in results["auroc"]["variants"].items())
     peaks = results["matmul_peak_gflops"]
-    lines.append("matmul peak (best GFLOP/s of torch.mm, start / end of run): " + ", ".join(
-        f"{k} {v['start']['gflops_best']:.0f} / {v['end']['gflops_best']:.0f}" for k, v in results["matmul_peak"].items()))
+    lines.append(
+        "matmul peak (best GFLOP/s of torch.mm, start / end of run): "
+        + ", ".join(
+            f"{k} {v['start']['gflops_best']:.0f} / {v['end']['gflops_best']:.0f}"
+            for k, v in results["matmul_peak"].items()
+        )
+    )
     lines.append(f"peak used for fractions: {', '.join(f'{k} {v:.0f}' for k, v in peaks.items())} GFLOP/s (wall), "
                  + ", ".join(f"{k} {v:.0f}" for k, v in results["matmul_peak_gflops_cpu_time"].items())
                  + " GFLOP/s (cpu time)")
@@ -574,21 +598,27 @@ def table(results: dict[str, Any]) -> str:
     lines += ["", header, "|" + "---|" * (header.count("|") - 1)]
     for bench in results["backbones"]:
         for row in bench["inference"]:
+            executed, nominal = (
+                f"{100 * row[f'{kind}_fraction_of_peak']:.0f} / {100 * row[f'{kind}_fraction_of_peak_cpu_time']:.0f}"
+                for kind in ("executed", "nominal"))
+            memory = row["peak_memory_mib"] if row["peak_memory_mib"] is not None else float("nan")
             lines.append(
-                f"| {row['backbone']} | {row['impl']} | {row['dtype']} | {row['batch']} | {fmt_range(row['latency_ms'])} "
-                f"| {row['images_per_s']:.2f} | {row['cpu_time_ms']['median']:.1f} | {row['flops_per_image'] / 1e9:.1f} "
-                f"| {100 * row['executed_fraction_of_peak']:.0f} / {100 * row['executed_fraction_of_peak_cpu_time']:.0f} "
-                f"| {100 * row['nominal_fraction_of_peak']:.0f} / {100 * row['nominal_fraction_of_peak_cpu_time']:.0f} "
-                f"| {row['peak_memory_mib'] if row['peak_memory_mib'] is not None else float('nan'):.0f} |")
-    header = "| backbone | impl | train batch | step ms median (min-max) | img/s | GFLOP/img (fwd+bwd) | % fp32 peak | peak RSS MiB | note |"
+                f"| {row['backbone']} | {row['impl']} | {row['dtype']} | {row['batch']} "
+                f"| {fmt_range(row['latency_ms'])} | {row['images_per_s']:.2f} | {row['cpu_time_ms']['median']:.1f} "
+                f"| {row['flops_per_image'] / 1e9:.1f} | {executed} | {nominal} | {memory:.0f} |"
+            )
+    header = ("| backbone | impl | train batch | step ms median (min-max) | img/s | GFLOP/img (fwd+bwd) | % fp32 peak "
+              "| peak RSS MiB | note |")
     lines += ["", header, "|" + "---|" * (header.count("|") - 1)]
     for bench in results["backbones"]:
         for row in bench["train"]:
             lines.append(
                 f"| {row['backbone']} | {row['impl']} | {row['batch']} | {fmt_range(row['step_ms'])} | "
-                f"{row['images_per_s']:.2f} | {row['flops_per_image'] / 1e9:.1f} | {100 * row['fraction_of_peak']:.0f} | "
+                f"{row['images_per_s']:.2f} | {row['flops_per_image'] / 1e9:.1f} | "
+                f"{100 * row['fraction_of_peak']:.0f} | "
                 f"{row['peak_memory_mib'] if row['peak_memory_mib'] is not None else float('nan'):.0f} | "
-                f"{row['repeats_note']} |")
+                f"{row['repeats_note']} |"
+            )
     lines.append("")
     for bench in results["backbones"]:
         lines.append(f"{bench['backbone']}: params {bench['params']}; anomalib: {bench['anomalib']}")

@@ -1,6 +1,6 @@
 """Storage benchmark: ingest, cold read and warm read throughput of the S3 dataset layer.
 
-    python bench/bench_storage.py                 # against the stack in the environment (eval "$(infra/local/stack env)")
+    python bench/bench_storage.py                 # the stack in the environment: eval "$(infra/local/stack env)"
     python bench/bench_storage.py --private       # a throwaway SeaweedFS on free ports, stopped afterwards
 
 For each dataset: ingest into a fresh bucket (validate + hash + upload + manifest), re-ingest (nothing to upload),

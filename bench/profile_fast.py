@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         stages = {
             "backbone, whole batch": lambda: net.backbone(x),
             f"backbone, micro-batches of {fast_module.BACKBONE_MICRO_BATCH}": lambda: net._backbone_levels(x),
-            f"heads ({net.heads})": lambda: (net._separable_heads if net.heads == "separable" else net._folded_heads)(levels),
+            f"heads ({net.heads})": lambda: (net._separable_heads if net.heads == "separable" else net._folded_heads)(
+                levels
+            ),
             "whole forward": lambda: net.run(images),
         }
         if net.heads == "folded":

@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="Serve config file (its args are used)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting of ssn_platform.serving.ServeSettings")
-    parser.add_argument("--address", default=None, help="Ray cluster (GCS) address; default SSN_RAY_ADDRESS, else RAY_ADDRESS")
+    parser.add_argument(
+        "--address", default=None, help="Ray cluster (GCS) address; default SSN_RAY_ADDRESS, else RAY_ADDRESS"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="HTTP host of the Serve proxy (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="HTTP port (default SSN_SERVE_PORT or 8000)")
     parser.add_argument("--name", default=None, help="application name (default: the config's, else ssn)")

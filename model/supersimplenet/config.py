@@ -82,7 +82,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         from supersimplenet.backbones import PRESETS  # local import: backbones imports this module
 
-        _check(self.backbone in PRESETS, f"model.backbone: unknown backbone {self.backbone!r}; known: {sorted(PRESETS)}")
+        _check(
+            self.backbone in PRESETS, f"model.backbone: unknown backbone {self.backbone!r}; known: {sorted(PRESETS)}"
+        )
         object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
         _check(len(self.image_size) == 2, f"model.image_size must be (height, width), got {self.image_size!r}")
         # Feature maps are H/4 x W/4 and the Perlin lattice needs at least 17 cells per side (spec 3, Perlin).
@@ -161,7 +163,9 @@ class TrainConfig:
         _check(0.0 <= self.mask_ratio <= 1.0, f"train.mask_ratio must be in [0, 1], got {self.mask_ratio}")
         _check(self.lr_adaptor > 0 and self.lr_heads > 0, "train.lr_adaptor and train.lr_heads must be > 0")
         object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
-        _check(all(0 < m <= 1 for m in self.milestones), f"train.milestones are fractions in (0, 1], got {self.milestones}")
+        _check(
+            all(0 < m <= 1 for m in self.milestones), f"train.milestones are fractions in (0, 1], got {self.milestones}"
+        )
         _check(self.dilate is None or (self.dilate >= 1 and self.dilate % 2 == 1),
                f"train.dilate must be an odd kernel size, got {self.dilate}")
         _check(self.num_workers >= 0, f"train.num_workers must be >= 0, got {self.num_workers}")

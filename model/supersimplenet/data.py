@@ -742,7 +742,7 @@ def validate_samples(root: PathLike, samples: Sequence[Sample]) -> None:
             with Image.open(image_path) as im:
                 image_size = im.size
                 im.verify()
-        except Exception as exc:  # PIL raises many exception types for broken files
+        except Exception as exc:  # noqa: BLE001 - PIL raises many exception types for broken files
             problems.append(f"unreadable image: {image_path} ({type(exc).__name__}: {exc})")
             continue
         if mask_path is None:
@@ -755,7 +755,7 @@ def validate_samples(root: PathLike, samples: Sequence[Sample]) -> None:
                 mask_size = im.size
                 im.verify()
             has_defect = bool(_mask_array(mask_path).any())
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - as above
             problems.append(f"unreadable mask: {mask_path} ({type(exc).__name__}: {exc})")
             continue
         if mask_size != image_size:

@@ -24,7 +24,9 @@ def load_elpv() -> tuple[np.ndarray, np.ndarray]:
     try:
         from elpv_dataset.utils import load_dataset
     except ImportError as error:
-        raise DataError("the ELPV data comes from the package elpv-dataset==1.0.0.post1, which is not installed") from error
+        raise DataError(
+            "the ELPV data comes from the package elpv-dataset==1.0.0.post1, which is not installed"
+        ) from error
     images, probabilities, _types = load_dataset()
     return np.asarray(images), np.asarray(probabilities, dtype=np.float64)
 

@@ -139,7 +139,8 @@ def check_onnx(
     ref_score = reference.score.float().cpu().numpy()
     if onnx_map.shape != ref_map.shape or onnx_score.shape != ref_score.shape:
         raise OnnxCheckError(
-            f"{path}: output shapes {onnx_map.shape}, {onnx_score.shape} != PyTorch's {ref_map.shape}, {ref_score.shape}"
+            f"{path}: output shapes {onnx_map.shape}, {onnx_score.shape} != PyTorch's {ref_map.shape}, "
+            f"{ref_score.shape}"
         )
     report = {
         "anomaly_map": float(np.abs(onnx_map - ref_map).max()),

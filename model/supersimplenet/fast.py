@@ -419,7 +419,7 @@ class FastSuperSimpleNet(nn.Module):
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> InferenceOutput:
-        """Normalised images [B, 3, H, W] -> InferenceOutput(anomaly_map [B, 1, H, W], score [B]), like the reference."""
+        """Normalised images [B, 3, H, W] -> InferenceOutput(anomaly_map [B, 1, H, W], score [B]), as the reference."""
         return self.run(images)
 
     def run(self, images: torch.Tensor) -> InferenceOutput:

@@ -36,7 +36,9 @@ def truncated_l1(
         weights: optional per-pixel weights [N, 1, h, w].
         sample_select: optional bool [N]; only those samples count (JIMS: the segmented ones).
     """
-    select = torch.ones_like(masks) if sample_select is None else sample_select.view(-1, 1, 1, 1).float().expand_as(masks)
+    select = (
+        torch.ones_like(masks) if sample_select is None else sample_select.view(-1, 1, 1, 1).float().expand_as(masks)
+    )
     normal = _weighted_mean(F.relu(map_logits + TRUNCATION), weights, select * (1 - masks))
     anomalous = _weighted_mean(F.relu(TRUNCATION - map_logits), weights, select * masks)
     return normal + anomalous

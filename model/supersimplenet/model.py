@@ -12,6 +12,7 @@ Shapes and constants follow ../shared/docs/supersimplenet-spec.md; channel count
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ class FeatureExtractor(nn.Module):
         self.channels = int(sum(self.backbone.feature_info.channels()))
         # count_include_pad=True (the default): border cells divide by 9, as in the paper's code.
         self.pool = nn.AvgPool2d(kernel_size=3, stride=1, padding=1)
+        self.autocast_backbone = False
 
     def train(self, mode: bool = True) -> "FeatureExtractor":
         super().train(mode)
@@ -42,10 +44,13 @@ class FeatureExtractor(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        # Always float32, also inside a bf16 training step's autocast: the frozen backbone is a small share of a
-        # step's time, and Lite0's depthwise stack loses accuracy in bf16 (supersimplenet.fast, BF16_BACKBONES).
-        with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
-            levels = self.backbone(images.float())
+        # Float32 also inside a bf16 training step's autocast: the frozen backbone is a small share of a step's
+        # time, and Lite0's depthwise stack loses accuracy in bf16 (supersimplenet.fast, BF16_BACKBONES).
+        # `autocast_backbone = True` lets an enclosing autocast reach it (tests compare against that).
+        precision = contextlib.nullcontext() if self.autocast_backbone else torch.autocast(images.device.type,
+                                                                                           enabled=False)
+        with torch.no_grad(), precision:
+            levels = self.backbone(images if self.autocast_backbone else images.float())
             height, width = levels[0].shape[-2:]
             size = (2 * height, 2 * width)
             upscaled = [F.interpolate(level, size=size, mode="bilinear", align_corners=True) for level in levels]

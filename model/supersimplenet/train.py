@@ -288,7 +288,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--layout", default=None, help="mvtec | visa | ksdd2 | sensum | folder (default: detect)")
     parser.add_argument("--category", default=None)
     parser.add_argument("--split-file", default=None, help="file of '<split> <relative image path>' lines")
-    parser.add_argument("--supervision", default="unsupervised", choices=["unsupervised", "weak", "mixed", "supervised"])
+    parser.add_argument(
+        "--supervision", default="unsupervised", choices=["unsupervised", "weak", "mixed", "supervised"]
+    )
     parser.add_argument("--mask-ratio", type=float, default=1.0, help="mixed supervision: fraction of masks kept")
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--weights", default="default", help="'default', 'random' or a state_dict file")
@@ -321,9 +323,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         adapt_cls_features=True if args.icpr else None, image_score=args.image_score, overlap=False,
     )
     train_config = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, seed=args.seed if args.seed is not None else (456654 if supervised else 42),
-        supervision=args.supervision, mask_ratio=args.mask_ratio, eval_every=args.eval_every,
-        num_workers=args.num_workers, precision=args.precision,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed if args.seed is not None else (456654 if supervised else 42),
+        supervision=args.supervision,
+        mask_ratio=args.mask_ratio,
+        eval_every=args.eval_every,
+        num_workers=args.num_workers,
+        precision=args.precision,
     )
     options = {"split_file": args.split_file} if args.split_file else {}
     samples = read_layout(args.data, args.layout, category=args.category, **options)

@@ -605,8 +605,8 @@ def prune_cache(cache_dir: str | os.PathLike[str], max_bytes: int) -> PruneStats
     """Bring the cache's objects to ``max_bytes`` or less, if it can without touching what a live process uses.
 
     First objects that no view links (hard-link count 1), oldest first, until under the bound; then, least recently
-    materialized first, views that no live process holds, each with every object only it linked. Never waits: when another process
-    holds the cache lock (fetching or materializing), returns at once with ``busy`` set.
+    materialized first, views that no live process holds, each with every object only it linked. Never waits: when
+    another process holds the cache lock (fetching or materializing), returns at once with ``busy`` set.
     """
     if max_bytes < 0:
         raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
@@ -836,7 +836,7 @@ class DatasetReader:
 
     @property
     def prefix(self) -> str:
-        self.manifest
+        _ = self.manifest  # reads the manifest, which sets _manifest_key
         assert self._manifest_key is not None
         return self._manifest_key.rsplit("/", 1)[0]
 

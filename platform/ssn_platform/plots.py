@@ -52,7 +52,8 @@ def write_overlays(root: Path, samples: Sequence, predictions, out: Path, *, cou
         sample = samples[int(predictions.indices[i])]
         image = Image.open(Path(root) / sample.image)
         picture = overlay(image, predictions.maps[i], mask=predictions.masks[i])
-        name = f"{'defect' if predictions.labels[i] else 'normal'}_{predictions.scores[i]:.3f}_{Path(sample.image).stem}.png"
+        kind = "defect" if predictions.labels[i] else "normal"
+        name = f"{kind}_{predictions.scores[i]:.3f}_{Path(sample.image).stem}.png"
         picture.save(out / name)
         paths.append(out / name)
     return paths

@@ -31,7 +31,7 @@ def _artifacts(run_id: str, path: str, into: Path) -> Path | None:
 
     try:
         return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(into)))
-    except Exception:  # an artifact a run did not produce (e.g. no curves with one class) is left out
+    except Exception:  # noqa: BLE001 - an artifact a run did not produce (e.g. no curves with one class) is left out
         return None
 
 

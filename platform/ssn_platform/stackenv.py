@@ -28,7 +28,9 @@ def stack_script() -> Path:
     return repo_root() / "infra" / "local" / "stack"
 
 
-def stack_env(state_dir: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None) -> dict[str, str]:
+def stack_env(
+    state_dir: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """The client environment of a running (or once started) stack, parsed from ``infra/local/stack env``."""
     run_env = dict(os.environ if env is None else env)
     if state_dir is not None:

@@ -223,7 +223,7 @@ def _endpoint_of(client: Any) -> str:
         return settings.endpoint_label
     try:
         return str(client.meta.endpoint_url)
-    except Exception:  # pragma: no cover - defensive
+    except Exception:  # noqa: BLE001 - pragma: no cover - defensive
         return "the S3 endpoint"
 
 

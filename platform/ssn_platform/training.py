@@ -146,7 +146,9 @@ def build_validation_set(job: JobConfig, root: Path, val_samples: list):
     if job.validation == "none":
         return None
     if not val_samples:
-        raise PlatformError(f"{job.dataset}: validation={job.validation!r} needs a val split (ingest with a split file)")
+        raise PlatformError(
+            f"{job.dataset}: validation={job.validation!r} needs a val split (ingest with a split file)"
+        )
     preset = get_preset(job.model.backbone)
     common = dict(root=root, image_size=job.model.image_size, mean=preset.mean, std=preset.std)
     if job.validation == "split":

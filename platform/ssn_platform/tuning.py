@@ -298,7 +298,7 @@ def _make_searcher_class():
             try:
                 # PRUNED keeps the last intermediate value as the trial's value; TPE ranks it below COMPLETE ones
                 self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
-            except Exception as exc:  # as OptunaSearch does: never fail the search on bookkeeping
+            except Exception as exc:  # noqa: BLE001 - as OptunaSearch does: never fail the search on bookkeeping
                 log.warning("could not record trial %s as pruned: %s", trial_id, exc)
             self._completed_trials.add(trial_id)
 
@@ -928,7 +928,7 @@ def write_study_plots(study, space: SearchSpace, out: Path) -> list[Path]:
             first = axes.flat[0] if hasattr(axes, "flat") else axes
             first.figure.savefig(out / name, dpi=100, bbox_inches="tight")
             written.append(out / name)
-        except Exception as error:  # too few trials, a single-valued parameter, ...
+        except Exception as error:  # noqa: BLE001 - too few trials, a single-valued parameter, ...
             skipped[name] = f"{type(error).__name__}: {error}"
         finally:
             plt.close("all")

@@ -45,8 +45,9 @@ def _two_region_case():
     return amap[None], mask[None]
 
 
-def _reference_aupro(maps, masks, fpr_limit, structure=np.ones((3, 3))):
-    """Slow, obvious implementation: Python loop over thresholds and regions."""
+def _reference_aupro(maps, masks, fpr_limit, structure=None):
+    """Slow, obvious implementation: Python loop over thresholds and regions (8-connected unless `structure`)."""
+    structure = np.ones((3, 3)) if structure is None else structure
     maps = np.asarray(maps, dtype=np.float64)
     masks = np.asarray(masks).astype(bool)
     regions = []

@@ -338,7 +338,9 @@ def multipart(parts: list[tuple[str, bytes]], boundary: str = "ssnfuzzboundary",
     return out + (f"--{boundary}--\r\n".encode() if close else b"")
 
 
-def bad_requests(base: str, product: str, real_png: bytes, rng: random.Random) -> list[tuple[str, str, str, dict, bytes]]:
+def bad_requests(
+    base: str, product: str, real_png: bytes, rng: random.Random
+) -> list[tuple[str, str, str, dict, bytes]]:
     """(category, method, url, headers, body): >= 500 requests that are all wrong in some way."""
     from PIL import Image
 
@@ -399,7 +401,9 @@ def bad_requests(base: str, product: str, real_png: bytes, rng: random.Random) -
         add("text_as_png", rng.choice([b"hello", b"<svg></svg>", b"{\"image\": 1}", b"GIF89a" + b"\x00" * 20]))
     for _ in range(90):
         alphabet = "abcdefghijklmnopqrstuvwxyz0123456789-_."
-        name = rng.choice("abcdefghijklmnopqrstuvwxyz") + "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        name = rng.choice("abcdefghijklmnopqrstuvwxyz") + "".join(
+            rng.choice(alphabet) for _ in range(rng.randint(0, 30))
+        )
         add("unknown_product", real_png, url=f"{base}/v1/products/{name}/inspect")
     for name in ("%2e%2e", "a%20b", "%C3%A9t%C3%A9", "x" * 150, "-leading", ".hidden", "a%2Fb", "%00", "%ff%fe"):
         add("invalid_product_name", real_png, url=f"{base}/v1/products/{name}/inspect")

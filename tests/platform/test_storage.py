@@ -58,7 +58,9 @@ def test_unsafe_keys_are_rejected_with_the_key_named(key: str) -> None:
     assert repr(key) in str(info.value)
 
 
-@pytest.mark.parametrize("key", ["a", "a/b.png", "train/good/000.png", "a b/c-d_e.f", "ünï/cödé.png", "..a/b..", "x" * 1024])
+@pytest.mark.parametrize(
+    "key", ["a", "a/b.png", "train/good/000.png", "a b/c-d_e.f", "ünï/cödé.png", "..a/b..", "x" * 1024]
+)
 def test_safe_keys_pass(key: str) -> None:
     assert validate_key(key) == key
 
@@ -140,7 +142,12 @@ def test_round_trip_byte_identical(dataset, weld_root, mpdd_root, s3_settings, s
 
     # re-ingest: nothing uploaded, same version, manifest untouched
     again = ingest(source, product=dataset, layout=layout, bucket=bucket, settings=s3_settings, progress=False)
-    assert (again.version, again.uploaded, again.bytes_uploaded, again.manifest_written) == (result.version, 0, 0, False)
+    assert (again.version, again.uploaded, again.bytes_uploaded, again.manifest_written) == (
+        result.version,
+        0,
+        0,
+        False,
+    )
     assert again.skipped == result.objects
 
     reader = DatasetReader(f"s3://{bucket}/datasets/{dataset}", cache_dir=tmp_path / "cache", settings=s3_settings)
@@ -313,7 +320,7 @@ def test_missing_key_is_named(weld_ingested, s3_settings, s3_client, bucket, tmp
     with pytest.raises(StorageError, match=f"s3://{bucket}/nope/x.png"):
         storage.get_bytes(s3_client, bucket, "nope/x.png")
     with pytest.raises(DatasetError, match=f"s3://{bucket}/datasets/nothing"):
-        DatasetReader(f"s3://{bucket}/datasets/nothing", cache_dir=tmp_path / "c", settings=s3_settings).manifest
+        _ = DatasetReader(f"s3://{bucket}/datasets/nothing", cache_dir=tmp_path / "c", settings=s3_settings).manifest
 
 
 @pytest.mark.stack

@@ -131,7 +131,7 @@ def _run_in_thread(job) -> tuple[threading.Thread, dict]:
     def target() -> None:
         try:
             outcome["result"] = run_training(job)
-        except BaseException as error:  # surfaced by the caller's assertions
+        except BaseException as error:  # noqa: BLE001 - surfaced by the caller's assertions
             outcome["error"] = error
 
     thread = threading.Thread(target=target, daemon=True)
