@@ -309,10 +309,9 @@ class CudaGraphed:
 def make_trainers(backbone: str, device: torch.device, ours: torch.nn.Module,
                   anomalib: torch.nn.Module | None, anomalib_note: str) -> list[Trainer]:
     size = ours.config.image_size
-    cfg = TrainConfig()
-    optimizer = build_optimizer(ours, cfg)
+    optimizer = build_optimizer(ours, TrainConfig())
 
-    def ours_step(batch: int) -> None:
+    def ours_step(batch: int, precision: str) -> None:
         ours.train()
         data = {
             "image": torch.randn(batch, 3, *size, device=device),
@@ -320,10 +319,12 @@ def make_trainers(backbone: str, device: torch.device, ours: torch.nn.Module,
             "label": torch.zeros(batch, device=device),
             "segmented": torch.zeros(batch, dtype=torch.bool, device=device),
         }
-        train_step(ours, data, optimizer, cfg, device=device)
+        train_step(ours, data, optimizer, TrainConfig(precision=precision), device=device)
         ours.eval()
 
-    trainers = [Trainer("ours", ours_step, "supersimplenet.train.train_step")]
+    trainers = [Trainer("ours", functools.partial(ours_step, precision="fp32"), "supersimplenet.train.train_step"),
+                Trainer("ours bf16", functools.partial(ours_step, precision="bf16"),
+                        "train_step with TrainConfig(precision='bf16'): adaptor and heads under bf16 autocast")]
     if anomalib is not None:
         from anomalib.models.image.supersimplenet.loss import SSNLoss
         loss_fn = SSNLoss()

@@ -22,7 +22,11 @@ plate: its `val/` folder); a dataset without one holds its last 8 normal trainin
     .venv/bin/python bench/bench_objective.py --datasets weld --epochs 15 --points 12
     .venv/bin/python bench/bench_objective.py --datasets mpdd_unsup --epochs 15 --points 12
 
-Prints a table per dataset and writes `--out` (JSON). One seed per setting, as a search trial has.
+Prints a table per dataset and writes `--out` (JSON). One seed per setting, as a search trial has. Every trained
+model is kept in `--models` (`<dataset>/<k>.pt`); `--rescore` loads them instead of training, so another synthetic
+recipe or objective is compared on the very same models in seconds:
+
+    .venv/bin/python bench/bench_objective.py --datasets weld --epochs 15 --rescore --recipe structural
 """
 
 from __future__ import annotations
@@ -43,10 +47,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quality import PROTOCOLS, REPO, build_configs, dataset_root  # noqa: E402
 
 from supersimplenet.backbones import get_preset  # noqa: E402
+from supersimplenet.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from supersimplenet.config import RELATIVE_NOISE_STD  # noqa: E402
 from supersimplenet.data import DefectDataset, read_layout  # noqa: E402
 from supersimplenet.metrics import compute_metrics  # noqa: E402
-from supersimplenet.synthetic import SyntheticDefectDataset  # noqa: E402
+from supersimplenet.synthetic import SYNTHETIC_RECIPES, SyntheticDefectDataset  # noqa: E402
 from supersimplenet.train import eval_loader, fit, predict  # noqa: E402
 
 SIGMA_RANGE = (0.1, 8.0)  # jobs/configs/search_space.yaml: relative sigma, log-uniform
@@ -101,7 +106,8 @@ def score(model, dataset, *, with_pixels: bool) -> dict[str, float]:
 
 
 def run_setting(name: str, root: Path, data: tuple[list, list, list], setting: dict[str, float], *, seed: int,
-                epochs: int, train_limit: int | None, precision: str) -> dict[str, Any]:
+                epochs: int, train_limit: int | None, precision: str, model_file: Path, rescore: bool,
+                recipe: str) -> dict[str, Any]:
     protocol = PROTOCOLS[name]
     train, val, test = data
     model_cfg, train_cfg = build_configs(protocol, "defaults", {}, seed=seed, epochs=epochs,
@@ -109,13 +115,21 @@ def run_setting(name: str, root: Path, data: tuple[list, list, list], setting: d
     model_cfg = replace(model_cfg, **setting)
     train_cfg = replace(train_cfg, precision=precision)
     started = time.perf_counter()
-    result = fit(data_root=root, samples=train[:train_limit] if train_limit else train, model_config=model_cfg,
-                 train_config=train_cfg, progress=False)
+    if rescore:
+        model, metadata = load_checkpoint(model_file)
+        if model.config != model_cfg or metadata.get("epochs") != epochs:
+            raise SystemExit(f"{model_file} was trained with other settings or epochs; train again without --rescore")
+    else:
+        model = fit(data_root=root, samples=train[:train_limit] if train_limit else train, model_config=model_cfg,
+                    train_config=train_cfg, progress=False).model
+        model_file.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(model_file, model, metadata={"epochs": epochs, "seed": seed, "precision": precision})
     seconds = time.perf_counter() - started
     preset = get_preset(model_cfg.backbone)
     common = dict(root=root, image_size=model_cfg.image_size, mean=preset.mean, std=preset.std)
-    synthetic = score(result.model, SyntheticDefectDataset(samples=val, seed=seed, **common), with_pixels=True)
-    real = score(result.model, DefectDataset(samples=test, **common), with_pixels=False)
+    synthetic = score(model, SyntheticDefectDataset(samples=val, seed=seed, recipe=recipe, **common),
+                      with_pixels=True)
+    real = score(model, DefectDataset(samples=test, **common), with_pixels=False)
     objective = {f"syn_{k}": v for k, v in synthetic.items()}
     objective["syn_image_pixel"] = 0.5 * (synthetic[f"image_auroc_{model_cfg.image_score}"] + synthetic["pixel_auroc"])
     return {"setting": setting, "seed": seed, "train_seconds": seconds, "objective": objective,
@@ -141,6 +155,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
     parser.add_argument("--cache", type=Path, default=REPO / ".bench-cache")
+    parser.add_argument("--models", type=Path, default=REPO / ".bench-cache" / "objective-models")
+    parser.add_argument("--rescore", action="store_true", help="score the models of an earlier run, train nothing")
+    parser.add_argument("--recipe", default="blend", choices=list(SYNTHETIC_RECIPES),
+                        help="synthetic-defect recipe of the objective (supersimplenet.synthetic)")
     parser.add_argument("--out", type=Path, default=REPO / "bench_results" / "objective.json")
     args = parser.parse_args(argv)
     report: dict[str, Any] = {"command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ",
@@ -153,9 +171,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs = []
         entry = report["datasets"][name] = {"epochs": epochs, "train_images": len(data[0]), "val_normals":
                                             len(data[1]), "test_images": len(data[2]), "runs": runs}
-        for setting in settings_grid(args.points):
+        entry["recipe"] = args.recipe
+        for index, setting in enumerate(settings_grid(args.points)):
             run = run_setting(name, root, data, setting, seed=args.seed, epochs=epochs, train_limit=args.train_limit,
-                              precision=args.precision)
+                              precision=args.precision, model_file=args.models / name / f"{index:02d}.pt",
+                              rescore=args.rescore, recipe=args.recipe)
             runs.append(run)
             target, objective = f"test_image_auroc_{run['image_score']}", f"syn_image_auroc_{run['image_score']}"
             print(f"  {name} sigma {setting['noise_std']:.3f} threshold {setting['perlin_threshold']:.3f}: "

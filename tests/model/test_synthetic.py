@@ -114,3 +114,41 @@ def test_regions_cover_a_few_percent_and_are_never_empty(size):
     assert min(areas) > 0.0
     assert 0.005 <= float(np.median(areas)) <= 0.07
     assert max(areas) <= 0.08
+
+
+@pytest.mark.parametrize("kind", ["scratch", "holes", "stain", "warp"])
+def test_each_structural_kind_changes_the_image_only_around_its_non_empty_mask(kind, normal_set):
+    from supersimplenet.data import load_image
+    from supersimplenet.synthetic import structural_defect
+
+    root, samples = normal_set
+    image = load_image(root / samples[0].image, size=(128, 160))
+    changed_somewhere = False
+    for index in range(6):
+        defective, mask = structural_defect(image, kind, item_generator(11, index))
+        assert defective.shape == image.shape and mask.shape == (1, 128, 160)
+        assert set(mask.unique().tolist()) <= {0.0, 1.0} and mask.sum() >= 1
+        assert 0.0 <= float(defective.min()) and float(defective.max()) <= 1.0
+        near = torch.nn.functional.max_pool2d(mask[None], kernel_size=5, stride=1, padding=2)[0]
+        assert torch.equal(defective * (1 - near), image * (1 - near))  # untouched beyond 2 px of the mask
+        changed_somewhere |= bool((defective - image).abs().amax() > 0.05)
+        again, again_mask = structural_defect(image, kind, item_generator(11, index))
+        assert torch.equal(again, defective) and torch.equal(again_mask, mask)
+    assert changed_somewhere
+
+
+def test_the_mixed_recipe_is_deterministic_and_the_blend_recipe_is_the_default(normal_set):
+    root, samples = normal_set
+    default = _dataset(root, samples)
+    blend = SyntheticDefectDataset(root=root, samples=samples, image_size=SIZE, mean=MEAN, std=STD, seed=3,
+                                   recipe="blend")
+    for index in range(len(samples), 2 * len(samples)):
+        assert torch.equal(default[index]["image"], blend[index]["image"])
+    mixed = [SyntheticDefectDataset(root=root, samples=samples, image_size=SIZE, mean=MEAN, std=STD, seed=3,
+                                    recipe="mixed") for _ in range(2)]
+    for index in range(len(samples), 2 * len(samples)):
+        assert torch.equal(mixed[0][index]["image"], mixed[1][index]["image"])
+        assert mixed[0][index]["mask"].sum() >= 1
+    with pytest.raises(ValueError, match="unknown synthetic recipe 'cracks'"):
+        SyntheticDefectDataset(root=root, samples=samples, image_size=SIZE, mean=MEAN, std=STD, seed=3,
+                               recipe="cracks")
