@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from supersimplenet.config import ConfigError, ModelConfig, TrainConfig, from_dict, recommended_model_config, to_dict
+from supersimplenet.synthetic import DEFAULT_RECIPE, SYNTHETIC_RECIPES
 
 PRODUCT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # as the dataset store
 VALIDATION_MODES = ("none", "split", "synthetic")
@@ -64,6 +65,8 @@ class JobConfig:
             or "synthetic" (normal val images plus defects synthesised in image space; for products without
             labelled defects). Reported as `val_*` metrics (the search job's objective).
         validate_every: epochs between validations.
+        synthetic_recipe: the synthetic-defect recipe of `validation: synthetic`
+            (`supersimplenet.synthetic.SYNTHETIC_RECIPES`; default `DEFAULT_RECIPE`, see QUALITY.md).
     """
 
     product: str
@@ -81,6 +84,7 @@ class JobConfig:
     overlays: int = 6
     validation: str = "none"
     validate_every: int = 1
+    synthetic_recipe: str = DEFAULT_RECIPE
 
     def __post_init__(self) -> None:
         if not PRODUCT_PATTERN.match(self.product or ""):
@@ -102,6 +106,8 @@ class JobConfig:
             )
         if self.validation not in VALIDATION_MODES:
             raise ConfigError(f"validation must be one of {VALIDATION_MODES}, got {self.validation!r}")
+        if self.synthetic_recipe not in SYNTHETIC_RECIPES:
+            raise ConfigError(f"synthetic_recipe must be one of {SYNTHETIC_RECIPES}, got {self.synthetic_recipe!r}")
         if self.validate_every < 1:
             raise ConfigError(f"validate_every must be >= 1, got {self.validate_every}")
         if self.model.backbone == "wide_resnet50" and self.weights == "default":

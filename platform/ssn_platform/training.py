@@ -161,7 +161,7 @@ def build_validation_set(job: JobConfig, root: Path, val_samples: list):
     normal = [s for s in val_samples if s.label == 0]
     if len(normal) < 2:
         raise PlatformError(f"{job.dataset}: validation='synthetic' needs at least 2 normal val images")
-    return SyntheticDefectDataset(samples=normal, seed=job.train.seed, **common)
+    return SyntheticDefectDataset(samples=normal, seed=job.train.seed, recipe=job.synthetic_recipe, **common)
 
 
 def _all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:

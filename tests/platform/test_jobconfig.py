@@ -36,10 +36,26 @@ def test_overrides_apply_with_yaml_values():
     ("run_name=../escape", "run_name"),
     ("train.batch_size=1", "train.batch_size"),
     ("epochs", "key=value"),
+    ("train.precision=fp16", "train.precision"),
+    ("model.feature_levels=[3,2]", "model.feature_levels"),
+    ("synthetic_recipe=scratches", "synthetic_recipe"),
 ])
 def test_invalid_values_name_the_culprit(override, culprit):
     with pytest.raises(ConfigError, match=culprit.replace(".", r"\.")):
         load_job_config(REPO_CONFIGS / "battery_weld.yaml", [override])
+
+
+def test_precision_feature_levels_and_the_synthetic_recipe_reach_the_job_and_its_validation_set(weld_root):
+    from supersimplenet.data import read_layout
+    from ssn_platform.training import build_validation_set
+
+    job = load_job_config(REPO_CONFIGS / "battery_weld.yaml", [
+        "train.precision=bf16", "model.feature_levels=[1,2]", "validation=synthetic", "synthetic_recipe=mixed"])
+    assert job.train.precision == "bf16" and job.model.feature_levels == (1, 2)
+    normal = [s for s in read_layout(weld_root) if s.label == 0][:3]
+    assert build_validation_set(job, weld_root, normal).recipe == "mixed"
+    assert build_validation_set(load_job_config(REPO_CONFIGS / "battery_weld.yaml", ["validation=synthetic"]),
+                                weld_root, normal).recipe == "blend"
 
 
 def test_missing_and_malformed_files(tmp_path):
