@@ -9,7 +9,9 @@ and their mean, "combined"), AUROC per defect class, and the pixel metrics where
 
 Settings (`--settings`, several allowed): `paper` (absolute sigma 0.015, Perlin threshold 0.2, or 0.6 for the
 supervised protocols: the paper's values, tuned for WideResNet50 features), `defaults` (what the platform trains
-with when a config names only the backbone: `supersimplenet.config.recommended_model_config`), or
+with when a config names only the backbone: `supersimplenet.config.recommended_model_config`), `anomalib`
+(anomalib 2.7.0's SuperSimpleNet, its own loss, optimiser groups and schedule, trained by this script on the same
+images, epochs, batch and backbone weights: `fit_anomalib`; needs the `bench` extra; unsupervised protocols), or
 `NAME:key=value,key=value` over ModelConfig/TrainConfig fields (`noise_std=2.0,perlin_threshold=0.4`).
 
     .venv/bin/python bench/bench_quality.py --datasets weld mpdd_unsup --settings paper defaults --seeds 0 1 2
@@ -84,11 +86,11 @@ def paper_overrides(protocol: Protocol) -> dict[str, Any]:
 
 def parse_setting(text: str) -> tuple[str, dict[str, str]]:
     """`paper`, `defaults` or `NAME:key=value,...` -> (name, raw overrides)."""
-    if text in ("paper", "defaults"):
+    if text in ("paper", "defaults", "anomalib"):
         return text, {}
     name, _, body = text.partition(":")
     if not name or not body:
-        raise SystemExit(f"--settings: {text!r} is not 'paper', 'defaults' or NAME:key=value,...")
+        raise SystemExit(f"--settings: {text!r} is not 'paper', 'defaults', 'anomalib' or NAME:key=value,...")
     pairs = {}
     for item in body.split(","):
         key, sep, value = item.partition("=")
@@ -113,7 +115,7 @@ def _coerce(value: str, current: Any) -> Any:
 def build_configs(protocol: Protocol, setting: str, raw: dict[str, str], *, seed: int, epochs: int,
                   backbone: str) -> tuple[ModelConfig, TrainConfig]:
     model = recommended_model_config(backbone, supervision=protocol.supervision, image_size=protocol.image_size)
-    if setting == "paper":
+    if setting in ("paper", "anomalib"):  # anomalib's model has the paper's settings built in
         model = replace(model, **paper_overrides(protocol))
     train = TrainConfig(epochs=epochs, batch_size=protocol.batch_size, seed=seed, supervision=protocol.supervision)
     model_fields = {f.name for f in fields(ModelConfig)}
@@ -139,21 +141,97 @@ def dataset_root(name: str, protocol: Protocol, cache: Path) -> Path:
     return root
 
 
+def fit_anomalib(root: Path, samples: list, model_cfg: ModelConfig, train_cfg: TrainConfig) -> tuple[Any, float]:
+    """anomalib's SuperSimpleNet (its torch model, `SSNLoss`, and the AdamW groups and MultiStepLR of its Lightning
+    module, as `Supersimplenet.configure_optimizers` builds them) trained on the same images, epochs, batch and
+    backbone weights as ours. Its own settings otherwise: absolute sigma 0.015, Perlin threshold 0.2, JIMS variant,
+    unsupervised (`stop_grad`). Images are normalised with the backbone's statistics, as ours (anomalib's default
+    pre-processor would use ImageNet's, wrong for the Lite weights). Returns (predictor, seconds): the predictor
+    maps normalised images to (head score [B], anomaly map [B, H, W])."""
+    from bench_inference import build_anomalib, build_ours
+    from anomalib.models.image.supersimplenet.loss import SSNLoss
+
+    from supersimplenet.train import build_train_loader, seed_everything
+
+    seed_everything(train_cfg.seed, deterministic=train_cfg.deterministic)
+    ours = build_ours(model_cfg.backbone, torch.device("cpu"))  # only lends its loaded backbone weights
+    model, note = build_anomalib(model_cfg.backbone, torch.device("cpu"), ours)
+    if model is None:
+        raise SystemExit(f"--settings anomalib: {note}")
+    del ours
+    preset = get_preset(model_cfg.backbone)
+    train = [s for s in samples if s.label == 0]
+    dataset = DefectDataset(root=root, samples=train, image_size=model_cfg.image_size, mean=preset.mean,
+                            std=preset.std)
+    loader, sampler = build_train_loader(dataset, train, train_cfg)
+    optimizer = torch.optim.AdamW([{"params": model.adaptor.parameters(), "lr": 1e-4},
+                                   {"params": model.segdec.parameters(), "lr": 2e-4, "weight_decay": 1e-5}])
+    milestones = [int(train_cfg.epochs * 0.8), int(train_cfg.epochs * 0.9)]
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.4)
+    loss_fn = SSNLoss()
+    started = time.perf_counter()
+    for epoch in range(train_cfg.epochs):
+        sampler.set_epoch(epoch)
+        model.train()
+        for batch in loader:
+            anomaly_map, score, masks, labels = model(images=batch["image"], masks=batch["mask"][:, 0],
+                                                      labels=batch["label"])
+            loss = loss_fn(pred_map=anomaly_map, pred_score=score, target_mask=masks, target_label=labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+    seconds = time.perf_counter() - started
+    model.eval()
+
+    @torch.no_grad()
+    def predictor(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = model(images)
+        return out.pred_score.flatten(), out.anomaly_map.reshape(images.shape[0], *images.shape[-2:])
+
+    return predictor, seconds
+
+
+def predict_anomalib(predictor, loader) -> Any:
+    """`supersimplenet.train.Predictions` of anomalib's model (its score is the head's)."""
+    from supersimplenet.train import Predictions
+
+    scores, maps, labels, masks, indices = [], [], [], [], []
+    for batch in loader:
+        score, anomaly_map = predictor(batch["image"])
+        scores.append(score.numpy())
+        maps.append(anomaly_map.numpy())
+        labels.append(batch["label"].numpy())
+        masks.append(batch["mask"][:, 0].numpy())
+        indices.append(np.asarray(batch["index"]))
+    scores = np.concatenate(scores)
+    return Predictions(scores=scores, labels=np.concatenate(labels).astype(np.int64), maps=np.concatenate(maps),
+                       masks=np.concatenate(masks).astype(np.uint8), indices=np.concatenate(indices),
+                       head_scores=scores)
+
+
 def run_once(name: str, protocol: Protocol, root: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, *,
-             train_limit: int | None) -> dict[str, Any]:
+             train_limit: int | None, anomalib: bool = False) -> dict[str, Any]:
     options = {"split_file": str(REPO / protocol.split_file)} if protocol.split_file else {}
     samples = read_layout(root, protocol.layout, **options)
     train = [s for s in samples if s.split == "train"]
     if train_limit:
         train = train[:train_limit]
     test = [s for s in samples if s.split == "test"]
-    started = time.perf_counter()
-    result = fit(data_root=root, samples=train, model_config=model_cfg, train_config=train_cfg, progress=False)
-    train_seconds = time.perf_counter() - started
     preset = get_preset(model_cfg.backbone)
     test_set = DefectDataset(root=root, samples=test, image_size=model_cfg.image_size, mean=preset.mean,
                              std=preset.std)
-    predictions = predict(result.model, eval_loader(test_set, batch_size=16), device=torch.device("cpu"))
+    if anomalib:
+        if protocol.supervision != "unsupervised":
+            raise SystemExit("--settings anomalib: only the unsupervised protocols")
+        predictor, train_seconds = fit_anomalib(root, train, model_cfg, train_cfg)
+        predictions = predict_anomalib(predictor, eval_loader(test_set, batch_size=16))
+        result = None
+    else:
+        started = time.perf_counter()
+        result = fit(data_root=root, samples=train, model_config=model_cfg, train_config=train_cfg, progress=False)
+        train_seconds = time.perf_counter() - started
+        predictions = predict(result.model, eval_loader(test_set, batch_size=16), device=torch.device("cpu"))
     has_masks = any(s.mask for s in test)
     metrics = compute_metrics(scores=predictions.scores, labels=predictions.labels,
                               maps=predictions.maps if has_masks else None,
@@ -168,7 +246,7 @@ def run_once(name: str, protocol: Protocol, root: Path, model_cfg: ModelConfig, 
     normal = predictions.labels == 0
     return {
         "dataset": name, "train_images": len(train), "test_images": len(test), "train_seconds": train_seconds,
-        "metrics": metrics, "final_loss": result.history[-1].get("loss"),
+        "metrics": metrics, "final_loss": result.history[-1].get("loss") if result else None,
         "scores": {"normal": predictions.scores[normal].tolist(), "defective": predictions.scores[~normal].tolist()},
         "model_config": asdict(model_cfg), "train_config": asdict(train_cfg),
     }
@@ -220,7 +298,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for seed in seeds:
                 model_cfg, train_cfg = build_configs(protocol, setting, raw, seed=seed, epochs=epochs,
                                                      backbone=args.backbone)
-                run = run_once(name, protocol, root, model_cfg, train_cfg, train_limit=args.train_limit)
+                run = run_once(name, protocol, root, model_cfg, train_cfg, train_limit=args.train_limit,
+                               anomalib=setting == "anomalib")
                 run.update(setting=setting, seed=seed, epochs=epochs)
                 runs.append(run)
                 report["runs"].append(run)
