@@ -107,8 +107,14 @@ def _coerce(value: str, current: Any) -> Any:
         return int(value)
     if isinstance(current, float):
         return float(value)
-    if isinstance(current, tuple):
+    if isinstance(current, tuple) or (current is None and "x" in value):  # 256x128, or feature_levels 3x4
         return tuple(int(v) for v in value.strip("[]()").split("x" if "x" in value else ";"))
+    if current is None:  # an optional field: a number when it reads as one
+        for kind in (int, float):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
     return None if value.lower() == "none" else value
 
 
