@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", help="version: MLflow experiment (default: the training run's)")
     parser.add_argument("--batch-size", type=int, default=16, help="version: inference batch size")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: SSN_RAY_ADDRESS or auto)")
+    parser.add_argument("--tuned", default=None,
+                        help="seeds: tuned settings written by jobs/tune.py (s3:// URI or file); overrides still win")
     parser.add_argument("--smoke-test", action="store_true", help="2 seeds of a tiny run on a generated dataset")
     parser.add_argument("overrides", nargs="*", help="seeds: key=value overrides of the config")
     args = parser.parse_args(argv)
@@ -65,14 +67,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from supersimplenet.checkpoint import CheckpointError
     from ssn_platform.evaluation import check_seeds, evaluate_seeds, evaluate_version
-    from ssn_platform.jobconfig import load_job_config
+    from ssn_platform.tuning import load_tuned_job_config
     from ssn_platform.storage import StorageError
     from ssn_platform.training import PlatformError
 
     seeds, overrides = _split_seeds(args.seeds, list(args.overrides))
     by_version = bool(args.product or args.version or args.model_uri)
     try:
-        if by_version and (args.config or args.smoke_test or seeds is not None or overrides):
+        if by_version and (args.config or args.smoke_test or seeds is not None or overrides or args.tuned):
             raise PlatformError("give either --config/--smoke-test with --seeds and overrides, or a version "
                                 "(--product/--version or --model-uri), not both")
         if by_version:
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                     result = ingest(make_smoke_dataset(Path(directory) / "smoke"), product="smoke", progress=False)
                 config = config or str(Path(__file__).with_name("configs") / "smoke.yaml")
                 overrides = [*SMOKE_OVERRIDES, f"dataset={result.uri}", *overrides]
-            job = load_job_config(config, overrides)
+            job = load_tuned_job_config(config, overrides, args.tuned)
             report = evaluate_seeds(job, seeds, parallel=args.parallel, address=args.address, config_path=config)
     except (ValueError, PlatformError, StorageError, CheckpointError, MlflowException) as error:  # ConfigError too
         print(f"error: {error}", file=sys.stderr)

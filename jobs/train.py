@@ -37,7 +37,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from supersimplenet.config import ConfigError
-    from ssn_platform.jobconfig import load_job_config
     from ssn_platform.training import PlatformError, run_training
 
     overrides = list(args.overrides)
@@ -53,13 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     if config is None:
         parser.error("--config is required (or --smoke-test)")
     try:
-        if args.tuned:
-            from ssn_platform.tuning import tuned_settings_overrides
+        from ssn_platform.tuning import load_tuned_job_config
 
-            base = load_job_config(config, overrides)
-            tuned = tuned_settings_overrides(args.tuned, backbone=base.model.backbone, product=base.product)
-            overrides = [*tuned, *overrides]
-        job = load_job_config(config, overrides)
+        job = load_tuned_job_config(config, overrides, args.tuned)
         result = run_training(job, address=args.address)
     except (ConfigError, PlatformError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -1,4 +1,9 @@
-"""Guards against the `platform/` trap (../shared/docs/platform-notes.md) and layering leaks."""
+"""Guards against the `platform/` trap and layering leaks.
+
+A package importable as `platform` would shadow the standard library's `platform` module, which torch, Ray and
+pytest import, and break every Ray worker (Ray puts the job's working directory first on `sys.path`); see
+docs/architecture.md, "Why the source folders have no `__init__.py`".
+"""
 
 import os
 import subprocess

@@ -35,7 +35,7 @@ def _check(condition: bool, message: str) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture and anomaly-generator settings (spec sections 2-3).
+    """Architecture and anomaly-generator settings (docs/design.md §2-§3).
 
     Attributes:
         backbone: a preset name from `supersimplenet.backbones.PRESETS`.
@@ -87,7 +87,7 @@ class ModelConfig:
         )
         object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
         _check(len(self.image_size) == 2, f"model.image_size must be (height, width), got {self.image_size!r}")
-        # Feature maps are H/4 x W/4 and the Perlin lattice needs at least 17 cells per side (spec 3, Perlin).
+        # Feature maps are H/4 x W/4 and the Perlin lattice needs at least 17 cells per side (docs/design.md §3.7).
         _check(min(self.image_size) >= 68, f"model.image_size must be at least 68 px per side, got {self.image_size}")
         _check(self.noise_std >= 0, f"model.noise_std must be >= 0, got {self.noise_std}")
         _check(self.noise_std_mode in NOISE_STD_MODES,
@@ -127,7 +127,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings (spec section 5). Defaults are the paper's except the epoch count.
+    """Optimisation settings (docs/design.md §5). Defaults are the paper's except the epoch count.
 
     `precision` ("fp32" or "bf16", `TRAIN_PRECISIONS`) is the compute precision of the trainable layers; see
     `supersimplenet.train.train_step`. bf16 needs hardware with native bfloat16 to be faster (AVX-512 BF16 or AMX

@@ -6,10 +6,10 @@ The module is split in four parts:
   root, label, split, whether the pixel mask is known). One reader per public layout (MVTec AD, VisA, KSDD2,
   SensumSODF) plus a generic ``folder`` layout; `read_layout` dispatches and applies an optional split file.
 * `apply_supervision` derives the training view of a sample list for one supervision regime
-  (unsupervised, weak, mixed, supervised; spec section 1 and 6.3).
-* `load_image` / `load_mask` / `DefectDataset` turn samples into tensors (spec 3.1: masks are resized with
+  (unsupervised, weak, mixed, supervised; docs/design.md §1 and §6.3).
+* `load_image` / `load_mask` / `DefectDataset` turn samples into tensors (docs/design.md §3.1: masks are resized with
   nearest neighbour and scaled to {0, 1}; images bilinear without antialias, like cv2 in the official code).
-* `BalancedSampler` is the supervised epoch of spec 6.3 (every positive in 4 flip variants, negatives by
+* `BalancedSampler` is the supervised epoch of docs/design.md §6.3 (every positive in 4 flip variants, negatives by
   inverse-frequency sampling), deterministic and shardable over ranks.
 
 Every reader raises `DataError` (a `ValueError`) naming the offending file or folder; nothing is skipped
@@ -831,7 +831,7 @@ def load_image(path: PathLike, *, size: tuple[int, int]) -> torch.Tensor:
     """Load an image as float [3, H, W] in [0, 1].
 
     Grayscale is repeated to 3 channels. Resizing is bilinear with align_corners=False and no antialiasing,
-    which matches cv2.resize(INTER_LINEAR) of the official code (spec 8, #13).
+    which matches cv2.resize(INTER_LINEAR) of the official code (docs/design.md §8).
 
     Raises:
         DataError: missing or unreadable file.
@@ -870,7 +870,7 @@ def normalization_tensors(mean: Sequence[float], std: Sequence[float]) -> tuple[
 
 
 class DefectDataset(torch.utils.data.Dataset):
-    """Tensors for a list of samples, optionally extended by the 4 flip variants of spec 6.3.
+    """Tensors for a list of samples, optionally extended by the 4 flip variants of docs/design.md §6.3.
 
     Index i selects sample i % n and variant i // n (n = len(samples)): 0 as is, 1 vertical flip, 2 horizontal
     flip, 3 both (a 180 degree rotation). Image and mask are flipped together.
@@ -921,12 +921,12 @@ class DefectDataset(torch.utils.data.Dataset):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Balanced supervised sampling (spec 6.3)
+# Balanced supervised sampling (docs/design.md §6.3)
 # --------------------------------------------------------------------------------------------------------------
 
 
 class BalancedSampler(torch.utils.data.Sampler[int]):
-    """Balanced epochs for supervised training (spec 6.3), deterministic and sharded over ranks.
+    """Balanced epochs for supervised training (docs/design.md §6.3), deterministic and sharded over ranks.
 
     Indices refer to a `DefectDataset` built over the same samples with the same `flips`. One epoch holds:
 
@@ -945,7 +945,7 @@ class BalancedSampler(torch.utils.data.Sampler[int]):
     rank r takes positions r, r + world_size, ...
 
     Call `set_epoch` before each epoch, as with `DistributedSampler`. Unsupervised training (normal images
-    only, spec 6.2) needs no balancing: use `torch.utils.data.DistributedSampler(shuffle=True)` there.
+    only, docs/design.md §6.2) needs no balancing: use `torch.utils.data.DistributedSampler(shuffle=True)` there.
     """
 
     def __init__(

@@ -1,4 +1,4 @@
-"""Losses of SuperSimpleNet (spec section 4): truncated L1 and focal loss on the map, focal loss on the score.
+"""Losses of SuperSimpleNet (docs/design.md §4): truncated L1 and focal loss on the map, focal loss on the score.
 
 JIMS rules: map terms only over samples whose masks are known (`segmented`), optional per-pixel weights from the
 distance transform of the (dilated) defect masks.

@@ -1,4 +1,4 @@
-"""Evaluation metrics for SuperSimpleNet (spec section 7).
+"""Evaluation metrics for SuperSimpleNet (docs/design.md §7).
 
 Image level (one score per image):
 

@@ -7,7 +7,7 @@
     [A' or F', M] -> classification head -> score logit s
     inference: M upsampled to the image, Gaussian blur (sigma 4), sigmoid; sigmoid(s)
 
-Shapes and constants follow ../shared/docs/supersimplenet-spec.md; channel counts come from the backbone.
+Shapes and constants follow docs/design.md; channel counts come from the backbone.
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ class SuperSimpleNet(nn.Module):
     def add_synthetic_anomalies(
         self, adapted: torch.Tensor, raw: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Duplicates the batch and adds Gaussian noise inside Perlin masks (spec section 3).
+        """Duplicates the batch and adds Gaussian noise inside Perlin masks (docs/design.md §3).
 
         Args:
             adapted: A [B, C, h, w].

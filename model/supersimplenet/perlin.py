@@ -1,4 +1,4 @@
-"""Perlin-noise masks for the feature-space anomaly generator (spec section 3, "Perlin mask")."""
+"""Perlin-noise masks for the feature-space anomaly generator (docs/design.md §3.7, "Perlin mask")."""
 
 from __future__ import annotations
 

@@ -80,7 +80,7 @@ def build_train_loader(
     """Loader over this rank's share of an epoch; call `sampler.set_epoch(epoch)` before each epoch.
 
     Unsupervised: a seeded shuffle of the normal images, sharded by DistributedSampler. Supervised regimes: the
-    balanced, inverse-frequency sampler of spec 6.3, which shards deterministically by itself.
+    balanced, inverse-frequency sampler of docs/design.md §6.3, which shards deterministically by itself.
     """
     if cfg.supervised:
         sampler = BalancedSampler(
@@ -211,7 +211,7 @@ def predict(model: nn.Module, loader: DataLoader, *, device: torch.device, progr
 
 
 def evaluate(model: nn.Module, loader: DataLoader, *, device: torch.device) -> dict[str, float]:
-    """All metrics of spec section 7 on a loader's samples."""
+    """All metrics of docs/design.md §7 on a loader's samples."""
     predictions = predict(model, loader, device=device)
     return compute_metrics(scores=predictions.scores, labels=predictions.labels, maps=predictions.maps,
                            masks=predictions.masks)

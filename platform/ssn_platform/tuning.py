@@ -55,7 +55,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from supersimplenet.config import ConfigError
-from ssn_platform.jobconfig import JobConfig, _set_dotted, build_job_config, parse_overrides
+from ssn_platform.jobconfig import JobConfig, _set_dotted, build_job_config, load_job_config, parse_overrides
 from ssn_platform.tuned import (BASELINE_ATTR, BASELINE_KEY, DEFAULT_MIN_MARGIN, Decision, baseline_protecting_asha,
                                 find_baseline, judge)
 
@@ -869,6 +869,17 @@ def tuned_settings_overrides(path_or_uri: str | Path, *, backbone: str | None = 
     overrides = [str(o) for o in document.get("overrides") or []]
     parse_overrides(overrides)  # validates the form
     return overrides
+
+
+def load_tuned_job_config(config: str | Path, overrides: Sequence[str], tuned: str | Path | None) -> JobConfig:
+    """The job of `config` and `overrides`, with the tuned settings `tuned` (URI or file, checked against the job's
+    backbone and product) applied beneath the overrides: what `jobs/train.py --tuned` and `jobs/evaluate.py --tuned`
+    train."""
+    if tuned:
+        base = load_job_config(config, overrides)
+        overrides = [*tuned_settings_overrides(tuned, backbone=base.model.backbone, product=base.product),
+                     *overrides]
+    return load_job_config(config, overrides)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Loss golden numbers (spec 10.7, 10.8)."""
+"""Loss golden numbers (docs/design.md §10.7, §10.8)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Golden checks of spec section 10 for the network (shapes, counts, generator, heads, post-processing)."""
+"""Golden checks of docs/design.md §10 for the network (shapes, counts, generator, heads, post-processing)."""
 
 import pytest
 import torch

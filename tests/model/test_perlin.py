@@ -1,4 +1,4 @@
-"""Perlin-mask properties (spec 10.4)."""
+"""Perlin-mask properties (docs/design.md §10.4)."""
 
 import torch
 
