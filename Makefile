@@ -34,12 +34,13 @@ stack-status:
 	infra/local/stack status
 
 # The README's main command: install, bring up the stack, ingest ELPV, search, train, calibrate, promote, serve.
+# `make quickstart QUICKSTART_ARGS="--seeds 3"` also trains the recipe over 3 seeds and promotes on their mean.
 quickstart:
 	@echo "[quickstart $$(date +%H:%M:%S)] 1/7 install: $(VENV) with the pinned set (requirements.lock)"
 	@$(MAKE) --no-print-directory setup
 	@echo "[quickstart $$(date +%H:%M:%S)] 2/7 stack: SeaweedFS (S3), MLflow server, Ray head on 127.0.0.1"
 	infra/local/stack up
-	$(BIN)/python jobs/quickstart.py
+	$(BIN)/python jobs/quickstart.py $(QUICKSTART_ARGS)
 
 # Stops the local stack and keeps its data; `make teardown PURGE=1` deletes the data too (S3, MLflow, credentials).
 teardown:

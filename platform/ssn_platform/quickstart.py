@@ -48,6 +48,9 @@ class QuickstartSettings:
     false_alarm_rate: float = 0.1
     # Promotion floor on image AUROC: chance level for the quickstart; production products set their own.
     floor: float = 0.5
+    # >= 2: also train the recipe (config + tuned settings) over this many seeds (`jobs/evaluate.py`), print their
+    # test mean +- std beside the registered model's own figure, and promote only on that mean (require_seeds).
+    seeds: int = 0
     overrides: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -117,6 +120,15 @@ def run(settings: QuickstartSettings) -> dict[str, Any]:
     trained = _submit(train_args, env=job_env, step="4/7 train")
     version = trained["model_version"]
     say("4/7 train", f"ssn-{PRODUCT} version {version}: {json.dumps(trained['test_metrics'])}")
+    seeds = None
+    if settings.seeds >= 2:
+        # the same recipe as the registered run (config, tuned settings, overrides), one run per seed
+        evaluate_args = ["python", "jobs/evaluate.py", *train_args[2:], "--seeds",
+                         *map(str, range(settings.seeds))]
+        seeds = _submit(evaluate_args, env=job_env, step="4/7 seeds")
+        mean, std = (seeds["metrics"].get(f"image_auroc_{k}") for k in ("mean", "std"))
+        say("4/7 seeds", f"the recipe over {settings.seeds} seeds: test image AUROC {mean:.3f} +- {std:.3f} "
+                         f"(this version: {trained['test_metrics'].get('image_auroc', float('nan')):.3f})")
 
     from ssn_platform import promotion, serving, thresholds
 
@@ -127,7 +139,8 @@ def run(settings: QuickstartSettings) -> dict[str, Any]:
     say("5/7 calibrate", f"threshold {threshold.value:.4f} ({threshold.method}; {threshold.interval_text()})")
     if threshold.warning:
         say("5/7 calibrate", f"warning: {threshold.warning}")
-    decision = promotion.promote(PRODUCT, version, floor=settings.floor)
+    decision = promotion.promote(PRODUCT, version, floor=settings.floor,
+                                 require_seeds=settings.seeds if settings.seeds >= 2 else 0)
     say("5/7 promote", f"{'promoted' if decision.promoted else 'kept the champion'}: {decision.reason}")
     if not decision.promoted and decision.champion_version is None:
         raise PlatformError(f"version {version} was not promoted and there is no champion to serve: {decision.reason}")
@@ -165,6 +178,8 @@ def run(settings: QuickstartSettings) -> dict[str, Any]:
     summary = {
         "product": PRODUCT, "dataset": dataset.uri, "model_version": version, "promoted": decision.promoted,
         "threshold": threshold.value, "test_metrics": trained["test_metrics"], "served": len(served),
+        "seeds": None if seeds is None else {"count": settings.seeds, "evaluation_run_id": seeds["evaluation_run_id"],
+                                             "metrics": seeds["metrics"]},
         "report": str(report), "links": links, "seconds": round(time.monotonic() - started, 1),
     }
     (state / "reports" / "quickstart.json").write_text(json.dumps(summary, indent=2, default=str))
