@@ -30,6 +30,10 @@ What one search does (`run_search`):
   own (`decision: kept_defaults`). Either way:
   `tuned_settings.yaml` (artifact of the parent run, tags `ssn.tuned.*` on it) and
   `s3://<dataset bucket>/tuned/<product>/<backbone>.yaml` for the train job (`tuned_settings_overrides`).
+* Backbones. A space may search `model.backbone` as a categorical parameter (`BACKBONE_KEY`): each trial trains
+  the backbone it draws, sigma relative to that backbone's own feature scale, the study is
+  `ssn-<product>-backbones` (tag `ssn.backbone: searched:<a>|<b>`), and the tuned settings name the chosen
+  backbone, set it in their overrides and are written under that backbone's name.
   Artifacts: Optuna history, intermediate values, parameter importances, sigma x threshold contour (PNG) and
   `trials.csv`. `retrain=True` trains the best configuration with the full schedule through
   `training.run_training` and registers it like any train job.
@@ -63,6 +67,9 @@ log = logging.getLogger(__name__)
 
 DISTRIBUTIONS = ("uniform", "log_uniform", "int", "categorical")
 LR_SCALE_KEY = "train.lr_scale"  # pseudo-parameter: multiplies train.lr_adaptor and train.lr_heads together
+# A search space may list backbones as a categorical parameter: each trial then trains its own backbone, with sigma
+# relative to that backbone's measured feature scale (noise_std_mode: relative), and the study spans backbones.
+BACKBONE_KEY = "model.backbone"
 STUDY_TRIAL_KEY = "_study_trial"  # the Optuna trial number, added to each trial's config by the searcher
 STARTUP_TRIALS = 6  # TPE's random start-up trials, counted over the whole study
 TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 1024**2}  # the trial function only launches and waits
@@ -189,6 +196,11 @@ class SearchSpace:
     def keys(self) -> list[str]:
         return [p.key for p in self.params]
 
+    @property
+    def backbones(self) -> tuple[str, ...]:
+        """The backbones searched over (a categorical `model.backbone`), or () when the job's own is used."""
+        return tuple(next((p.choices for p in self.params if p.key == BACKBONE_KEY), ()))
+
 
 def apply_params(job: JobConfig, params: Mapping[str, Any], fixed: Mapping[str, Any] = (),
                  **top_level: Any) -> JobConfig:
@@ -244,8 +256,16 @@ def open_storage(url: str):
     return optuna.storages.RDBStorage(url)
 
 
-def default_study_name(job: JobConfig) -> str:
-    return f"ssn-{job.product}-{job.model.backbone}"
+def backbone_label(job: JobConfig, space: SearchSpace | None = None) -> str:
+    """What a study's and search's ``ssn.backbone`` says: the job's backbone, or ``searched:<a>|<b>`` when the
+    space searches over backbones."""
+    if space is not None and space.backbones:
+        return "searched:" + "|".join(sorted(space.backbones))
+    return job.model.backbone
+
+
+def default_study_name(job: JobConfig, space: SearchSpace | None = None) -> str:
+    return f"ssn-{job.product}-{'backbones' if space is not None and space.backbones else job.model.backbone}"
 
 
 def _make_searcher_class():
@@ -457,7 +477,7 @@ def _mode_for(metric: str) -> str:
     return "min" if "loss" in metric else "max"
 
 
-def _prepare_study(storage_url: str, study_name: str, job: JobConfig, *, metric: str, mode: str):
+def _prepare_study(storage_url: str, study_name: str, job: JobConfig, *, metric: str, mode: str, backbone: str):
     """Creates or loads the study; refuses to mix objectives or backbones; fails trials left running by a dead
     search (one search per study at a time)."""
     import optuna
@@ -467,7 +487,7 @@ def _prepare_study(storage_url: str, study_name: str, job: JobConfig, *, metric:
     direction = "minimize" if mode == "min" else "maximize"
     study = optuna.create_study(storage=storage, study_name=study_name, direction=direction, load_if_exists=True)
     attrs = study.user_attrs
-    expected = {"ssn.metric": metric, "ssn.backbone": job.model.backbone, "ssn.product": job.product}
+    expected = {"ssn.metric": metric, "ssn.backbone": backbone, "ssn.product": job.product}
     for key, value in expected.items():
         if key in attrs and attrs[key] != value:
             raise ConfigError(f"study {study_name!r} has {key}={attrs[key]!r}, this search {value!r}; "
@@ -535,7 +555,7 @@ def run_search(
     if baseline and any(_value_of(job, k) != v for k, v in search_space.fixed.items()):
         log.warning("the baseline trial applies the space's fixed %s, which differ from the job's own values",
                     dict(search_space.fixed))
-    study_name = study_name or default_study_name(job)
+    study_name = study_name or default_study_name(job, search_space)
     storage_url = storage or default_storage_url()
 
     training.check_mlflow()
@@ -543,7 +563,8 @@ def run_search(
     training.connect_ray(address)
     concurrency = max_concurrent or trials_per_cluster(job, num_trials)
 
-    _, study = _prepare_study(storage_url, study_name, job, metric=metric, mode=mode)
+    _, study = _prepare_study(storage_url, study_name, job, metric=metric, mode=mode,
+                              backbone=backbone_label(job, search_space))
     existing = len(study.trials)
     run_baseline = baseline and find_baseline(study.get_trials(deepcopy=False), baseline_point, max_t=epochs,
                                               complete_only=True) is None
@@ -554,7 +575,7 @@ def run_search(
     experiment = client.get_experiment_by_name(job.experiment_name)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(job.experiment_name)
     parent = client.create_run(experiment_id, run_name=search_name, tags={
-        training.RUN_TAG: search_name, "ssn.product": job.product, "ssn.backbone": job.model.backbone,
+        training.RUN_TAG: search_name, "ssn.product": job.product, "ssn.backbone": backbone_label(job, search_space),
         "ssn.tune.study": study_name, "ssn.tune.storage": redact_url(storage_url), "ssn.tune.metric": metric,
         "ssn.tune.mode": mode, "ssn.tune.validation": validation, "ssn.tune.role": "search",
         "ssn.tune.trials_before": str(existing),
@@ -783,7 +804,7 @@ def tuned_settings_document(job: JobConfig, space: SearchSpace, best, *, metric:
     return {
         "schema": TUNED_SCHEMA,
         "product": job.product,
-        "backbone": job.model.backbone,
+        "backbone": tuned.model.backbone,  # the chosen trial's, when the space searched over backbones
         "noise_std": tuned.model.noise_std,
         "noise_std_mode": tuned.model.noise_std_mode,
         "perlin_threshold": tuned.model.perlin_threshold,
@@ -814,11 +835,11 @@ def _yaml_scalar(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
-def tuned_settings_uri(job: JobConfig) -> str:
+def tuned_settings_uri(job: JobConfig, backbone: str | None = None) -> str:
     from ssn_platform.storage import parse_s3_uri
 
     bucket, _ = parse_s3_uri(job.dataset)
-    return f"s3://{bucket}/{TUNED_PREFIX}/{job.product}/{job.model.backbone}.yaml"
+    return f"s3://{bucket}/{TUNED_PREFIX}/{job.product}/{backbone or job.model.backbone}.yaml"
 
 
 def write_tuned_settings(job: JobConfig, document: Mapping[str, Any]) -> str:
@@ -826,7 +847,7 @@ def write_tuned_settings(job: JobConfig, document: Mapping[str, Any]) -> str:
     <backbone>/<search>.yaml). Returns the main URI."""
     from ssn_platform.storage import S3Settings, make_client, parse_s3_uri, put_bytes
 
-    uri = tuned_settings_uri(job)
+    uri = tuned_settings_uri(job, document.get("backbone"))
     bucket, key = parse_s3_uri(uri)
     body = yaml.safe_dump(dict(document), sort_keys=False).encode()
     client = make_client(S3Settings.from_env())
@@ -859,10 +880,13 @@ def tuned_settings_overrides(path_or_uri: str | Path, *, backbone: str | None = 
     """`key=value` overrides that apply tuned settings to a train job (put user overrides after them).
 
     With `backbone` / `product`, refuses settings tuned for another backbone or product (sigma does not transfer
-    across backbones). Example: `load_job_config(cfg, [*tuned_settings_overrides(uri, backbone=...), *user])`.
+    across backbones), unless the settings choose the backbone themselves (a search over backbones: their
+    overrides set `model.backbone`). Example (what `load_tuned_job_config` does):
+    `load_job_config(cfg, [*tuned_settings_overrides(uri, backbone=...), *user])`.
     """
     document = read_tuned_settings(path_or_uri)
-    if backbone is not None and document.get("backbone") != backbone:
+    chooses_backbone = any(str(o).startswith(f"{BACKBONE_KEY}=") for o in document.get("overrides") or [])
+    if backbone is not None and document.get("backbone") != backbone and not chooses_backbone:
         raise ConfigError(f"{path_or_uri}: tuned for backbone {document.get('backbone')!r}, the job uses {backbone!r}")
     if product is not None and document.get("product") != product:
         raise ConfigError(f"{path_or_uri}: tuned for product {document.get('product')!r}, the job is {product!r}")

@@ -512,3 +512,44 @@ def test_running_the_same_study_again_adds_trials(first_search, search_setup):
     assert parent.data.tags["ssn.tune.trials_before"] == "4" and parent.data.tags["ssn.tune.trials_total"] == "6"
     assert int(parent.data.tags["ssn.tune.asha_seeded_values"]) >= 4
     assert study.user_attrs["ssn.sessions"] == [first_search.parent_run_id, second.parent_run_id]
+
+
+def test_a_search_over_backbones_names_its_study_and_writes_settings_that_choose_the_backbone(tmp_path):
+    from ssn_platform.jobconfig import load_job_config
+    from ssn_platform.tuned import Chosen
+    from ssn_platform.tuning import (
+        SearchSpace, apply_params, backbone_label, default_study_name, tuned_settings_document,
+        tuned_settings_overrides,
+    )
+
+    job = _base_job()
+    raw = yaml.safe_load(SPACE.read_text())
+    raw["params"]["model.backbone"] = {"distribution": "categorical",
+                                       "choices": ["efficientnet_lite1", "efficientnet_lite0"]}
+    space = SearchSpace.load(raw)
+    assert space.backbones == ("efficientnet_lite1", "efficientnet_lite0")
+    assert default_study_name(job, space) == f"ssn-{job.product}-backbones"
+    assert backbone_label(job, space) == "searched:efficientnet_lite0|efficientnet_lite1"
+    assert default_study_name(job, SearchSpace.load(SPACE)) == f"ssn-{job.product}-efficientnet_lite0"
+    trial = apply_params(job, {"model.backbone": "efficientnet_lite1", "model.noise_std": 2.5}, space.fixed)
+    assert trial.model.backbone == "efficientnet_lite1" and trial.model.noise_std_mode == "relative"
+    assert trial.model.noise_std == 2.5 and trial.model.image_score == job.model.image_score
+
+    chosen = Chosen({"model.backbone": "efficientnet_lite1", "model.noise_std": 2.5,
+                     "model.perlin_threshold": 0.3}, 0.9, 4)
+    document = tuned_settings_document(job, space, chosen, metric="val_image_auroc", mode="max", study_name="s",
+                                       validation="synthetic", search_name="tune-x", parent_run_id="p",
+                                       best_run_id=None)
+    assert document["backbone"] == "efficientnet_lite1"
+    path = tmp_path / "tuned.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    # a job configured for Lite0 takes settings that chose Lite1: they say so themselves
+    tuned = load_job_config(CONFIG, [*tuned_settings_overrides(path, backbone="efficientnet_lite0"),
+                                     f"dataset={job.dataset}"])
+    assert (tuned.model.backbone, tuned.model.noise_std, tuned.model.perlin_threshold) == (
+        "efficientnet_lite1", 2.5, 0.3)
+    # settings tuned for one backbone (no backbone in their overrides) are still refused for another
+    single = dict(document, overrides=[o for o in document["overrides"] if not o.startswith("model.backbone=")])
+    path.write_text(yaml.safe_dump(single, sort_keys=False))
+    with pytest.raises(ConfigError, match="tuned for backbone 'efficientnet_lite1'"):
+        tuned_settings_overrides(path, backbone="efficientnet_lite0")
