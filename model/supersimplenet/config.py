@@ -55,7 +55,8 @@ class ModelConfig:
         cls_hidden: output channels of the classification head's convolution.
         blur_sigma: sigma of the Gaussian blur applied to the upsampled anomaly map.
         feature_levels: the two backbone feature levels (`feature_info` indices, increasing) that are upscaled and
-            concatenated; None takes the preset's (strides 8 and 16). The feature maps are twice the first level's
+            concatenated (or a string "i,j", as a search space's categorical choice); None takes the preset's
+            (strides 8 and 16). The feature maps are twice the first level's
             size, so (1, 2) costs the heads about 4x and (3, 4) about 1/4 of the default.
         image_score: the image score every prediction reports, one of `IMAGE_SCORES`: "head" (the classification
             head's, the paper's), "map_max" (the anomaly map's maximum, the authors' "seg-" metrics) or "combined"
@@ -96,7 +97,13 @@ class ModelConfig:
         _check(self.blur_sigma > 0, f"model.blur_sigma must be > 0, got {self.blur_sigma}")
         _check(self.seg_hidden > 0 and self.cls_hidden > 0, "model.seg_hidden and model.cls_hidden must be > 0")
         if self.feature_levels is not None:
-            levels = tuple(self.feature_levels)
+            levels = self.feature_levels
+            if isinstance(levels, str):  # "3,4": how a search space's categorical choice (primitives only) names them
+                try:
+                    levels = tuple(int(v) for v in levels.replace("x", ",").split(","))
+                except ValueError:
+                    levels = (levels,)
+            levels = tuple(levels)
             _check(len(levels) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in levels)
                    and 0 <= levels[0] < levels[1],
                    f"model.feature_levels must be two increasing feature levels (e.g. [2, 3]), got {levels!r}")

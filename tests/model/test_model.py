@@ -75,7 +75,12 @@ def test_other_feature_levels_change_channels_and_resolution_and_survive_a_check
     assert torch.allclose(expected.anomaly_map, again.anomaly_map, atol=1e-5)
 
 
-@pytest.mark.parametrize("levels, message", [((3, 2), "increasing"), ((2, 5), "levels 0-4"), ((2,), "increasing")])
+def test_feature_levels_may_be_written_as_a_string_for_a_search_spaces_categorical_choice():
+    assert ModelConfig(feature_levels="3,4").feature_levels == (3, 4) == ModelConfig(feature_levels="3x4").feature_levels
+
+
+@pytest.mark.parametrize("levels, message", [((3, 2), "increasing"), ((2, 5), "levels 0-4"), ((2,), "increasing"),
+                                             ("a,b", "increasing")])
 def test_bad_feature_levels_are_refused_by_field_name(levels, message):
     with pytest.raises(ConfigError, match=f"model.feature_levels.*{message}"):
         ModelConfig(feature_levels=levels)
