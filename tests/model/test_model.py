@@ -76,7 +76,8 @@ def test_other_feature_levels_change_channels_and_resolution_and_survive_a_check
 
 
 def test_feature_levels_may_be_written_as_a_string_for_a_search_spaces_categorical_choice():
-    assert ModelConfig(feature_levels="3,4").feature_levels == (3, 4) == ModelConfig(feature_levels="3x4").feature_levels
+    assert ModelConfig(feature_levels="3,4").feature_levels == (3, 4)
+    assert ModelConfig(feature_levels="3x4").feature_levels == (3, 4)
 
 
 @pytest.mark.parametrize("levels, message", [((3, 2), "increasing"), ((2, 5), "levels 0-4"), ((2,), "increasing"),
