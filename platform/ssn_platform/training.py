@@ -36,7 +36,7 @@ from supersimplenet.model import build_model
 from supersimplenet.train import (
     build_optimizer, build_scheduler, build_train_loader, eval_loader, measure_feature_scale, predict, train_epoch,
 )
-from supersimplenet.metrics import compute_metrics
+from supersimplenet.metrics import compute_metrics, pixel_auroc
 from ssn_platform import resume
 from ssn_platform.jobconfig import JobConfig, build_job_config
 
@@ -251,6 +251,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             scores = compute_metrics(scores=val.scores, labels=val.labels)
             metrics.update({"val_image_auroc": scores["image_auroc"], "val_ap_det": scores["ap_det"]})
             metrics.update({f"val_{k}": v for k, v in val.score_metrics().items()})
+            if val.masks.any():  # synthetic defects always have masks; a labelled val split where it has them
+                metrics["val_pixel_auroc"] = pixel_auroc(val.maps, val.masks)
+                # image and pixel AUROC together: a search objective that still ranks settings whose synthetic
+                # image AUROC has saturated at 1 (QUALITY.md, "Does the search's objective predict real quality")
+                metrics["val_image_pixel_auroc"] = 0.5 * (scores["image_auroc"] + metrics["val_pixel_auroc"])
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
         last = epoch + 1 == cfg.epochs

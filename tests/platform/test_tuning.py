@@ -434,6 +434,11 @@ def test_parent_and_nested_trial_runs_are_in_mlflow(first_search, search_setup):
         else:
             assert child.info.status == "FINISHED" and "ssn.tune.stopped_early" not in child.data.tags
         assert child.data.params["validation"] == "split" and child.data.params["register"] == "False"
+        # the weld val split has defect masks: the pixel AUROC and the image-and-pixel objective are logged too
+        metrics = child.data.metrics
+        assert 0.0 <= metrics["val_pixel_auroc"] <= 1.0
+        assert metrics["val_image_pixel_auroc"] == pytest.approx(
+            0.5 * (metrics["val_image_auroc"] + metrics["val_pixel_auroc"]), abs=1e-9)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"tuned_settings.yaml", "trials.csv", "plots"} <= artifacts
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
