@@ -370,6 +370,9 @@ def search_setup(live_stack, weld_val_dataset, tmp_path_factory):
     job = _base_job(**{
         "dataset": weld_val_dataset, "product": product, "train.epochs": "2", "train.batch_size": "8",
         "model.image_size": "[128,72]", "scaling.num_workers": "1", "max_failures": "0",
+        # fp32, not the weld config's bf16: first_search's scenario (which trials score low at epoch 1, so that ASHA
+        # stops one) was measured in fp32; bf16 rounds this tiny 2-epoch run onto another trajectory
+        "train.precision": "fp32",
     })
     storage = f"sqlite:///{tmp_path_factory.mktemp('optuna') / 'optuna.db'}"
     return {"job": job, "storage": storage, "study": f"test-{product}"}
