@@ -498,7 +498,8 @@ def bench_backbone(backbone: str, args: argparse.Namespace, device: torch.device
 def auroc_check(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     """Trains a Lite0 model briefly on the weld train split, then scores the test split in fp32 and bf16."""
     from supersimplenet.checkpoint import load_checkpoint, save_checkpoint
-    from supersimplenet.data import DefectDataset, read_layout
+    from supersimplenet.layouts import read_layout
+    from supersimplenet.loading import DefectDataset
     from supersimplenet.metrics import image_auroc, pixel_auroc
     from supersimplenet.config import recommended_model_config
     from supersimplenet.train import eval_loader, fit

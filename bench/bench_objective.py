@@ -49,7 +49,8 @@ from bench_quality import PROTOCOLS, REPO, build_configs, dataset_root  # noqa: 
 from supersimplenet.backbones import get_preset  # noqa: E402
 from supersimplenet.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from supersimplenet.config import RELATIVE_NOISE_STD  # noqa: E402
-from supersimplenet.data import DefectDataset, read_layout  # noqa: E402
+from supersimplenet.layouts import read_layout  # noqa: E402
+from supersimplenet.loading import DefectDataset  # noqa: E402
 from supersimplenet.metrics import compute_metrics  # noqa: E402
 from supersimplenet.synthetic import SYNTHETIC_RECIPES, SyntheticDefectDataset  # noqa: E402
 from supersimplenet.train import eval_loader, fit, predict  # noqa: E402

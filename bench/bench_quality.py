@@ -46,7 +46,8 @@ SHARED = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO / "model"))  # runs from a checkout without the editable install too
 
 from supersimplenet.config import ModelConfig, TrainConfig, recommended_model_config  # noqa: E402
-from supersimplenet.data import DefectDataset, read_layout  # noqa: E402
+from supersimplenet.layouts import read_layout  # noqa: E402
+from supersimplenet.loading import DefectDataset  # noqa: E402
 from supersimplenet.backbones import get_preset  # noqa: E402
 from supersimplenet.metrics import IMAGE_SCORES, compute_metrics  # noqa: E402
 from supersimplenet.train import eval_loader, fit, predict  # noqa: E402

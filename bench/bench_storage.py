@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from ssn_platform.storage import S3Settings, make_client
-    import supersimplenet.data  # noqa: F401 - import torch & co. before any timing
+    import supersimplenet.loading  # noqa: F401 - import torch & co. before any timing
 
     private = args.private or not (os.environ.get("SSN_S3_ENDPOINT") and os.environ.get("AWS_ACCESS_KEY_ID"))
     ctx = PrivateS3() if private else None

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from ssn_platform.datasets import ingest
     from ssn_platform.storage import StorageError
-    from supersimplenet.data import DataError
+    from supersimplenet.samples import DataError
 
     options = {}
     if args.split_file is not None:

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from supersimplenet.data import DataError, read_split_file
+from supersimplenet.layouts import read_split_file
+from supersimplenet.samples import DataError
 
 _NAME = re.compile(r"^(train/good|test/good|test/defective)/cell_(\d{4})\.png$")
 

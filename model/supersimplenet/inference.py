@@ -1,6 +1,6 @@
 """Inference on in-memory images: the one pre- and post-processing path shared by evaluation and serving.
 
-Training and evaluation read files through `supersimplenet.data` (decode -> [0, 1] RGB -> bilinear resize ->
+Training and evaluation read files through `supersimplenet.loading` (decode -> [0, 1] RGB -> bilinear resize ->
 normalise); this module applies exactly those steps to decoded images, so a served score equals the offline one.
 
 Every prediction (evaluation in `supersimplenet.train.predict`, calibration, promotion, the Serve endpoint, the
@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from supersimplenet.data import image_array, resize_image
 from supersimplenet.fast import FastSuperSimpleNet
+from supersimplenet.loading import image_array, resize_image
 from supersimplenet.model import SuperSimpleNet
 
 Precision = Literal["fp32", "bf16"]

@@ -27,7 +27,7 @@ or geometry change (inside a Perlin region the image is blurred or locally displ
 "mixed" draws the blend or one of the four structural kinds with equal probability.
 
 Every draw of item i comes from a `torch.Generator` seeded by (seed, i) alone, so the same seed gives identical
-tensors in any order, on any worker, on every epoch. Images are loaded with `supersimplenet.data.load_image`
+tensors in any order, on any worker, on every epoch. Images are loaded with `supersimplenet.loading.load_image`
 (bilinear resize to `image_size`, values in [0, 1]).
 
 Limits: such defects are stand-ins. They measure whether a model flags local departures from the normal
@@ -43,8 +43,9 @@ from typing import Any, Sequence
 
 import torch
 
-from supersimplenet.data import PathLike, Sample, _check_size, load_image, normalization_tensors
+from supersimplenet.loading import _check_size, load_image, normalization_tensors
 from supersimplenet.perlin import next_pow2, perlin_noise
+from supersimplenet.samples import PathLike, Sample
 
 AREA_RANGE = (0.01, 0.06)  # fraction of the image covered by one synthetic defect
 SCALE_EXPONENTS = (1, 4)  # Perlin lattice cells per axis: 2**U{1..4}

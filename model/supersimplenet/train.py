@@ -31,11 +31,15 @@ from supersimplenet.checkpoint import save_checkpoint
 from supersimplenet.config import (
     IMAGE_SCORES, TRAIN_PRECISIONS, ModelConfig, TrainConfig, recommended_model_config, to_dict,
 )
-from supersimplenet.data import BalancedSampler, DefectDataset, Sample, apply_supervision, read_layout
 from supersimplenet.inference import inference_model
+from supersimplenet.layouts import read_layout
+from supersimplenet.loading import DefectDataset
 from supersimplenet.losses import dilate_masks, distance_weight_maps, supersimplenet_loss
 from supersimplenet.metrics import compute_metrics, image_scores
 from supersimplenet.model import SuperSimpleNet, build_model
+from supersimplenet.sampler import BalancedSampler
+from supersimplenet.samples import Sample
+from supersimplenet.supervision import apply_supervision
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ The reader keeps a content-addressed cache per node: ``<cache>/objects/<sha256[:
 one download per object per node (``fcntl`` lock per object, temp file + atomic rename), sha256 verified after each
 download and again on every use (a corrupt entry is downloaded again). ``materialize()`` builds
 ``<cache>/views/<bucket>/<version prefix>/`` of hard links (copies where links fail) at the samples' relative paths
-and returns ``(root, samples)`` for ``supersimplenet.data.DefectDataset(root=root, samples=samples, ...)``.
+and returns ``(root, samples)`` for ``supersimplenet.loading.DefectDataset(root=root, samples=samples, ...)``.
 
 The cache lives in ``SSN_CACHE_DIR`` (default ``$TMPDIR/ssn-cache``) and is bounded by ``SSN_CACHE_MAX_GB`` (unset:
 unbounded). Past the bound, :func:`prune_cache` deletes objects no view links, then the views least recently
@@ -62,6 +62,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from supersimplenet.samples import DataError, Sample
 from ssn_platform import storage
 from ssn_platform.storage import (
     ObjectNotFoundError,
@@ -121,13 +122,6 @@ _RECORD_FIELDS = (
 
 class DatasetError(StorageError):
     """A dataset in object storage is missing, incomplete or inconsistent."""
-
-
-def _data_module() -> Any:
-    # imported lazily: it pulls in torch, which `--help` and the manifest helpers do not need
-    from supersimplenet import data
-
-    return data
 
 
 # ------------------------------------------------------------------------------------------------ manifest
@@ -276,8 +270,7 @@ class Manifest:
         return out
 
     def samples(self) -> list[Any]:
-        """The records as ``supersimplenet.data.Sample`` objects (paths relative to the dataset root)."""
-        Sample = _data_module().Sample
+        """The records as ``supersimplenet.samples.Sample`` objects (paths relative to the dataset root)."""
         return [
             Sample(
                 image=r["image"],
@@ -350,26 +343,29 @@ def ingest(
 ) -> IngestResult:
     """Validate a local dataset folder, upload it in parallel and write its manifest last.
 
-    Reads the folder with ``supersimplenet.data.read_layout(local_root, layout, category=..., **options)`` and
+    Reads the folder with ``supersimplenet.layouts.read_layout(local_root, layout, category=..., **options)`` and
     checks it with ``validate_samples``; when anything is wrong, nothing is uploaded and ``DataError`` lists every
     offending path. Objects already stored with the same sha256 are skipped; the manifest is written only after
     every object is in place, then the ``latest`` pointer.
 
     Returns an :class:`IngestResult` (``uri, version = ingest(...)`` also works).
     """
-    data = _data_module()
+    # imported here: the layout readers pull in torch, which `--help` and the manifest helpers do not need
+    from supersimplenet.layouts import detect_layout, read_layout
+    from supersimplenet.loading import validate_samples
+
     _check_product(product)
     root = Path(local_root).resolve()
     options = dict(options or {})
-    layout_name = layout or data.detect_layout(root)
-    samples = data.read_layout(root, layout_name, category=category, **options)
+    layout_name = layout or detect_layout(root)
+    samples = read_layout(root, layout_name, category=category, **options)
     problems = _local_problems(root, samples)
     try:
-        data.validate_samples(root, samples)
-    except data.DataError as exc:
+        validate_samples(root, samples)
+    except DataError as exc:
         problems.append(str(exc))
     if problems:
-        raise data.DataError(
+        raise DataError(
             f"dataset at {root} is invalid; nothing was uploaded:\n" + "\n".join(problems)
         )
 
@@ -425,7 +421,7 @@ def ingest(
         local = root / rel_key[len(OBJECTS_DIR) + 1:]
         body = local.read_bytes()
         if len(body) != size or hashlib.sha256(body).hexdigest() != sha:
-            raise data.DataError(f"file changed while it was being ingested: {local}; nothing was published")
+            raise DataError(f"file changed while it was being ingested: {local}; nothing was published")
         ctype = mimetypes.guess_type(local.name)[0] or "application/octet-stream"
         storage.call_with_retries(
             lambda: client.put_object(Bucket=bucket, Key=key, Body=body, ContentType=ctype,

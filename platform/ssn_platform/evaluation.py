@@ -224,7 +224,7 @@ def score_samples(model, root: Path, samples: Sequence, *, batch_size: int = 16)
     import torch
 
     from supersimplenet.backbones import get_preset
-    from supersimplenet.data import DefectDataset
+    from supersimplenet.loading import DefectDataset
     from supersimplenet.train import eval_loader, predict
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

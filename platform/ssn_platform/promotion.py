@@ -128,7 +128,7 @@ def evaluate_model(model, root: Path, samples: list, *, threshold: float | None 
     import torch
 
     from supersimplenet.backbones import get_preset
-    from supersimplenet.data import DefectDataset
+    from supersimplenet.loading import DefectDataset
     from supersimplenet.metrics import compute_metrics
     from supersimplenet.train import eval_loader, predict
 

@@ -149,7 +149,7 @@ def run(settings: QuickstartSettings) -> dict[str, Any]:
     serving.wait_ready(url, timeout=300)
     say("5/7 deploy", f"{url}/v1/products/{PRODUCT}/inspect")
 
-    from supersimplenet.data import read_layout
+    from supersimplenet.layouts import read_layout
 
     test = [s for s in read_layout(local, "mvtec", split_file=str(root / settings.split_file)) if s.split == "test"]
     normal = [s for s in test if s.label == 0][: settings.held_back // 2]

@@ -308,7 +308,7 @@ def decode_image(data: bytes, *, max_pixels: int, max_side: int) -> tuple[np.nda
     """
     from PIL import Image, UnidentifiedImageError
 
-    from supersimplenet.data import image_array
+    from supersimplenet.loading import image_array
 
     if not data:
         raise ApiError(400, "empty_body", "the request body is empty: send the image bytes")

@@ -31,7 +31,8 @@ import yaml
 
 from supersimplenet.backbones import get_preset, load_backbone_weights
 from supersimplenet.checkpoint import checkpoint_dict
-from supersimplenet.data import DefectDataset, apply_supervision
+from supersimplenet.loading import DefectDataset
+from supersimplenet.supervision import apply_supervision
 from supersimplenet.model import build_model
 from supersimplenet.train import (
     build_optimizer, build_scheduler, build_train_loader, eval_loader, measure_feature_scale, predict, train_epoch,

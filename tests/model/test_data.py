@@ -1,4 +1,5 @@
-"""Tests for supersimplenet.data: layout readers, supervision regimes, loading, balanced sampling."""
+"""Tests of the dataset modules: layout readers (supersimplenet.layouts, .readers), supervision regimes
+(.supervision), loading (.loading) and balanced sampling (.sampler)."""
 
 from __future__ import annotations
 
@@ -12,18 +13,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from supersimplenet.data import (
-    BalancedSampler,
-    DataError,
-    DefectDataset,
-    Sample,
-    apply_supervision,
-    detect_layout,
-    load_image,
-    load_mask,
-    read_layout,
-    validate_samples,
-)
+from supersimplenet.layouts import detect_layout, read_layout
+from supersimplenet.loading import DefectDataset, load_image, load_mask, validate_samples
+from supersimplenet.sampler import BalancedSampler
+from supersimplenet.samples import DataError, Sample
+from supersimplenet.supervision import apply_supervision
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

@@ -9,7 +9,7 @@ import torch
 
 from supersimplenet.backbones import get_preset, load_backbone_weights
 from supersimplenet.config import ModelConfig
-from supersimplenet.data import load_image
+from supersimplenet.loading import load_image
 from supersimplenet.export import OnnxCheckError, check_onnx, export_onnx, onnx_session, run_onnx
 from supersimplenet.fast import FastSuperSimpleNet
 from supersimplenet.model import build_model

@@ -5,7 +5,7 @@ import torch
 
 from supersimplenet.backbones import get_preset, load_backbone_weights
 from supersimplenet.config import ModelConfig
-from supersimplenet.data import load_image
+from supersimplenet.loading import load_image
 from supersimplenet.fast import (
     BACKBONE_MICRO_BATCH, SEG_CHUNK_ROWS, FastSuperSimpleNet, fold_backbone_batchnorm, level_operators,
     upsample_blur_matrix,

@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from supersimplenet import fast as fast_module
-from supersimplenet.data import DefectDataset, read_layout
+from supersimplenet.layouts import read_layout
+from supersimplenet.loading import DefectDataset
 from supersimplenet.fast import FastSuperSimpleNet
 from supersimplenet.inference import inference_model, predict_images, preprocess
 from supersimplenet.train import eval_loader, predict

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from supersimplenet.data import DefectDataset, Sample
+from supersimplenet.loading import DefectDataset
+from supersimplenet.samples import Sample
 from supersimplenet.synthetic import SyntheticDefectDataset, defect_region, item_generator
 
 MEAN = (0.5, 0.4, 0.3)
@@ -118,7 +119,7 @@ def test_regions_cover_a_few_percent_and_are_never_empty(size):
 
 @pytest.mark.parametrize("kind", ["scratch", "holes", "stain", "warp"])
 def test_each_structural_kind_changes_the_image_only_around_its_non_empty_mask(kind, normal_set):
-    from supersimplenet.data import load_image
+    from supersimplenet.loading import load_image
     from supersimplenet.synthetic import structural_defect
 
     root, samples = normal_set

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from supersimplenet.config import ModelConfig, TrainConfig
-from supersimplenet.data import read_layout
+from supersimplenet.layouts import read_layout
 from supersimplenet.model import build_model
 from supersimplenet.train import build_optimizer, build_scheduler, fit, main
 
@@ -101,7 +101,7 @@ def test_supervised_run_on_mpdd_metal_plate_learns(mpdd_root):
 def _one_step_gradients(weld_root, precision):
     """Losses and gradients of one training step on 4 real weld seams from a fixed initial state."""
     from supersimplenet.backbones import get_preset, load_backbone_weights
-    from supersimplenet.data import DefectDataset
+    from supersimplenet.loading import DefectDataset
     from supersimplenet.train import train_step
 
     config = ModelConfig(image_size=(128, 72), noise_std_mode="relative", noise_std=4.0)

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from supersimplenet.data import Sample
+from supersimplenet.samples import Sample
 from supersimplenet.metrics import compute_metrics
 from ssn_platform.evaluation import (
     aggregate, check_seeds, markdown, parse_model_uri, per_class_metrics, require_test_split, score_histogram,
@@ -120,7 +120,7 @@ def test_predictions_of_a_model_reporting_another_score_still_carry_the_heads_sc
     from PIL import Image
 
     from supersimplenet.config import ModelConfig
-    from supersimplenet.data import DefectDataset
+    from supersimplenet.loading import DefectDataset
     from supersimplenet.model import build_model
     from supersimplenet.train import eval_loader, predict
 
@@ -144,7 +144,7 @@ def test_predictions_of_a_model_reporting_another_score_still_carry_the_heads_sc
 def test_training_test_step_logs_a_breakdown_that_agrees_with_its_test_metrics(tmp_path, monkeypatch):
     import torch
 
-    from supersimplenet.data import read_layout
+    from supersimplenet.layouts import read_layout
     from supersimplenet.model import build_model
     from ssn_platform.jobconfig import build_job_config
     from ssn_platform.training import finalize_run

@@ -130,7 +130,8 @@ def _bucket_keys(client, bucket: str) -> list[str]:
 @pytest.mark.stack
 @pytest.mark.parametrize("dataset", ["weld", "mpdd"])
 def test_round_trip_byte_identical(dataset, weld_root, mpdd_root, s3_settings, s3_client, bucket, tmp_path):
-    from supersimplenet.data import DefectDataset, read_layout
+    from supersimplenet.layouts import read_layout
+    from supersimplenet.loading import DefectDataset
 
     source, layout = {"weld": (weld_root, "mvtec"), "mpdd": (mpdd_root, "folder")}[dataset]
     result = ingest(source, product=dataset, layout=layout, bucket=bucket, settings=s3_settings, progress=False)
@@ -325,7 +326,7 @@ def test_missing_key_is_named(weld_ingested, s3_settings, s3_client, bucket, tmp
 
 @pytest.mark.stack
 def test_folder_with_one_bad_image_uploads_nothing(weld_root, s3_settings, s3_client, bucket, tmp_path):
-    from supersimplenet.data import DataError
+    from supersimplenet.samples import DataError
 
     copy = tmp_path / "weld"
     shutil.copytree(weld_root, copy)

@@ -59,7 +59,7 @@ def test_two_worker_job_registers_a_model_that_reproduces_its_metric(live_stack,
     assert type(model).__name__ == "SuperSimpleNet" and not model.training
     root, _, _, test = load_job_data(job)
     from supersimplenet.backbones import get_preset
-    from supersimplenet.data import DefectDataset
+    from supersimplenet.loading import DefectDataset
 
     preset = get_preset(job.model.backbone)
     dataset = DefectDataset(root=root, samples=test, image_size=job.model.image_size, mean=preset.mean, std=preset.std)
