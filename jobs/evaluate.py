@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error("--config (with --seeds), --product/--version, --model-uri or --smoke-test is required")
             seeds = check_seeds(seeds)  # bad seeds fail before anything is ingested or trained
             if args.smoke_test:
-                from ssn_platform.datasets import ingest
+                from ssn_platform.ingest import ingest
                 from ingest import make_smoke_dataset
                 from train import SMOKE_OVERRIDES
 

@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from ssn_platform.datasets import ingest
+    from ssn_platform.ingest import ingest
     from ssn_platform.storage import StorageError
     from supersimplenet.samples import DataError
 

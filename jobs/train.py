@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides)
     config = args.config
     if args.smoke_test:
-        from ssn_platform.datasets import ingest
+        from ssn_platform.ingest import ingest
         from ingest import make_smoke_dataset
 
         with tempfile.TemporaryDirectory() as directory:

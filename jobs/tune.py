@@ -42,7 +42,7 @@ SMOKE_OVERRIDES = [
 def _smoke_dataset(directory: Path) -> str:
     """The train job's smoke dataset with one normal and one defective test image moved to val."""
     from ingest import make_smoke_dataset
-    from ssn_platform.datasets import ingest
+    from ssn_platform.ingest import ingest
 
     root = make_smoke_dataset(directory / "smoke")
     split_file = directory / "split.txt"

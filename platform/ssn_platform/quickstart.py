@@ -95,7 +95,7 @@ def run(settings: QuickstartSettings) -> dict[str, Any]:
 
     say("3/7 ingest", "exporting the ELPV cells named by " + settings.split_file)
     from supersimplenet.elpv import export_elpv
-    from ssn_platform.datasets import ingest
+    from ssn_platform.ingest import ingest
 
     local = export_elpv(state / "data" / "elpv", split_file=root / settings.split_file)
     dataset = ingest(local, product=PRODUCT, layout="mvtec", options={"split_file": str(root / settings.split_file)},

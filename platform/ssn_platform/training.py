@@ -188,7 +188,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from ssn_platform.datasets import default_cache_dir
+    from ssn_platform.cache import default_cache_dir
 
     job = build_job_config(config["job"])
     cfg = job.train

@@ -261,7 +261,7 @@ def live_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackProces
 def weld_dataset(live_stack: StackProcess, weld_root: Path) -> str:
     """battery_weld/denoised ingested into the live stack's ``ssn`` bucket as product ``battery-weld``: its
     manifest URI."""
-    from ssn_platform.datasets import ingest
+    from ssn_platform.ingest import ingest
 
     return ingest(weld_root, product="battery-weld", bucket="ssn", progress=False).uri
 
@@ -277,7 +277,7 @@ REGISTRY_IMAGE_SIZE = (128, 72)  # small models: the registry tests are about th
 def weld_val_dataset(live_stack: StackProcess, weld_root: Path) -> str:
     """battery_weld/denoised with the project's fixed val split (jobs/splits/battery_weld.txt), ingested without
     moving the product's ``latest`` pointer: its manifest URI."""
-    from ssn_platform.datasets import ingest
+    from ssn_platform.ingest import ingest
 
     return ingest(weld_root, product="battery-weld", bucket="ssn", options={"split_file": str(WELD_SPLIT)},
                   progress=False, update_latest=False).uri

@@ -242,12 +242,12 @@ def test_job_moves_overrides_after_the_seeds_back_and_refuses_a_missing_seed(mon
 
 
 def test_smoke_test_evaluates_two_seeds_of_the_train_jobs_smoke_run(monkeypatch, capsys):
-    import ssn_platform.datasets
     import ssn_platform.evaluation
+    import ssn_platform.ingest
 
     job_module = _job_module(monkeypatch)
     uri = "s3://ssn/datasets/smoke/0123456789abcdef/manifest.json"
-    monkeypatch.setattr(ssn_platform.datasets, "ingest", lambda root, **kw: SimpleNamespace(uri=uri))
+    monkeypatch.setattr(ssn_platform.ingest, "ingest", lambda root, **kw: SimpleNamespace(uri=uri))
     calls = []
 
     def evaluate_seeds(job, seeds, **options):

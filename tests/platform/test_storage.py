@@ -14,8 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from ssn_platform import datasets, storage
-from ssn_platform.datasets import DatasetError, DatasetReader, Manifest, ingest
+from ssn_platform import storage
+from ssn_platform.cache import _cache_lock, _file_lock, cache_limit_bytes, prune_cache
+from ssn_platform.datasets import DatasetReader
+from ssn_platform.ingest import ingest
+from ssn_platform.manifest import SCHEMA, DatasetError, Manifest, compute_version
 from ssn_platform.storage import (
     CredentialsError,
     ObjectNotFoundError,
@@ -99,8 +102,8 @@ def test_manifest_with_escaping_key_is_rejected() -> None:
         "image_sha256": "0" * 64, "image_bytes": 1, "mask": None, "mask_key": None, "mask_sha256": None,
         "mask_bytes": None, "label": 0, "split": "train", "segmented": True, "defect_type": "",
     }
-    doc = {"schema": datasets.SCHEMA, "schema_version": 1, "product": "p",
-           "version": datasets.compute_version([rec]), "layout": {}, "records": [rec]}
+    doc = {"schema": SCHEMA, "schema_version": 1, "product": "p",
+           "version": compute_version([rec]), "layout": {}, "records": [rec]}
     with pytest.raises(DatasetError, match=r"\.\./\.\./etc/x\.png"):
         Manifest.from_json(json.dumps(doc))
 
@@ -346,8 +349,8 @@ def test_escaping_keys_in_a_stored_manifest_are_rejected(s3_settings, s3_client,
         "image_sha256": "0" * 64, "image_bytes": 1, "mask": None, "mask_key": None, "mask_sha256": None,
         "mask_bytes": None, "label": 0, "split": "train", "segmented": True, "defect_type": "",
     }
-    version = datasets.compute_version([rec])
-    doc = {"schema": datasets.SCHEMA, "schema_version": 1, "product": "evil", "version": version,
+    version = compute_version([rec])
+    doc = {"schema": SCHEMA, "schema_version": 1, "product": "evil", "version": version,
            "layout": {}, "records": [rec]}
     s3_client.put_object(Bucket=bucket, Key=f"datasets/evil/{version}/manifest.json", Body=json.dumps(doc).encode())
     with pytest.raises(DatasetError, match="outside.png"):
@@ -412,13 +415,13 @@ def test_ingest_job_smoke_test(s3_stack, tmp_path):
 # ------------------------------------------------------------------------------------------------ cache bound
 @pytest.mark.parametrize("raw,expected", [("", None), ("2", 2 << 30), ("0.5", 1 << 29), (" 1 ", 1 << 30)])
 def test_cache_limit_from_the_environment(raw, expected):
-    assert datasets.cache_limit_bytes({"SSN_CACHE_MAX_GB": raw}) == expected
+    assert cache_limit_bytes({"SSN_CACHE_MAX_GB": raw}) == expected
 
 
 @pytest.mark.parametrize("raw", ["abc", "0", "-1", "nan", "inf", "1GB"])
 def test_a_bad_cache_limit_names_the_variable(raw):
     with pytest.raises(ValueError) as info:
-        datasets.cache_limit_bytes({"SSN_CACHE_MAX_GB": raw})
+        cache_limit_bytes({"SSN_CACHE_MAX_GB": raw})
     assert "SSN_CACHE_MAX_GB" in str(info.value) and repr(raw) in str(info.value)
 
 
@@ -476,11 +479,11 @@ def test_cache_pruning_deletes_idle_views_and_keeps_views_in_use(weld_root, mpdd
     try:
         assert _cache_bytes(cache) == weld_bytes + mpdd_bytes
         # another process mid-materialize holds the cache lock: pruning waits for no one and does nothing
-        with datasets._file_lock(datasets._cache_lock(cache), shared=True):
-            busy = datasets.prune_cache(cache, 0)
+        with _file_lock(_cache_lock(cache), shared=True):
+            busy = prune_cache(cache, 0)
         assert busy.busy and _cache_bytes(cache) == weld_bytes + mpdd_bytes
 
-        stats = datasets.prune_cache(cache, 0)
+        stats = prune_cache(cache, 0)
         assert (stats.views_deleted, stats.views_in_use) == (1, 1), stats
         assert stats.bytes_before == weld_bytes + mpdd_bytes and stats.bytes_after == mpdd_bytes
         assert _cache_bytes(cache) == mpdd_bytes
@@ -493,7 +496,7 @@ def test_cache_pruning_deletes_idle_views_and_keeps_views_in_use(weld_root, mpdd
     # a view without a use marker (built before markers existed) is pruned too
     for marker in (cache / "locks" / "views").glob("*.use"):
         marker.unlink()
-    stats = datasets.prune_cache(cache, 0)  # its user has ended
+    stats = prune_cache(cache, 0)  # its user has ended
     assert (stats.views_deleted, stats.bytes_after) == (1, 0) and _cache_bytes(cache) == 0
     assert not any((cache / "views").iterdir())
 

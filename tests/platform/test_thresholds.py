@@ -272,7 +272,7 @@ def test_calibrate_version_stores_tags_and_artifact(registered, weld_val_dataset
 def test_calibration_never_falls_back_to_the_test_split(registered, weld_root):
     from mlflow import MlflowClient
 
-    from ssn_platform.datasets import ingest
+    from ssn_platform.ingest import ingest
     from ssn_platform.thresholds import calibrate_version
     from ssn_platform.training import PlatformError
 

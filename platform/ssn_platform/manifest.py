@@ -1,0 +1,235 @@
+"""The dataset manifest: what a dataset version in S3 is, and how its version is computed.
+
+Layout in the bucket (one prefix per dataset version)::
+
+    s3://<bucket>/datasets/<product>/<version>/objects/<relative path>   the files, at the paths the model package
+                                                                          reads them from (browsable, diffable)
+    s3://<bucket>/datasets/<product>/<version>/manifest.json              written LAST: a version exists when this does
+    s3://<bucket>/datasets/<product>/latest                               text file holding the newest version
+
+The manifest (schema ``ssn-dataset-manifest`` version 1) holds one record per sample::
+
+    {"image": "test/defective/001.png", "image_key": "objects/test/defective/001.png",
+     "image_sha256": "...", "image_bytes": 1234,
+     "mask": "ground_truth/defective/001.png" | null, "mask_key": "objects/..." | null,
+     "mask_sha256": "..." | null, "mask_bytes": 567 | null,
+     "label": 1, "split": "test", "segmented": true, "defect_type": "defective"}
+
+Keys in records are relative to the version prefix (so records do not depend on the version). ``version`` is the
+first 16 hex digits of the sha256 of the canonical JSON of the records (sorted by image path, sorted keys, no
+whitespace): the same files with the same labels always give the same version, any change gives a new one. Layout
+metadata (layout name, category, source folder, reader options) sits beside the records and is not hashed.
+
+`ssn_platform.ingest` publishes versions; `ssn_platform.datasets.DatasetReader` reads them back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from supersimplenet.samples import Sample
+from ssn_platform.storage import StorageError, join_key, validate_key
+
+SCHEMA = "ssn-dataset-manifest"
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+LATEST_NAME = "latest"
+OBJECTS_DIR = "objects"
+DATASETS_ROOT = "datasets"
+_VERSION_RE = re.compile(r"^[0-9a-f]{16}$")
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+_PRODUCT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_RECORD_FIELDS = (
+    "image",
+    "image_key",
+    "image_sha256",
+    "image_bytes",
+    "mask",
+    "mask_key",
+    "mask_sha256",
+    "mask_bytes",
+    "label",
+    "split",
+    "segmented",
+    "defect_type",
+)
+
+
+class DatasetError(StorageError):
+    """A dataset in object storage is missing, incomplete or inconsistent."""
+
+
+def canonical_json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def compute_version(records: Sequence[Mapping[str, Any]]) -> str:
+    """First 16 hex digits of sha256(canonical JSON of the records sorted by image path)."""
+    ordered = sorted(records, key=lambda r: r["image"])
+    return hashlib.sha256(canonical_json(ordered)).hexdigest()[:16]
+
+
+def dataset_prefix(product: str, version: str) -> str:
+    _check_product(product)
+    if not _VERSION_RE.match(version):
+        raise ValueError(f"invalid dataset version {version!r} (16 lowercase hex digits)")
+    return join_key(DATASETS_ROOT, product, version)
+
+
+def _check_product(product: str) -> str:
+    if not isinstance(product, str) or not _PRODUCT_RE.match(product) or product in {LATEST_NAME, OBJECTS_DIR}:
+        raise ValueError(
+            f"invalid product name {product!r}: 1-100 characters of letters, digits, '.', '_', '-', "
+            "starting with a letter or digit"
+        )
+    return product
+
+
+def _check_record(rec: Mapping[str, Any], where: str) -> None:
+    missing = [f for f in _RECORD_FIELDS if f not in rec]
+    if missing:
+        raise DatasetError(f"{where}: record for {rec.get('image')!r} lacks {missing}")
+    for prefix in ("image", "mask"):
+        path, key, sha, size = (rec[prefix], rec[f"{prefix}_key"], rec[f"{prefix}_sha256"], rec[f"{prefix}_bytes"])
+        if prefix == "mask" and path is None:
+            if key is not None or sha is not None or size is not None:
+                raise DatasetError(f"{where}: record {rec['image']!r} has mask fields without a mask")
+            continue
+        try:
+            validate_key(path, what=f"{prefix} path")
+            validate_key(key, what=f"{prefix} key")
+        except ValueError as exc:
+            raise DatasetError(f"{where}: {exc}") from None
+        if not key.startswith(OBJECTS_DIR + "/"):
+            raise DatasetError(f"{where}: {prefix} key {key!r} is not under {OBJECTS_DIR}/")
+        if not isinstance(sha, str) or not _SHA_RE.match(sha):
+            raise DatasetError(f"{where}: bad {prefix}_sha256 {sha!r} for {path!r}")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise DatasetError(f"{where}: bad {prefix}_bytes {size!r} for {path!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """A parsed, verified dataset manifest."""
+
+    product: str
+    version: str
+    records: tuple[Mapping[str, Any], ...]
+    layout: Mapping[str, Any]
+    created_at: str = ""
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def build(cls, *, product: str, records: Sequence[Mapping[str, Any]], layout: Mapping[str, Any]) -> Manifest:
+        ordered = tuple(sorted((dict(r) for r in records), key=lambda r: r["image"]))
+        created = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+        return cls(product=_check_product(product), version=compute_version(ordered), records=ordered,
+                   layout=dict(layout), created_at=created)
+
+    def to_dict(self) -> dict[str, Any]:
+        counts: dict[str, dict[str, int]] = {}
+        for r in self.records:
+            split = counts.setdefault(r["split"], {"normal": 0, "defective": 0, "segmented": 0})
+            split["defective" if r["label"] else "normal"] += 1
+            split["segmented"] += int(bool(r["segmented"]))
+        objects = self.objects()
+        return {
+            "schema": SCHEMA,
+            "schema_version": SCHEMA_VERSION,
+            "product": self.product,
+            "version": self.version,
+            "created_at": self.created_at,
+            "layout": dict(self.layout),
+            "object_layout": f"{OBJECTS_DIR}/<relative path> under the version prefix",
+            "counts": {
+                "samples": len(self.records),
+                "objects": len(objects),
+                "bytes": sum(size for _, size in objects.values()),
+                "splits": counts,
+            },
+            **dict(self.extra),
+            "records": [dict(r) for r in self.records],
+        }
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=False, ensure_ascii=True).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, data: bytes | str, *, where: str = "manifest") -> Manifest:
+        try:
+            doc = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise DatasetError(f"{where} is not valid JSON: {exc}") from None
+        if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+            raise DatasetError(f"{where} is not an {SCHEMA} document")
+        if doc.get("schema_version") != SCHEMA_VERSION:
+            raise DatasetError(
+                f"{where} has schema_version {doc.get('schema_version')!r}; this reader supports {SCHEMA_VERSION}"
+            )
+        records = doc.get("records")
+        if not isinstance(records, list) or not records:
+            raise DatasetError(f"{where} holds no records")
+        for rec in records:
+            if not isinstance(rec, dict):
+                raise DatasetError(f"{where}: a record is not an object")
+            _check_record(rec, where)
+        version = compute_version(records)
+        if version != doc.get("version"):
+            raise DatasetError(
+                f"{where}: records hash to version {version} but the manifest says {doc.get('version')!r} "
+                "(corrupt or edited manifest)"
+            )
+        known = {"schema", "schema_version", "product", "version", "created_at", "layout", "object_layout",
+                 "counts", "records"}
+        return cls(
+            product=_check_product(str(doc.get("product"))),
+            version=version,
+            records=tuple(sorted(records, key=lambda r: r["image"])),
+            layout=doc.get("layout") or {},
+            created_at=str(doc.get("created_at", "")),
+            extra={k: v for k, v in doc.items() if k not in known},
+        )
+
+    def objects(self) -> dict[str, tuple[str, int]]:
+        """key (relative to the version prefix) -> (sha256, bytes), one entry per distinct object key."""
+        out: dict[str, tuple[str, int]] = {}
+        for r in self.records:
+            for prefix in ("image", "mask"):
+                key = r[f"{prefix}_key"]
+                if key is None:
+                    continue
+                entry = (r[f"{prefix}_sha256"], r[f"{prefix}_bytes"])
+                if out.setdefault(key, entry) != entry:
+                    raise DatasetError(f"manifest lists {key} twice with different content")
+        return out
+
+    def samples(self) -> list[Any]:
+        """The records as ``supersimplenet.samples.Sample`` objects (paths relative to the dataset root)."""
+        return [
+            Sample(
+                image=r["image"],
+                mask=r["mask"],
+                label=int(r["label"]),
+                split=r["split"],
+                segmented=bool(r["segmented"]),
+                defect_type=r.get("defect_type") or "",
+            )
+            for r in self.records
+        ]
+
+
+__all__ = [
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "DatasetError",
+    "Manifest",
+    "compute_version",
+    "canonical_json",
+    "dataset_prefix",
+]
