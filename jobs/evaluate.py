@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from supersimplenet.checkpoint import CheckpointError
     from ssn_platform.evaluation import check_seeds, evaluate_seeds, evaluate_version
-    from ssn_platform.tuning import load_tuned_job_config
+    from ssn_platform.tuned_settings import load_tuned_job_config
     from ssn_platform.storage import StorageError
     from ssn_platform.training import PlatformError
 

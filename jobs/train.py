@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     if config is None:
         parser.error("--config is required (or --smoke-test)")
     try:
-        from ssn_platform.tuning import load_tuned_job_config
+        from ssn_platform.tuned_settings import load_tuned_job_config
 
         job = load_tuned_job_config(config, overrides, args.tuned)
         result = run_training(job, address=args.address)

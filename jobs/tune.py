@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     from supersimplenet.config import ConfigError
     from ssn_platform.jobconfig import load_job_config
     from ssn_platform.training import PlatformError
-    from ssn_platform.tuning import SearchSpace, run_search
+    from ssn_platform.search_space import SearchSpace
+    from ssn_platform.tuning import run_search
 
     overrides = list(args.overrides)
     config = args.config

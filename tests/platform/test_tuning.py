@@ -29,7 +29,7 @@ def _base_job(**extra: str):
 
 
 def test_default_space_file_is_relative_sigma_and_threshold():
-    from ssn_platform.tuning import SearchSpace
+    from ssn_platform.search_space import SearchSpace
 
     space = SearchSpace.load(SPACE)
     params = {p.key: p for p in space.params}
@@ -52,14 +52,14 @@ def test_default_space_file_is_relative_sigma_and_threshold():
     ({"space": {}}, "unknown top-level"),
 ])
 def test_bad_search_spaces_are_rejected(raw, message):
-    from ssn_platform.tuning import SearchSpace
+    from ssn_platform.search_space import SearchSpace
 
     with pytest.raises(ConfigError, match=message):
         SearchSpace.from_dict(raw)
 
 
 def test_trial_params_become_a_validated_job_and_lr_scale_moves_both_rates():
-    from ssn_platform.tuning import apply_params
+    from ssn_platform.search_space import apply_params
 
     base = _base_job()
     job = apply_params(base, {"model.noise_std": 2.5, "model.perlin_threshold": 0.4, "train.lr_scale": 2.0},
@@ -75,7 +75,7 @@ def test_trial_params_become_a_validated_job_and_lr_scale_moves_both_rates():
 
 def test_tuned_settings_file_gives_overrides_for_the_train_job(tmp_path):
     from ssn_platform.jobconfig import load_job_config
-    from ssn_platform.tuning import TUNED_SCHEMA, tuned_settings_overrides
+    from ssn_platform.tuned_settings import TUNED_SCHEMA, tuned_settings_overrides
 
     path = tmp_path / "tuned.yaml"
     path.write_text(yaml.safe_dump({
@@ -93,7 +93,7 @@ def test_tuned_settings_file_gives_overrides_for_the_train_job(tmp_path):
 
 
 def test_storage_url_defaults_and_redaction(monkeypatch, tmp_path):
-    from ssn_platform.tuning import default_storage_url, redact_url
+    from ssn_platform.study import default_storage_url, redact_url
 
     monkeypatch.delenv("SSN_OPTUNA_STORAGE", raising=False)
     monkeypatch.setenv("SSN_STACK_DIR", str(tmp_path))
@@ -106,7 +106,8 @@ def test_storage_url_defaults_and_redaction(monkeypatch, tmp_path):
 SEARCHER_SCRIPT = r"""
 import sys
 import optuna
-from ssn_platform.tuning import STUDY_TRIAL_KEY, SearchSpace, _make_searcher_class, open_storage
+from ssn_platform.search_space import SearchSpace
+from ssn_platform.study import STUDY_TRIAL_KEY, _make_searcher_class, open_storage
 
 url, space_file = sys.argv[1], sys.argv[2]
 space = SearchSpace.load(space_file)
@@ -149,7 +150,8 @@ def test_searcher_records_asha_stops_as_pruned_with_their_value_and_continues_nu
 def test_study_plots_survive_a_study_too_small_for_importances(tmp_path):
     import optuna
 
-    from ssn_platform.tuning import SearchSpace, write_study_plots
+    from ssn_platform.search_space import SearchSpace
+    from ssn_platform.study import write_study_plots
 
     space = SearchSpace.load(SPACE)
     study = optuna.create_study(direction="maximize")
@@ -221,7 +223,7 @@ def _trial(number, sigma, threshold, value, state="COMPLETE", **attrs):
 
 def test_noise_is_the_largest_spread_between_trials_at_nearly_identical_settings():
     from ssn_platform.tuned import near_identical_spread
-    from ssn_platform.tuning import SearchSpace
+    from ssn_platform.search_space import SearchSpace
 
     params = SearchSpace.load(SPACE).params  # sigma log-uniform 0.1..8 (5 %: x1.245), threshold 0.05..0.9 (0.0425)
     trials = [_trial(0, 4.0, 0.20, 0.70), _trial(1, 4.4, 0.22, 0.66), _trial(2, 4.2, 0.21, 0.71),
@@ -233,7 +235,7 @@ def test_noise_is_the_largest_spread_between_trials_at_nearly_identical_settings
 def _study_with(*trials):
     import optuna
 
-    from ssn_platform.tuning import SearchSpace
+    from ssn_platform.search_space import SearchSpace
 
     space = SearchSpace.load(SPACE).optuna_space()
     study = optuna.create_study(direction="maximize")
@@ -254,7 +256,8 @@ SIGMA_1_4 = {"model.noise_std": 1.4, "model.perlin_threshold": 0.51}
 ])
 def test_judge_writes_the_best_or_the_baseline_settings(values, decision, written):
     from ssn_platform.tuned import judge
-    from ssn_platform.tuning import SearchSpace, _best_trial
+    from ssn_platform.search_space import SearchSpace
+    from ssn_platform.study import _best_trial
 
     study = _study_with((DEFAULTS, values[0], "COMPLETE", {"ssn.baseline": True}),
                         (SIGMA_1_4, values[1], "COMPLETE", {}))
@@ -267,7 +270,8 @@ def test_judge_writes_the_best_or_the_baseline_settings(values, decision, writte
 
 def test_judge_without_a_complete_baseline():
     from ssn_platform.tuned import judge
-    from ssn_platform.tuning import SearchSpace, _best_trial
+    from ssn_platform.search_space import SearchSpace
+    from ssn_platform.study import _best_trial
 
     params = SearchSpace.load(SPACE).params
     no_baseline = _study_with((SIGMA_1_4, 0.8, "COMPLETE", {}))
@@ -294,7 +298,8 @@ def test_judge_without_a_complete_baseline():
 def test_kept_defaults_document_gives_the_baseline_values_to_the_train_job(tmp_path):
     from ssn_platform.jobconfig import load_job_config
     from ssn_platform.tuned import Chosen, decide
-    from ssn_platform.tuning import SearchSpace, tuned_settings_document, tuned_settings_overrides
+    from ssn_platform.search_space import SearchSpace
+    from ssn_platform.tuned_settings import tuned_settings_document, tuned_settings_overrides
 
     job = _base_job(**{"model.noise_std": "3.0", "model.perlin_threshold": "0.25"})
     decision = decide(0.632, 0.621, mode="max", min_margin=0.02, best_trial=5, baseline_trial=0)
@@ -319,7 +324,8 @@ from types import SimpleNamespace
 import optuna
 from ray.tune.schedulers import TrialScheduler
 from ssn_platform.tuned import BASELINE_KEY, baseline_protecting_asha
-from ssn_platform.tuning import STUDY_TRIAL_KEY, SearchSpace, _make_searcher_class, open_storage
+from ssn_platform.search_space import SearchSpace
+from ssn_platform.study import STUDY_TRIAL_KEY, _make_searcher_class, open_storage
 
 url, space_file = sys.argv[1], sys.argv[2]
 space = SearchSpace.load(space_file)
@@ -456,7 +462,7 @@ def test_tuned_settings_are_written_to_s3_and_apply_to_a_train_job(first_search,
 
     from ssn_platform.jobconfig import load_job_config
     from ssn_platform.storage import S3Settings, get_bytes, make_client, parse_s3_uri
-    from ssn_platform.tuning import tuned_settings_overrides
+    from ssn_platform.tuned_settings import tuned_settings_overrides
 
     job = search_setup["job"]
     assert first_search.tuned_uri == f"s3://ssn/tuned/{job.product}/efficientnet_lite0.yaml"
@@ -525,10 +531,9 @@ def test_running_the_same_study_again_adds_trials(first_search, search_setup):
 def test_a_search_over_backbones_names_its_study_and_writes_settings_that_choose_the_backbone(tmp_path):
     from ssn_platform.jobconfig import load_job_config
     from ssn_platform.tuned import Chosen
-    from ssn_platform.tuning import (
-        SearchSpace, apply_params, backbone_label, default_study_name, tuned_settings_document,
-        tuned_settings_overrides,
-    )
+    from ssn_platform.search_space import SearchSpace, apply_params
+    from ssn_platform.study import backbone_label, default_study_name
+    from ssn_platform.tuned_settings import tuned_settings_document, tuned_settings_overrides
 
     job = _base_job()
     raw = yaml.safe_load(SPACE.read_text())
