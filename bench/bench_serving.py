@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ray import serve
 
-    from ssn_platform import serving
+    from ssn_platform.serving.deployment import deploy, wait_ready
     from ssn_platform.training import check_mlflow
 
     check_mlflow()
@@ -168,10 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for batching in (True, False):
             settings = {**base_settings, "batching": batching}
-            base = serving.deploy(settings, address=args.address, name=APP, route_prefix=PREFIX, port=args.port)
+            base = deploy(settings, address=args.address, name=APP, route_prefix=PREFIX, port=args.port)
             if urlparse(base).hostname != "127.0.0.1":
                 raise SystemExit(f"refusing to send traffic to {base}: 127.0.0.1 only")
-            serving.wait_ready(base, timeout=300)
+            wait_ready(base, timeout=300)
             url = f"{base}/v1/products/{args.product}/inspect"
             warm = run_clients(url, bodies, clients=2, total=args.warmup, max_seconds=120)
             if warm["completed"] == 0:

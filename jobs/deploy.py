@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="Serve config file (its args are used)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one setting of ssn_platform.serving.ServeSettings")
+                        help="override one setting of ssn_platform.serving.settings.ServeSettings")
     parser.add_argument(
         "--address", default=None, help="Ray cluster (GCS) address; default SSN_RAY_ADDRESS, else RAY_ADDRESS"
     )
@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for /readyz")
     args = parser.parse_args(argv)
 
-    from ssn_platform import serving
+    from ssn_platform.serving.deployment import deploy, wait_ready
+    from ssn_platform.serving.settings import ServeSettings
     from ssn_platform.training import PlatformError, connect_ray
 
     try:
@@ -70,10 +71,10 @@ def main(argv: list[str] | None = None) -> int:
             serve.delete(name)
             print(json.dumps({"deleted": name}))
             return 0
-        serving.ServeSettings.from_dict(settings)  # fail before touching the cluster
-        url = serving.deploy(settings, address=args.address, name=name, route_prefix=prefix, host=args.host,
-                             port=args.port)
-        ready = serving.wait_ready(url, timeout=args.timeout)
+        ServeSettings.from_dict(settings)  # fail before touching the cluster
+        url = deploy(settings, address=args.address, name=name, route_prefix=prefix, host=args.host,
+                     port=args.port)
+        ready = wait_ready(url, timeout=args.timeout)
     except (PlatformError, ValueError, OSError, TimeoutError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

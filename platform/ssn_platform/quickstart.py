@@ -130,7 +130,8 @@ def run(settings: QuickstartSettings) -> dict[str, Any]:
         say("4/7 seeds", f"the recipe over {settings.seeds} seeds: test image AUROC {mean:.3f} +- {std:.3f} "
                          f"(this version: {trained['test_metrics'].get('image_auroc', float('nan')):.3f})")
 
-    from ssn_platform import promotion, serving, thresholds
+    from ssn_platform import promotion, thresholds
+    from ssn_platform.serving.deployment import deploy, wait_ready
 
     with warnings.catch_warnings():  # a TooFewImagesWarning is said below, with the result
         warnings.simplefilter("ignore", thresholds.TooFewImagesWarning)
@@ -145,8 +146,8 @@ def run(settings: QuickstartSettings) -> dict[str, Any]:
     if not decision.promoted and decision.champion_version is None:
         raise PlatformError(f"version {version} was not promoted and there is no champion to serve: {decision.reason}")
     # log_to_driver=False: the replicas' request logs would bury the quickstart's own lines
-    url = serving.deploy({}, name="ssn", route_prefix="/", log_to_driver=False)
-    serving.wait_ready(url, timeout=300)
+    url = deploy({}, name="ssn", route_prefix="/", log_to_driver=False)
+    wait_ready(url, timeout=300)
     say("5/7 deploy", f"{url}/v1/products/{PRODUCT}/inspect")
 
     from supersimplenet.layouts import read_layout

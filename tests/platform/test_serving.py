@@ -78,9 +78,9 @@ def served(live_stack, weld_val_dataset, random_head_model, register_version):
     from mlflow import MlflowClient
     from ray import serve
 
-    from ssn_platform import serving
     from ssn_platform.datasets import DatasetReader
     from ssn_platform.promotion import evaluate_model, promote
+    from ssn_platform.serving.deployment import deploy, wait_ready
     from ssn_platform.thresholds import calibrate_version
 
     uri = weld_val_dataset
@@ -100,9 +100,9 @@ def served(live_stack, weld_val_dataset, random_head_model, register_version):
     for suffix in ("b", "c"):
         copy_as_champion(name, versions[0], f"{product}-{suffix}")
 
-    base = serving.deploy(SETTINGS, address=ray_address(live_stack), port=int(os.environ["SSN_SERVE_PORT"]))
+    base = deploy(SETTINGS, address=ray_address(live_stack), port=int(os.environ["SSN_SERVE_PORT"]))
     try:
-        serving.wait_ready(base, timeout=180)
+        wait_ready(base, timeout=180)
         yield {"base": base, "product": product, "name": name, "versions": versions, "root": root}
     finally:
         serve.shutdown()

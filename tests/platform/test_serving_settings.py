@@ -14,14 +14,9 @@ from supersimplenet.model import build_model
 # connection of the session. Import inside the tests.
 
 
-def serving():
-    from ssn_platform import serving as module
-
-    return module
-
-
 def test_settings_from_strings_and_round_trip():
-    ServeSettings = serving().ServeSettings
+    from ssn_platform.serving.settings import ServeSettings
+
     settings = ServeSettings.from_dict({"precision": "bf16", "max_batch_size": "16", "batching": "false",
                                         "refresh_s": "2.5"})
     assert (settings.precision, settings.max_batch_size, settings.batching, settings.refresh_s) == ("bf16", 16, False,
@@ -38,14 +33,18 @@ def test_settings_from_strings_and_round_trip():
     ({"num_replicas": 0}, "num_replicas must be a positive int or 'auto'"),
 ])
 def test_bad_settings_name_the_culprit(values, message):
+    from ssn_platform.serving.settings import ServeSettings
+
     with pytest.raises(ValueError) as error:
-        serving().ServeSettings.from_dict(values)
+        ServeSettings.from_dict(values)
     assert message in str(error.value)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_inference_info_describes_the_folded_model(precision):
+    from ssn_platform.serving.versions import inference_info
+
     model = build_model(ModelConfig(backbone="efficientnet_lite0", image_size=(96, 96))).eval()
-    info = serving().inference_info(inference_model(model, precision=precision))
+    info = inference_info(inference_model(model, precision=precision))
     assert info == {"engine": "FastSuperSimpleNet", "heads": "folded", "precision": precision, "device": "cpu"}
     assert torch.equal(model.mean, inference_model(model).mean)  # normalisation travels with the folded model

@@ -1,0 +1,387 @@
+"""The Serve application: the replica class, its FastAPI routes and the deployment made of them.
+
+Champion switch: every ``refresh_s`` seconds a background task reads each loaded product's ``champion`` alias (and
+its threshold tag); when either changed, it loads the new version completely (warm-up included) and only then swaps
+it in. A request uses the version it started with, so no request fails during a switch, and the new version is
+served at most ``refresh_s`` plus one load time after the alias moved. A product whose alias disappears answers 404.
+
+Serve pickles the ingress class by value: whatever its methods use (annotations included: no `from __future__ import
+annotations` in this module) must be defined or imported at module level.
+"""
+
+import asyncio
+import dataclasses
+import functools
+import logging
+import math
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ssn_platform.serving.requests import (ERROR_RESPONSES, INSPECT_BODY, MULTIPART_OVERHEAD, RAW_CONTENT_TYPES,
+                                           ApiError, InspectionResult, decode_image, error_response, media_type,
+                                           parse_multipart, png_base64, read_body)
+from ssn_platform.serving.settings import ServeSettings
+from ssn_platform.serving.versions import (CHAMPION, PREVIOUS, LoadedVersion, ProductModel, _mlflow_client,
+                                           champion_info, inference_info, load_version, run_items)
+from ssn_platform.thresholds import threshold_from_tags
+
+log = logging.getLogger("ray.serve")
+
+PRODUCT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # as jobconfig.PRODUCT_PATTERN
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _registry_health() -> tuple[bool, str]:
+    import urllib.error
+    import urllib.request
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri.startswith(("http://", "https://")):
+        return False, "MLFLOW_TRACKING_URI is not an http(s) tracking server"
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=3) as response:
+            return response.status == 200, f"HTTP {response.status}"
+    except (urllib.error.URLError, OSError) as error:
+        return False, f"unreachable: {type(error).__name__}"
+
+
+class InspectorReplica:
+    """One replica: several products' champions (LRU), batched inference, champion polling.
+
+    The Serve deployment (`inspector_deployment`) subclasses it: the subclass adds the routes, which call the methods
+    below, and `get_product_model`, the multiplexed loader, whose LRU size is fixed when the class is defined."""
+
+    def __init__(self, settings: dict[str, Any] | None = None) -> None:
+        self.settings = ServeSettings.from_dict(settings)
+        for key, value in (("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "20"),
+                           ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")):
+            os.environ.setdefault(key, value)
+        if self.settings.mlflow_tracking_uri:
+            os.environ["MLFLOW_TRACKING_URI"] = self.settings.mlflow_tracking_uri
+        import torch
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = self.settings.max_pixels
+        if self.settings.torch_threads > 0:
+            torch.set_num_threads(self.settings.torch_threads)
+        self._holders: dict[str, ProductModel] = {}
+        self._absent: dict[str, tuple[float, ApiError]] = {}
+        self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="ssn-infer")
+        self._work_pool = ThreadPoolExecutor(2, thread_name_prefix="ssn-decode")
+        self._io_pool = ThreadPoolExecutor(4, thread_name_prefix="ssn-io")
+        self._refresher: asyncio.Task | None = None
+        self._ready_cache: tuple[float, bool, str] = (0.0, False, "")
+        self._started = time.time()
+        self._switches = 0
+        self._infer_batch.set_max_batch_size(self.settings.max_batch_size)
+        self._infer_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+
+    # -- models ----------------------------------------------------------------------------------------------------
+    async def _load_product_model(self, product: str) -> ProductModel:
+        loop = asyncio.get_running_loop()
+        name, version, tags = await loop.run_in_executor(self._io_pool, champion_info, product)
+        loaded = await loop.run_in_executor(
+            self._io_pool, lambda: load_version(product, name, version, tags, device=self.settings.device,
+                                 precision=self.settings.precision))
+        holder = ProductModel(product, loaded)
+        self._holders[product] = holder
+        self._ensure_refresher()
+        log.info("loaded %s version %s (threshold %.6g)", name, version, loaded.threshold)
+        return holder
+
+    async def _serving_version(self, product: str) -> LoadedVersion:
+        if not PRODUCT_RE.match(product or ""):
+            raise ApiError(404, "unknown_product", "invalid product name (letters, digits, '.', '_', '-'; "
+                                                   "at most 100 characters)")
+        holder = self._holders.get(product)
+        if holder is None or holder.evicted:
+            absent = self._absent.get(product)
+            if absent is not None and absent[0] > time.monotonic():
+                raise absent[1]
+            try:  # only servable champions reach the loader, so a bad product never evicts a served one
+                _, version, tags = await asyncio.get_running_loop().run_in_executor(
+                    self._io_pool, champion_info, product)
+                if threshold_from_tags(tags) is None:
+                    raise ApiError(409, "no_threshold", f"champion version {version} of product {product!r} has "
+                                                        "no calibrated threshold; run jobs/calibrate.py")
+            except ApiError as error:
+                if error.status == 404:
+                    if len(self._absent) > 4096:
+                        self._absent.clear()
+                    self._absent[product] = (time.monotonic() + self.settings.negative_cache_s, error)
+                raise
+            self._absent.pop(product, None)
+        try:
+            holder = await self.get_product_model(product)
+        except ApiError:
+            raise
+        except Exception as error:  # noqa: BLE001 - download or build failure: not the client's fault
+            log.exception("loading the champion of %s failed", product)
+            raise ApiError(503, "model_unavailable", f"the champion of {product!r} could not be loaded: "
+                                                     f"{type(error).__name__}") from None
+        loaded = holder.current
+        if loaded is None:
+            raise ApiError(404, "no_champion", f"product {product!r} has no champion version any more")
+        return loaded
+
+    def _ensure_refresher(self) -> None:
+        if self._refresher is None or self._refresher.done():
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.refresh_s)
+            for product, holder in list(self._holders.items()):
+                if holder.evicted:
+                    if self._holders.get(product) is holder:
+                        del self._holders[product]
+                    continue
+                try:
+                    await self._refresh(holder)
+                except Exception:  # noqa: BLE001 - keep serving what is loaded; try again next round
+                    log.warning("champion refresh of %s failed; still serving %s", product,
+                                holder.current.version if holder.current else None, exc_info=True)
+
+    async def _refresh(self, holder: ProductModel) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            name, version, tags = await loop.run_in_executor(self._io_pool, champion_info, holder.product)
+        except ApiError as error:
+            if error.status == 404:
+                if holder.current is not None:
+                    log.warning("%s: %s; no longer served", holder.product, error.message)
+                holder.swap(None)
+                return
+            raise
+        current = holder.current
+        threshold = threshold_from_tags(tags)
+        if current is not None and current.version == version and current.threshold == threshold:
+            return
+        cached = holder.cache.get(version)
+        if cached is not None and threshold is not None:
+            loaded = dataclasses.replace(cached, threshold=threshold, threshold_method=tags.get("threshold_method"),
+                                         loaded_at=time.time())
+        else:
+            loaded = await loop.run_in_executor(
+                self._io_pool,
+                lambda: load_version(holder.product, name, version, tags, device=self.settings.device,
+                                     precision=self.settings.precision))
+        if holder.evicted:
+            return
+        holder.swap(loaded)
+        self._switches += 1
+        log.info("%s: now serving version %s (threshold %.6g)", name, version, loaded.threshold)
+
+    # -- inference -------------------------------------------------------------------------------------------------
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def _infer_batch(self, items: list[tuple[LoadedVersion, np.ndarray]]) -> list[Any]:
+        return await asyncio.get_running_loop().run_in_executor(self._infer_pool, run_items, items)
+
+    async def _predict(self, loaded: LoadedVersion, array: np.ndarray) -> tuple[float, np.ndarray]:
+        if self.settings.batching:
+            result = await self._infer_batch((loaded, array))
+        else:
+            result = (await asyncio.get_running_loop().run_in_executor(
+                self._infer_pool, run_items, [(loaded, array)]))[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    # -- what the routes answer -----------------------------------------------------------------------------------
+    async def _inspect(self, product: str, request: Request, return_map: bool, return_mask: bool) -> Any:
+        started = time.perf_counter()
+        try:
+            content_type = request.headers.get("content-type")
+            kind = media_type(content_type)
+            if kind == "multipart/form-data":
+                body = await read_body(request, self.settings.max_bytes + MULTIPART_OVERHEAD)
+                data = parse_multipart(body, content_type or "")
+            elif kind in RAW_CONTENT_TYPES:
+                data = await read_body(request, self.settings.max_bytes)
+            elif not kind:
+                raise ApiError(415, "unsupported_media_type", "missing Content-Type; send image/png, image/jpeg, "
+                                                              "image/bmp, image/tiff or multipart/form-data")
+            else:
+                raise ApiError(415, "unsupported_media_type", f"unsupported Content-Type {kind[:80]!r}; send "
+                                                              "image/png, image/jpeg, image/bmp, image/tiff, "
+                                                              "application/octet-stream or multipart/form-data")
+            if len(data) > self.settings.max_bytes:
+                raise ApiError(413, "body_too_large", f"image of {len(data)} bytes exceeds the limit of "
+                                                      f"{self.settings.max_bytes}")
+            if not data:
+                raise ApiError(400, "empty_body", "the image is empty (zero bytes)")
+            loaded = await self._serving_version(product)
+            loop = asyncio.get_running_loop()
+            array, (width, height) = await loop.run_in_executor(
+                self._work_pool, lambda: decode_image(data, max_pixels=self.settings.max_pixels,
+                                                      max_side=self.settings.max_side))
+            score, anomaly_map = await self._predict(loaded, array)
+            result = await loop.run_in_executor(
+                self._work_pool, lambda: self._result(loaded, score, anomaly_map, width, height, return_map,
+                                                      return_mask))
+            result["latency_ms"] = round((time.perf_counter() - started) * 1000.0, 3)
+            return JSONResponse(result)
+        except ApiError as error:
+            return error.response()
+        except Exception as error:  # noqa: BLE001 - a bug, not bad input: logged, answered as JSON
+            log.exception("inspect %s failed", product)
+            return error_response(500, "internal_error", f"{type(error).__name__}")
+
+    @staticmethod
+    def _result(loaded: LoadedVersion, score: float, anomaly_map: np.ndarray, width: int, height: int,
+                return_map: bool, return_mask: bool) -> dict[str, Any]:
+        from supersimplenet.visualize import colorize, mask_png
+
+        mask = anomaly_map >= loaded.threshold
+        result: dict[str, Any] = {
+            "product": loaded.product,
+            "registered_model": loaded.registered_model,
+            "model_version": loaded.version,
+            "score": score,
+            "threshold": loaded.threshold,
+            "threshold_method": loaded.threshold_method,
+            "is_anomalous": bool(score >= loaded.threshold),
+            "defect_area_percent": float(100.0 * mask.mean()),
+            "image_width": width,
+            "image_height": height,
+            "map_width": int(anomaly_map.shape[1]),
+            "map_height": int(anomaly_map.shape[0]),
+            "anomaly_map_png": png_base64(colorize(anomaly_map)) if return_map else None,
+            "mask_png": png_base64(np.asarray(mask_png(mask))) if return_mask else None,
+        }
+        if not math.isfinite(score):
+            raise ValueError("non-finite score")
+        return result
+
+    async def _products(self) -> Any:
+        def listing() -> list[dict[str, Any]]:
+            client = _mlflow_client()
+            out, token = [], None
+            while True:
+                page = client.search_registered_models(filter_string="name LIKE 'ssn-%'", max_results=200,
+                                                       page_token=token)
+                for registered in page:
+                    aliases = registered.aliases or {}
+                    if CHAMPION not in aliases:
+                        continue
+                    product = registered.name[len("ssn-"):]
+                    holder = self._holders.get(product)
+                    loaded = holder.current if holder is not None and not holder.evicted else None
+                    out.append({"product": product, "registered_model": registered.name,
+                                "champion_version": str(aliases[CHAMPION]),
+                                "previous_version": str(aliases[PREVIOUS]) if PREVIOUS in aliases else None,
+                                "loaded_version": loaded.version if loaded else None,
+                                "threshold": loaded.threshold if loaded else None,
+                                "inference": inference_info(loaded.model) if loaded else None})
+                token = page.token
+                if not token:
+                    return sorted(out, key=lambda p: p["product"])
+
+        try:
+            items = await asyncio.get_running_loop().run_in_executor(self._io_pool, listing)
+        except Exception as error:  # noqa: BLE001
+            return error_response(503, "registry_unavailable",
+                                  f"model registry unreachable: {type(error).__name__}")
+        return {"products": items}
+
+    async def _healthz(self) -> Any:
+        return {"status": "ok", "uptime_s": round(time.time() - self._started, 1),
+                "loaded": {p: h.current.version for p, h in self._holders.items() if h.current and not h.evicted}}
+
+    async def _readyz(self) -> Any:
+        now = time.monotonic()
+        checked_at, ok, detail = self._ready_cache
+        if now - checked_at > 2.0:
+            ok, detail = await asyncio.get_running_loop().run_in_executor(self._io_pool, _registry_health)
+            self._ready_cache = (now, ok, detail)
+        body = {"status": "ready" if ok else "not_ready", "registry": detail,
+                "settings": {k: v for k, v in self.settings.to_dict().items() if k != "mlflow_tracking_uri"},
+                "torch_threads": _torch_threads(), "switches": self._switches}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+
+def _fastapi_app() -> FastAPI:
+    """The service's FastAPI app, with its errors answered as JSON bodies ``{"error": {...}}``."""
+    app = FastAPI(
+        title="SuperSimpleNet inspection",
+        version="1",
+        description="Surface-defect inspection per product: the champion model of each product scores an image.",
+    )
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, error: ApiError) -> JSONResponse:
+        return error.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+        details = [{"loc": list(map(str, e.get("loc", ()))), "msg": str(e.get("msg", ""))} for e in error.errors()]
+        return error_response(422, "invalid_request", "invalid request parameters", details=details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        return error_response(error.status_code, code, str(error.detail))
+
+    return app
+
+
+@functools.lru_cache(maxsize=None)
+def inspector_deployment(max_models_per_replica: int = 4):
+    """The Serve deployment (FastAPI app + replica class). `@serve.multiplexed` fixes its LRU size when the class
+    is defined, so the class is made per size (and cached)."""
+    app = _fastapi_app()
+
+    @serve.deployment(name="inspector", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=32)
+    @serve.ingress(app)
+    class Inspector(InspectorReplica):
+        """The replica with its routes and its multiplexed model loader."""
+
+        @serve.multiplexed(max_num_models_per_replica=max_models_per_replica)
+        async def get_product_model(self, product: str) -> ProductModel:
+            return await self._load_product_model(product)
+
+        @app.post("/v1/products/{product}/inspect", response_model=InspectionResult, responses=ERROR_RESPONSES,
+                  openapi_extra=INSPECT_BODY, summary="Inspect one image with the product's champion model")
+        async def inspect(
+            self,
+            product: str,
+            request: Request,
+            return_map: bool = Query(False, description="include the colourised anomaly heatmap (base64 PNG)"),
+            return_mask: bool = Query(False, description="include the binary defect mask (base64 PNG)"),
+        ) -> Any:
+            return await self._inspect(product, request, return_map, return_mask)
+
+        @app.get("/v1/products", summary="Products with a champion, and the versions served")
+        async def products(self) -> Any:
+            return await self._products()
+
+        @app.get("/healthz", summary="Liveness: the replica answers")
+        async def healthz(self) -> Any:
+            return await self._healthz()
+
+        @app.get("/readyz", summary="Readiness: the replica reaches the model registry")
+        async def readyz(self) -> Any:
+            return await self._readyz()
+
+    return Inspector
+
+
+__all__ = [
+    "InspectorReplica",
+    "inspector_deployment",
+]

@@ -1,0 +1,86 @@
+"""The inspection service's options: `ServeSettings` (``args`` of `build_app`, the Serve config file, or `deploy`)."""
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Options of the application (``args`` of `build_app`, the Serve config file, or `deploy`).
+
+    Request limits: max_bytes (body), max_pixels (width x height, decompression bombs), max_side (either side).
+    Models: max_models_per_replica (LRU), refresh_s (champion polling), negative_cache_s (how long an unknown
+    product or missing champion is remembered), device ("auto", "cpu", "cuda"), torch_threads (0: leave as is).
+    Batching: batching on/off, max_batch_size, batch_wait_timeout_s.
+    Deployment: num_replicas (an int, or "auto" with min_replicas/max_replicas/target_ongoing_requests),
+    max_ongoing_requests, num_cpus and num_gpus per replica, mlflow_tracking_uri (default: the environment's).
+    """
+
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 4096 * 4096
+    max_side: int = 16384
+    max_models_per_replica: int = 4
+    refresh_s: float = 10.0
+    negative_cache_s: float = 2.0
+    device: str = "auto"
+    precision: str = "fp32"
+    torch_threads: int = 0
+    batching: bool = True
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.005
+    num_replicas: int | str = 1
+    min_replicas: int = 1
+    max_replicas: int = 4
+    target_ongoing_requests: float = 4.0
+    max_ongoing_requests: int = 32
+    num_cpus: float = 0.0
+    num_gpus: float = 0.0
+    mlflow_tracking_uri: str | None = None
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(f"serving settings: {message}")
+
+        check(self.max_bytes > 0, f"max_bytes must be > 0, got {self.max_bytes}")
+        check(self.max_pixels > 0 and self.max_side > 0, "max_pixels and max_side must be > 0")
+        check(self.max_models_per_replica >= 1, "max_models_per_replica must be >= 1")
+        check(self.refresh_s > 0, f"refresh_s must be > 0, got {self.refresh_s}")
+        check(self.negative_cache_s >= 0, "negative_cache_s must be >= 0")
+        check(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
+        check(self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {self.precision!r}")
+        check(self.max_batch_size >= 1, "max_batch_size must be >= 1")
+        check(self.batch_wait_timeout_s >= 0, "batch_wait_timeout_s must be >= 0")
+        check(self.num_replicas == "auto" or (isinstance(self.num_replicas, int) and self.num_replicas >= 1),
+              f"num_replicas must be a positive int or 'auto', got {self.num_replicas!r}")
+        check(1 <= self.min_replicas <= self.max_replicas, "need 1 <= min_replicas <= max_replicas")
+        check(self.max_ongoing_requests >= 1, "max_ongoing_requests must be >= 1")
+        check(self.num_cpus >= 0 and self.num_gpus >= 0, "num_cpus and num_gpus must be >= 0")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> "ServeSettings":
+        values = dict(values or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"serving settings: unknown option(s) {unknown}; known: {sorted(known)}")
+        for f in dataclasses.fields(cls):  # strings from a config file or the command line
+            kind = {int: "int", float: "float", bool: "bool"}.get(f.type, f.type)
+            if f.name in values and isinstance(values[f.name], str) and kind in ("int", "float", "bool"):
+                raw = values[f.name]
+                try:
+                    values[f.name] = (raw.lower() in ("1", "true", "yes", "on") if kind == "bool"
+                                      else int(raw) if kind == "int" else float(raw))
+                except ValueError:
+                    article = "an" if kind == "int" else "a"
+                    raise ValueError(f"serving settings: {f.name} must be {article} {kind}, got {raw!r}") from None
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+__all__ = [
+    "ServeSettings",
+]
