@@ -42,3 +42,28 @@ def test_model_package_imports_without_ray_mlflow_boto3():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+MAX_MODULE_LINES = 500
+# Modules longer than MAX_MODULE_LINES that no split has reached yet (issue 18), each held at its length when the limit
+# came in: they may shrink, never grow. Split one before it grows, then delete its line here.
+LONG_MODULES = {
+    "model/supersimplenet/fast.py": 531,
+    "platform/ssn_platform/storage.py": 609,
+    "platform/ssn_platform/training.py": 540,
+}
+
+
+def test_no_module_in_model_or_platform_exceeds_500_lines():
+    lengths = {
+        path.relative_to(REPO).as_posix(): len(path.read_text().splitlines())
+        for source_root in ("model", "platform")
+        for path in sorted((REPO / source_root).rglob("*.py"))
+    }
+    too_long = {path: n for path, n in lengths.items() if n > LONG_MODULES.get(path, MAX_MODULE_LINES)}
+    assert not too_long, (
+        f"modules above {MAX_MODULE_LINES} lines (or above their LONG_MODULES ceiling): {too_long}; split them along "
+        "their seams (see how data.py, datasets.py, tuning.py and serving.py were split) instead of raising a limit"
+    )
+    settled = sorted(path for path in LONG_MODULES if lengths.get(path, 0) <= MAX_MODULE_LINES)
+    assert not settled, f"{settled} are now within {MAX_MODULE_LINES} lines (or gone): delete them from LONG_MODULES"
