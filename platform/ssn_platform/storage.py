@@ -4,8 +4,10 @@ Works unchanged against AWS S3 and any S3-compatible store (the local stack runs
 
 * ``SSN_S3_ENDPOINT`` (or boto3's own ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``) selects the endpoint; unset
   means AWS S3 itself.
-* ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (/ ``AWS_SESSION_TOKEN``) are the credentials; when unset, boto3's
-  default chain (profiles, instance roles, ...) applies.
+* Credentials: none is read here from the process environment or passed to a client; boto3 and pyarrow find them
+  through the AWS SDKs' chains in each process (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_SHARED_CREDENTIALS_FILE,
+  roles), so nothing we pickle holds a key; Ray workers use their node's (infra/local/README.md, docs/cluster.md),
+  never a runtime_env. Only ``S3Settings.from_env(env)`` of a mapping of its own carries keys, and is not picklable.
 * ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` (default ``us-east-1``).
 * ``SSN_S3_ADDRESSING_STYLE``: ``path`` (default when an endpoint is set), ``virtual`` or ``auto`` (default for AWS).
 
@@ -115,7 +117,7 @@ def _env(env: Mapping[str, str], *names: str) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class S3Settings:
-    """Where and how to reach S3. Secrets are excluded from ``repr``."""
+    """Where and how to reach S3. Explicit credentials only (see above): not in ``repr``, never pickled."""
 
     endpoint_url: str | None = None
     access_key_id: str | None = dataclasses.field(default=None, repr=False)
@@ -141,18 +143,19 @@ class S3Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> S3Settings:
-        """Read settings from ``env`` (default ``os.environ``); keyword overrides win."""
+        """Read settings from ``env`` (default ``os.environ``, whose credentials the SDKs read); overrides win."""
         env = os.environ if env is None else env
         endpoint = _env(env, "SSN_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
         style = _env(env, "SSN_S3_ADDRESSING_STYLE") or ("path" if endpoint else "auto")
         values: dict[str, Any] = dict(
             endpoint_url=endpoint.rstrip("/") if endpoint else None,
-            access_key_id=_env(env, "AWS_ACCESS_KEY_ID"),
-            secret_access_key=_env(env, "AWS_SECRET_ACCESS_KEY"),
-            session_token=_env(env, "AWS_SESSION_TOKEN"),
             region=_env(env, "AWS_REGION", "AWS_DEFAULT_REGION") or _DEFAULT_REGION,
             addressing_style=style,
         )
+        if env is not os.environ:  # a mapping of its own: no SDK chain sees its keys
+            values.update(access_key_id=_env(env, "AWS_ACCESS_KEY_ID"),
+                          secret_access_key=_env(env, "AWS_SECRET_ACCESS_KEY"),
+                          session_token=_env(env, "AWS_SESSION_TOKEN"))
         if _env(env, "SSN_S3_MAX_ATTEMPTS"):
             values["max_attempts"] = int(env["SSN_S3_MAX_ATTEMPTS"])
         if _env(env, "SSN_S3_RETRY_MODE"):
@@ -165,21 +168,18 @@ class S3Settings:
         """Human-readable endpoint for messages."""
         return self.endpoint_url or f"AWS S3 ({self.region})"
 
-    def with_credentials(self, access_key_id: str | None, secret_access_key: str | None) -> S3Settings:
-        return dataclasses.replace(self, access_key_id=access_key_id, secret_access_key=secret_access_key)
-
     def client_env(self) -> dict[str, str]:
-        """Environment variables that reproduce these settings in another process (e.g. Ray runtime_env)."""
+        """Non-secret environment variables that reproduce these settings in another process (e.g. runtime_env)."""
         out = {"AWS_REGION": self.region, "SSN_S3_ADDRESSING_STYLE": self.addressing_style}
         if self.endpoint_url:
             out["SSN_S3_ENDPOINT"] = self.endpoint_url
-        if self.access_key_id:
-            out["AWS_ACCESS_KEY_ID"] = self.access_key_id
-        if self.secret_access_key:
-            out["AWS_SECRET_ACCESS_KEY"] = self.secret_access_key
-        if self.session_token:
-            out["AWS_SESSION_TOKEN"] = self.session_token
         return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self.access_key_id or self.secret_access_key or self.session_token:
+            raise TypeError("S3Settings with explicit credentials cannot be pickled (nor copied): the pickle would "
+                            "carry the secret; build them with S3Settings.from_env() where they are used")
+        return dict(self.__dict__)
 
 
 def make_client(settings: S3Settings | None = None) -> Any:
@@ -350,8 +350,8 @@ def translate_error(
     doing = f" while trying to {action}" if action else ""
     if isinstance(exc, bexc.NoCredentialsError):
         return CredentialsError(
-            f"no S3 credentials found{doing} {target}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-            f"(for the local stack: eval \"$(infra/local/stack env)\")"
+            f"no S3 credentials found{doing} {target}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or "
+            f"AWS_SHARED_CREDENTIALS_FILE (for the local stack: eval \"$(infra/local/stack env)\")"
         )
     if isinstance(exc, bexc.ClientError):
         code, status = _client_error_code(exc)

@@ -44,8 +44,8 @@ from ssn_platform.jobconfig import JobConfig, build_job_config
 log = logging.getLogger(__name__)
 
 # Non-secret settings that workers need, passed through runtime_env (never through the config, which is logged).
-# Secrets are not among them: Ray writes runtime_env into its logs. S3 keys reach workers from the nodes'
-# environment (the local stack starts its Ray head with them; clusters use node env or IAM roles).
+# Secrets are not among them: Ray writes runtime_env into its logs. S3 credentials reach workers from their nodes'
+# environment (the local stack's Ray head: AWS_SHARED_CREDENTIALS_FILE, a 0600 file; clusters: Secrets, IAM roles).
 WORKER_ENV = (
     "SSN_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "SSN_S3_ADDRESSING_STYLE",
     "MLFLOW_TRACKING_URI", "MLFLOW_DISABLE_TELEMETRY", "SSN_CACHE_DIR", "SSN_CACHE_MAX_GB", "SSN_GIT_SHA",
@@ -81,19 +81,17 @@ def check_mlflow(uri: str | None = None, *, timeout: float = 5.0) -> None:
 
 
 def storage_filesystem():
-    """pyarrow S3 filesystem for Ray Train's run storage, from the same settings as the boto3 client."""
+    """pyarrow S3 filesystem for Ray Train's and Tune's run storage, without keys: Ray pickles it into run state in the
+    bucket (tuner.pkl, search_gen_state-*.json); pyarrow finds credentials through the AWS SDK chain in each process."""
     from pyarrow import fs
 
     from ssn_platform.storage import S3Settings
 
     settings = S3Settings.from_env()
-    kwargs: dict[str, Any] = {"region": settings.region}
-    if settings.access_key_id:
-        kwargs.update(access_key=settings.access_key_id, secret_key=settings.secret_access_key)
-    if settings.endpoint_url:
-        scheme, _, host = settings.endpoint_url.partition("://")
-        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
-    return fs.S3FileSystem(**kwargs)
+    if not settings.endpoint_url:
+        return fs.S3FileSystem(region=settings.region)
+    scheme, _, host = settings.endpoint_url.partition("://")  # validated: http(s)://host[:port]
+    return fs.S3FileSystem(region=settings.region, endpoint_override=host, scheme=scheme)
 
 
 def git_sha() -> str:
@@ -471,7 +469,9 @@ def connect_ray(address: str | None = None, *, log_to_driver: bool = True) -> No
     the State API, which gives up when several Ray clusters run on one machine; the CPUs would stay reserved.
     """
     import ray
+    from ray.tune.execution import class_cache  # Tune copies a driver's AWS keys into trials' runtime_env (logged)
 
+    class_cache.ENV_VARS_TO_PROPAGATE -= {n for n in class_cache.ENV_VARS_TO_PROPAGATE if n.startswith("AWS_")}
     if ray.is_initialized():
         return
     address = address or os.environ.get("SSN_RAY_ADDRESS")
