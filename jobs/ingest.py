@@ -6,7 +6,10 @@
         python jobs/ingest.py --source /data/x --product x
 
 The folder is read with the model package's layout readers (mvtec, visa, ksdd2, sensum, folder; detected when
---layout is not given) and validated; when any file is bad, nothing is uploaded and every bad path is listed.
+--layout is not given) and validated, every image and mask decoded fully; when any file is bad (missing, truncated,
+unreadable, a mask of the wrong size), nothing is uploaded and every bad path is listed. Defective images whose mask
+is empty: --empty-masks error (default: refuse, naming them), label-only (keep them as defective images without a
+mask) or drop (leave them out); the choice is recorded in the manifest and is part of the dataset version.
 S3 settings come from the environment (SSN_S3_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY; for the local
 stack: eval "$(infra/local/stack env)"). Prints the manifest URI on stdout (nothing else), a summary on stderr.
 Needs no Ray: under `ray job submit` it runs as a plain driver process.
@@ -58,6 +61,8 @@ def make_smoke_dataset(root: Path) -> Path:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from supersimplenet.samples import EMPTY_MASK_POLICIES  # light: no torch
+
     p = argparse.ArgumentParser(
         prog="jobs/ingest.py", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -69,6 +74,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--split-file", type=Path, help="file of '<split> <image>' lines (any layout)")
     p.add_argument("--labels-file", type=Path, help="labels CSV (folder layout)")
     p.add_argument("--fold", type=int, help="SensumSODF fold (0, 1, 2)")
+    p.add_argument("--empty-masks", choices=EMPTY_MASK_POLICIES, default="error",
+                   help="defective images whose mask is empty: refuse the dataset (default), keep them as defective "
+                        "images without a mask (label-only), or leave them out (drop)")
     p.add_argument("--bucket", default="ssn")
     p.add_argument("--workers", type=int, default=8, help="parallel uploads (default 8)")
     p.add_argument("--no-latest", action="store_true", help="do not move datasets/<product>/latest")
@@ -113,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                 workers=args.workers,
                 progress=False if args.no_progress else None,
                 update_latest=not args.no_latest,
+                empty_masks=args.empty_masks,
             )
         except DataError as exc:
             print(f"ingest: invalid dataset: {exc}", file=sys.stderr)
@@ -127,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         f"already present {result.skipped}; manifest {'written' if result.manifest_written else 'unchanged'}",
         file=sys.stderr,
     )
+    if result.empty_mask_images:
+        what = "left out" if result.empty_masks == "drop" else "kept as defective without a mask"
+        print(f"ingest: {len(result.empty_mask_images)} defective image(s) with an empty mask {what} "
+              f"(--empty-masks {result.empty_masks})", file=sys.stderr)
     if args.json:
         import dataclasses
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from PIL import Image
 
 # Ray reads these when first imported; a test that imports ray before a stack fixture applies its environment must
 # still never bind to the machine's interface address (only 127.0.0.1 is ours) nor report usage.
@@ -33,6 +36,48 @@ def weld_root(shared_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def mpdd_root(shared_data: Path) -> Path:
     return shared_data / "mpdd_metal_plate" / "data_supervised" / "metal_plate"
+
+
+@pytest.fixture
+def small_weld(weld_root: Path, tmp_path: Path) -> Path:
+    """A small MVTec-layout copy of battery_weld/denoised in tmp_path: 3 train/good, 2 test/good and 3
+    test/defective images with their masks (real files; change them freely)."""
+    dest = tmp_path / "small_weld"
+    for sub, count in (("train/good", 3), ("test/good", 2), ("test/defective", 3)):
+        (dest / sub).mkdir(parents=True)
+        for src in sorted((weld_root / sub).iterdir())[:count]:
+            shutil.copy(src, dest / sub / src.name)
+            if sub == "test/defective":
+                (dest / "ground_truth/defective").mkdir(parents=True, exist_ok=True)
+                shutil.copy(weld_root / "ground_truth/defective" / src.name, dest / "ground_truth/defective")
+    return dest
+
+
+def _reencode(path: Path, fmt: str, suffix: str) -> Path:
+    out = path.with_suffix(suffix)
+    Image.open(path).convert("RGB").save(out, format=fmt)
+    path.unlink()
+    return out
+
+
+def _truncate(path: Path, keep: float = 0.6) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+def _blank_mask(path: Path) -> Path:
+    size = Image.open(path).size
+    Image.new("L", size, 0).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def damage() -> SimpleNamespace:
+    """Changes real image files in place: ``reencode(path, "JPEG", ".jpg")`` saves the image in another format
+    under the same stem (the original goes), ``truncate(path, keep=0.6)`` cuts its bytes, ``blank_mask(path)``
+    makes a mask all black at its size. Each returns the file's path."""
+    return SimpleNamespace(reencode=_reencode, truncate=_truncate, blank_mask=_blank_mask)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

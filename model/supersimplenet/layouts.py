@@ -170,8 +170,9 @@ def read_layout(
         ksdd2: ``{train,test}/<id>.png`` + ``<id>_GT.png``; label = mask has a non-zero pixel.
         sensum: ``<category>/{negative,positive}/data/*`` + ``positive/annotation/<same name>``. Without a
             split file, fold k puts files at sorted position i with i % 3 == k (per class) into test.
-        folder: ``{train,val,test}/{images,masks}``; empty mask = good; images without a mask take their
-            label from the labels file (defective ones become weakly labelled).
+        folder: ``{train,val,test}/{images,masks}``; empty mask = good (unless the labels file says defective:
+            then the sample keeps its empty mask and `supersimplenet.validation`'s empty-mask policy decides);
+            images without a mask take their label from the labels file (defective ones become weakly labelled).
 
     Raises:
         DataError: unknown layout or option, or any inconsistency in the folder (all problems listed).

@@ -2,12 +2,14 @@
 
 `load_image` / `load_mask` / `DefectDataset` turn samples into tensors (docs/design.md §3.1: masks are resized with
 nearest neighbour and scaled to {0, 1}; images bilinear without antialias, like cv2 in the official code).
-`image_array` is the one conversion of a decoded image that training and serving share. `validate_samples` opens
-every image and mask of a sample list and raises one `DataError` listing every problem.
+`image_array` is the one conversion of a decoded image that training and serving share. `_open` is the one way a file
+is decoded (fully: `load()` with Pillow's `ImageFile.LOAD_TRUNCATED_IMAGES` left False, so a truncated file is an
+error); `supersimplenet.validation` decodes every file of a sample list with it before a dataset is used.
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from supersimplenet.samples import DataError, PathLike, Sample, _raise_problems
+from supersimplenet.samples import DataError, PathLike, Sample
+
 
 def _check_size(size: Sequence[int]) -> tuple[int, int]:
     if len(size) != 2 or not all(isinstance(v, (int, np.integer)) and v > 0 for v in size):
@@ -24,9 +27,11 @@ def _check_size(size: Sequence[int]) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
-def _open(path: Path, what: str) -> Image.Image:
+def _open(path: Path, what: str, data: bytes | None = None) -> Image.Image:
+    """The fully decoded image of `path` (or of `data`, the bytes read from it); `DataError` naming the file when it
+    is missing, unreadable or truncated."""
     try:
-        img = Image.open(path)
+        img = Image.open(io.BytesIO(data) if data is not None else path)
         img.load()
         return img
     except FileNotFoundError as exc:
@@ -42,22 +47,33 @@ def _image_array(path: Path) -> np.ndarray:
 
 def image_array(img: Image.Image, *, where: str = "image") -> np.ndarray:
     """A decoded PIL image as HxWx3 float32 in [0, 1] (the one conversion used by training and serving)."""
-    if img.mode.startswith("I;16") or img.mode == "I":
+    gray = _check_pixels(img, where=where)
+    if gray is not None:
         # 16-bit grayscale (some industrial cameras): scale by the 16-bit range, then repeat the channel.
-        gray = np.asarray(img, dtype=np.float32)
-        if gray.min() < 0 or gray.max() > 65535:
-            raise DataError(f"unsupported pixel range in {img.mode} image: {where}")
-        gray = gray / 65535.0
-        return np.repeat(gray[:, :, None], 3, axis=2)
-    if img.mode == "F":
-        raise DataError(f"unsupported floating-point image (mode F): {where}")
+        return np.repeat((gray / 65535.0)[:, :, None], 3, axis=2)
     # convert("RGB") repeats the gray channel for L/1/LA, expands palettes and drops alpha.
     return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
 
 
+def _check_pixels(img: Image.Image, *, where: str) -> np.ndarray | None:
+    """`DataError` for pixels `image_array` cannot convert; the float32 gray array of a 16/32-bit integer image."""
+    if img.mode == "F":
+        raise DataError(f"unsupported floating-point image (mode F): {where}")
+    if not (img.mode.startswith("I;16") or img.mode == "I"):
+        return None
+    gray = np.asarray(img, dtype=np.float32)
+    if gray.min() < 0 or gray.max() > 65535:
+        raise DataError(f"unsupported pixel range in {img.mode} image: {where}")
+    return gray
+
+
 def _mask_array(path: Path) -> np.ndarray:
     """HxW bool: True where the mask is non-zero (VisA stores class ids, others 255)."""
-    img = _open(path, "mask")
+    return _mask_pixels(_open(path, "mask"))
+
+
+def _mask_pixels(img: Image.Image) -> np.ndarray:
+    """HxW bool of a decoded mask image: True where it is non-zero."""
     if img.mode == "P":
         img = img.convert("RGB")  # palette indices are not intensities
     elif img.mode in ("LA", "PA"):
@@ -163,74 +179,9 @@ class DefectDataset(torch.utils.data.Dataset):
         }
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Validation
-# --------------------------------------------------------------------------------------------------------------
-
-
-def validate_samples(root: PathLike, samples: Sequence[Sample]) -> None:
-    """Open every image and mask and check the sample list as a whole.
-
-    Checks: the train split is not empty; no image is listed twice; every image exists and is readable (PIL
-    verify); a listed mask exists, is readable and has its image's size; a mask whose image is missing; a
-    defective segmented image with an empty mask, or a normal image with a non-empty mask.
-
-    Raises:
-        DataError: one error listing every problem with the offending path.
-    """
-    root = Path(root)
-    problems: list[str] = []
-    if not any(s.split == "train" for s in samples):
-        problems.append(f"empty train set: no sample has split 'train' under {root}")
-    counts: dict[str, int] = {}
-    for s in samples:
-        counts[s.image] = counts.get(s.image, 0) + 1
-    problems += [f"image listed {n} times: {root / image}" for image, n in counts.items() if n > 1]
-
-    for s in samples:
-        image_path = root / s.image
-        mask_path = root / s.mask if s.mask is not None else None
-        if not image_path.is_file():
-            if mask_path is not None and mask_path.is_file():
-                problems.append(f"mask without image: {mask_path} (image {image_path} is missing)")
-            else:
-                problems.append(f"missing image: {image_path}")
-            continue
-        try:
-            with Image.open(image_path) as im:
-                image_size = im.size
-                im.verify()
-        except Exception as exc:  # noqa: BLE001 - PIL raises many exception types for broken files
-            problems.append(f"unreadable image: {image_path} ({type(exc).__name__}: {exc})")
-            continue
-        if mask_path is None:
-            continue
-        if not mask_path.is_file():
-            problems.append(f"missing mask: {mask_path} (for image {image_path})")
-            continue
-        try:
-            with Image.open(mask_path) as im:
-                mask_size = im.size
-                im.verify()
-            has_defect = bool(_mask_array(mask_path).any())
-        except Exception as exc:  # noqa: BLE001 - as above
-            problems.append(f"unreadable mask: {mask_path} ({type(exc).__name__}: {exc})")
-            continue
-        if mask_size != image_size:
-            problems.append(
-                f"mask size {mask_size[0]}x{mask_size[1]} differs from image size "
-                f"{image_size[0]}x{image_size[1]}: {mask_path} (image {image_path})"
-            )
-        elif s.label == 1 and not has_defect:
-            problems.append(f"empty mask for a defective image: {mask_path} (image {image_path})")
-        elif s.label == 0 and has_defect:
-            problems.append(f"non-empty mask for a normal image: {mask_path} (image {image_path})")
-    _raise_problems(f"invalid dataset at {root}", problems)
-
-
 __all__ = [
     "DefectDataset",
+    "image_array",
     "load_image",
     "load_mask",
-    "validate_samples",
 ]

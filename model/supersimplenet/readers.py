@@ -370,11 +370,14 @@ def _read_folder(root: Path, category: str | None, labels_file: PathLike | None)
                 except DataError as exc:
                     problems.append(str(exc))
                     continue
-                if listed is not None and listed != label:
+                if listed == 0 and label == 1:
                     problems.append(
                         f"label {listed} in the labels file contradicts mask {mask} for {img}"
                     )
                     continue
+                if listed == 1:
+                    # a defective image with an empty mask: the dataset check's empty-mask policy decides
+                    label = 1
                 samples.append(Sample(rel, _rel(mask, root), label, split, True))
             elif listed is not None:
                 # A normal image is segmented by definition (all-zero mask); a defective one is weak.

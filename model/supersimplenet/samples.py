@@ -3,8 +3,9 @@
 A `Sample` names one image by its POSIX path relative to the dataset root, with its label, its split and whether its
 pixel mask is known. `supersimplenet.layouts` reads dataset folders into lists of samples (through the per-layout
 readers of `supersimplenet.readers`), `supersimplenet.supervision` derives the training view of a list for one
-supervision regime, `supersimplenet.loading` turns samples into tensors and `supersimplenet.sampler` balances
-supervised epochs over them.
+supervision regime, `supersimplenet.validation` decodes every file of a list and checks it,
+`supersimplenet.loading` turns samples into tensors and `supersimplenet.sampler` balances supervised epochs over
+them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from pathlib import Path, PurePosixPath
 from typing import Sequence
 
 SPLITS = ("train", "val", "test")
+# What a dataset check does with a defective image whose mask decodes to all zeros (supersimplenet.validation):
+# refuse the dataset, keep the image as defective without a mask, or leave the image out.
+EMPTY_MASK_POLICIES = ("error", "label-only", "drop")
 
 PathLike = str | Path
 
@@ -80,6 +84,7 @@ def _normalise_rel(path: str, *, where: str) -> str:
 
 __all__ = [
     "DataError",
+    "EMPTY_MASK_POLICIES",
     "SPLITS",
     "Sample",
 ]

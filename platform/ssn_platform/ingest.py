@@ -1,5 +1,11 @@
 """Ingest: validate a local dataset folder, upload it to S3 in parallel and publish its manifest last.
 
+Before anything is uploaded every image and mask is read once and decoded fully (`supersimplenet.validation`): a
+truncated or otherwise unreadable file fails the ingest, and every bad file is named in one error. The sha256 of
+the bytes that were decoded is what the manifest records and what the upload checks again, so the objects are
+exactly the bytes that decoded. Defective images whose mask is empty follow `empty_masks` ("error", "label-only",
+"drop"), recorded in the manifest (`ssn_platform.manifest`).
+
 Every object carries its sha256 in its user metadata (``x-amz-meta-sha256``); ingest skips objects whose metadata
 already matches, so re-running an ingest uploads nothing. The bucket layout and the manifest are described in
 `ssn_platform.manifest`: the manifest is written only after every object is in place, then the ``latest`` pointer,
@@ -10,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import mimetypes
 import os
 import threading
@@ -18,12 +25,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from supersimplenet.samples import DataError, Sample
+from supersimplenet.samples import EMPTY_MASK_POLICIES, DataError, Sample
 from ssn_platform import storage
 from ssn_platform.datasets import _progress
 from ssn_platform.manifest import (DATASETS_ROOT, LATEST_NAME, MANIFEST_NAME, OBJECTS_DIR, DatasetError, Manifest,
-                                   _check_product, dataset_prefix)
+                                   _check_product, dataset_prefix, empty_masks_entry)
 from ssn_platform.storage import S3Settings, format_s3_uri, join_key, make_client, validate_key
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +47,8 @@ class IngestResult:
     bytes_total: int
     bytes_uploaded: int
     manifest_written: bool
+    empty_masks: str = "error"  # the empty-mask policy applied
+    empty_mask_images: tuple[str, ...] = ()  # defective images whose mask was empty (kept label-only, or dropped)
 
     def __iter__(self) -> Iterator[str]:  # `uri, version = ingest(...)`
         return iter((self.uri, self.version))
@@ -74,28 +85,35 @@ def ingest(
     workers: int = 8,
     progress: bool | None = None,
     update_latest: bool = True,
+    empty_masks: str = "error",
 ) -> IngestResult:
     """Validate a local dataset folder, upload it in parallel and write its manifest last.
 
     Reads the folder with ``supersimplenet.layouts.read_layout(local_root, layout, category=..., **options)`` and
-    checks it with ``validate_samples``; when anything is wrong, nothing is uploaded and ``DataError`` lists every
-    offending path. Objects already stored with the same sha256 are skipped; the manifest is written only after
-    every object is in place, then the ``latest`` pointer.
+    decodes and checks every file with ``supersimplenet.validation.check_samples``; when anything is wrong, nothing
+    is uploaded and ``DataError`` lists every offending path. `empty_masks` says what to do with defective images
+    whose mask is empty: "error" (refuse), "label-only" (keep them as defective images without a mask) or "drop"
+    (leave them out); the choice is recorded in the manifest and is part of the version. Objects already stored
+    with the same sha256 are skipped; the manifest is written only after every object is in place, then the
+    ``latest`` pointer.
 
     Returns an :class:`IngestResult` (``uri, version = ingest(...)`` also works).
     """
     _check_product(product)
+    if empty_masks not in EMPTY_MASK_POLICIES:
+        raise ValueError(f"empty_masks must be one of {', '.join(EMPTY_MASK_POLICIES)}, got {empty_masks!r}")
     root = Path(local_root).resolve()
     options = dict(options or {})
-    layout_name, samples = _read_local(root, layout, category, options)
-    records = _records(root, samples, workers)
+    layout_name, checked = _read_local(root, layout, category, options, empty_masks)
+    records = _records(checked.samples, checked.files)
     layout_meta = {
         "name": layout_name,
         "category": category,
         "source": str(root),
         "options": {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in options.items()},
     }
-    manifest = Manifest.build(product=product, records=records, layout=layout_meta)
+    manifest = Manifest.build(product=product, records=records, layout=layout_meta,
+                              empty_masks=empty_masks_entry(empty_masks, checked.empty_masks))
     prefix = dataset_prefix(product, manifest.version)
     manifest_key = join_key(prefix, MANIFEST_NAME)
     objects = manifest.objects()
@@ -122,36 +140,40 @@ def ingest(
         bytes_total=total_bytes,
         bytes_uploaded=stats["bytes_uploaded"],
         manifest_written=manifest_written,
+        empty_masks=empty_masks,
+        empty_mask_images=checked.empty_masks,
     )
 
 
-def _read_local(root: Path, layout: str | None, category: str | None,
-                options: Mapping[str, Any]) -> tuple[str, list[Sample]]:
-    """The layout name and samples of a local dataset folder; a `DataError` listing every problem if invalid."""
+def _read_local(root: Path, layout: str | None, category: str | None, options: Mapping[str, Any],
+                empty_masks: str) -> tuple[str, Any]:
+    """The layout name and the checked samples (`supersimplenet.validation.CheckedSamples`) of a local dataset
+    folder, every file decoded; a `DataError` listing every problem if invalid."""
     # imported here: the layout readers pull in torch, which `--help` and the manifest helpers do not need
     from supersimplenet.layouts import detect_layout, read_layout
-    from supersimplenet.loading import validate_samples
+    from supersimplenet.validation import check_samples
 
     layout_name = layout or detect_layout(root)
     samples = read_layout(root, layout_name, category=category, **options)
     problems = _local_problems(root, samples)
+    checked = None
     try:
-        validate_samples(root, samples)
+        checked = check_samples(root, samples, empty_masks=empty_masks)
     except DataError as exc:
         problems.append(str(exc))
-    if problems:
+    if problems or checked is None:
         raise DataError(
             f"dataset at {root} is invalid; nothing was uploaded:\n" + "\n".join(problems)
         )
-    return layout_name, samples
+    if checked.empty_masks:
+        verb = "dropped" if empty_masks == "drop" else "kept without their masks (label-only)"
+        log.warning("ingest %s: %d defective image(s) with an empty mask %s: %s", root, len(checked.empty_masks),
+                    verb, ", ".join(checked.empty_masks))
+    return layout_name, checked
 
 
-def _records(root: Path, samples: Sequence[Sample], workers: int) -> list[dict[str, Any]]:
-    """One manifest record per sample, with the sha256 and size of its files."""
-    # hash every file (content of record = what gets uploaded)
-    paths = sorted({p for s in samples for p in (s.image, s.mask) if p is not None})
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        hashed = dict(zip(paths, pool.map(lambda p: storage.sha256_file(root / p), paths)))
+def _records(samples: Sequence[Sample], hashed: Mapping[str, tuple[str, int]]) -> list[dict[str, Any]]:
+    """One manifest record per sample, with the sha256 and size of its files as they were decoded."""
     records = []
     for s in samples:
         rec: dict[str, Any] = {

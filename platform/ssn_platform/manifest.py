@@ -20,6 +20,13 @@ first 16 hex digits of the sha256 of the canonical JSON of the records (sorted b
 whitespace): the same files with the same labels always give the same version, any change gives a new one. Layout
 metadata (layout name, category, source folder, reader options) sits beside the records and is not hashed.
 
+``empty_masks`` records what the ingest did with defective images whose mask decoded to all zeros
+(``{"policy": "error" | "label-only" | "drop", "images": [their image paths]}``; `supersimplenet.validation`). Under
+``error`` (the default, and what a manifest without the field means) no such image exists and the version is the
+hash of the records alone, as above. Under ``label-only`` or ``drop`` the version is the hash of
+``{"empty_masks": ..., "records": [...]}``, so the choice is part of the version: the same folder ingested with
+another choice is another version.
+
 `ssn_platform.ingest` publishes versions; `ssn_platform.datasets.DatasetReader` reads them back.
 """
 
@@ -33,7 +40,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from supersimplenet.samples import Sample
+from supersimplenet.samples import EMPTY_MASK_POLICIES, Sample
 from ssn_platform.storage import StorageError, join_key, validate_key
 
 SCHEMA = "ssn-dataset-manifest"
@@ -69,10 +76,31 @@ def canonical_json(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
 
 
-def compute_version(records: Sequence[Mapping[str, Any]]) -> str:
-    """First 16 hex digits of sha256(canonical JSON of the records sorted by image path)."""
+def compute_version(records: Sequence[Mapping[str, Any]], empty_masks: Mapping[str, Any] | None = None) -> str:
+    """First 16 hex digits of sha256(canonical JSON of the records sorted by image path), with the empty-mask choice
+    when it is not the default ``error`` (module docstring)."""
     ordered = sorted(records, key=lambda r: r["image"])
-    return hashlib.sha256(canonical_json(ordered)).hexdigest()[:16]
+    if empty_masks is None or empty_masks.get("policy") == "error":
+        return hashlib.sha256(canonical_json(ordered)).hexdigest()[:16]
+    return hashlib.sha256(canonical_json({"empty_masks": dict(empty_masks), "records": ordered})).hexdigest()[:16]
+
+
+def empty_masks_entry(policy: str, images: Sequence[str] = ()) -> dict[str, Any]:
+    """The manifest's ``empty_masks`` field: the policy and the (sorted) images it applied to."""
+    return _check_empty_masks({"policy": policy, "images": sorted(images)}, "empty_masks")
+
+
+def _check_empty_masks(entry: Any, where: str) -> dict[str, Any]:
+    if not isinstance(entry, Mapping) or set(entry) != {"policy", "images"}:
+        raise DatasetError(f"{where}: empty_masks must be {{'policy': ..., 'images': [...]}}, got {entry!r}")
+    policy, images = entry["policy"], entry["images"]
+    if policy not in EMPTY_MASK_POLICIES:
+        raise DatasetError(f"{where}: empty_masks.policy must be one of {EMPTY_MASK_POLICIES}, got {policy!r}")
+    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+        raise DatasetError(f"{where}: empty_masks.images must be a list of image paths, got {images!r}")
+    if policy == "error" and images:
+        raise DatasetError(f"{where}: empty_masks.policy 'error' admits no images with an empty mask, got {images}")
+    return {"policy": policy, "images": list(images)}
 
 
 def dataset_prefix(product: str, version: str) -> str:
@@ -124,13 +152,16 @@ class Manifest:
     layout: Mapping[str, Any]
     created_at: str = ""
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    empty_masks: Mapping[str, Any] = dataclasses.field(default_factory=lambda: empty_masks_entry("error"))
 
     @classmethod
-    def build(cls, *, product: str, records: Sequence[Mapping[str, Any]], layout: Mapping[str, Any]) -> Manifest:
+    def build(cls, *, product: str, records: Sequence[Mapping[str, Any]], layout: Mapping[str, Any],
+              empty_masks: Mapping[str, Any] | None = None) -> Manifest:
         ordered = tuple(sorted((dict(r) for r in records), key=lambda r: r["image"]))
         created = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-        return cls(product=_check_product(product), version=compute_version(ordered), records=ordered,
-                   layout=dict(layout), created_at=created)
+        entry = _check_empty_masks(empty_masks or empty_masks_entry("error"), "empty_masks")
+        return cls(product=_check_product(product), version=compute_version(ordered, entry), records=ordered,
+                   layout=dict(layout), created_at=created, empty_masks=entry)
 
     def to_dict(self) -> dict[str, Any]:
         counts: dict[str, dict[str, int]] = {}
@@ -146,6 +177,7 @@ class Manifest:
             "version": self.version,
             "created_at": self.created_at,
             "layout": dict(self.layout),
+            "empty_masks": dict(self.empty_masks),
             "object_layout": f"{OBJECTS_DIR}/<relative path> under the version prefix",
             "counts": {
                 "samples": len(self.records),
@@ -179,14 +211,15 @@ class Manifest:
             if not isinstance(rec, dict):
                 raise DatasetError(f"{where}: a record is not an object")
             _check_record(rec, where)
-        version = compute_version(records)
+        empty_masks = _check_empty_masks(doc.get("empty_masks", empty_masks_entry("error")), where)
+        version = compute_version(records, empty_masks)
         if version != doc.get("version"):
             raise DatasetError(
                 f"{where}: records hash to version {version} but the manifest says {doc.get('version')!r} "
                 "(corrupt or edited manifest)"
             )
-        known = {"schema", "schema_version", "product", "version", "created_at", "layout", "object_layout",
-                 "counts", "records"}
+        known = {"schema", "schema_version", "product", "version", "created_at", "layout", "empty_masks",
+                 "object_layout", "counts", "records"}
         return cls(
             product=_check_product(str(doc.get("product"))),
             version=version,
@@ -194,6 +227,7 @@ class Manifest:
             layout=doc.get("layout") or {},
             created_at=str(doc.get("created_at", "")),
             extra={k: v for k, v in doc.items() if k not in known},
+            empty_masks=empty_masks,
         )
 
     def objects(self) -> dict[str, tuple[str, int]]:
@@ -232,4 +266,5 @@ __all__ = [
     "compute_version",
     "canonical_json",
     "dataset_prefix",
+    "empty_masks_entry",
 ]

@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from supersimplenet.layouts import detect_layout, read_layout
-from supersimplenet.loading import DefectDataset, load_image, load_mask, validate_samples
+from supersimplenet.loading import DefectDataset, load_image, load_mask
 from supersimplenet.sampler import BalancedSampler
 from supersimplenet.samples import DataError, Sample
 from supersimplenet.supervision import apply_supervision
+from supersimplenet.validation import validate_samples
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
