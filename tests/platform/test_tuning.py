@@ -389,10 +389,12 @@ def first_search(search_setup):
     from ssn_platform.tuning import run_search
 
     # trial 0 is the baseline (the job's relative sigma 4.0, threshold 0.2), which ASHA never stops; seed 42's
-    # first TPE (random start-up) points after it are sigma 4.26 and then 0.11 and 0.53: low relative sigmas (val
-    # AUROC ~0.47 after one epoch on this set) reach the epoch-1 rung after the high ones (~0.7) with 2 concurrent
-    # trials, so ASHA stops at least one.
-    return run_search(search_setup["job"], space=SPACE, num_trials=4, max_concurrent=2,
+    # first TPE (random start-up) points after it are sigma 4.26 and then 0.11 and 0.53. One trial at a time, so
+    # the order in which trials reach the epoch-1 rung does not depend on the machine's speed (with 2 concurrent
+    # trials a fresh CI machine once let the low-sigma trial arrive first and ASHA stopped none): sigma 0.11 (val
+    # AUROC ~0.47 after one epoch on this set) reaches the rung after the baseline and sigma 4.26 (~0.7) and falls
+    # below ASHA's cutoff (the 75th percentile of the rung, reduction factor 4), so ASHA stops at least one.
+    return run_search(search_setup["job"], space=SPACE, num_trials=4, max_concurrent=1,
                       study_name=search_setup["study"], storage=search_setup["storage"], grace_period=1)
 
 
