@@ -28,7 +28,8 @@ from ssn_platform.cache import (PruneStats, _cache_lock, _file_lock, _hold_view,
                                 default_cache_dir, prune_cache)
 from ssn_platform.manifest import (_SHA_RE, _VERSION_RE, DATASETS_ROOT, LATEST_NAME, MANIFEST_NAME, OBJECTS_DIR,
                                    DatasetError, Manifest)
-from ssn_platform.storage import ObjectNotFoundError, S3Settings, format_s3_uri, join_key, make_client, parse_s3_uri
+from ssn_platform.s3keys import format_s3_uri, join_key, parse_s3_uri
+from ssn_platform.storage import ObjectNotFoundError, S3Settings, make_client
 
 
 def _progress(total: int, desc: str, enabled: bool | None, unit: str = "B") -> Any:

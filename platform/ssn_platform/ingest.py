@@ -30,7 +30,8 @@ from ssn_platform import storage
 from ssn_platform.datasets import _progress
 from ssn_platform.manifest import (DATASETS_ROOT, LATEST_NAME, MANIFEST_NAME, OBJECTS_DIR, DatasetError, Manifest,
                                    _check_product, dataset_prefix, empty_masks_entry)
-from ssn_platform.storage import S3Settings, format_s3_uri, join_key, make_client, validate_key
+from ssn_platform.s3keys import format_s3_uri, join_key, validate_key
+from ssn_platform.storage import S3Settings, make_client
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from supersimplenet.samples import EMPTY_MASK_POLICIES, Sample
-from ssn_platform.storage import StorageError, join_key, validate_key
+from ssn_platform.s3keys import join_key, validate_key
+from ssn_platform.storage import StorageError
 
 SCHEMA = "ssn-dataset-manifest"
 SCHEMA_VERSION = 1

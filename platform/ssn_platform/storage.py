@@ -30,6 +30,8 @@ import boto3
 import botocore.exceptions as bexc
 from botocore.config import Config
 
+from ssn_platform.s3keys import BUCKET_RE, format_s3_uri, validate_key
+
 __all__ = [
     "S3Settings",
     "StorageError",
@@ -39,17 +41,12 @@ __all__ = [
     "EndpointError",
     "IntegrityError",
     "make_client",
-    "parse_s3_uri",
-    "format_s3_uri",
-    "validate_key",
-    "join_key",
     "translate_error",
     "is_transient",
     "call_with_retries",
     "head_object",
     "object_exists",
     "put_bytes",
-    "put_file",
     "get_bytes",
     "download_to",
     "ensure_bucket",
@@ -60,8 +57,6 @@ __all__ = [
 #: user metadata key (``x-amz-meta-sha256``) holding the hex sha256 of an object's content
 SHA256_METADATA_KEY = "sha256"
 _DEFAULT_REGION = "us-east-1"
-_MAX_KEY_BYTES = 1024
-_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _CREDENTIAL_CODES = {
     "InvalidAccessKeyId",
     "SignatureDoesNotMatch",
@@ -227,86 +222,6 @@ def _endpoint_of(client: Any) -> str:
         return "the S3 endpoint"
 
 
-# --------------------------------------------------------------------------------------------- keys and URIs
-def validate_key(key: str, *, what: str = "key") -> str:
-    """Return ``key`` if it is a safe relative object key, else raise ValueError naming it.
-
-    Rejected: empty keys, absolute paths, backslashes, empty segments (``a//b``, trailing ``/``), ``.`` and
-    ``..`` segments, control characters, a leading ``~`` segment and keys longer than 1024 UTF-8 bytes. Safe keys
-    map onto safe relative file paths, which the dataset reader relies on.
-    """
-    if not isinstance(key, str):
-        raise ValueError(f"{what} must be a string, got {type(key).__name__}: {key!r}")
-    problems = []
-    if not key:
-        problems.append("it is empty")
-    else:
-        if key.startswith("/"):
-            problems.append("it is absolute")
-        if "\\" in key:
-            problems.append("it contains a backslash")
-        if any(ord(c) < 32 or ord(c) == 127 for c in key):
-            problems.append("it contains control characters")
-        segments = key.split("/")
-        if any(s == "" for s in segments) and not key.startswith("/"):
-            problems.append("it has an empty path segment")
-        if any(s in {".", ".."} for s in segments):
-            problems.append("it has a '.' or '..' segment")
-        if segments[0] == "~" or segments[0].startswith("~"):
-            problems.append("it starts with '~'")
-        if re.match(r"^[A-Za-z]:", key):
-            problems.append("it starts with a drive letter")
-        if len(key.encode("utf-8")) > _MAX_KEY_BYTES:
-            problems.append(f"it is longer than {_MAX_KEY_BYTES} bytes")
-    if problems:
-        raise ValueError(f"unsafe {what} {key!r}: " + ", ".join(problems))
-    return key
-
-
-def join_key(*parts: str) -> str:
-    """Join key parts with ``/`` and validate the result.
-
-    A single trailing ``/`` on a non-final part is tolerated (``join_key("datasets/x/", "a.png")``); anything
-    else that would escape or create empty segments raises ValueError naming the offending key.
-    """
-    if not parts:
-        raise ValueError("join_key needs at least one part")
-    cleaned = []
-    for i, part in enumerate(parts):
-        if not isinstance(part, str):
-            raise ValueError(f"key part must be a string, got {type(part).__name__}: {part!r}")
-        if i < len(parts) - 1 and part.endswith("/") and not part.endswith("//"):
-            part = part[:-1]
-        cleaned.append(part)
-    return validate_key("/".join(cleaned))
-
-
-def parse_s3_uri(uri: str) -> tuple[str, str]:
-    """Split ``s3://bucket/key`` into ``(bucket, key)``.
-
-    The key may be empty (``s3://bucket`` or ``s3://bucket/``); one trailing ``/`` (a prefix) is dropped. The key is
-    validated with :func:`validate_key`; the bucket must be a valid S3 bucket name.
-    """
-    if not isinstance(uri, str) or not uri.startswith("s3://"):
-        raise ValueError(f"not an s3:// URI: {uri!r}")
-    rest = uri[len("s3://") :]
-    bucket, _, key = rest.partition("/")
-    if not _BUCKET_RE.match(bucket) or ".." in bucket:
-        raise ValueError(f"invalid bucket name {bucket!r} in {uri!r}")
-    if key.endswith("/") and not key.endswith("//"):
-        key = key[:-1]
-    if key:
-        try:
-            validate_key(key)
-        except ValueError as exc:
-            raise ValueError(f"unsafe key in {uri!r}: {exc}") from None
-    return bucket, key
-
-
-def format_s3_uri(bucket: str, key: str = "") -> str:
-    return f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
-
-
 # --------------------------------------------------------------------------------------------- errors and retries
 def _client_error_code(exc: bexc.ClientError) -> tuple[str, int | None]:
     err = exc.response.get("Error", {}) if hasattr(exc, "response") else {}
@@ -464,41 +379,6 @@ def put_bytes(
     return digest
 
 
-def put_file(
-    client: Any,
-    bucket: str,
-    key: str,
-    path: str | os.PathLike[str],
-    *,
-    sha256: str,
-    size: int,
-    content_type: str = "application/octet-stream",
-    multipart_threshold: int = 64 << 20,
-) -> None:
-    """Upload a local file whose sha256/size are known; the sha256 goes into the object's metadata."""
-    validate_key(key)
-    meta = {SHA256_METADATA_KEY: sha256}
-
-    def _put() -> None:
-        if size < multipart_threshold:
-            with open(path, "rb") as f:
-                client.put_object(
-                    Bucket=bucket, Key=key, Body=f, ContentLength=size, ContentType=content_type, Metadata=meta
-                )
-        else:
-            from boto3.s3.transfer import TransferConfig
-
-            client.upload_file(
-                str(path),
-                bucket,
-                key,
-                ExtraArgs={"Metadata": meta, "ContentType": content_type},
-                Config=TransferConfig(multipart_threshold=multipart_threshold, use_threads=False),
-            )
-
-    call_with_retries(_put, client=client, bucket=bucket, key=key, action="write")
-
-
 def get_bytes(client: Any, bucket: str, key: str, *, expected_sha256: str | None = None) -> bytes:
     """Download a whole (small) object; verifies ``expected_sha256`` when given (retrying a bad transfer)."""
     validate_key(key)
@@ -577,7 +457,7 @@ def download_to(
 
 def ensure_bucket(client: Any, bucket: str) -> bool:
     """Create ``bucket`` if it does not exist. Returns True when it was created."""
-    if not _BUCKET_RE.match(bucket):
+    if not BUCKET_RE.match(bucket):
         raise ValueError(f"invalid bucket name {bucket!r}")
 
     def _exists() -> bool:

@@ -38,7 +38,7 @@ from supersimplenet.train import (
     build_optimizer, build_scheduler, build_train_loader, eval_loader, measure_feature_scale, predict, train_epoch,
 )
 from supersimplenet.metrics import compute_metrics, pixel_auroc
-from ssn_platform import resume
+from ssn_platform import resume, s3keys
 from ssn_platform.jobconfig import JobConfig, build_job_config
 
 log = logging.getLogger(__name__)
@@ -116,9 +116,9 @@ def _resolve_weights(weights: str, cache_dir: Path) -> str:
     """s3:// weights are fetched once per node into the cache; other values pass through."""
     if not weights.startswith("s3://"):
         return weights
-    from ssn_platform.storage import S3Settings, download_to, make_client, parse_s3_uri
+    from ssn_platform.storage import S3Settings, download_to, make_client
 
-    bucket, key = parse_s3_uri(weights)
+    bucket, key = s3keys.parse_s3_uri(weights)
     target = cache_dir / "weights" / bucket / key
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -74,7 +74,7 @@ def _yaml_scalar(value: Any) -> str:
 
 
 def tuned_settings_uri(job: JobConfig, backbone: str | None = None) -> str:
-    from ssn_platform.storage import parse_s3_uri
+    from ssn_platform.s3keys import parse_s3_uri
 
     bucket, _ = parse_s3_uri(job.dataset)
     return f"s3://{bucket}/{TUNED_PREFIX}/{job.product}/{backbone or job.model.backbone}.yaml"
@@ -83,7 +83,8 @@ def tuned_settings_uri(job: JobConfig, backbone: str | None = None) -> str:
 def write_tuned_settings(job: JobConfig, document: Mapping[str, Any]) -> str:
     """Writes the settings to s3://<bucket>/tuned/<product>/<backbone>.yaml (and a copy per search under
     <backbone>/<search>.yaml). Returns the main URI."""
-    from ssn_platform.storage import S3Settings, make_client, parse_s3_uri, put_bytes
+    from ssn_platform.s3keys import parse_s3_uri
+    from ssn_platform.storage import S3Settings, make_client, put_bytes
 
     uri = tuned_settings_uri(job, document.get("backbone"))
     bucket, key = parse_s3_uri(uri)
@@ -98,7 +99,8 @@ def write_tuned_settings(job: JobConfig, document: Mapping[str, Any]) -> str:
 def read_tuned_settings(path_or_uri: str | Path) -> dict[str, Any]:
     text: str
     if str(path_or_uri).startswith("s3://"):
-        from ssn_platform.storage import S3Settings, get_bytes, make_client, parse_s3_uri
+        from ssn_platform.s3keys import parse_s3_uri
+        from ssn_platform.storage import S3Settings, get_bytes, make_client
 
         bucket, key = parse_s3_uri(str(path_or_uri))
         text = get_bytes(make_client(S3Settings.from_env()), bucket, key).decode()

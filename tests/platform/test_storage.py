@@ -19,15 +19,8 @@ from ssn_platform.cache import _cache_lock, _file_lock, cache_limit_bytes, prune
 from ssn_platform.datasets import DatasetReader
 from ssn_platform.ingest import ingest
 from ssn_platform.manifest import SCHEMA, DatasetError, Manifest, compute_version
-from ssn_platform.storage import (
-    CredentialsError,
-    ObjectNotFoundError,
-    S3Settings,
-    StorageError,
-    join_key,
-    parse_s3_uri,
-    validate_key,
-)
+from ssn_platform.s3keys import join_key, parse_s3_uri, validate_key
+from ssn_platform.storage import CredentialsError, ObjectNotFoundError, S3Settings, StorageError
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

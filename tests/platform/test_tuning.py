@@ -463,7 +463,8 @@ def test_tuned_settings_are_written_to_s3_and_apply_to_a_train_job(first_search,
     from mlflow import MlflowClient
 
     from ssn_platform.jobconfig import load_job_config
-    from ssn_platform.storage import S3Settings, get_bytes, make_client, parse_s3_uri
+    from ssn_platform.s3keys import parse_s3_uri
+    from ssn_platform.storage import S3Settings, get_bytes, make_client
     from ssn_platform.tuned_settings import tuned_settings_overrides
 
     job = search_setup["job"]
