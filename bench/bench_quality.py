@@ -110,6 +110,8 @@ def _coerce(value: str, current: Any) -> Any:
         return float(value)
     if isinstance(current, tuple) or (current is None and "x" in value):  # 256x128, or feature_levels 3x4
         return tuple(int(v) for v in value.strip("[]()").split("x" if "x" in value else ";"))
+    if current is None and value.lower() in ("true", "false"):  # an optional switch (train.flips)
+        return value.lower() == "true"
     if current is None:  # an optional field: a number when it reads as one
         for kind in (int, float):
             try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from supersimplenet.readers import (
     _is_folder,
@@ -112,12 +112,6 @@ def read_split_file(path: PathLike) -> dict[str, str]:
     return out
 
 
-def write_split_file(path: PathLike, samples: Iterable[Sample]) -> None:
-    """Write the splits of `samples` in the format `read_split_file` reads (sorted, one line per image)."""
-    lines = sorted(f"{s.split} {s.image}" for s in samples)
-    Path(path).write_text("".join(line + "\n" for line in lines))
-
-
 def _apply_split_file(root: Path, samples: list[Sample], split_file: PathLike) -> list[Sample]:
     assigned = read_split_file(split_file)
     known = {s.image for s in samples}
@@ -216,5 +210,4 @@ __all__ = [
     "detect_layout",
     "read_layout",
     "read_split_file",
-    "write_split_file",
 ]

@@ -249,7 +249,7 @@ def fit(
         raise ValueError(f"{data_root}: no training samples for supervision {cfg.supervision!r}")
     preset = get_preset(model_config.backbone)
     common = dict(root=data_root, image_size=model_config.image_size, mean=preset.mean, std=preset.std)
-    train_set = DefectDataset(samples=train_samples, flips=cfg.supervised and cfg.resolved_flips, **common)
+    train_set = DefectDataset(samples=train_samples, flips=cfg.resolved_flips, **common)
     test_set = DefectDataset(samples=test_samples, **common) if test_samples else None
 
     model = build_model(model_config)

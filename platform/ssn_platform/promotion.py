@@ -147,17 +147,6 @@ def evaluate_model(model, root: Path, samples: list, *, threshold: float | None 
     return {k: float(v) for k, v in metrics.items()}
 
 
-def evaluate_version(product: str, version: str, root: Path, samples: list, *, batch_size: int = 16
-                     ) -> dict[str, float]:
-    from ssn_platform.registry import load_model, registered_model_name
-    from ssn_platform.thresholds import threshold_from_tags
-
-    name = registered_model_name(product)
-    tags = _client().get_model_version(name, str(version)).tags
-    model, _ = load_model(f"models:/{name}/{version}")
-    return evaluate_model(model, root, samples, threshold=threshold_from_tags(tags), batch_size=batch_size)
-
-
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 

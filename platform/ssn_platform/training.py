@@ -196,7 +196,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     root, train_samples, val_samples, test_samples = load_job_data(job)
     preset = get_preset(job.model.backbone)
     common = dict(root=root, image_size=job.model.image_size, mean=preset.mean, std=preset.std)
-    train_set = DefectDataset(samples=train_samples, flips=cfg.supervised and cfg.resolved_flips, **common)
+    train_set = DefectDataset(samples=train_samples, flips=cfg.resolved_flips, **common)
     val_set = build_validation_set(job, root, val_samples) if rank == 0 else None
 
     torch.manual_seed(cfg.seed)  # identical initial heads on every rank (DDP also broadcasts rank 0's)
