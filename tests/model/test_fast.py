@@ -1,4 +1,4 @@
-"""The inference fast path gives the reference model's outputs (fp32 within 1e-5) on real weld images."""
+"""The inference fast path gives the reference model's outputs (fp32 within 2e-5) on real weld images."""
 
 import pytest
 import torch
@@ -12,7 +12,9 @@ from supersimplenet.fast import (
 )
 from supersimplenet.model import build_model
 
-ATOL = 1e-5
+# Both paths are float32 and sum in different orders (folded BatchNorms, fused head matmuls): on a 2026-12 AMD EPYC
+# host the ICPR score of a 7-image batch differed by 1.3e-5 and maps by 8e-6 (1e-5 had passed on earlier hosts).
+ATOL = 2e-5
 SIZE = (128, 128)  # small enough for 2 cores; the non-square test uses the weld training size 256x128
 
 
@@ -73,7 +75,9 @@ def centre_scores(model, images):
 
 def lite0_model(*, icpr, images, size=SIZE, seed=0):
     torch.manual_seed(seed)
-    model = build_model(ModelConfig(backbone="efficientnet_lite0", adapt_cls_features=icpr, image_size=size))
+    # The head's score: the spread assertions below are about the classification head (map_max follows the map).
+    model = build_model(ModelConfig(backbone="efficientnet_lite0", adapt_cls_features=icpr, image_size=size,
+                                    image_score="head"))
     load_backbone_weights(model.feature_extractor.backbone, "efficientnet_lite0", "default")
     return centre_scores(make_trained_like(model, seed=seed), images)
 
