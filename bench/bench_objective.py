@@ -48,7 +48,6 @@ from bench_quality import PROTOCOLS, REPO, build_configs, dataset_root  # noqa: 
 
 from supersimplenet.backbones import get_preset  # noqa: E402
 from supersimplenet.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from supersimplenet.config import RELATIVE_NOISE_STD  # noqa: E402
 from supersimplenet.layouts import read_layout  # noqa: E402
 from supersimplenet.loading import DefectDataset  # noqa: E402
 from supersimplenet.metrics import compute_metrics  # noqa: E402
@@ -72,7 +71,8 @@ def halton(index: int, base: int) -> float:
 
 def settings_grid(points: int) -> list[dict[str, float]]:
     """The recommended defaults, then `points - 1` Halton points (bases 2 and 3) over the search space."""
-    grid = [{"noise_std": RELATIVE_NOISE_STD, "perlin_threshold": 0.2}]
+    lite0 = get_preset("efficientnet_lite0")
+    grid = [{"noise_std": lite0.noise_std, "perlin_threshold": lite0.perlin_threshold}]
     low, high = math.log(SIGMA_RANGE[0]), math.log(SIGMA_RANGE[1])
     for index in range(1, points):
         grid.append({"noise_std": round(math.exp(low + halton(index, 2) * (high - low)), 3),

@@ -42,11 +42,13 @@ class ModelConfig:
         image_size: input (height, width); feature maps are a quarter of it.
         adapt_cls_features: ICPR (True) feeds adapted features to the classification head, JIMS (False) raw ones.
         stop_grad: detach the segmentation map before the classification head (unsupervised setting).
-        noise_std: Gaussian noise sigma of the feature-space anomalies.
+        noise_std: Gaussian noise sigma of the feature-space anomalies; None takes the backbone preset's
+            (`BackbonePreset.noise_std`: relative 4.0 for the EfficientNet-Lites, the paper's absolute 0.015 for WRN50).
         noise_std_mode: "absolute" uses `noise_std` as is (the paper's 0.015 for WRN50); "relative" multiplies it
             by the backbone's feature scale measured on the training images (stored in the checkpoint), so that
-            one value transfers across backbones.
-        perlin_threshold: binarisation threshold of the Perlin noise.
+            one value transfers across backbones. None takes the preset's; a mode other than the preset's needs
+            an explicit `noise_std`.
+        perlin_threshold: binarisation threshold of the Perlin noise; None takes the preset's (0.2).
         perlin_fallback: anomalib's rescale of a Perlin field that never exceeds the threshold (off in the paper).
         overlap: allow synthetic noise inside real defect regions (False in the supervised configs).
         noise_on_anomalous: also perturb images that are already anomalous (the paper's `bad=True`).
@@ -60,16 +62,20 @@ class ModelConfig:
             size, so (1, 2) costs the heads about 4x and (3, 4) about 1/4 of the default.
         image_score: the image score every prediction reports, one of `IMAGE_SCORES`: "head" (the classification
             head's, the paper's), "map_max" (the anomaly map's maximum, the authors' "seg-" metrics) or "combined"
-            (of the two). Changes no weight: evaluation compares all three on any trained model.
+            (of the two). Changes no weight: evaluation compares all three on any trained model. None takes the
+            preset's unsupervised score (`recommended_model_config` sets "head" for supervised regimes).
+
+    Every None is resolved in `__post_init__`, so a built config (and every checkpoint) holds concrete values and
+    `ModelConfig(backbone="efficientnet_lite0")` is the recommended unsupervised model of that backbone.
     """
 
     backbone: str = "efficientnet_lite0"
     image_size: tuple[int, int] = (256, 256)
     adapt_cls_features: bool = False
     stop_grad: bool = True
-    noise_std: float = 0.015
-    noise_std_mode: str = "absolute"
-    perlin_threshold: float = 0.2
+    noise_std: float | None = None
+    noise_std_mode: str | None = None
+    perlin_threshold: float | None = None
     perlin_fallback: bool = False
     overlap: bool = False
     noise_on_anomalous: bool = True
@@ -77,7 +83,7 @@ class ModelConfig:
     seg_hidden: int = 1024
     cls_hidden: int = 128
     blur_sigma: float = 4.0
-    image_score: str = "head"
+    image_score: str | None = None
     feature_levels: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
@@ -86,6 +92,7 @@ class ModelConfig:
         _check(
             self.backbone in PRESETS, f"model.backbone: unknown backbone {self.backbone!r}; known: {sorted(PRESETS)}"
         )
+        self._resolve_backbone_defaults(PRESETS[self.backbone])
         object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
         _check(len(self.image_size) == 2, f"model.image_size must be (height, width), got {self.image_size!r}")
         # Feature maps are H/4 x W/4 and the Perlin lattice needs at least 17 cells per side (docs/design.md §3.7).
@@ -113,6 +120,20 @@ class ModelConfig:
             object.__setattr__(self, "feature_levels", levels)
         _check(self.image_score in IMAGE_SCORES,
                f"model.image_score must be one of {IMAGE_SCORES}, got {self.image_score!r}")
+
+    def _resolve_backbone_defaults(self, preset: Any) -> None:
+        """Fills the fields left None from the backbone preset, the one home of the per-backbone defaults."""
+        mode = self.noise_std_mode if self.noise_std_mode is not None else preset.noise_std_mode
+        if self.noise_std is None:
+            _check(mode == preset.noise_std_mode,
+                   f"model.noise_std is required with model.noise_std_mode {mode!r}: {self.backbone}'s default "
+                   f"sigma is {preset.noise_std} in mode {preset.noise_std_mode!r}")
+            object.__setattr__(self, "noise_std", preset.noise_std)
+        object.__setattr__(self, "noise_std_mode", mode)
+        if self.perlin_threshold is None:
+            object.__setattr__(self, "perlin_threshold", preset.perlin_threshold)
+        if self.image_score is None:
+            object.__setattr__(self, "image_score", preset.unsupervised_image_score)
 
     @property
     def feature_size(self) -> tuple[int, int]:
@@ -228,38 +249,27 @@ def to_dict(config: Any) -> dict[str, Any]:
     return {k: plain(v) for k, v in dataclasses.asdict(config).items()}
 
 
-__all__ = ["ConfigError", "ModelConfig", "TrainConfig", "SUPERVISION_REGIMES", "from_dict", "to_dict"]
-
-
-# sigma as a multiple of the median per-channel feature std (docs/backbones.md). Measured on the battery weld data
-# with Lite0, 256x128, 15 epochs, seed 42 (image AUROC): 0.5 -> 0.32, 1 -> 0.79, 2 -> 0.92, 4 -> 0.95. The search
-# job refines it per product and backbone; QUALITY.md has the multi-seed figures.
-RELATIVE_NOISE_STD = 4.0
-
-# Measured with Lite0 over 3 seeds on every unlabelled dataset we have (QUALITY.md): the anomaly map's maximum ranks
-# real defects far better and far more stably than the classification head after a CPU budget of epochs (weld image
-# AUROC 0.957 +- 0.013 vs 0.740 +- 0.112; MPDD metal plate 0.999 +- 0.001 vs 0.976 +- 0.007; ELPV 0.727 +- 0.028
-# vs 0.532 +- 0.073).
-RECOMMENDED_UNSUPERVISED_IMAGE_SCORE = "map_max"
-
-
 def recommended_model_config(backbone: str, *, supervision: str = "unsupervised", **overrides: Any) -> ModelConfig:
     """The recommended settings per backbone and supervision regime.
 
-    * `wide_resnet50`: the paper's (absolute sigma 0.015, the head's image score).
-    * Every other backbone: sigma relative to the measured feature scale (`RELATIVE_NOISE_STD`); unsupervised, the
-      anomaly map's maximum as the image score (`RECOMMENDED_UNSUPERVISED_IMAGE_SCORE`).
+    * sigma, its mode, the Perlin threshold and the unsupervised image score: the backbone preset's
+      (`supersimplenet.backbones.BackbonePreset`), which `ModelConfig` resolves itself.
     * Supervised regimes (weak, mixed, full): the classification loss reaches the segmentation head
       (`stop_grad` False, the paper's supervised setting) and the head's score, which sees real labels.
 
     `overrides` whose value is None are ignored, so optional command-line flags can be passed straight through.
     """
+    return ModelConfig(backbone=backbone, **{**regime_model_defaults(supervision),
+                                             **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def regime_model_defaults(supervision: str) -> dict[str, Any]:
+    """The `ModelConfig` fields a supervision regime decides (stop_grad and, when supervised, the head's score)."""
     _check(supervision in SUPERVISION_REGIMES, f"train.supervision must be one of {SUPERVISION_REGIMES}, "
            f"got {supervision!r}")
     supervised = supervision != "unsupervised"
-    base = ModelConfig(backbone=backbone, stop_grad=not supervised)
-    if backbone != "wide_resnet50":
-        base = dataclasses.replace(base, noise_std_mode="relative", noise_std=RELATIVE_NOISE_STD)
-        if not supervised:
-            base = dataclasses.replace(base, image_score=RECOMMENDED_UNSUPERVISED_IMAGE_SCORE)
-    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    return {"stop_grad": not supervised, **({"image_score": "head"} if supervised else {})}
+
+
+__all__ = ["ConfigError", "ModelConfig", "TrainConfig", "SUPERVISION_REGIMES", "from_dict", "recommended_model_config",
+           "regime_model_defaults", "to_dict"]

@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from supersimplenet.config import ConfigError, ModelConfig, TrainConfig, from_dict, recommended_model_config, to_dict
+from supersimplenet.config import ConfigError, ModelConfig, TrainConfig, from_dict, regime_model_defaults, to_dict
 from supersimplenet.synthetic import DEFAULT_RECIPE, SYNTHETIC_RECIPES
 
 PRODUCT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # as the dataset store
@@ -181,12 +181,11 @@ def build_job_config(values: Mapping[str, Any]) -> JobConfig:
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{section} must be a mapping, got {type(raw).__name__}")
         if section == "model":
-            # A model section starts from the recommended settings of its backbone and the job's supervision
-            # (supersimplenet.config), so `model: {backbone: efficientnet_lite0}` alone trains well; its keys win.
+            # A model section starts from what the job's supervision regime decides; ModelConfig fills the rest from
+            # the backbone preset (supersimplenet.config), so `model: {backbone: efficientnet_lite0}` alone trains
+            # well. The section's own keys win.
             train = values.get("train") if isinstance(values.get("train"), Mapping) else {}
-            base = recommended_model_config(raw.get("backbone") or ModelConfig.backbone,
-                                            supervision=train.get("supervision") or "unsupervised")
-            raw = {**to_dict(base), **raw}
+            raw = {**regime_model_defaults(train.get("supervision") or "unsupervised"), **raw}
         values[section] = from_dict(cls, raw, section=section)
     for required in ("product", "dataset"):
         if not values.get(required):

@@ -225,3 +225,34 @@ def test_invalid_config_names_field():
 def test_an_unknown_image_score_is_an_error_naming_the_field():
     with pytest.raises(ConfigError, match="model.image_score.*'max'"):
         ModelConfig(image_score="max")
+
+
+def test_a_config_naming_only_the_backbone_takes_the_presets_defaults():
+    from supersimplenet.backbones import PRESETS
+    from supersimplenet.config import recommended_model_config
+
+    for name, preset in PRESETS.items():
+        config = ModelConfig(backbone=name)
+        assert (config.noise_std, config.noise_std_mode, config.perlin_threshold, config.image_score) == (
+            preset.noise_std, preset.noise_std_mode, preset.perlin_threshold, preset.unsupervised_image_score)
+        assert config == recommended_model_config(name)
+    lite0, wrn50 = ModelConfig(backbone="efficientnet_lite0"), ModelConfig(backbone="wide_resnet50")
+    assert (lite0.noise_std, lite0.noise_std_mode, lite0.image_score) == (4.0, "relative", "map_max")
+    assert (wrn50.noise_std, wrn50.noise_std_mode, wrn50.image_score) == (0.015, "absolute", "head")  # the paper's
+    supervised = recommended_model_config("efficientnet_lite0", supervision="supervised")
+    assert (supervised.image_score, supervised.stop_grad, supervised.noise_std) == ("head", False, 4.0)
+
+
+def test_a_sigma_mode_other_than_the_presets_needs_an_explicit_sigma():
+    with pytest.raises(ConfigError, match="model.noise_std is required.*'absolute'.*4.0.*'relative'"):
+        ModelConfig(backbone="efficientnet_lite0", noise_std_mode="absolute")
+    assert ModelConfig(backbone="efficientnet_lite0", noise_std_mode="absolute", noise_std=0.015).noise_std == 0.015
+
+
+def test_a_stored_config_with_every_field_loads_unchanged():
+    from supersimplenet.config import from_dict, to_dict
+
+    stored = {**to_dict(ModelConfig(backbone="efficientnet_lite0")), "noise_std": 0.015, "noise_std_mode": "absolute",
+              "image_score": "head", "perlin_threshold": 0.5}  # an older checkpoint's explicit paper settings
+    config = from_dict(ModelConfig, stored, section="model")
+    assert to_dict(config) == stored

@@ -295,7 +295,7 @@ def _random_head_model(seed: int, *, head_scale: float | None = 0.05):
     from supersimplenet.model import build_model
 
     config = ModelConfig(backbone="efficientnet_lite0", image_size=REGISTRY_IMAGE_SIZE, noise_std=1.0,
-                         noise_std_mode="relative")
+                         noise_std_mode="relative", image_score="head")
     torch.manual_seed(seed)
     model = build_model(config)
     load_backbone_weights(model.feature_extractor.backbone, config.backbone, "default")
