@@ -98,6 +98,10 @@ def run_clients(url: str, bodies: list[bytes], *, clients: int, total: int, max_
     issued = [0]
     deadline = time.monotonic() + max_seconds
 
+    from ssn_platform.serving.auth import client_headers
+
+    auth = client_headers()  # the local stack's API key
+
     def worker(offset: int) -> None:
         session = requests.Session()
         while time.monotonic() < deadline:
@@ -109,7 +113,7 @@ def run_clients(url: str, bodies: list[bytes], *, clients: int, total: int, max_
             body = bodies[(index + offset) % len(bodies)]
             started = time.perf_counter()
             try:
-                answer = session.post(url, data=body, headers={"Content-Type": "image/png"}, timeout=120)
+                answer = session.post(url, data=body, headers={"Content-Type": "image/png", **auth}, timeout=120)
                 elapsed = time.perf_counter() - started
                 with lock:
                     if answer.status_code == 200:

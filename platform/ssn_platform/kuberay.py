@@ -73,10 +73,14 @@ def _pod(group: str, *, gpu: bool) -> dict[str, Any]:
             "envFrom": [{"configMapRef": {"name": "ssn-config"}}],
             "resources": {"limits": limits, "requests": dict(limits)},
             "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
-            "volumeMounts": [{"name": "mlflow-credentials", "mountPath": "/home/ssn/.mlflow", "readOnly": True}],
+            "volumeMounts": [{"name": "mlflow-credentials", "mountPath": "/home/ssn/.mlflow", "readOnly": True},
+                             {"name": "api-keys", "mountPath": "/var/run/secrets/ssn/serve", "readOnly": True}],
         }],
-        # Replicas read models through MLflow (artifacts proxied): they hold no bucket keys.
-        "volumes": [{"name": "mlflow-credentials", "secret": {"secretName": "ssn-mlflow-client"}}],
+        # Replicas read models through MLflow (artifacts proxied): they hold no bucket keys. The endpoint's API key
+        # digests (SSN_SERVE_KEYS_FILE in ssn-config) are a mounted Secret, so an updated Secret rotates keys
+        # without a restart (ssn_platform.serving.auth).
+        "volumes": [{"name": "mlflow-credentials", "secret": {"secretName": "ssn-mlflow-client"}},
+                    {"name": "api-keys", "secret": {"secretName": "ssn-serve-keys"}}],
     }
     if gpu:
         spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]

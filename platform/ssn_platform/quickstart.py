@@ -78,8 +78,10 @@ def _submit(entrypoint: list[str], *, env: dict[str, str], step: str) -> dict[st
 
 
 def _post_image(url: str, path: Path) -> dict[str, Any]:
-    request = urllib.request.Request(url, data=path.read_bytes(), headers={"Content-Type": "image/png"},
-                                     method="POST")
+    from ssn_platform.serving.auth import client_headers
+
+    request = urllib.request.Request(url, data=path.read_bytes(), method="POST",
+                                     headers={"Content-Type": "image/png", **client_headers()})
     with urllib.request.urlopen(request, timeout=60) as response:
         return json.loads(response.read())
 
@@ -148,7 +150,8 @@ def run(settings: QuickstartSettings) -> dict[str, Any]:
     # log_to_driver=False: the replicas' request logs would bury the quickstart's own lines
     url = deploy({}, name="ssn", route_prefix="/", log_to_driver=False)
     wait_ready(url, timeout=300)
-    say("5/7 deploy", f"{url}/v1/products/{PRODUCT}/inspect")
+    say("5/7 deploy", f"{url}/v1/products/{PRODUCT}/inspect (API key: the file $SSN_SERVE_API_KEY_FILE, "
+                      f"{os.environ.get('SSN_SERVE_API_KEY_FILE', 'not set')})")
 
     from supersimplenet.layouts import read_layout
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+import yaml
 
 pytestmark = [pytest.mark.stack, pytest.mark.heavy]
 
@@ -65,9 +66,16 @@ def weld_test_images(weld_root: Path, count: int = 6) -> list[Path]:
     return [p for pair in zip(good, bad) for p in pair]
 
 
+def key_headers() -> dict[str, str]:
+    """The local stack's API key (infra/local/stack writes it, 0600; `stack env` names the file)."""
+    from ssn_platform.serving.auth import client_headers
+
+    return client_headers()
+
+
 def inspect(base: str, product: str, body: bytes, content_type: str = "image/png", **params) -> requests.Response:
-    return requests.post(f"{base}/v1/products/{product}/inspect", data=body, headers={"Content-Type": content_type},
-                         params=params, timeout=120)
+    return requests.post(f"{base}/v1/products/{product}/inspect", data=body, timeout=120, params=params,
+                         headers={"Content-Type": content_type, **key_headers()})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -163,17 +171,63 @@ def test_served_scores_equal_offline_scores(served, weld_root):
         assert answer.status_code == 200, answer.text
         assert abs(answer.json()["score"] - expected) <= 1e-5, fmt
     octet = inspect(base, product, paths[1].read_bytes(), "application/octet-stream")
-    multipart = requests.post(f"{base}/v1/products/{product}/inspect", timeout=60,
+    multipart = requests.post(f"{base}/v1/products/{product}/inspect", timeout=60, headers=key_headers(),
                               files={"image": (paths[1].name, paths[1].read_bytes(), "image/png")})
     for answer in (octet, multipart):
         assert answer.status_code == 200, answer.text
         assert abs(answer.json()["score"] - float(offline[paths[1]][0][0])) <= 1e-5
 
 
+def test_inspection_needs_a_key_for_the_product_and_keys_rotate_without_a_restart(served, weld_root):
+    from ssn_platform.serving.auth import new_key
+
+    base, product = served["base"], served["product"]
+    url, png = f"{base}/v1/products/{product}/inspect", weld_test_images(weld_root, 1)[0].read_bytes()
+
+    def status(key: str | None) -> int:
+        headers = {"Content-Type": "image/png", **({"Authorization": f"Bearer {key}"} if key else {})}
+        return requests.post(url, data=png, headers=headers, timeout=120).status_code
+
+    def wait_for(key: str, expected: int) -> None:  # the replica re-reads the keys file when it changes
+        deadline = time.monotonic() + 120
+        while (seen := status(key)) != expected:
+            assert time.monotonic() < deadline, f"still {seen}, expected {expected} after the keys file changed"
+            time.sleep(0.5)
+
+    refused = requests.post(url, data=png, headers={"Content-Type": "image/png"}, timeout=120)
+    assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer", refused.text
+    assert refused.json()["error"]["code"] == "unauthorized"
+    assert requests.get(f"{base}/v1/products", timeout=30).status_code == 401
+    assert requests.get(f"{base}/healthz", timeout=30).status_code == 200  # probes stay open
+    keys_file = Path(os.environ["SSN_SERVE_KEYS_FILE"])
+    original = keys_file.read_text()
+    assert "sha256" in original and Path(os.environ["SSN_SERVE_API_KEY_FILE"]).read_text().strip() not in original
+    own_key, own = new_key("this-line", [product])
+    other_key, other = new_key("other-line", ["another-product"])
+
+    def write(entries: list[dict]) -> None:
+        data = yaml.safe_load(original)
+        data["keys"] += entries
+        tmp = keys_file.with_name(".keys.tmp")
+        tmp.write_text(yaml.safe_dump(data))
+        os.replace(tmp, keys_file)
+
+    try:
+        assert status(own_key) == 401
+        write([own, other])
+        wait_for(own_key, 200)  # a new key works without a restart
+        assert status(other_key) == 403  # a key of another product
+        write([other])
+        wait_for(own_key, 401)  # a removed key is refused without a restart
+        assert status(None) == 401 and inspect(base, product, png).status_code == 200
+    finally:
+        keys_file.write_text(original)
+
+
 def test_products_health_and_docs(served, weld_root):
     base, product = served["base"], served["product"]
     assert inspect(base, product, weld_test_images(weld_root)[0].read_bytes()).status_code == 200  # loaded now
-    listing = requests.get(f"{base}/v1/products", timeout=30).json()["products"]
+    listing = requests.get(f"{base}/v1/products", headers=key_headers(), timeout=30).json()["products"]
     entry = {p["product"]: p for p in listing}[product]
     assert entry["champion_version"] == served["versions"][0] and entry["registered_model"] == served["name"]
     assert entry["loaded_version"] == served["versions"][0]
@@ -229,7 +283,7 @@ def test_champion_switch_and_rollback_under_load(served, weld_root):
             sent = time.monotonic()
             try:
                 answer = session.post(f"{base}/v1/products/{product}/inspect", data=images[i % len(images)],
-                                      headers={"Content-Type": "image/png"}, timeout=120)
+                                      headers={"Content-Type": "image/png", **key_headers()}, timeout=120)
                 version = answer.json().get("model_version") if answer.status_code == 200 else answer.text[:200]
                 log.append((sent, time.monotonic(), answer.status_code, version))
             except requests.RequestException as error:
@@ -434,6 +488,11 @@ def bad_requests(
             add("wrong_method", real_png, method=method)
     for path in ("/v1/products/x", "/v1/inspect", "/v2/products/x/inspect", "/", "/v1/products/x/inspect/extra"):
         add("unknown_route", real_png, url=f"{base}{path}")
+    for _ in range(4):  # every other case carries the stack's key (send): these carry none, or a wrong one
+        add("no_api_key", real_png)
+        add("unknown_api_key", real_png, {**png, "Authorization": "Bearer " + "x" * rng.randrange(1, 80)})
+        add("unknown_api_key", real_png, {**png, "X-API-Key": "not-a-key"})
+        add("unknown_api_key", real_png, {**png, "Authorization": "Basic dXNlcjpwYXNz"})
     return out
 
 
@@ -445,6 +504,8 @@ def test_fuzz_bad_requests_never_get_a_5xx(served, weld_root):
 
     def send(case):
         category, method, url, headers, body = case
+        if category not in ("no_api_key", "unknown_api_key"):
+            headers = {**headers, **key_headers()}
         try:
             answer = requests.request(method, url, headers=headers, data=body, timeout=120)
         except requests.RequestException as error:
@@ -469,6 +530,7 @@ def test_fuzz_bad_requests_never_get_a_5xx(served, weld_root):
     assert by_category["oversized_body"] == {413} and by_category["unknown_product"] == {404}
     assert by_category["no_champion"] == {404} and by_category["zero_bytes"] == {400}
     assert by_category["wrong_content_type"] == {415} and by_category["wrong_method"] == {405}
+    assert by_category["no_api_key"] == {401} and by_category["unknown_api_key"] == {401}
 
     assert requests.get(f"{base}/healthz", timeout=30).json()["status"] == "ok"
     answer = inspect(base, product, real_png)

@@ -6,6 +6,7 @@ stack or the session's S3 fixture).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import subprocess
@@ -114,9 +115,15 @@ def test_stack_up_status_down_up_keeps_data(tmp_path: Path, make_stack) -> None:
         # credentials: generated, owner-only, and usable through `env`
         cred = stack.state_dir / "credentials.env"
         token_file = stack.state_dir / "ray_auth_token"
-        for f in (cred, token_file, stack.state_dir / "s3.json"):
+        key_file, keys_file = stack.state_dir / "serve_api_key", stack.state_dir / "serve_keys.yaml"
+        for f in (cred, token_file, stack.state_dir / "s3.json", key_file, keys_file):
             assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
         env = stack.client_env()
+        # the endpoint's API key: the client's file holds the key, the endpoint's file only its digest
+        assert env["SSN_SERVE_API_KEY_FILE"] == str(key_file) and env["SSN_SERVE_KEYS_FILE"] == str(keys_file)
+        api_key = key_file.read_text().strip()
+        assert len(api_key) >= 40 and api_key not in keys_file.read_text()
+        assert hashlib.sha256(api_key.encode()).hexdigest() in keys_file.read_text()
         assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN_PATH"] == str(token_file)
         assert env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0" and env["RAY_USAGE_STATS_ENABLED"] == "0"
         assert env["SSN_S3_ENDPOINT"] == f"http://127.0.0.1:{stack.port_base}"
@@ -170,6 +177,7 @@ def test_stack_up_status_down_up_keeps_data(tmp_path: Path, make_stack) -> None:
                     data = path.read_bytes()
                     assert secret.encode() not in data, f"S3 secret in {path}"
                     assert token.encode() not in data, f"Ray token in {path}"
+                    assert api_key.encode() not in data, f"the endpoint's API key in {path}"
     finally:
         stack.run("down", check=False, timeout=200)
         subprocess.run(["rm", "-rf", str(ray_tmp)], check=False)

@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ssn_platform.serving.auth import ApiKeys
 from ssn_platform.serving.requests import (ERROR_RESPONSES, INSPECT_BODY, MULTIPART_OVERHEAD, RAW_CONTENT_TYPES,
                                            ApiError, InspectionResult, decode_image, error_response, media_type,
                                            parse_multipart, png_base64, read_body)
@@ -79,6 +80,7 @@ class InspectorReplica:
         Image.MAX_IMAGE_PIXELS = self.settings.max_pixels
         if self.settings.torch_threads > 0:
             torch.set_num_threads(self.settings.torch_threads)
+        self.api_keys = ApiKeys.from_settings(self.settings.api_keys_file)
         self._holders: dict[str, ProductModel] = {}
         self._absent: dict[str, tuple[float, ApiError]] = {}
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="ssn-infer")
@@ -206,6 +208,7 @@ class InspectorReplica:
     async def _inspect(self, product: str, request: Request, return_map: bool, return_mask: bool) -> Any:
         started = time.perf_counter()
         try:
+            self.api_keys.check(request.headers, product)
             content_type = request.headers.get("content-type")
             kind = media_type(content_type)
             if kind == "multipart/form-data":
@@ -268,7 +271,12 @@ class InspectorReplica:
             raise ValueError("non-finite score")
         return result
 
-    async def _products(self) -> Any:
+    async def _products(self, request: Request) -> Any:
+        try:
+            self.api_keys.check(request.headers)
+        except ApiError as error:
+            return error.response()
+
         def listing() -> list[dict[str, Any]]:
             client = _mlflow_client()
             out, token = [], None
@@ -367,8 +375,8 @@ def inspector_deployment(max_models_per_replica: int = 4):
             return await self._inspect(product, request, return_map, return_mask)
 
         @app.get("/v1/products", summary="Products with a champion, and the versions served")
-        async def products(self) -> Any:
-            return await self._products()
+        async def products(self, request: Request) -> Any:
+            return await self._products(request)
 
         @app.get("/healthz", summary="Liveness: the replica answers")
         async def healthz(self) -> Any:

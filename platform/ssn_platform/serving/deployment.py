@@ -19,7 +19,7 @@ from ssn_platform.serving.settings import ServeSettings
 # runtime_env, which Ray logs: credentials come from the nodes' environment, never from here).
 SERVE_ENV = (
     "MLFLOW_TRACKING_URI", "MLFLOW_DISABLE_TELEMETRY", "MLFLOW_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION",
-    "SSN_CACHE_DIR", "SSN_CACHE_MAX_GB",
+    "SSN_CACHE_DIR", "SSN_CACHE_MAX_GB", "SSN_SERVE_KEYS_FILE",  # the path of the hashed API keys, not a key
 )
 
 

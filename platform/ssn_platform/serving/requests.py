@@ -31,12 +31,15 @@ MULTIPART_OVERHEAD = 64 * 1024
 class ApiError(Exception):
     """An answer other than 200: HTTP status, a stable code and a message (JSON body ``{"error": {...}}``)."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.headers = headers or {}
 
     def response(self) -> JSONResponse:
-        return error_response(self.status, self.code, self.message)
+        response = error_response(self.status, self.code, self.message)
+        response.headers.update(self.headers)
+        return response
 
 
 def error_response(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
@@ -75,6 +78,8 @@ class InspectionResult(BaseModel):
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": text} for status, text in {
         400: "empty body, undecodable or truncated image, malformed multipart",
+        401: "missing or unknown API key (send 'Authorization: Bearer <key>')",
+        403: "the API key may not inspect this product",
         404: "unknown product, or a product without a champion",
         409: "the champion has no calibrated threshold",
         413: "body larger than max_bytes, or image larger than max_pixels / max_side",

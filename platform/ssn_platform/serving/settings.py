@@ -15,6 +15,8 @@ class ServeSettings:
     Batching: batching on/off, max_batch_size, batch_wait_timeout_s.
     Deployment: num_replicas (an int, or "auto" with min_replicas/max_replicas/target_ongoing_requests),
     max_ongoing_requests, num_cpus and num_gpus per replica, mlflow_tracking_uri (default: the environment's).
+    Access: api_keys_file, the YAML file of hashed API keys on the replica's node (default: the environment's
+    SSN_SERVE_KEYS_FILE; `ssn_platform.serving.auth`); without one every inspection is refused.
     """
 
     max_bytes: int = 20 * 1024 * 1024
@@ -37,6 +39,7 @@ class ServeSettings:
     num_cpus: float = 0.0
     num_gpus: float = 0.0
     mlflow_tracking_uri: str | None = None
+    api_keys_file: str | None = None
 
     def __post_init__(self) -> None:
         def check(ok: bool, message: str) -> None:
