@@ -8,9 +8,11 @@ error, as `kubectl apply --validate=strict` would make it) and the core Kubernet
 from __future__ import annotations
 
 import copy
+import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -18,6 +20,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+_imported_here = "ray" not in sys.modules  # Ray must stay out of this process (see the last test)
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "infra" / "k8s"
 CRDS = REPO.parent / "shared" / "kuberay-crds"
@@ -213,9 +216,17 @@ def test_the_rayservice_is_generated_from_the_serve_config():
     assert {k: v for k, v in app["args"].items() if k not in kuberay.PROFILES["gpu"]} == \
         {k: v for k, v in local_app["args"].items() if k not in kuberay.PROFILES["gpu"]}
     assert app["args"]["num_gpus"] == 1 and "MLFLOW_TRACKING_URI" not in str(app.get("runtime_env"))
-    from ray.serve.schema import ServeDeploySchema
-    from ssn_platform.serving.settings import ServeSettings
-
-    for profile in kuberay.PROFILES:  # Serve and the app accept what is generated
-        ServeDeploySchema.model_validate(kuberay.cluster_serve_config(local, profile))
-        ServeSettings(**kuberay.cluster_serve_config(local, profile)["applications"][0]["args"])
+    # Serve and the app accept what is generated. In a child process: importing Ray here, before the live stack's
+    # fixture sets its address and auth mode, would break every later in-process Ray connection of the session
+    # (tests/conftest.py, pytest_collection_finish).
+    configs = [kuberay.cluster_serve_config(local, profile) for profile in kuberay.PROFILES]
+    check = ("import json, sys\n"
+             "from ray.serve.schema import ServeDeploySchema\n"
+             "from ssn_platform.serving.settings import ServeSettings\n"
+             "for config in json.load(sys.stdin):\n"
+             "    ServeDeploySchema.model_validate(config)\n"
+             "    ServeSettings(**config['applications'][0]['args'])\n")
+    out = subprocess.run([sys.executable, "-c", check], input=json.dumps(configs), capture_output=True, text=True,
+                         check=False, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ray" not in sys.modules or not _imported_here, "this test must not import Ray in the test process"
