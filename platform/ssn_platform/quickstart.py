@@ -150,8 +150,7 @@ def run(settings: QuickstartSettings) -> dict[str, Any]:
     # log_to_driver=False: the replicas' request logs would bury the quickstart's own lines
     url = deploy({}, name="ssn", route_prefix="/", log_to_driver=False)
     wait_ready(url, timeout=300)
-    say("5/7 deploy", f"{url}/v1/products/{PRODUCT}/inspect (API key: the file $SSN_SERVE_API_KEY_FILE, "
-                      f"{os.environ.get('SSN_SERVE_API_KEY_FILE', 'not set')})")
+    say("5/7 deploy", f"{url}/v1/products/{PRODUCT}/inspect (API key in {os.environ.get('SSN_SERVE_API_KEY_FILE')})")
 
     from supersimplenet.layouts import read_layout
 
