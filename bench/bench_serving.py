@@ -98,7 +98,7 @@ def run_clients(url: str, bodies: list[bytes], *, clients: int, total: int, max_
     issued = [0]
     deadline = time.monotonic() + max_seconds
 
-    from ssn_platform.serving.auth import client_headers
+    from ssn_platform.apikeys import client_headers
 
     auth = client_headers()  # the local stack's API key
 

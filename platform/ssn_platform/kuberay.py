@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 import sys
 from pathlib import Path
 from typing import Any, Mapping
@@ -42,7 +43,14 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 OUTPUTS = {"cpu": REPO / "infra" / "k8s" / "base" / "rayservice.yaml",
            "gpu": REPO / "infra" / "k8s" / "overlays" / "gpu-cluster" / "rayservice-gpu.yaml"}
-RAY_VERSION = "2.60.0"  # tests/infra/test_k8s.py: equal to the pinned ray in requirements.lock
+
+
+def locked_ray_version() -> str:
+    """The `ray` version pinned in requirements.lock: the one home of the cluster's rayVersion."""
+    match = re.search(r"^ray==(\S+)$", (REPO / "requirements.lock").read_text(), re.M)
+    if not match:
+        raise ValueError("requirements.lock pins no ray version")
+    return match.group(1)
 
 
 def cluster_serve_config(local: Mapping[str, Any], profile: str) -> dict[str, Any]:
@@ -106,7 +114,7 @@ def rayservice(local: Mapping[str, Any], profile: str) -> dict[str, Any]:
             "deploymentUnhealthySecondThreshold": 300,
             "serveConfigV2": serve,
             "rayClusterConfig": {
-                "rayVersion": RAY_VERSION,
+                "rayVersion": locked_ray_version(),
                 "enableInTreeAutoscaling": True,
                 "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 300},
                 "authOptions": {"mode": "token"},

@@ -78,7 +78,7 @@ def _submit(entrypoint: list[str], *, env: dict[str, str], step: str) -> dict[st
 
 
 def _post_image(url: str, path: Path) -> dict[str, Any]:
-    from ssn_platform.serving.auth import client_headers
+    from ssn_platform.apikeys import client_headers
 
     request = urllib.request.Request(url, data=path.read_bytes(), method="POST",
                                      headers={"Content-Type": "image/png", **client_headers()})

@@ -68,7 +68,7 @@ def weld_test_images(weld_root: Path, count: int = 6) -> list[Path]:
 
 def key_headers() -> dict[str, str]:
     """The local stack's API key (infra/local/stack writes it, 0600; `stack env` names the file)."""
-    from ssn_platform.serving.auth import client_headers
+    from ssn_platform.apikeys import client_headers
 
     return client_headers()
 
@@ -179,7 +179,7 @@ def test_served_scores_equal_offline_scores(served, weld_root):
 
 
 def test_inspection_needs_a_key_for_the_product_and_keys_rotate_without_a_restart(served, weld_root):
-    from ssn_platform.serving.auth import new_key
+    from ssn_platform.apikeys import new_key
 
     base, product = served["base"], served["product"]
     url, png = f"{base}/v1/products/{product}/inspect", weld_test_images(weld_root, 1)[0].read_bytes()

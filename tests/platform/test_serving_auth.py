@@ -1,4 +1,5 @@
-"""API keys of the inspection endpoint (ssn_platform.serving.auth), without a server; test_serving.py has the HTTP."""
+"""API keys of the inspection endpoint (ssn_platform.apikeys, ssn_platform.serving.auth), without a server;
+test_serving.py has the HTTP."""
 
 import os
 import stat
@@ -6,14 +7,14 @@ import stat
 import pytest
 import yaml
 
-# ssn_platform.serving imports Ray (the package exposes build_app), which must not load at collection time: the
-# names below are imported inside the tests.
+from ssn_platform.apikeys import digest, main, new_key, parse_keys
 
 
-def auth():
-    from ssn_platform.serving import auth as module
+def api_keys(*args, **kwargs):
+    # ssn_platform.serving imports Ray (the package exposes build_app), which must not load at collection time
+    from ssn_platform.serving.auth import ApiKeys
 
-    return module
+    return ApiKeys(*args, **kwargs)
 
 
 def write(path, entries):
@@ -31,11 +32,11 @@ def status_of(keys, headers, product=None):
 
 
 def test_a_key_opens_its_products_only_and_is_held_as_a_digest(tmp_path):
-    line_key, line = auth().new_key("line-3", ["battery-weld"])
-    admin_key, admin = auth().new_key("admin", ["*"])
-    assert line["sha256"] == auth().digest(line_key) and line_key not in str(line)
+    line_key, line = new_key("line-3", ["battery-weld"])
+    admin_key, admin = new_key("admin", ["*"])
+    assert line["sha256"] == digest(line_key) and line_key not in str(line)
     write(tmp_path / "keys.yaml", [line, admin])
-    keys = auth().ApiKeys(str(tmp_path / "keys.yaml"))
+    keys = api_keys(str(tmp_path / "keys.yaml"))
     bearer = {"authorization": f"Bearer {line_key}"}
     assert status_of(keys, bearer, "battery-weld") == 200
     assert status_of(keys, bearer, "elpv") == 403
@@ -48,20 +49,21 @@ def test_a_key_opens_its_products_only_and_is_held_as_a_digest(tmp_path):
 
 def test_no_keys_file_refuses_every_request(monkeypatch):
     monkeypatch.delenv("SSN_SERVE_KEYS_FILE", raising=False)
+    from ssn_platform.serving.auth import ApiKeys
     from ssn_platform.serving.requests import ApiError
 
-    keys = auth().ApiKeys.from_settings(None)
+    keys = ApiKeys.from_settings(None)
     with pytest.raises(ApiError, match="no API keys are configured") as refused:
         keys.check({"authorization": "Bearer anything"}, "battery-weld")
     assert refused.value.status == 401 and refused.value.headers == {"WWW-Authenticate": "Bearer"}
 
 
 def test_keys_rotate_when_the_file_changes_and_a_broken_file_keeps_the_last_good_set(tmp_path):
-    old_key, old = auth().new_key("old", ["*"])
-    new, new_entry = auth().new_key("new", ["*"])
+    old_key, old = new_key("old", ["*"])
+    new, new_entry = new_key("new", ["*"])
     path = tmp_path / "keys.yaml"
     write(path, [old])
-    keys = auth().ApiKeys(str(path), recheck_s=0.0)
+    keys = api_keys(str(path), recheck_s=0.0)
     assert status_of(keys, {"x-api-key": old_key}, "p") == 200 and status_of(keys, {"x-api-key": new}, "p") == 401
     write(path, [old, new_entry])
     assert status_of(keys, {"x-api-key": new}, "p") == 200
@@ -78,16 +80,16 @@ def test_keys_rotate_when_the_file_changes_and_a_broken_file_keeps_the_last_good
 ])
 def test_a_bad_keys_file_names_the_entry(entry, culprit):
     with pytest.raises(ValueError, match=rf"keys.yaml: keys\[0\].*{culprit}"):
-        auth().parse_keys(yaml.safe_dump({"keys": [entry]}), "keys.yaml")
+        parse_keys(yaml.safe_dump({"keys": [entry]}), "keys.yaml")
 
 
 def test_the_command_appends_a_digest_and_writes_the_key_privately(tmp_path):
     keys_file, key_file = tmp_path / "keys.yaml", tmp_path / "key"
-    assert auth().main(["--name", "a", "--keys-file", str(keys_file), "--key-out", str(key_file)]) == 0
-    assert auth().main(["--name", "b", "--products", "elpv", "--keys-file", str(keys_file),
+    assert main(["--name", "a", "--keys-file", str(keys_file), "--key-out", str(key_file)]) == 0
+    assert main(["--name", "b", "--products", "elpv", "--keys-file", str(keys_file),
                  "--key-out", str(tmp_path / "key-b")]) == 0
-    entries = auth().parse_keys(keys_file.read_text(), "keys.yaml")
+    entries = parse_keys(keys_file.read_text(), "keys.yaml")
     assert [(k.name, sorted(k.products)) for k in entries] == [("a", ["*"]), ("b", ["elpv"])]
-    assert entries[0].sha256 == auth().digest(key_file.read_text())
+    assert entries[0].sha256 == digest(key_file.read_text())
     assert key_file.read_text() not in keys_file.read_text()
     assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600 and stat.S_IMODE(os.stat(keys_file).st_mode) == 0o600
