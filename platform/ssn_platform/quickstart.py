@@ -186,6 +186,6 @@ def run(settings: QuickstartSettings) -> dict[str, Any]:
         "report": str(report), "links": links, "seconds": round(time.monotonic() - started, 1),
     }
     (state / "reports" / "quickstart.json").write_text(json.dumps(summary, indent=2, default=str))
-    say("done", f"{summary['seconds']} s; the stack keeps running: `make teardown` stops it and keeps its data, "
-                "`make teardown PURGE=1` deletes the data too")
+    say("done", f"{summary['seconds']} s; MLflow login in {os.environ.get('SSN_MLFLOW_CREDENTIALS_FILE')}; the stack "
+                "keeps running: `make teardown` stops it and keeps its data, `make teardown PURGE=1` deletes it too")
     return summary

@@ -162,8 +162,9 @@ def _stack_secrets(live_stack) -> dict[str, bytes]:
         "the S3 secret key": env["AWS_SECRET_ACCESS_KEY"],
         "the Ray token": Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip(),
     }
-    if env.get("MLFLOW_TRACKING_PASSWORD"):
-        secrets["the MLflow password"] = env["MLFLOW_TRACKING_PASSWORD"]
+    from ssn_platform.mlflow_auth import read_credentials
+
+    secrets["the MLflow password"] = read_credentials(env["SSN_MLFLOW_CREDENTIALS_FILE"])[1]
     assert all(len(value) >= 16 for value in secrets.values()), "a secret too short to search for"
     return {name: value.encode() for name, value in secrets.items()}
 

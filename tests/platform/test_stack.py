@@ -77,6 +77,33 @@ CHECK_AFTER_RESTART = """
     print("ok")
 """
 
+MLFLOW_AUTH = """
+    import os, requests, mlflow
+    from mlflow import MlflowClient
+    from ssn_platform.mlflow_auth import read_credentials
+    api = os.environ["MLFLOW_TRACKING_URI"] + "/api/2.0/mlflow"
+    user, password = read_credentials(os.environ["SSN_MLFLOW_CREDENTIALS_FILE"])
+    assert user == "ssn-jobs"
+    # the jobs user (MLFLOW_TRACKING_AUTH=ssn-credentials-file) registers a model and moves its alias
+    client = MlflowClient()
+    run_id = client.create_run(mlflow.set_experiment("stack-probe").experiment_id).info.run_id
+    client.create_registered_model("ssn-auth-probe")
+    version = client.create_model_version("ssn-auth-probe", f"runs:/{run_id}/model", run_id=run_id).version
+    client.set_registered_model_alias("ssn-auth-probe", "champion", version)
+    alias = {"name": "ssn-auth-probe", "alias": "champion", "version": version}
+    # without credentials, or with a wrong password, nothing is written: no run, no experiment, no alias move
+    assert requests.post(f"{api}/registered-models/alias", json=alias).status_code == 401
+    assert requests.post(f"{api}/registered-models/alias", json=alias, auth=(user, "x" * 24)).status_code == 401
+    assert requests.post(f"{api}/experiments/create", json={"name": "anonymous"}).status_code == 401
+    assert requests.get(f"{api}/experiments/search?max_results=1").status_code == 401
+    # least privilege: the jobs user cannot make users or change permissions
+    made = requests.post(f"{api}/users/create", json={"username": "intruder", "password": "y" * 24},
+                         auth=(user, password))
+    assert made.status_code == 403, made.text
+    assert requests.get(os.environ["MLFLOW_TRACKING_URI"] + "/health").status_code == 200  # probes stay open
+    print("ok")
+"""
+
 RAY_JOB = """
     import os, time
     from ray.job_submission import JobSubmissionClient, JobStatus
@@ -116,9 +143,18 @@ def test_stack_up_status_down_up_keeps_data(tmp_path: Path, make_stack) -> None:
         cred = stack.state_dir / "credentials.env"
         token_file = stack.state_dir / "ray_auth_token"
         key_file, keys_file = stack.state_dir / "serve_api_key", stack.state_dir / "serve_keys.yaml"
-        for f in (cred, token_file, stack.state_dir / "s3.json", key_file, keys_file):
+        mlflow_admin, mlflow_jobs = stack.state_dir / "mlflow_admin_credentials", stack.state_dir / "mlflow_credentials"
+        for f in (cred, token_file, stack.state_dir / "s3.json", key_file, keys_file, mlflow_admin, mlflow_jobs,
+                  stack.state_dir / "mlflow" / "basic_auth.ini", stack.state_dir / "mlflow" / "flask_secret_key"):
             assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
         env = stack.client_env()
+        # MLflow: clients name the jobs user's credentials file; no password in any environment
+        assert env["MLFLOW_TRACKING_AUTH"] == "ssn-credentials-file"
+        assert env["SSN_MLFLOW_CREDENTIALS_FILE"] == str(mlflow_jobs)
+        assert not any(k.startswith("MLFLOW_TRACKING_PASSWORD") for k in env)
+        mlflow_passwords = [line.split("=", 1)[1].strip().encode() for f in (mlflow_admin, mlflow_jobs)
+                            for line in f.read_text().splitlines() if line.startswith("mlflow_tracking_password")]
+        assert len(mlflow_passwords) == 2 and all(len(p) >= 24 for p in mlflow_passwords)
         # the endpoint's API key: the client's file holds the key, the endpoint's file only its digest
         assert env["SSN_SERVE_API_KEY_FILE"] == str(key_file) and env["SSN_SERVE_KEYS_FILE"] == str(keys_file)
         api_key = key_file.read_text().strip()
@@ -141,6 +177,14 @@ def test_stack_up_status_down_up_keeps_data(tmp_path: Path, make_stack) -> None:
         assert again.stderr.count("already running") == 3
 
         run_id = _python(PUT_AND_LOG, env).strip().splitlines()[-1]
+        assert _python(MLFLOW_AUTH, env).strip().splitlines()[-1] == "ok"
+        for name in ("s3", "mlflow", "ray"):  # the passwords are in no environment of the stack's processes
+            for pid in stack.session_pids(stack.pid(name)):
+                try:
+                    environ = Path(f"/proc/{pid}/environ").read_bytes()
+                except OSError:  # exited meanwhile
+                    continue
+                assert not any(p in environ for p in mlflow_passwords), f"an MLflow password in {name}'s pid {pid}"
         job_uri = _python(RAY_JOB, {**env, "REPO": str(REPO)}, timeout=300).strip()
         assert job_uri.endswith("/manifest.json")
 
@@ -178,6 +222,7 @@ def test_stack_up_status_down_up_keeps_data(tmp_path: Path, make_stack) -> None:
                     assert secret.encode() not in data, f"S3 secret in {path}"
                     assert token.encode() not in data, f"Ray token in {path}"
                     assert api_key.encode() not in data, f"the endpoint's API key in {path}"
+                    assert not any(p in data for p in mlflow_passwords), f"an MLflow password in {path}"
     finally:
         stack.run("down", check=False, timeout=200)
         subprocess.run(["rm", "-rf", str(ray_tmp)], check=False)
