@@ -60,25 +60,25 @@ def _pyfunc_class():
     return SuperSimpleNetModel
 
 
+def registered_version_of_run(client, name: str, run_id: str) -> str | None:
+    """The version of `name` a run already registered (the newest, should there be several), or None."""
+    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    return str(max(int(v.version) for v in versions)) if versions else None
+
+
 def log_and_register(job, model, *, run_id: str, metrics: dict[str, float], provenance: str) -> str:
-    """Logs the model to the job's run and registers it as a new version of `ssn-<product>`. Returns the version."""
-    import mlflow
+    """Logs the model to the job's run and registers it as a new version of `ssn-<product>`. Returns the version.
+
+    Idempotent per run: when the run already registered a version (a finalisation retried after a crash between
+    the registration and the end of the job), that version is kept and only its tags are written again; no second
+    version of the same run appears."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    with tempfile.TemporaryDirectory() as directory:
-        path = save_checkpoint(Path(directory) / "model.pt", model, metadata={
-            "product": job.product, "train_config": to_dict(job.train), "test_metrics": metrics,
-            "backbone_weights": provenance, "dataset": job.dataset, "mlflow_run_id": run_id,
-        })
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=_pyfunc_class()(), artifacts={CHECKPOINT_ARTIFACT: str(path)},
-                code_paths=_code_paths(), pip_requirements=_pip_requirements(),
-                registered_model_name=job.registered_model_name,
-            )
-    version = str(info.registered_model_version)
     name = job.registered_model_name
+    version = registered_version_of_run(client, name, run_id)
+    if version is None:
+        version = _log_and_register_new(job, model, run_id=run_id, metrics=metrics, provenance=provenance)
     tags = {
         "backbone": job.model.backbone,
         "noise_std": str(job.model.noise_std),
@@ -95,6 +95,23 @@ def log_and_register(job, model, *, run_id: str, metrics: dict[str, float], prov
     client.set_tag(run_id, "ssn.model_version", version)
     client.set_tag(run_id, "ssn.registered_model", name)
     return version
+
+
+def _log_and_register_new(job, model, *, run_id: str, metrics: dict[str, float], provenance: str) -> str:
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as directory:
+        path = save_checkpoint(Path(directory) / "model.pt", model, metadata={
+            "product": job.product, "train_config": to_dict(job.train), "test_metrics": metrics,
+            "backbone_weights": provenance, "dataset": job.dataset, "mlflow_run_id": run_id,
+        })
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=_pyfunc_class()(), artifacts={CHECKPOINT_ARTIFACT: str(path)},
+                code_paths=_code_paths(), pip_requirements=_pip_requirements(),
+                registered_model_name=job.registered_model_name,
+            )
+    return str(info.registered_model_version)
 
 
 def load_model(model_uri: str) -> tuple[Any, dict]:

@@ -21,7 +21,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -398,6 +398,26 @@ class TrainingResult:
     resumed: bool
 
 
+def _logged_params(job: JobConfig) -> dict[str, str]:
+    return {k: ("" if v is None else str(v))[:6000] for k, v in job.flat_params().items()}
+
+
+# What a resubmitted run_name may change: how it runs (workers, retries, loader processes, what it logs), never
+# what it trains (the data, the weights, the model and train sections, where its checkpoints are).
+RESUBMIT_MAY_CHANGE = ("scaling.", "max_failures", "train.num_workers", "train.eval_every", "register", "overlays",
+                       "experiment", "validation", "validate_every", "synthetic_recipe", "checkpoint_every")
+
+
+def _check_resubmission(job: JobConfig, run_name: str, logged: dict[str, str]) -> None:
+    """A run_name submitted again continues its run only with the settings it started with; otherwise a
+    PlatformError names every differing key (the old and the new value)."""
+    differing = [f"{key}: {logged[key]!r} -> {value!r}" for key, value in sorted(_logged_params(job).items())
+                 if key in logged and logged[key] != value and not key.startswith(RESUBMIT_MAY_CHANGE)]
+    if differing:
+        raise PlatformError(f"run_name {run_name!r} exists with other settings; resubmitting it continues that run, "
+                            "so these must not change (use another run_name for a new run): " + "; ".join(differing))
+
+
 def _open_mlflow_run(job: JobConfig, run_name: str) -> tuple[str, str]:
     """The MLflow run of this job: found by its run name tag (resume) or created. Returns (run_id, status)."""
     from mlflow import MlflowClient
@@ -408,10 +428,11 @@ def _open_mlflow_run(job: JobConfig, run_name: str) -> tuple[str, str]:
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(job.experiment_name)
     found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{run_name}'", max_results=1)
     if found:
+        _check_resubmission(job, run_name, found[0].data.params)
         return found[0].info.run_id, found[0].info.status
     run = client.create_run(experiment_id, run_name=run_name, tags={RUN_TAG: run_name, "ssn.product": job.product})
     run_id = run.info.run_id
-    params = {k: ("" if v is None else str(v))[:6000] for k, v in job.flat_params().items()}
+    params = _logged_params(job)
     params["run_name"] = run_name
     client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
     with tempfile.TemporaryDirectory() as directory:
@@ -441,6 +462,17 @@ def recipe_fingerprint(job: JobConfig, dataset_version: str) -> str:
     train = {k: v for k, v in to_dict(job.train).items() if k not in RECIPE_EXCLUDED_TRAIN_FIELDS}
     recipe = {"model": to_dict(job.model), "train": train, "weights": job.weights, "dataset_version": dataset_version}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def pin_dataset(job: JobConfig) -> JobConfig:
+    """The job with its dataset resolved once, on the driver, to the manifest of one version: a ``latest`` pointer
+    or product prefix would otherwise be resolved again by every worker at every restart, and a worker that
+    restarts after a new ingest would train on other data than the run records."""
+    from ssn_platform.datasets import DatasetReader
+
+    reader = DatasetReader(job.dataset)
+    pinned = f"s3://{reader.bucket}/{reader.prefix}/manifest.json"
+    return job if pinned == job.dataset else replace(job, dataset=pinned)
 
 
 def lineage_tags(job: JobConfig) -> dict[str, str]:
@@ -497,6 +529,7 @@ def run_training(job: JobConfig, *, address: str | None = None) -> TrainingResul
     from ray.train.torch import TorchTrainer
 
     check_mlflow()
+    job = pin_dataset(job)
     run_name = job.run_name or f"{job.product}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     run_id, status = _open_mlflow_run(job, run_name)
     if status == "FINISHED":
