@@ -15,14 +15,22 @@
    seed cannot make a champion of a recipe that is weak on average.
 3. Promoted when ``candidate >= champion - margin`` and ``candidate >= floor`` on the product's primary metric
    (``metric`` argument, else the registered model's tag ``primary_metric``, else ``image_auroc``; all metrics
-   are higher-is-better). The old champion gets alias ``previous`` first, then ``champion`` moves in one registry
-   call (`set_registered_model_alias`), so a reader never sees a product without a champion.
+   are higher-is-better). ``champion`` moves in one registry call (`set_registered_model_alias`), so a reader
+   never sees a product without a champion, and the old champion becomes ``previous`` (`_move_champion`).
 4. Every decision (promoted or refused, with both metric sets and the reason) is recorded as an MLflow run in
    experiment ``ssn-<product>-promotions`` (params, ``candidate_*``/``champion_*`` metrics, ``decision.json``)
    and as ``promotion_*`` tags on the candidate version.
 
 `rollback(product)`: ``champion`` <- ``previous`` and ``previous`` <- the demoted version; refused without a
 ``previous`` alias. Also recorded in the promotions experiment.
+
+Crash safety: moving two aliases takes several registry calls, and a process can die between any two. The demoted
+champion is first written to a transient alias ``demoting``; then ``champion`` moves, then ``previous``, then
+``demoting`` goes. The next promote or rollback of the product (or `repair_aliases`) finds a leftover ``demoting``
+and finishes the move: ``previous`` <- ``demoting`` when ``champion`` has moved off it, then ``demoting`` is
+deleted. So after a crash at any point the aliases are either as before or as after the move, never with
+``champion`` == ``previous`` and the demoted version forgotten (tests/platform/test_promotion.py kills the process
+after each write).
 
 Two promotions of one product must not run at the same time (the registry has no compare-and-set on aliases).
 """
@@ -44,6 +52,7 @@ log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 PREVIOUS = "previous"
+DEMOTING = "demoting"  # transient: the champion being demoted while the aliases move (see the module docstring)
 DEFAULT_METRIC = "image_auroc"
 METRIC_TAG = "primary_metric"  # registered-model tag naming a product's primary metric
 METRICS = ("image_auroc", "ap_det", "f1_max", "pixel_auroc", "ap_loc", "aupro", "pixel_f1_max")
@@ -102,6 +111,32 @@ def _client():
 
 def _aliases(client, name: str) -> dict[str, str]:
     return {k: str(v) for k, v in (client.get_registered_model(name).aliases or {}).items()}
+
+
+def repair_aliases(client, name: str) -> str | None:
+    """Finishes an alias move a crash interrupted (a leftover ``demoting`` alias); returns what it did, or None."""
+    aliases = _aliases(client, name)
+    demoting = aliases.get(DEMOTING)
+    if demoting is None:
+        return None
+    done = "nothing had moved"
+    if aliases.get(CHAMPION) != demoting:
+        client.set_registered_model_alias(name, PREVIOUS, demoting)
+        done = f"champion v{aliases.get(CHAMPION)}, previous v{demoting}"
+    client.delete_registered_model_alias(name, DEMOTING)
+    log.warning("%s: finished an interrupted alias move (%s)", name, done)
+    return done
+
+
+def _move_champion(client, name: str, new: str, old: str | None) -> None:
+    """``champion`` <- `new`, ``previous`` <- `old` (when there was a champion), crash-safe through ``demoting``."""
+    if old is None:
+        client.set_registered_model_alias(name, CHAMPION, new)
+        return
+    client.set_registered_model_alias(name, DEMOTING, old)
+    client.set_registered_model_alias(name, CHAMPION, new)  # the one call that switches serving
+    client.set_registered_model_alias(name, PREVIOUS, old)
+    client.delete_registered_model_alias(name, DEMOTING)
 
 
 def primary_metric(product: str, metric: str | None = None) -> str:
@@ -287,6 +322,7 @@ def promote(product: str, version: str | int, *, margin: float = 0.005, floor: f
     except MlflowException as error:
         raise PromotionError(f"{name} version {version} does not exist: {error.message}") from None
     metric = primary_metric(product, metric)
+    repair_aliases(client, name)
     aliases = _aliases(client, name)
     champion = aliases.get(CHAMPION)
     decision = Decision(product=product, registered_model=name, candidate_version=version, champion_version=champion,
@@ -365,9 +401,7 @@ def promote(product: str, version: str | int, *, margin: float = 0.005, floor: f
             decision.reason = (f"the champion moved from v{champion} to v{current} during the evaluation; "
                                "promote again")
         else:
-            if champion is not None:
-                client.set_registered_model_alias(name, PREVIOUS, champion)
-            client.set_registered_model_alias(name, CHAMPION, version)  # the one call that switches serving
+            _move_champion(client, name, version, champion)
     return _finish(client, decision)
 
 
@@ -383,6 +417,7 @@ def rollback(product: str) -> Rollback:
     client = _client()
     name = registered_model_name(product)
     try:
+        repair_aliases(client, name)
         aliases = _aliases(client, name)
     except MlflowException as error:
         raise PromotionError(f"{name} does not exist: {error.message}") from None
@@ -391,10 +426,10 @@ def rollback(product: str) -> Rollback:
         raise PromotionError(f"{name} has no '{PREVIOUS}' alias: nothing to roll back to")
     if previous == champion:
         raise PromotionError(f"{name}: '{PREVIOUS}' is the champion (v{champion}) already: nothing to roll back to")
-    client.set_registered_model_alias(name, CHAMPION, previous)  # the one call that switches serving
     if champion is not None:
-        client.set_registered_model_alias(name, PREVIOUS, champion)
+        _move_champion(client, name, previous, champion)
     else:
+        client.set_registered_model_alias(name, CHAMPION, previous)
         client.delete_registered_model_alias(name, PREVIOUS)
     result = Rollback(product=product, registered_model=name, champion_version=previous,
                       previous_version=champion or "")

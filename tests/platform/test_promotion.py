@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import uuid
 from pathlib import Path
 
@@ -165,3 +166,52 @@ def test_promote_job(setup):
     usage = subprocess.run([sys.executable, str(REPO / "jobs" / "promote.py"), "--product", product],
                            capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
     assert usage.returncode == 2 and "--version" in usage.stderr
+
+
+CRASH_AFTER_WRITES = """
+    import os, sys
+    from mlflow import MlflowClient
+    from ssn_platform import promotion
+    writes = 0
+    def counted(method):
+        def call(self, *args, **kwargs):
+            global writes
+            result = method(self, *args, **kwargs)
+            writes += 1
+            if writes == int(os.environ["CRASH_AFTER"]):
+                os._exit(17)  # the process dies between two registry writes, without any cleanup
+            return result
+        return call
+    MlflowClient.set_registered_model_alias = counted(MlflowClient.set_registered_model_alias)
+    MlflowClient.delete_registered_model_alias = counted(MlflowClient.delete_registered_model_alias)
+    promotion.rollback(sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("crash_after", [1, 2, 3])
+def test_a_rollback_killed_between_alias_writes_is_finished_by_the_next_call(setup, crash_after):
+    from mlflow import MlflowClient
+
+    from ssn_platform.promotion import repair_aliases, rollback
+
+    product, name, versions = setup["product"], setup["name"], setup["versions"]
+    client = MlflowClient()
+    v_old, v_new = versions["good"], versions["bad"]
+    client.set_registered_model_alias(name, "champion", v_new)
+    client.set_registered_model_alias(name, "previous", v_old)
+
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(CRASH_AFTER_WRITES), product],
+                          env={**os.environ, "CRASH_AFTER": str(crash_after)}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 17, proc.stderr[-3000:]
+    crashed = _aliases(name)
+    assert "champion" in crashed  # a reader never finds the product without a champion
+    assert crashed.get("demoting") == v_new  # the move is recorded until it is finished
+
+    assert repair_aliases(client, name) is not None
+    repaired = _aliases(name)
+    before, after = {"champion": v_new, "previous": v_old}, {"champion": v_old, "previous": v_new}
+    assert repaired == (before if crash_after == 1 else after), (crash_after, crashed, repaired)
+    # and the product works on: a rollback now swaps again, leaving nothing behind
+    rollback(product)
+    assert _aliases(name) == (after if crash_after == 1 else before)
