@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 SETTINGS = {
     "refresh_s": 1.0, "max_bytes": 2 * 1024 * 1024, "max_pixels": 4_000_000, "max_side": 8192,
     "max_models_per_replica": 2, "max_batch_size": 8, "batch_wait_timeout_s": 0.01, "negative_cache_s": 2.0,
-    "torch_threads": 2,
+    "torch_threads": 2, "load_backoff_s": 4.0,
 }
 LOAD_ALLOWANCE_S = 45.0  # a switch is served within refresh_s + one model load (download + build + warm-up)
 
@@ -535,3 +535,107 @@ def test_fuzz_bad_requests_never_get_a_5xx(served, weld_root):
     assert requests.get(f"{base}/healthz", timeout=30).json()["status"] == "ok"
     answer = inspect(base, product, real_png)
     assert answer.status_code == 200, answer.text
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bounded serving: failed loads remembered, readiness without the registry, a bounded queue
+# ---------------------------------------------------------------------------------------------------------
+def _checkpoint_key(name: str, version: str) -> str:
+    """The key of a registered version's model.pt in the stack's `mlflow` bucket (artifacts proxied to S3)."""
+    from mlflow import MlflowClient
+
+    from ssn_platform.storage import make_client
+
+    client = MlflowClient()
+    source = client.get_model_version(name, version).source
+    location = client.get_logged_model(source.rsplit("/", 1)[-1]).artifact_location  # mlflow-artifacts:/<path>
+    prefix = "artifacts/" + location.split(":", 1)[1].lstrip("/")
+    pages = make_client().get_paginator("list_objects_v2").paginate(Bucket="mlflow", Prefix=prefix)
+    keys = [o["Key"] for page in pages for o in page.get("Contents", []) if o["Key"].endswith("/model.pt")]
+    assert len(keys) == 1, (prefix, keys)
+    return keys[0]
+
+
+def _replica_log_count(live_stack, text: str) -> int:
+    ray_temp = Path((live_stack.state_dir / "run" / "ray.tempdir").read_text().strip())
+    paths = {path.resolve() for path in ray_temp.glob("session_*/logs/serve/replica_*inspector*.log")}  # and _latest
+    return sum(path.read_text(errors="replace").count(text) for path in paths)
+
+
+def test_a_champion_that_fails_to_load_is_answered_from_memory_until_its_back_off_ends(
+        served, live_stack, weld_root, weld_val_dataset, random_head_model, register_version):
+    from mlflow import MlflowClient
+
+    from ssn_platform.storage import get_bytes, make_client, put_bytes
+    from ssn_platform.thresholds import calibrate_version
+
+    product = f"weld-corrupt-{uuid.uuid4().hex[:6]}"
+    version = register_version(product, weld_val_dataset, random_head_model(5), {})
+    calibrate_version(product, version)
+    MlflowClient().set_registered_model_alias(f"ssn-{product}", "champion", version)
+    s3, key = make_client(), _checkpoint_key(f"ssn-{product}", version)
+    good = get_bytes(s3, "mlflow", key)
+    put_bytes(s3, "mlflow", key, b"not a checkpoint" * 64)
+    body = weld_test_images(weld_root, 1)[0].read_bytes()
+    marker = f"loading the champion of {product} failed"
+
+    first = inspect(served["base"], product, body)
+    assert first.status_code == 503 and first.json()["error"]["code"] == "model_unavailable", first.text
+    assert int(first.headers["Retry-After"]) >= 1 and version in first.json()["error"]["message"]
+    assert _replica_log_count(live_stack, marker) == 1
+    for _ in range(3):  # within the back-off: the same answer, and no download or load attempt
+        again = inspect(served["base"], product, body)
+        assert again.status_code == 503 and again.json() == first.json()
+    assert _replica_log_count(live_stack, marker) == 1
+
+    put_bytes(s3, "mlflow", key, good)  # repaired: served once the back-off has passed
+    deadline = time.monotonic() + SETTINGS["load_backoff_s"] + LOAD_ALLOWANCE_S
+    while (answer := inspect(served["base"], product, body)).status_code != 200:
+        assert answer.status_code == 503 and time.monotonic() < deadline, answer.text
+        time.sleep(0.5)
+    assert answer.json()["model_version"] == version
+
+
+def test_a_replica_with_a_loaded_champion_stays_ready_and_answers_while_mlflow_is_down(served, live_stack,
+                                                                                        weld_root):
+    base, product = served["base"], served["product"]
+    body = weld_test_images(weld_root, 1)[0].read_bytes()
+    assert inspect(base, product, body).status_code == 200  # loaded
+    live_stack.run("down", "mlflow", timeout=120)
+    try:
+        deadline = time.monotonic() + 60
+        while (ready := requests.get(f"{base}/readyz", timeout=30)).json()["registry"] == "HTTP 200":
+            assert time.monotonic() < deadline, ready.text  # the registry check is cached for 2 s
+            time.sleep(0.5)
+        assert ready.status_code == 200 and ready.json()["status"] == "ready", ready.text
+        assert product in ready.json()["serving"]
+        answer = inspect(base, product, body)
+        assert answer.status_code == 200, answer.text
+    finally:
+        live_stack.run("up", "mlflow", timeout=300)
+
+
+def test_requests_beyond_the_queue_get_503_with_retry_after_and_the_rest_are_answered(served, live_stack,
+                                                                                       weld_root):
+    from ray import serve
+
+    from ssn_platform.serving.deployment import build_app
+
+    tight = {**SETTINGS, "max_ongoing_requests": 1, "max_queued_requests": 1, "retry_after_s": 2.0,
+             "batching": False}
+    serve.run(build_app(tight), name="tight", route_prefix="/tight", blocking=False)
+    base = served["base"] + "/tight"
+    try:
+        from ssn_platform.serving.deployment import wait_ready
+
+        wait_ready(base, timeout=180)
+        body = weld_test_images(weld_root, 1)[0].read_bytes()
+        assert inspect(base, served["product"], body).status_code == 200  # the model is loaded before the flood
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda _: inspect(base, served["product"], body), range(48)))
+        codes = [a.status_code for a in answers]
+        assert set(codes) <= {200, 503}, codes
+        assert codes.count(503) >= 1 and codes.count(200) >= 2, codes
+        assert all(a.headers.get("Retry-After") == "2" for a in answers if a.status_code == 503)
+    finally:
+        serve.delete("tight")

@@ -8,7 +8,8 @@ Endpoints (OpenAPI at ``/openapi.json``, docs at ``/docs``):
   product, registered model and version, score in [0, 1], threshold, is_anomalous (``score >= threshold``),
   defect_area_percent (share of anomaly-map pixels ``>= threshold``, at the model's resolution) and latency_ms.
 * ``GET /v1/products``: products with a champion (champion, previous and loaded version).
-* ``GET /healthz`` (the replica answers) and ``GET /readyz`` (and reaches the MLflow registry).
+* ``GET /healthz`` (the replica answers) and ``GET /readyz`` (and reaches the MLflow registry, or holds a loaded
+  champion that answers without it).
 
 Modules: `requests` (request and answer schemas, errors, reading and decoding the image), `versions` (the
 registered versions a replica serves: champion lookup, loading, batched scoring), `app` (the replica class and its

@@ -83,6 +83,7 @@ class InspectorReplica:
         self.api_keys = ApiKeys.from_settings(self.settings.api_keys_file)
         self._holders: dict[str, ProductModel] = {}
         self._absent: dict[str, tuple[float, ApiError]] = {}
+        self._failed: dict[str, tuple[float, str, ApiError]] = {}  # product -> (until, version, answer): load_backoff_s
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="ssn-infer")
         self._work_pool = ThreadPoolExecutor(2, thread_name_prefix="ssn-decode")
         self._io_pool = ThreadPoolExecutor(4, thread_name_prefix="ssn-io")
@@ -111,6 +112,7 @@ class InspectorReplica:
             raise ApiError(404, "unknown_product", "invalid product name (letters, digits, '.', '_', '-'; "
                                                    "at most 100 characters)")
         holder = self._holders.get(product)
+        version = None
         if holder is None or holder.evicted:
             absent = self._absent.get(product)
             if absent is not None and absent[0] > time.monotonic():
@@ -128,14 +130,26 @@ class InspectorReplica:
                     self._absent[product] = (time.monotonic() + self.settings.negative_cache_s, error)
                 raise
             self._absent.pop(product, None)
+            failed = self._failed.get(product)
+            if failed is not None and failed[1] == version and failed[0] > time.monotonic():
+                raise failed[2]  # the same champion failed to load moments ago: not downloaded again per request
         try:
             holder = await self.get_product_model(product)
         except ApiError:
             raise
         except Exception as error:  # noqa: BLE001 - download or build failure: not the client's fault
             log.exception("loading the champion of %s failed", product)
-            raise ApiError(503, "model_unavailable", f"the champion of {product!r} could not be loaded: "
-                                                     f"{type(error).__name__}") from None
+            backoff = self.settings.load_backoff_s
+            answer = ApiError(503, "model_unavailable",
+                              f"the champion of {product!r} (version {version}) could not be loaded: "
+                              f"{type(error).__name__}; tried again after {backoff:g} s",
+                              headers={"Retry-After": str(max(1, math.ceil(backoff)))})
+            if version is not None and backoff > 0:
+                if len(self._failed) > 4096:
+                    self._failed.clear()
+                self._failed[product] = (time.monotonic() + backoff, version, answer)
+            raise answer from None
+        self._failed.pop(product, None)
         loaded = holder.current
         if loaded is None:
             raise ApiError(404, "no_champion", f"product {product!r} has no champion version any more")
@@ -317,7 +331,11 @@ class InspectorReplica:
         if now - checked_at > 2.0:
             ok, detail = await asyncio.get_running_loop().run_in_executor(self._io_pool, _registry_health)
             self._ready_cache = (now, ok, detail)
-        body = {"status": "ready" if ok else "not_ready", "registry": detail,
+        # Loaded champions answer without the registry: a replica that holds one stays ready while MLflow is down
+        # (it cannot load new products or follow promotions meanwhile, which "registry" says).
+        serving = sorted(p for p, h in self._holders.items() if not h.evicted and h.current is not None)
+        ok = ok or bool(serving)
+        body = {"status": "ready" if ok else "not_ready", "registry": detail, "serving": serving,
                 "settings": {k: v for k, v in self.settings.to_dict().items() if k != "mlflow_tracking_uri"},
                 "torch_threads": _torch_threads(), "switches": self._switches}
         return JSONResponse(body, status_code=200 if ok else 503)

@@ -56,8 +56,13 @@ def build_app(args: dict[str, Any] | None = None):
     actor_options: dict[str, Any] = {"num_cpus": settings.num_cpus, "runtime_env": runtime_env}
     if settings.num_gpus:
         actor_options["num_gpus"] = settings.num_gpus
+    from ray.serve.config import BackpressureConfig
+
     options: dict[str, Any] = {"ray_actor_options": actor_options,
-                               "max_ongoing_requests": settings.max_ongoing_requests}
+                               "max_ongoing_requests": settings.max_ongoing_requests,
+                               "max_queued_requests": settings.max_queued_requests,
+                               "backpressure_config": BackpressureConfig(status_code=503,
+                                                                         retry_after_s=settings.retry_after_s)}
     if settings.num_replicas == "auto":
         options["num_replicas"] = "auto"
         options["autoscaling_config"] = {"min_replicas": settings.min_replicas, "max_replicas": settings.max_replicas,
@@ -79,12 +84,13 @@ def deploy(settings: dict[str, Any] | None = None, *, address: str | None = None
     Ray and Serve out of this process's output (the replicas' logs: when this call makes the Ray connection)."""
     from ssn_platform.training import check_mlflow, connect_ray
 
-    check_mlflow(ServeSettings.from_dict(settings).mlflow_tracking_uri)
+    parsed = ServeSettings.from_dict(settings)
+    check_mlflow(parsed.mlflow_tracking_uri)
     connect_ray(address, log_to_driver=log_to_driver)
     if not log_to_driver:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
     port = port or serve_port()
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": parsed.request_timeout_s})
     serve.run(build_app(settings), name=name, route_prefix=route_prefix, blocking=False)
     return f"http://{host}:{port}{route_prefix.rstrip('/')}"
 

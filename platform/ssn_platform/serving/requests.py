@@ -85,7 +85,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         413: "body larger than max_bytes, or image larger than max_pixels / max_side",
         415: "unsupported content type or image format",
         422: "invalid query parameter",
-        503: "model registry unreachable, or the model could not be loaded",
+        503: "replicas full (Retry-After), model registry unreachable, or the model could not be loaded",
     }.items()
 }
 

@@ -11,7 +11,12 @@ class ServeSettings:
 
     Request limits: max_bytes (body), max_pixels (width x height, decompression bombs), max_side (either side).
     Models: max_models_per_replica (LRU), refresh_s (champion polling), negative_cache_s (how long an unknown
-    product or missing champion is remembered), device ("auto", "cpu", "cuda"), torch_threads (0: leave as is).
+    product or missing champion is remembered), load_backoff_s (how long a champion that failed to load, e.g. a
+    corrupt checkpoint, is answered 503 from memory before the replica downloads it again), device ("auto", "cpu",
+    "cuda"), torch_threads (0: leave as is).
+    Load: max_queued_requests (requests waiting for a replica beyond max_ongoing_requests; more get 503 with
+    ``Retry-After: retry_after_s`` from Serve, never an unbounded queue), request_timeout_s (Serve's HTTP proxy
+    answers 408 after it; the `serve deploy` file sets it under http_options, `deploy` from here).
     Batching: batching on/off, max_batch_size, batch_wait_timeout_s.
     Deployment: num_replicas (an int, or "auto" with min_replicas/max_replicas/target_ongoing_requests),
     max_ongoing_requests, num_cpus and num_gpus per replica, mlflow_tracking_uri (default: the environment's).
@@ -25,6 +30,7 @@ class ServeSettings:
     max_models_per_replica: int = 4
     refresh_s: float = 10.0
     negative_cache_s: float = 2.0
+    load_backoff_s: float = 30.0
     device: str = "auto"
     precision: str = "fp32"
     torch_threads: int = 0
@@ -36,6 +42,9 @@ class ServeSettings:
     max_replicas: int = 4
     target_ongoing_requests: float = 4.0
     max_ongoing_requests: int = 32
+    max_queued_requests: int = 64
+    retry_after_s: float = 1.0
+    request_timeout_s: float = 30.0
     num_cpus: float = 0.0
     num_gpus: float = 0.0
     mlflow_tracking_uri: str | None = None
@@ -59,6 +68,10 @@ class ServeSettings:
               f"num_replicas must be a positive int or 'auto', got {self.num_replicas!r}")
         check(1 <= self.min_replicas <= self.max_replicas, "need 1 <= min_replicas <= max_replicas")
         check(self.max_ongoing_requests >= 1, "max_ongoing_requests must be >= 1")
+        check(self.max_queued_requests >= 1, f"max_queued_requests must be >= 1, got {self.max_queued_requests}")
+        check(self.retry_after_s >= 0, f"retry_after_s must be >= 0, got {self.retry_after_s}")
+        check(self.request_timeout_s > 0, f"request_timeout_s must be > 0, got {self.request_timeout_s}")
+        check(self.load_backoff_s >= 0, f"load_backoff_s must be >= 0, got {self.load_backoff_s}")
         check(self.num_cpus >= 0 and self.num_gpus >= 0, "num_cpus and num_gpus must be >= 0")
 
     @classmethod
