@@ -24,6 +24,8 @@ import logging
 import math
 import os
 import re
+import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,11 @@ from ssn_platform.tuned import BASELINE_ATTR, BASELINE_KEY
 
 log = logging.getLogger(__name__)
 
+# A running search keeps the study attribute ``ssn.lease.<search name>`` (epoch seconds) fresh (`SearchLease`); a
+# RUNNING trial of a search whose lease is younger than LEASE_GRACE_S belongs to a live search and is left alone.
+LEASE_PREFIX = "ssn.lease."
+LEASE_INTERVAL_S = 30.0
+LEASE_GRACE_S = 180.0
 STUDY_TRIAL_KEY = "_study_trial"  # the Optuna trial number, added to each trial's config by the searcher
 
 
@@ -76,7 +83,8 @@ def default_study_name(job: JobConfig, space: SearchSpace | None = None) -> str:
 
 def _prepare_study(storage_url: str, study_name: str, job: JobConfig, *, metric: str, mode: str, backbone: str):
     """Creates or loads the study; refuses to mix objectives or backbones; fails trials left running by a dead
-    search (one search per study at a time)."""
+    search. Trials of a search that is still running (its `SearchLease` is fresh) are left alone, so two searches
+    can share a study."""
     import optuna
     from optuna.trial import TrialState
 
@@ -93,11 +101,50 @@ def _prepare_study(storage_url: str, study_name: str, job: JobConfig, *, metric:
             study.set_user_attr(key, value)
     if study.direction != getattr(optuna.study.StudyDirection, direction.upper()):
         raise ConfigError(f"study {study_name!r} has direction {study.direction.name}, this search {direction}")
+    now = time.time()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = trial.user_attrs.get("search")
+        beat = attrs.get(f"{LEASE_PREFIX}{owner}") if owner else None
+        if isinstance(beat, (int, float)) and now - beat < LEASE_GRACE_S:
+            log.info("study %s: trial %d belongs to search %s, which is running; left alone", study_name,
+                     trial.number, owner)
+            continue
         log.warning("study %s: trial %d was left running by an earlier search; marking it FAIL",
                     study_name, trial.number)
         study.tell(trial.number, state=TrialState.FAIL)
     return storage, study
+
+
+class SearchLease:
+    """While a search runs, a daemon thread writes the time to the study's ``ssn.lease.<search>`` every
+    `interval` seconds (and 0 when the search ends), so another search on the same study knows these RUNNING
+    trials are alive (`_prepare_study`). A search that dies stops renewing; after LEASE_GRACE_S its trials count
+    as abandoned."""
+
+    def __init__(self, study, search_name: str, *, interval: float = LEASE_INTERVAL_S) -> None:
+        self.study, self.key, self.interval = study, f"{LEASE_PREFIX}{search_name}", interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{search_name}", daemon=True)
+
+    def _beat(self, value: float) -> None:
+        try:
+            self.study.set_user_attr(self.key, value)
+        except Exception as error:  # noqa: BLE001 - a missed beat only shortens the lease; the search goes on
+            log.warning("could not renew %s: %s", self.key, error)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._beat(time.time())
+
+    def __enter__(self) -> "SearchLease":
+        self._beat(time.time())
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        self._beat(0.0)
 
 
 def _make_searcher_class():

@@ -61,9 +61,9 @@ import yaml
 from supersimplenet.config import ConfigError
 from ssn_platform.jobconfig import JobConfig
 from ssn_platform.search_space import SearchSpace, _value_of, apply_params
-from ssn_platform.study import (TrialSummary, _best_trial, _make_searcher_class, _prepare_study, _summaries,
-                                backbone_label, default_storage_url, default_study_name, open_storage, redact_url,
-                                seed_asha_rungs, write_study_plots, write_trials_csv)
+from ssn_platform.study import (SearchLease, TrialSummary, _best_trial, _make_searcher_class, _prepare_study,
+                                _summaries, backbone_label, default_storage_url, default_study_name, open_storage,
+                                redact_url, seed_asha_rungs, write_study_plots, write_trials_csv)
 from ssn_platform.trial import _close_child_runs, trial_driver
 from ssn_platform.tuned import DEFAULT_MIN_MARGIN, Decision, baseline_protecting_asha, find_baseline, judge
 from ssn_platform.tuned_settings import tuned_settings_document, write_tuned_settings
@@ -207,18 +207,19 @@ def run_search(
     session.concurrency = max_concurrent or trials_per_cluster(job, num_trials)
     study = _open_study(session, baseline=baseline)
     client = MlflowClient()
-    _start_parent_run(client, session, study)
-    try:
-        _log_parent_params(client, session)
-        grid = _run_trials(client, session, study, initial_points=initial_points, time_budget_s=time_budget_s)
-        study, summaries = _collect_trials(client, session, grid)
-        result = _record_outcome(client, session, study, summaries, baseline=baseline)
-        if retrain:
-            result.retrain = _retrain_best(client, session, result.tuned_params, address=address)
-    except BaseException:
-        client.set_terminated(session.parent_id, status="FAILED")
-        raise
-    client.set_terminated(session.parent_id, status="FINISHED")
+    with SearchLease(study, session.search_name):  # another search on this study leaves our trials alone
+        _start_parent_run(client, session, study)
+        try:
+            _log_parent_params(client, session)
+            grid = _run_trials(client, session, study, initial_points=initial_points, time_budget_s=time_budget_s)
+            study, summaries = _collect_trials(client, session, grid)
+            result = _record_outcome(client, session, study, summaries, baseline=baseline)
+            if retrain:
+                result.retrain = _retrain_best(client, session, result.tuned_params, address=address)
+        except BaseException:
+            client.set_terminated(session.parent_id, status="FAILED")
+            raise
+        client.set_terminated(session.parent_id, status="FINISHED")
     result.wall_seconds = time.perf_counter() - started
     return result
 

@@ -569,3 +569,37 @@ def test_a_search_over_backbones_names_its_study_and_writes_settings_that_choose
     path.write_text(yaml.safe_dump(single, sort_keys=False))
     with pytest.raises(ConfigError, match="tuned for backbone 'efficientnet_lite1'"):
         tuned_settings_overrides(path, backbone="efficientnet_lite0")
+
+
+def test_a_second_search_on_a_study_fails_only_the_trials_of_searches_that_stopped_renewing_their_lease(tmp_path):
+    import time
+
+    from optuna.trial import TrialState
+
+    from ssn_platform import study as study_module
+    from ssn_platform.study import LEASE_GRACE_S, SearchLease, _prepare_study
+
+    url, job = f"sqlite:///{tmp_path / 'study.db'}", _base_job()
+    _, study = _prepare_study(url, "shared", job, metric="val_image_auroc", mode="max", backbone="lite0")
+
+    def running_trial(search: str | None) -> int:
+        trial = study.ask()
+        if search:
+            trial.set_user_attr("search", search)
+        return trial.number
+
+    live, ended, stale, orphan = (running_trial(s) for s in ("live", "ended", "stale", None))
+    with SearchLease(study, "live", interval=0.05):
+        with SearchLease(study, "ended"):
+            pass  # a search that finished (its lease says 0) but left a trial RUNNING
+        study.set_user_attr("ssn.lease.stale", time.time() - LEASE_GRACE_S - 1)  # a search that died
+        time.sleep(0.2)  # the live lease is renewed meanwhile
+        assert time.time() - study.user_attrs["ssn.lease.live"] < 1.0
+        _, again = _prepare_study(url, "shared", job, metric="val_image_auroc", mode="max", backbone="lite0")
+        states = {t.number: t.state for t in again.get_trials(deepcopy=False)}
+        assert states[live] == TrialState.RUNNING  # another live search's trial is left alone
+        assert states[ended] == states[stale] == states[orphan] == TrialState.FAIL
+    assert study.user_attrs["ssn.lease.live"] == 0.0  # released when the search ends
+    _, last = _prepare_study(url, "shared", job, metric="val_image_auroc", mode="max", backbone="lite0")
+    assert {t.number: t.state for t in last.get_trials(deepcopy=False)}[live] == TrialState.FAIL
+    assert study_module.LEASE_INTERVAL_S < LEASE_GRACE_S / 3  # several beats fit in the grace period
