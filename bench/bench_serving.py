@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from ssn_platform.serving.deployment import deploy, wait_ready
-    from ssn_platform.training import check_mlflow
+    from ssn_platform.services import check_mlflow
 
     check_mlflow()
     version = ensure_demo_product() if args.product == DEMO else None

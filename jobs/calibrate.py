@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from supersimplenet.checkpoint import CheckpointError
     from ssn_platform.storage import StorageError
     from ssn_platform.thresholds import TooFewImagesWarning, calibrate_version
-    from ssn_platform.training import PlatformError
+    from ssn_platform.services import PlatformError
 
     try:
         with warnings.catch_warnings():  # printed below, with the result

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ssn_platform.serving.deployment import deploy, wait_ready
     from ssn_platform.serving.settings import ServeSettings
-    from ssn_platform.training import PlatformError, connect_ray
+    from ssn_platform.services import PlatformError, connect_ray
 
     try:
         settings, application = load_settings(args.config, args.overrides)

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from ssn_platform.evaluation import check_seeds, evaluate_seeds, evaluate_version
     from ssn_platform.tuned_settings import load_tuned_job_config
     from ssn_platform.storage import StorageError
-    from ssn_platform.training import PlatformError
+    from ssn_platform.services import PlatformError
 
     seeds, overrides = _split_seeds(args.seeds, list(args.overrides))
     by_version = bool(args.product or args.version or args.model_uri)

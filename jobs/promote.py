@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from supersimplenet.checkpoint import CheckpointError
     from ssn_platform.promotion import PromotionError, promote, rollback
     from ssn_platform.storage import StorageError
-    from ssn_platform.training import PlatformError
+    from ssn_platform.services import PlatformError
 
     try:
         if args.rollback:

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from ssn_platform.quickstart import QuickstartSettings, run
-    from ssn_platform.training import PlatformError
+    from ssn_platform.services import PlatformError
 
     settings = QuickstartSettings(overrides=tuple(args.overrides))
     if args.smoke_test:

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from supersimplenet.config import ConfigError
     from ssn_platform.jobconfig import load_job_config
-    from ssn_platform.training import PlatformError
+    from ssn_platform.services import PlatformError
     from ssn_platform.search_space import SearchSpace
     from ssn_platform.tuning import run_search
 

@@ -33,7 +33,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from supersimplenet.metrics import compute_metrics
-from ssn_platform.training import PlatformError
+from ssn_platform.names import registered_model_name
+from ssn_platform.services import PlatformError
 
 log = logging.getLogger(__name__)
 
@@ -415,7 +416,6 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
 def _resolve_version(client, product: str | None, version: str | None, model_uri: str | None):
     from mlflow.exceptions import MlflowException
 
-    from ssn_platform.registry import registered_model_name
 
     if model_uri:
         name, version, alias = parse_model_uri(model_uri)
@@ -442,7 +442,7 @@ def evaluate_version(*, product: str | None = None, version: str | None = None, 
 
     from ssn_platform.datasets import DatasetReader
     from ssn_platform.registry import load_model
-    from ssn_platform.training import check_mlflow
+    from ssn_platform.services import check_mlflow
 
     check_mlflow()
     client = MlflowClient()
@@ -466,7 +466,7 @@ def evaluate_version(*, product: str | None = None, version: str | None = None, 
     model, _ = load_model(f"models:/{name}/{version}")
     summary = score_samples(model, root, test, batch_size=batch_size)
     experiment_id = (_experiment_id(client, experiment) if experiment else source_run.info.experiment_id
-                     if source_run is not None else _experiment_id(client, f"ssn-{product}"))
+                     if source_run is not None else _experiment_id(client, registered_model_name(product)))
     model_uri = f"models:/{name}/{version}"
     tags = {"ssn.product": product, f"{TAG}mode": "version", f"{TAG}model_uri": model_uri,
             f"{TAG}registered_model": name, f"{TAG}model_version": version,

@@ -21,8 +21,8 @@ import yaml
 
 from supersimplenet.config import ConfigError, ModelConfig, TrainConfig, from_dict, regime_model_defaults, to_dict
 from supersimplenet.synthetic import DEFAULT_RECIPE, SYNTHETIC_RECIPES
+from ssn_platform.names import PRODUCT_RE as PRODUCT_PATTERN, registered_model_name  # the one product rule
 
-PRODUCT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # as the dataset store
 VALIDATION_MODES = ("none", "split", "synthetic")
 RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -115,11 +115,11 @@ class JobConfig:
 
     @property
     def registered_model_name(self) -> str:
-        return f"ssn-{self.product}"
+        return registered_model_name(self.product)
 
     @property
     def experiment_name(self) -> str:
-        return self.experiment or f"ssn-{self.product}"
+        return self.experiment or registered_model_name(self.product)
 
     @property
     def per_worker_batch_size(self) -> int:

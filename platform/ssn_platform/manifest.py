@@ -43,6 +43,7 @@ from typing import Any
 from supersimplenet.samples import EMPTY_MASK_POLICIES, Sample
 from ssn_platform.s3keys import join_key, validate_key
 from ssn_platform.storage import StorageError
+from ssn_platform.names import PRODUCT_RE as _PRODUCT_RE
 
 SCHEMA = "ssn-dataset-manifest"
 SCHEMA_VERSION = 1
@@ -52,7 +53,6 @@ OBJECTS_DIR = "objects"
 DATASETS_ROOT = "datasets"
 _VERSION_RE = re.compile(r"^[0-9a-f]{16}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-_PRODUCT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _RECORD_FIELDS = (
     "image",
     "image_key",

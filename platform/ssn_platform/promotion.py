@@ -47,12 +47,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from ssn_platform.names import CHAMPION, DEMOTING, PREVIOUS, promotions_experiment
 
 log = logging.getLogger(__name__)
 
-CHAMPION = "champion"
-PREVIOUS = "previous"
-DEMOTING = "demoting"  # transient: the champion being demoted while the aliases move (see the module docstring)
 DEFAULT_METRIC = "image_auroc"
 METRIC_TAG = "primary_metric"  # registered-model tag naming a product's primary metric
 METRICS = ("image_auroc", "ap_det", "f1_max", "pixel_auroc", "ap_loc", "aupro", "pixel_f1_max")
@@ -216,7 +214,7 @@ def find_seed_evaluation(client, run_id: str, metric: str, require_seeds: int) -
 # Recording
 # ---------------------------------------------------------------------------------------------------------
 def _experiment_id(client, product: str) -> str:
-    name = f"ssn-{product}-promotions"
+    name = promotions_experiment(product)
     experiment = client.get_experiment_by_name(name)
     return experiment.experiment_id if experiment else client.create_experiment(name)
 
@@ -308,7 +306,7 @@ def promote(product: str, version: str | int, *, margin: float = 0.005, floor: f
     from ssn_platform.datasets import DatasetReader
     from ssn_platform.registry import load_model, registered_model_name
     from ssn_platform.thresholds import threshold_from_tags
-    from ssn_platform.training import check_mlflow
+    from ssn_platform.services import check_mlflow
 
     if margin < 0:
         raise PromotionError(f"margin must be >= 0, got {margin}")
@@ -411,7 +409,7 @@ def rollback(product: str) -> Rollback:
     from mlflow.exceptions import MlflowException
 
     from ssn_platform.registry import registered_model_name
-    from ssn_platform.training import check_mlflow
+    from ssn_platform.services import check_mlflow
 
     check_mlflow()
     client = _client()

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ssn_platform.stackenv import apply_stack_env, repo_root
-from ssn_platform.training import PlatformError, worker_env
+from ssn_platform.services import PlatformError, worker_env
 
 PRODUCT = "elpv"
 

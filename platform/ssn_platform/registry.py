@@ -15,13 +15,10 @@ import numpy as np
 
 from supersimplenet.checkpoint import load_checkpoint, save_checkpoint
 from supersimplenet.config import to_dict
+from ssn_platform.names import registered_model_name  # noqa: F401 - re-exported for callers of registry
 
 CHECKPOINT_ARTIFACT = "checkpoint"
 HEADLINE_METRICS = ("image_auroc", "ap_det", "pixel_auroc", "aupro", "f1_max")
-
-
-def registered_model_name(product: str) -> str:
-    return f"ssn-{product}"
 
 
 def _pip_requirements() -> list[str]:

@@ -349,7 +349,7 @@ def calibrate_version(product: str, version: str | int, *, data_uri: str | None 
 
     from ssn_platform.datasets import DatasetReader
     from ssn_platform.registry import load_model, registered_model_name
-    from ssn_platform.training import PlatformError, check_mlflow
+    from ssn_platform.services import PlatformError, check_mlflow
 
     if method not in METHODS:
         raise PlatformError(f"method must be one of {METHODS}, got {method!r}")

@@ -105,7 +105,7 @@ class SearchResult:
 def resolve_validation(job: JobConfig) -> str:
     """The job's own validation mode, or ("none") "split" when the val split holds both classes, else
     "synthetic" when it holds at least two normal images."""
-    from ssn_platform.training import PlatformError
+    from ssn_platform.services import PlatformError
 
     if job.validation != "none":
         return job.validation

@@ -25,7 +25,7 @@ from ssn_platform.evaluation import (
     aggregate, check_seeds, markdown, parse_model_uri, per_class_metrics, require_test_split, score_histogram,
     summarize, sum_histograms, train_seeds,
 )
-from ssn_platform.training import PlatformError
+from ssn_platform.services import PlatformError
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "jobs" / "configs" / "battery_weld.yaml"

@@ -4,7 +4,7 @@ import pytest
 
 from supersimplenet.config import ConfigError
 from ssn_platform.jobconfig import load_job_config
-from ssn_platform.training import PlatformError, check_mlflow
+from ssn_platform.services import PlatformError, check_mlflow
 
 REPO_CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[2] / "jobs" / "configs"
 

@@ -140,7 +140,7 @@ def test_promote_refuse_a_worse_version_and_roll_back(setup):
 
 
 def test_promote_job(setup):
-    from ssn_platform.training import check_mlflow
+    from ssn_platform.services import check_mlflow
 
     check_mlflow()
     product, name, versions = setup["product"], setup["name"], setup["versions"]

@@ -47,7 +47,7 @@ def _assert_no_secret(blob: bytes, what: str) -> None:
 
 
 def test_the_run_storage_filesystem_pickles_without_credentials(probe_env):
-    from ssn_platform.training import storage_filesystem
+    from ssn_platform.services import storage_filesystem
 
     filesystem = storage_filesystem()
     blob = pickle.dumps(filesystem)
@@ -60,7 +60,7 @@ def test_the_run_storage_filesystem_pickles_without_credentials(probe_env):
 
 def test_the_boto3_settings_and_client_hold_no_credentials_of_the_process_environment(probe_env):
     from ssn_platform.storage import S3Settings, make_client
-    from ssn_platform.training import worker_env
+    from ssn_platform.services import worker_env
 
     settings = S3Settings.from_env()
     assert settings.endpoint_url == "http://127.0.0.1:9"
@@ -96,7 +96,7 @@ os.environ.update(AWS_ACCESS_KEY_ID="PROBEKEYID0123", AWS_SECRET_ACCESS_KEY="pro
                   AWS_SESSION_TOKEN="probe-session-token-0123456789")
 import ray
 from ray.tune.execution.class_cache import _ActorClassCache
-from ssn_platform.training import connect_ray
+from ssn_platform.services import connect_ray
 
 class Before: pass
 class After: pass
@@ -127,7 +127,7 @@ def test_keyless_clients_reach_s3_with_credentials_from_the_environment_or_a_cre
     """What the stack's Ray and MLflow processes rely on: boto3 and pyarrow built by our code find the keys in the
     process environment, or in a 0600 file named by AWS_SHARED_CREDENTIALS_FILE."""
     from ssn_platform.storage import S3Settings, make_client, put_bytes
-    from ssn_platform.training import storage_filesystem
+    from ssn_platform.services import storage_filesystem
 
     env = s3_stack.client_env()
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):

@@ -274,7 +274,7 @@ def test_calibration_never_falls_back_to_the_test_split(registered, weld_root):
 
     from ssn_platform.ingest import ingest
     from ssn_platform.thresholds import calibrate_version
-    from ssn_platform.training import PlatformError
+    from ssn_platform.services import PlatformError
 
     product, version = registered
     as_shipped = ingest(weld_root, product="battery-weld", bucket="ssn", progress=False, update_latest=False).uri

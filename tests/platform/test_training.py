@@ -108,7 +108,7 @@ def _kill_a_worker_after_a_stored_checkpoint(job, running: threading.Thread, *, 
     Train worker at once, inside the window in which the controller may not yet have registered that checkpoint.
     Returns the newest complete epoch seen just before the kill."""
     from ssn_platform import resume
-    from ssn_platform.training import storage_filesystem
+    from ssn_platform.services import storage_filesystem
 
     fs, run_dir = storage_filesystem(), f"{job.storage[len('s3://'):].rstrip('/')}/{job.run_name}"
     deadline = time.monotonic() + 600

@@ -15,7 +15,6 @@ import functools
 import logging
 import math
 import os
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -27,6 +26,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ssn_platform.names import PRODUCT_RE
 from ssn_platform.serving.auth import ApiKeys
 from ssn_platform.serving.requests import (ERROR_RESPONSES, INSPECT_BODY, MULTIPART_OVERHEAD, RAW_CONTENT_TYPES,
                                            ApiError, InspectionResult, decode_image, error_response, media_type,
@@ -37,8 +37,6 @@ from ssn_platform.serving.versions import (CHAMPION, PREVIOUS, LoadedVersion, Pr
 from ssn_platform.thresholds import threshold_from_tags
 
 log = logging.getLogger("ray.serve")
-
-PRODUCT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # as jobconfig.PRODUCT_PATTERN
 
 
 def _torch_threads() -> int:

@@ -82,7 +82,7 @@ def deploy(settings: dict[str, Any] | None = None, *, address: str | None = None
     """Starts Serve on the cluster (HTTP on host:port, default 127.0.0.1:SSN_SERVE_PORT) and deploys the app
     without blocking. Returns the base URL. `log_to_driver=False` keeps the replicas' logs and the INFO lines of
     Ray and Serve out of this process's output (the replicas' logs: when this call makes the Ray connection)."""
-    from ssn_platform.training import check_mlflow, connect_ray
+    from ssn_platform.services import check_mlflow, connect_ray
 
     parsed = ServeSettings.from_dict(settings)
     check_mlflow(parsed.mlflow_tracking_uri)

@@ -14,9 +14,7 @@ import numpy as np
 
 from ssn_platform.serving.requests import ApiError
 from ssn_platform.thresholds import threshold_from_tags
-
-CHAMPION = "champion"
-PREVIOUS = "previous"
+from ssn_platform.names import CHAMPION, PREVIOUS, registered_model_name
 
 
 @dataclass
@@ -67,7 +65,7 @@ def champion_info(product: str) -> tuple[str, str, dict[str, str]]:
     """(registered model, champion version, version tags); ApiError 404/503 when there is none or no registry."""
     from mlflow.exceptions import MlflowException
 
-    name = f"ssn-{product}"
+    name = registered_model_name(product)
     client = _mlflow_client()
     try:
         registered = client.get_registered_model(name)
