@@ -220,7 +220,7 @@ def predict_anomalib(predictor, loader) -> Any:
 
 
 def run_once(name: str, protocol: Protocol, root: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, *,
-             train_limit: int | None, anomalib: bool = False) -> dict[str, Any]:
+             train_limit: int | None, anomalib: bool = False, save: Path | None = None) -> dict[str, Any]:
     options = {"split_file": str(REPO / protocol.split_file)} if protocol.split_file else {}
     samples = read_layout(root, protocol.layout, **options)
     train = [s for s in samples if s.split == "train"]
@@ -241,6 +241,8 @@ def run_once(name: str, protocol: Protocol, root: Path, model_cfg: ModelConfig, 
         result = fit(data_root=root, samples=train, model_config=model_cfg, train_config=train_cfg, progress=False)
         train_seconds = time.perf_counter() - started
         predictions = predict(result.model, eval_loader(test_set, batch_size=16), device=torch.device("cpu"))
+        if save is not None:
+            save_predictions(save, predictions, result.model, root, train, model_cfg)
     has_masks = any(s.mask for s in test)
     metrics = compute_metrics(scores=predictions.scores, labels=predictions.labels,
                               maps=predictions.maps if has_masks else None,
@@ -259,6 +261,22 @@ def run_once(name: str, protocol: Protocol, root: Path, model_cfg: ModelConfig, 
         "scores": {"normal": predictions.scores[normal].tolist(), "defective": predictions.scores[~normal].tolist()},
         "model_config": asdict(model_cfg), "train_config": asdict(train_cfg),
     }
+
+
+def save_predictions(path: Path, predictions: Any, model: torch.nn.Module, root: Path, train: list,
+                     model_cfg: ModelConfig) -> None:
+    """Write a run's test predictions and the anomaly maps of its normal training images to `path` (npz, maps in
+    float16): what `bench/bench_scores.py` compares image scores on without training again."""
+    preset = get_preset(model_cfg.backbone)
+    normals = [s for s in train if s.label == 0]
+    train_set = DefectDataset(root=root, samples=normals, image_size=model_cfg.image_size, mean=preset.mean,
+                              std=preset.std)
+    fitted = predict(model, eval_loader(train_set, batch_size=16), device=torch.device("cpu"))
+    head = predictions.scores if predictions.head_scores is None else predictions.head_scores
+    train_head = fitted.scores if fitted.head_scores is None else fitted.head_scores
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, maps=predictions.maps.astype(np.float16), labels=predictions.labels,
+                        head=head, train_maps=fitted.maps.astype(np.float16), train_head=train_head)
 
 
 def summarise(runs: list[dict[str, Any]], keys: list[str]) -> dict[str, tuple[float, float]]:
@@ -282,6 +300,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--cache", type=Path, default=REPO / ".bench-cache")
     parser.add_argument("--out", type=Path, default=REPO / "bench_results" / "quality.json")
+    parser.add_argument("--save-predictions", type=Path, default=None, metavar="DIR",
+                        help="write each run's test maps and its normal training images' maps to "
+                             "DIR/<dataset>-<setting>-<seed>.npz (for bench/bench_scores.py)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -307,8 +328,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for seed in seeds:
                 model_cfg, train_cfg = build_configs(protocol, setting, raw, seed=seed, epochs=epochs,
                                                      backbone=args.backbone)
+                save = (args.save_predictions / f"{name}-{setting}-{seed}.npz"
+                        if args.save_predictions and setting != "anomalib" else None)
                 run = run_once(name, protocol, root, model_cfg, train_cfg, train_limit=args.train_limit,
-                               anomalib=setting == "anomalib")
+                               anomalib=setting == "anomalib", save=save)
                 run.update(setting=setting, seed=seed, epochs=epochs)
                 runs.append(run)
                 report["runs"].append(run)

@@ -14,8 +14,16 @@ from typing import Any, Mapping, TypeVar
 SUPERVISION_REGIMES = ("unsupervised", "weak", "mixed", "supervised")
 NOISE_STD_MODES = ("absolute", "relative")
 # The image score a model reports (`supersimplenet.model.image_score`): the classification head's (the paper's),
-# the maximum of the anomaly map, or the mean of the two ("combined").
-IMAGE_SCORES = ("head", "map_max", "combined")
+# the maximum of the anomaly map, the mean of the two ("combined"), or the mean of the map's top 1 % of pixels.
+IMAGE_SCORES = ("head", "map_max", "combined", "map_top1")
+TOP_FRACTION = 0.01  # of the anomaly map's pixels that "map_top1" averages
+
+
+def top_count(pixels: int) -> int:
+    """How many of an anomaly map's `pixels` the "map_top1" score averages (`TOP_FRACTION`, at least one)."""
+    return max(1, round(TOP_FRACTION * pixels))
+
+
 # Compute precision of a training step (`supersimplenet.train.train_step`): everything in float32, or the trainable
 # layers (adaptor and heads, most of a step's FLOPs) under bfloat16 autocast with float32 weights, optimiser state,
 # losses and frozen backbone.
@@ -61,8 +69,10 @@ class ModelConfig:
             (strides 8 and 16). The feature maps are twice the first level's
             size, so (1, 2) costs the heads about 4x and (3, 4) about 1/4 of the default.
         image_score: the image score every prediction reports, one of `IMAGE_SCORES`: "head" (the classification
-            head's, the paper's), "map_max" (the anomaly map's maximum, the authors' "seg-" metrics) or "combined"
-            (of the two). Changes no weight: evaluation compares all three on any trained model. None takes the
+            head's, the paper's), "map_max" (the anomaly map's maximum, the authors' "seg-" metrics), "combined"
+            (the mean of the two) or "map_top1" (the mean of the map's highest 1 % of pixels: a defect covers many
+            pixels, a single bright spot few; QUALITY.md). Changes no weight: evaluation compares all of them on any
+            trained model. None takes the
             preset's unsupervised score (`recommended_model_config` sets "head" for supervised regimes).
 
     Every None is resolved in `__post_init__`, so a built config (and every checkpoint) holds concrete values and

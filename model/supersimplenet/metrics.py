@@ -58,7 +58,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from supersimplenet.config import IMAGE_SCORES
+from supersimplenet.config import IMAGE_SCORES, top_count
 
 __all__ = [
     "image_auroc",
@@ -343,14 +343,18 @@ def image_scores(head_scores: Any, maps: Any) -> dict[str, np.ndarray]:
     * ``head``: the classification head's score (the paper's image score);
     * ``map_max``: the maximum of the blurred anomaly map (the authors' code reports these "seg-" metrics too);
     * ``combined``: the mean of the two, which needs no calibration of one against the other because both are
-      probabilities of the same model.
+      probabilities of the same model;
+    * ``map_top1``: the mean of the map's highest 1 % of pixels (`supersimplenet.config.top_count`).
     """
     head = _check_values(_to_numpy(head_scores, "scores").astype(np.float64).reshape(-1), "scores")
     m = _check_values(_as_nhw(_to_numpy(maps, "maps").astype(np.float64), "maps"), "maps")
     if m.shape[0] != head.shape[0]:
         raise ValueError(f"maps: {m.shape[0]} images but scores has {head.shape[0]} entries")
-    map_max = m.reshape(m.shape[0], -1).max(axis=1)
-    return {"head": head, "map_max": map_max, "combined": 0.5 * (head + map_max)}
+    flat = m.reshape(m.shape[0], -1)
+    map_max = flat.max(axis=1)
+    k = top_count(flat.shape[1])
+    top = np.partition(flat, flat.shape[1] - k, axis=1)[:, flat.shape[1] - k:].mean(axis=1)
+    return {"head": head, "map_max": map_max, "combined": 0.5 * (head + map_max), "map_top1": top}
 
 
 def compute_metrics(

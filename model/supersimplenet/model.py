@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from supersimplenet.backbones import build_feature_extractor, get_preset
-from supersimplenet.config import ModelConfig
+from supersimplenet.config import ModelConfig, top_count
 from supersimplenet.perlin import perlin_masks
 
 
@@ -153,6 +153,9 @@ def image_score(kind: str, head_score: torch.Tensor, anomaly_map: torch.Tensor) 
     (`ModelConfig.image_score`; the same function for the reference and the fast path)."""
     if kind == "head":
         return head_score
+    if kind == "map_top1":
+        flat = anomaly_map.flatten(1)
+        return flat.topk(top_count(int(flat.shape[1])), dim=1).values.mean(dim=1)  # H, W fixed per model
     map_max = anomaly_map.flatten(1).amax(dim=1)
     return map_max if kind == "map_max" else 0.5 * (head_score + map_max)  # "combined"
 

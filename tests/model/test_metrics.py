@@ -341,7 +341,19 @@ def test_image_scores_are_the_head_the_map_maximum_and_their_mean_combined():
     maps = np.zeros((2, 4, 4))
     maps[0, 1, 2], maps[1, 3, 3] = 0.9, 0.2
     scores = image_scores([0.1, 0.6], maps)
-    assert list(scores) == ["head", "map_max", "combined"]
+    assert list(scores) == ["head", "map_max", "combined", "map_top1"]
     assert np.allclose(scores["map_max"], [0.9, 0.2]) and np.allclose(scores["combined"], [0.5, 0.4])
+    assert np.allclose(scores["map_top1"], [0.9, 0.2])  # 1 % of 16 pixels rounds to one pixel
     with pytest.raises(ValueError, match="maps: 2 images but scores has 3"):
         image_scores([0.1, 0.6, 0.3], maps)
+
+
+def test_map_top1_is_the_mean_of_the_highest_one_percent_of_the_pixels():
+    from supersimplenet.metrics import image_scores
+
+    rng = np.random.default_rng(0)
+    maps = rng.random((3, 40, 50))  # 2,000 pixels: the top 20
+    scores = image_scores(rng.random(3), maps)["map_top1"]
+    expected = np.sort(maps.reshape(3, -1), axis=1)[:, -20:].mean(axis=1)
+    assert np.allclose(scores, expected, atol=1e-12)
+    assert np.all(scores < maps.reshape(3, -1).max(axis=1))  # one bright pixel alone no longer decides

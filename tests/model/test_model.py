@@ -237,7 +237,7 @@ def test_a_config_naming_only_the_backbone_takes_the_presets_defaults():
             preset.noise_std, preset.noise_std_mode, preset.perlin_threshold, preset.unsupervised_image_score)
         assert config == recommended_model_config(name)
     lite0, wrn50 = ModelConfig(backbone="efficientnet_lite0"), ModelConfig(backbone="wide_resnet50")
-    assert (lite0.noise_std, lite0.noise_std_mode, lite0.image_score) == (4.0, "relative", "map_max")
+    assert (lite0.noise_std, lite0.noise_std_mode, lite0.image_score) == (4.0, "relative", "map_top1")
     assert (wrn50.noise_std, wrn50.noise_std_mode, wrn50.image_score) == (0.015, "absolute", "head")  # the paper's
     supervised = recommended_model_config("efficientnet_lite0", supervision="supervised")
     assert (supervised.image_score, supervised.stop_grad, supervised.noise_std) == ("head", False, 4.0)
