@@ -202,7 +202,8 @@ def run_search(
                             mode=mode, grace_period=grace_period, reduction_factor=reduction_factor,
                             min_margin=min_margin, baseline=baseline)
     training.check_mlflow()
-    session.validation = resolve_validation(job)
+    session.job = training.pin_dataset(session.job)  # `latest` resolved once here: every trial trains the same data
+    session.validation = resolve_validation(session.job)
     training.connect_ray(address)
     session.concurrency = max_concurrent or trials_per_cluster(job, num_trials)
     study = _open_study(session, baseline=baseline)
