@@ -142,6 +142,11 @@ class JobConfig:
                 flat[key] = value
         return flat
 
+    def logged_params(self) -> dict[str, str]:
+        """`flat_params` as MLflow params: strings (None as ""), cut to MLflow's 6,000-character limit. What the
+        training run, every search trial and the search's parent run log, and what a resubmission is compared to."""
+        return {k: ("" if v is None else str(v))[:6000] for k, v in self.flat_params().items()}
+
 
 SECTIONS = {"model": ModelConfig, "train": TrainConfig, "scaling": ScalingSettings}
 

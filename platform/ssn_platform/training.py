@@ -336,10 +336,6 @@ class TrainingResult:
     resumed: bool
 
 
-def _logged_params(job: JobConfig) -> dict[str, str]:
-    return {k: ("" if v is None else str(v))[:6000] for k, v in job.flat_params().items()}
-
-
 # What a resubmitted run_name may change: how it runs (workers, retries, loader processes, what it logs), never
 # what it trains (the data, the weights, the model and train sections, where its checkpoints are).
 RESUBMIT_MAY_CHANGE = ("scaling.", "max_failures", "train.num_workers", "train.eval_every", "register", "overlays",
@@ -349,7 +345,7 @@ RESUBMIT_MAY_CHANGE = ("scaling.", "max_failures", "train.num_workers", "train.e
 def _check_resubmission(job: JobConfig, run_name: str, logged: dict[str, str]) -> None:
     """A run_name submitted again continues its run only with the settings it started with; otherwise a
     PlatformError names every differing key (the old and the new value)."""
-    differing = [f"{key}: {logged[key]!r} -> {value!r}" for key, value in sorted(_logged_params(job).items())
+    differing = [f"{key}: {logged[key]!r} -> {value!r}" for key, value in sorted(job.logged_params().items())
                  if key in logged and logged[key] != value and not key.startswith(RESUBMIT_MAY_CHANGE)]
     if differing:
         raise PlatformError(f"run_name {run_name!r} exists with other settings; resubmitting it continues that run, "
@@ -370,7 +366,7 @@ def _open_mlflow_run(job: JobConfig, run_name: str) -> tuple[str, str]:
         return found[0].info.run_id, found[0].info.status
     run = client.create_run(experiment_id, run_name=run_name, tags={RUN_TAG: run_name, "ssn.product": job.product})
     run_id = run.info.run_id
-    params = _logged_params(job)
+    params = job.logged_params()
     params["run_name"] = run_name
     client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
     with tempfile.TemporaryDirectory() as directory:

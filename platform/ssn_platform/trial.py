@@ -60,7 +60,7 @@ def trial_driver(config: dict[str, Any], settings: dict[str, Any]) -> None:
         tags["ssn.tune.baseline"] = "true"
     run = client.create_run(settings["experiment_id"], run_name=run_name, tags=tags)
     run_id = run.info.run_id
-    logged = {k: ("" if v is None else str(v))[:6000] for k, v in job.flat_params().items()}
+    logged = job.logged_params()
     logged.update({f"tune.{k}": str(v) for k, v in params.items()})
     client.log_batch(run_id, params=[Param(k, v) for k, v in logged.items()])
 

@@ -294,7 +294,7 @@ def _log_parent_params(client, session: _Session) -> None:
 
     for key, value in training.lineage_tags(session.job).items():
         client.set_tag(session.parent_id, key, value)
-    logged = {k: ("" if v is None else str(v))[:6000] for k, v in session.job.flat_params().items()}
+    logged = session.job.logged_params()
     logged.update({
         "tune.num_trials": str(session.num_trials), "tune.max_concurrent": str(session.concurrency),
         "tune.grace_period": str(session.grace_period), "tune.reduction_factor": str(session.reduction_factor),
