@@ -98,8 +98,9 @@ def test_supervised_run_on_mpdd_metal_plate_learns(mpdd_root):
     assert result.test_metrics["pixel_auroc"] > 0.7, result.test_metrics
 
 
-def _one_step_gradients(weld_root, precision):
-    """Losses and gradients of one training step on 4 real weld seams from a fixed initial state."""
+def _one_step_gradients(weld_root, precision, *, blocked=True):
+    """Losses and gradients of one training step on 4 real weld seams from a fixed initial state (`blocked`: the
+    segmentation head's blocked training path, else its layers)."""
     from supersimplenet.backbones import get_preset, load_backbone_weights
     from supersimplenet.loading import DefectDataset
     from supersimplenet.train import train_step
@@ -107,6 +108,7 @@ def _one_step_gradients(weld_root, precision):
     config = ModelConfig(image_size=(128, 72), noise_std_mode="relative", noise_std=4.0)
     torch.manual_seed(0)
     model = build_model(config)
+    model.segmentation_head.blocked = blocked
     load_backbone_weights(model.feature_extractor.backbone, config.backbone, "default")
     preset = get_preset(config.backbone)
     samples = [s for s in read_layout(weld_root) if s.split == "train"][:4]
@@ -139,6 +141,23 @@ def test_a_bf16_training_step_matches_the_fp32_step_on_real_images(weld_root):
         cosine = torch.nn.functional.cosine_similarity(grad.flatten(), bf16_grads[name].flatten(), dim=0)
         assert cosine > 0.99, (name, float(cosine))
         assert float((bf16_grads[name] - grad).norm() / grad.norm()) < 0.15, name
+
+
+def test_a_training_step_with_the_blocked_segmentation_head_matches_the_layers_on_real_images(weld_root):
+    """The training fast path (supersimplenet.blocked) computes the reference step: the same losses and every
+    gradient within 1e-4 (relative) in float32."""
+    reference_losses, reference_grads = _one_step_gradients(weld_root, "fp32", blocked=False)
+    losses, grads = _one_step_gradients(weld_root, "fp32", blocked=True)
+    assert reference_losses["loss"] > 0.05
+    for name, value in reference_losses.items():
+        assert losses[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+    assert grads.keys() == reference_grads.keys() and len(grads) >= 6
+    assert torch.count_nonzero(grads["segmentation_head.layers.0.bias"]) == 0  # exact: b1 cancels in BatchNorm
+    for name, grad in reference_grads.items():
+        if grad.norm() < 1e-4:  # biases a training-mode BatchNorm cancels: zero in exact arithmetic, rounding here
+            assert grads[name].norm() < 1e-4, name
+            continue
+        assert float((grads[name] - grad).norm() / grad.norm()) < 1e-4, name
 
 
 def test_the_backbone_stays_float32_inside_a_bf16_autocast(weld_root):

@@ -1,0 +1,170 @@
+"""The segmentation head's training step in cache-sized blocks: the same outputs, gradients and BatchNorm statistics.
+
+The head is, per feature position x (C channels): y = w2 . LeakyReLU(BN(W1 x + b1)), with S = 1024 hidden
+channels and BatchNorm in training mode (statistics of the current batch, docs/design.md §2.3). Run as two 1x1
+convolutions over 2B x 64 x 64 positions it writes, and reads back several times, a hidden tensor of 2B x 1024 x 64
+x 64 floats (268 MB at batch 8); on a CPU that memory traffic, not arithmetic, set its speed (about 47 GFLOP/s on
+two Zen 4 cores, where the same cores multiply matrices at about 250) and it took most of a training step: 1.3 s of
+a 2.8 s Lite0 step in fp32, and 1.5 s of 1.7 s in bf16 (bench/bench_training.py).
+
+Here the hidden tensor never exists. Three observations make that possible:
+
+1. BatchNorm's statistics are those of a linear map of x, so they follow from x's mean m and covariance K (C x C):
+   mean_s = w_s . m + b1_s and var_s = w_s^T K w_s (the biased variance BatchNorm normalises with). After that
+   the whole head is a per-position function with fixed weights: h = s * z + beta, z = W1 (x - m), s = gamma /
+   sqrt(var + eps). b1 cancels (its gradient is exactly zero, which is what is returned).
+2. Per position that function is two matrix products with an elementwise step between them, so it runs over blocks
+   of `BLOCK_POSITIONS` positions of one image (a [1024, 512] hidden block stays in the cache), forward and
+   backward. The backward recomputes each block's z instead of storing it (one extra [S, C] x [C, n] product per
+   pass, cheap next to the memory traffic it saves).
+3. BatchNorm's backward needs two per-channel means over all positions, mean(g_h) and mean(g_h * z_hat), before
+   any input gradient: a first pass accumulates them (g_h = w2 * g_y * leaky'(h), one fused
+   `leaky_relu_backward` over a broadcast view), a second computes g_z = s * (g_h - mean(g_h) - z_hat *
+   mean(g_h z_hat)) per element, as BatchNorm's own backward does, and from it the W1 and x gradients. Forming g_z
+   per element matters: the algebraically equal form that applies the mean corrections after the product with W1
+   loses about three digits to cancellation in float32.
+
+fp32 reproduces the reference head's outputs, gradients and running statistics to float32 rounding
+(tests/model/test_blocked.py: relative 1e-6 on random data, and a whole training step on real images within 1e-4).
+Under bf16 autocast the block products and elementwise steps run in bfloat16 while the statistics, the gradient
+sums and the parameters stay float32 (as autocast would keep them); that is an approximation of the same kind as
+autocast's, measured by image AUROC in QUALITY.md.
+
+Used by `SegmentationHead.forward` in training mode on CPU tensors (`applies`): CUDA keeps the convolutions (its
+memory bandwidth makes blocking pointless), and so do SyncBatchNorm (statistics across processes), traced graphs and
+a BatchNorm without running statistics or with a cumulative (None) momentum.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Positions per block: [1024, 512] hidden floats = 2 MiB. 512 and 1024 were equal and 256 slower on 2 Zen 4 cores.
+BLOCK_POSITIONS = 512
+
+
+def applies(features: torch.Tensor, norm: nn.Module) -> bool:
+    """Whether the blocked training path computes this head: CPU eager training with a plain BatchNorm2d."""
+    return (features.device.type == "cpu" and features.dim() == 4 and type(norm) is nn.BatchNorm2d
+            and norm.training and norm.affine and norm.track_running_stats and norm.momentum is not None
+            and not torch.jit.is_tracing() and not torch.jit.is_scripting())
+
+
+def _blocks(count: int, positions: int):
+    for image in range(count):
+        for start in range(0, positions, BLOCK_POSITIONS):
+            yield image, start, min(start + BLOCK_POSITIONS, positions)
+
+
+class _BlockedHead(torch.autograd.Function):
+    """(x, W1, b1, gamma, beta, w2) -> map logits y [n, 1, h, w]; also returns var_s and w_s . m (no gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, gamma, beta, w2, eps: float, slope: float, dtype: torch.dtype):
+        n, channels, height, width = x.shape
+        positions = height * width
+        rows = x.reshape(n, channels, positions)
+        with torch.no_grad():
+            rows32 = rows.to(w1.dtype)  # statistics in the parameters' precision
+            mean = rows32.mean(dim=(0, 2))
+            centred = (rows32 - mean[None, :, None]).transpose(0, 1).reshape(channels, -1)
+            cov = (centred @ centred.t()) / centred.shape[1]
+            del centred
+            var = ((w1 @ cov) * w1).sum(1)
+            inv_std = torch.rsqrt(var + eps)
+            scale = gamma * inv_std
+            shift = w1 @ mean
+            a = (scale[:, None] * w1).to(dtype)
+            c = (beta - scale * shift).to(dtype)[:, None]
+            out_w = w2.to(dtype)[None, :]
+            xd = rows.to(dtype)
+            out = torch.empty(n, positions, dtype=dtype)
+            hidden = torch.empty(a.shape[0], min(BLOCK_POSITIONS, positions), dtype=dtype)
+            for image, start, stop in _blocks(n, positions):
+                block = torch.addmm(c, a, xd[image, :, start:stop], out=hidden[:, :stop - start])
+                nn.functional.leaky_relu_(block, slope)
+                torch.mm(out_w, block, out=out[image:image + 1, start:stop])
+        ctx.save_for_backward(x, w1, gamma, beta, w2, inv_std, shift)
+        ctx.slope, ctx.dtype, ctx.has_bias = slope, dtype, b1 is not None
+        ctx.mark_non_differentiable(var, shift)
+        return out.to(x.dtype).view(n, 1, height, width), var, shift
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_var, _grad_shift):
+        x, w1, gamma, beta, w2, inv_std, shift = ctx.saved_tensors
+        slope, dtype = ctx.slope, ctx.dtype
+        n, channels, height, width = x.shape
+        positions, hidden_channels = height * width, w1.shape[0]
+        count = n * positions
+        xd = x.reshape(n, channels, positions).to(dtype)
+        grad = grad_y.reshape(n, positions).to(dtype)
+        w1d = w1.to(dtype)
+        scale32 = gamma * inv_std
+        scale, beta_col, neg_shift = scale32.to(dtype)[:, None], beta.to(dtype)[:, None], (-shift).to(dtype)[:, None]
+        width_blk = min(BLOCK_POSITIONS, positions)
+        z_buf, h_buf = torch.empty(hidden_channels, width_blk, dtype=dtype), torch.empty(hidden_channels, width_blk,
+                                                                                          dtype=dtype)
+
+        def block_z_h(image: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            z = torch.addmm(neg_shift, w1d, xd[image, :, start:stop], out=z_buf[:, :stop - start])
+            h = torch.mul(z, scale, out=h_buf[:, :stop - start]).add_(beta_col)  # 2-5x faster than addcmul
+            # u = g_y * leaky'(h), per element: one fused kernel over a broadcast view of g_y
+            u = torch.ops.aten.leaky_relu_backward(grad[image:image + 1, start:stop].expand_as(h), h, slope, False)
+            return z, h, u
+
+        # Pass 1: sum_n u and sum_n u * z per hidden channel (g_h = w2 * u).
+        acc = w1.dtype  # sums and gradients in the parameters' precision (float32 under bf16 autocast)
+        u_sum = torch.zeros(hidden_channels, dtype=acc)
+        uz_sum = torch.zeros(hidden_channels, dtype=acc)
+        for image, start, stop in _blocks(n, positions):
+            z, _h, u = block_z_h(image, start, stop)
+            u_sum += u.sum(1, dtype=acc)
+            uz_sum += torch.linalg.vecdot(u, z).to(acc)
+        grad_beta = w2 * u_sum  # sum_n g_h
+        ghz = w2 * uz_sum  # sum_n g_h * z
+        grad_gamma = ghz * inv_std  # sum_n g_h * z_hat
+        grad_w2 = scale32 * uz_sum + beta * u_sum  # sum_n g_y * leaky(h), with h = s z + beta
+        # Pass 2: g_z = s * w2 * u - s * mean(g_h) - s * mean(g_h z_hat) * z_hat, then the W1 and x gradients.
+        coef_u = (scale32 * w2).to(dtype)[:, None]
+        neg_mean = (-scale32 * grad_beta / count).to(dtype)[:, None]
+        neg_slope_z = (-scale32 * ghz * inv_std * inv_std / count).to(dtype)[:, None]
+        grad_w1 = torch.zeros_like(w1)
+        grad_x = torch.empty(n, channels, positions, dtype=dtype)
+        t_buf = torch.empty(hidden_channels, width_blk, dtype=dtype)
+        for image, start, stop in _blocks(n, positions):
+            z, _h, u = block_z_h(image, start, stop)
+            gz = torch.mul(z, neg_slope_z, out=t_buf[:, :stop - start]).add_(neg_mean).add_(u.mul_(coef_u))
+            block_x = xd[image, :, start:stop]
+            if dtype == acc:
+                grad_w1.addmm_(gz, block_x.t())
+            else:
+                grad_w1 += torch.mm(gz, block_x.t()).to(acc)
+            torch.mm(w1d.t(), gz, out=grad_x[image, :, start:stop])
+        # b1 cancels in training-mode BatchNorm: its gradient is exactly zero (returned as zeros, not None, so the
+        # optimiser treats it as the reference step does, weight decay included).
+        grad_b1 = torch.zeros(hidden_channels, dtype=w1.dtype) if ctx.has_bias else None
+        return (grad_x.to(x.dtype).view(n, channels, height, width), grad_w1.to(w1.dtype), grad_b1,
+                grad_gamma.to(gamma.dtype), grad_beta.to(beta.dtype), grad_w2.to(w2.dtype), None, None, None)
+
+
+def blocked_segmentation_head(features: torch.Tensor, conv1: nn.Conv2d, norm: nn.BatchNorm2d, slope: float,
+                              conv2: nn.Conv2d) -> torch.Tensor:
+    """conv2(LeakyReLU(norm(conv1(features)))) in training mode, in blocks; updates `norm`'s running statistics
+    as BatchNorm does (momentum, unbiased variance, `num_batches_tracked`)."""
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else conv1.weight.dtype
+    with torch.autocast("cpu", enabled=False):
+        y, var, shift = _BlockedHead.apply(
+            features, conv1.weight.flatten(1), conv1.bias, norm.weight, norm.bias, conv2.weight.flatten(),
+            norm.eps, slope, dtype,
+        )
+        with torch.no_grad():
+            count = features.numel() // features.shape[1]
+            bias = conv1.bias if conv1.bias is not None else 0.0
+            norm.running_mean.mul_(1 - norm.momentum).add_(norm.momentum * (shift + bias))
+            norm.running_var.mul_(1 - norm.momentum).add_(norm.momentum * var * count / max(count - 1, 1))
+            norm.num_batches_tracked.add_(1)
+    return y
+
+
+__all__ = ["BLOCK_POSITIONS", "applies", "blocked_segmentation_head"]
