@@ -4,8 +4,9 @@ The head is, per feature position x (C channels): y = w2 . LeakyReLU(BN(W1 x + b
 channels and BatchNorm in training mode (statistics of the current batch, docs/design.md §2.3). Run as two 1x1
 convolutions over 2B x 64 x 64 positions it writes, and reads back several times, a hidden tensor of 2B x 1024 x 64
 x 64 floats (268 MB at batch 8); on a CPU that memory traffic, not arithmetic, set its speed (about 47 GFLOP/s on
-two Zen 4 cores, where the same cores multiply matrices at about 250) and it took most of a training step: 1.3 s of
-a 2.8 s Lite0 step in fp32, and 1.5 s of 1.7 s in bf16 (bench/bench_training.py).
+two Zen 4 cores, where the same cores multiply matrices at about 250) and it took most of a training step: about
+1.3 s of a 2.1 s Lite0 step (256x256, batch 8) in fp32 and most of the bf16 step (BENCHMARKS.md; both paths are
+timed by `bench/bench_inference.py --train-only`).
 
 Here the hidden tensor never exists. Three observations make that possible:
 
@@ -109,19 +110,20 @@ class _BlockedHead(torch.autograd.Function):
         z_buf, h_buf = torch.empty(hidden_channels, width_blk, dtype=dtype), torch.empty(hidden_channels, width_blk,
                                                                                           dtype=dtype)
 
-        def block_z_h(image: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        def block_z_u(image: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """z = W1 (x - m) of a block and u = g_y * leaky'(h) with h = s z + beta."""
             z = torch.addmm(neg_shift, w1d, xd[image, :, start:stop], out=z_buf[:, :stop - start])
             h = torch.mul(z, scale, out=h_buf[:, :stop - start]).add_(beta_col)  # 2-5x faster than addcmul
-            # u = g_y * leaky'(h), per element: one fused kernel over a broadcast view of g_y
+            # one fused kernel over a broadcast view of g_y
             u = torch.ops.aten.leaky_relu_backward(grad[image:image + 1, start:stop].expand_as(h), h, slope, False)
-            return z, h, u
+            return z, u
 
         # Pass 1: sum_n u and sum_n u * z per hidden channel (g_h = w2 * u).
         acc = w1.dtype  # sums and gradients in the parameters' precision (float32 under bf16 autocast)
         u_sum = torch.zeros(hidden_channels, dtype=acc)
         uz_sum = torch.zeros(hidden_channels, dtype=acc)
         for image, start, stop in _blocks(n, positions):
-            z, _h, u = block_z_h(image, start, stop)
+            z, u = block_z_u(image, start, stop)
             u_sum += u.sum(1, dtype=acc)
             uz_sum += torch.linalg.vecdot(u, z).to(acc)
         grad_beta = w2 * u_sum  # sum_n g_h
@@ -136,7 +138,7 @@ class _BlockedHead(torch.autograd.Function):
         grad_x = torch.empty(n, channels, positions, dtype=dtype)
         t_buf = torch.empty(hidden_channels, width_blk, dtype=dtype)
         for image, start, stop in _blocks(n, positions):
-            z, _h, u = block_z_h(image, start, stop)
+            z, u = block_z_u(image, start, stop)
             gz = torch.mul(z, neg_slope_z, out=t_buf[:, :stop - start]).add_(neg_mean).add_(u.mul_(coef_u))
             block_x = xd[image, :, start:stop]
             if dtype == acc:
