@@ -426,8 +426,7 @@ def lineage_tags(job: JobConfig) -> dict[str, str]:
 
 def run_training(job: JobConfig, *, address: str | None = None) -> TrainingResult:
     """Runs (or resumes) a training job on the Ray cluster and returns its MLflow run and test metrics."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
+    from ssn_platform.trainer import build_trainer  # imports Ray: kept out of this module's import time
 
     check_mlflow()
     job = pin_dataset(job)
@@ -441,20 +440,8 @@ def run_training(job: JobConfig, *, address: str | None = None) -> TrainingResul
 
     client = MlflowClient()
     client.update_run(run_id, status="RUNNING")
-    storage_path = job.storage[len("s3://"):].rstrip("/")
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"job": job.to_dict(), "mlflow_run_id": run_id},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=job.scaling.num_workers, use_gpu=job.scaling.use_gpu,
-            resources_per_worker={"CPU": job.scaling.cpus_per_worker, **({"GPU": 1} if job.scaling.use_gpu else {})},
-        ),
-        run_config=ray.train.RunConfig(
-            name=run_name, storage_path=storage_path, storage_filesystem=storage_filesystem(),
-            failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
-    )
+    trainer = build_trainer(job, train_loop_per_worker, mlflow_run_id=run_id, name=run_name,
+                            storage_path=job.storage[len("s3://"):].rstrip("/"), num_to_keep=2)
     try:
         trainer.fit()
     except Exception:

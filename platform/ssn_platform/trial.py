@@ -26,14 +26,13 @@ def trial_run_name(search_name: str, number: int | None, trial_id: str) -> str:
 
 def trial_driver(config: dict[str, Any], settings: dict[str, Any]) -> None:
     """One trial: a Ray Train run of the trial's job, metrics forwarded to Tune, logged to a nested MLflow run."""
-    import ray.train
     import ray.tune
     from mlflow import MlflowClient
     from mlflow.entities import Param
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from ssn_platform import training
+    from ssn_platform.trainer import build_trainer
 
     trial_id = ray.tune.get_context().get_trial_id()
     number = config.get(STUDY_TRIAL_KEY)
@@ -64,22 +63,9 @@ def trial_driver(config: dict[str, Any], settings: dict[str, Any]) -> None:
     logged.update({f"tune.{k}": str(v) for k, v in params.items()})
     client.log_batch(run_id, params=[Param(k, v) for k, v in logged.items()])
 
-    scaling = job.scaling
-    trainer = TorchTrainer(
-        training.train_loop_per_worker,
-        train_loop_config={"job": job.to_dict(), "mlflow_run_id": run_id},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-            resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
-        ),
-        run_config=ray.train.RunConfig(
-            name=run_name, storage_path=settings["train_storage_path"],
-            storage_filesystem=training.storage_filesystem(),
-            failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-            callbacks=[TuneReportCallback()],
-        ),
-    )
+    trainer = build_trainer(job, training.train_loop_per_worker, mlflow_run_id=run_id, name=run_name,
+                            storage_path=settings["train_storage_path"], num_to_keep=1,
+                            callbacks=[TuneReportCallback()])
     try:
         trainer.fit()
     except BaseException as error:

@@ -135,6 +135,18 @@ class StackProcess:
             self.move_ports(free_port_block(16))
         raise AssertionError("unreachable")
 
+    def processes(self) -> set[int]:
+        """Every process of the stack: the daemons of its PID files (run/*.pid) and all their descendants (Ray's
+        GCS, raylet, agents, workers, Serve's proxy and replicas)."""
+        from listeners import descendants
+
+        pids: set[int] = set()
+        for pidfile in (self.state_dir / "run").glob("*.pid"):
+            pid = int(pidfile.read_text().split()[0])
+            if pid_alive(pid):
+                pids |= descendants(pid)
+        return pids
+
     def client_env(self) -> dict[str, str]:
         out = self.run("env").stdout
         env: dict[str, str] = {}

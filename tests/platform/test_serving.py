@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import requests
 import yaml
+from listeners import listeners  # tests/platform/listeners.py
 
 pytestmark = [pytest.mark.stack, pytest.mark.heavy]
 
@@ -224,9 +225,32 @@ def test_inspection_needs_a_key_for_the_product_and_keys_rotate_without_a_restar
         keys_file.write_text(original)
 
 
-def test_products_health_and_docs(served, weld_root):
+def _grpc_status_without_token(port: int) -> str:
+    """The status a gRPC call to 127.0.0.1:`port` gets without Ray's token (Serve's request method, empty body)."""
+    import grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            channel.unary_unary("/ray.serve.ASGIService/HandleRequest")(b"", timeout=30)
+        except grpc.RpcError as error:
+            return error.code().name
+    return "OK"
+
+
+def test_products_health_and_docs_and_every_listener_on_loopback(served, weld_root, live_stack):
     base, product = served["base"], served["product"]
     assert inspect(base, product, weld_test_images(weld_root)[0].read_bytes()).status_code == 200  # loaded now
+    # while a replica serves: Serve's proxy, controller and replicas, like every process of the stack, listen on
+    # 127.0.0.1 only (the proxy's HTTP port among them). One exception is Ray's, not ours: each Serve replica's
+    # inter-deployment gRPC server binds [::]:0 and Ray offers no setting to change it (ray-project/ray#64544);
+    # Ray's token interceptor guards it, so a call without the cluster's token is refused (docs/security.md).
+    listening = listeners(live_stack.processes())
+    assert any(listener.port == int(base.rsplit(":", 1)[1].split("/")[0]) for listener in listening)
+    replica_grpc = {listener for listener in listening if "ServeReplica" in listener.name and listener.wildcard}
+    assert replica_grpc, sorted(map(str, listening))
+    for listener in replica_grpc:
+        assert _grpc_status_without_token(listener.port) == "UNAUTHENTICATED"
+    assert not [str(listener) for listener in listening - replica_grpc if listener.address != "127.0.0.1"]
     listing = requests.get(f"{base}/v1/products", headers=key_headers(), timeout=30).json()["products"]
     entry = {p["product"]: p for p in listing}[product]
     assert entry["champion_version"] == served["versions"][0] and entry["registered_model"] == served["name"]

@@ -13,6 +13,7 @@ import uuid
 
 import pytest
 
+from listeners import ListenerWatch  # tests/platform/listeners.py
 from supersimplenet.metrics import compute_metrics
 from supersimplenet.train import eval_loader, predict
 
@@ -34,14 +35,21 @@ def _job(dataset: str, **extra: str):
     return load_job_config(CONFIG, [f"{k}={v}" for k, v in overrides.items()])
 
 
-def test_two_worker_job_registers_a_model_that_reproduces_its_metric(live_stack, weld_dataset):
+def test_two_worker_job_registers_a_model_that_reproduces_its_metric_and_listens_on_loopback_only(
+        live_stack, weld_dataset):
     from mlflow import MlflowClient
 
     from ssn_platform.registry import load_model
     from ssn_platform.training import load_job_data, run_training
 
     job = _job(weld_dataset)
-    result = run_training(job)
+    with ListenerWatch(live_stack.processes) as watch:
+        result = run_training(job)
+    # every socket of the stack listened on 127.0.0.1 throughout, the DDP rendezvous (TCPStore) and Gloo's pairs
+    # included: seen from both train workers, and none on all interfaces
+    workers = {listener.pid for listener in watch.seen if "RayTrainWorker" in listener.name}
+    assert watch.samples > 0 and len(workers) >= 2, f"no train worker was sampled: {sorted(map(str, watch.seen))}"
+    assert not [str(listener) for listener in watch.seen if listener.address != "127.0.0.1"]
     assert result.model_version == "1"
     client = MlflowClient()
     run = client.get_run(result.mlflow_run_id)
