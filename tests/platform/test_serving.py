@@ -663,3 +663,74 @@ def test_requests_beyond_the_queue_get_503_with_retry_after_and_the_rest_are_ans
         assert all(a.headers.get("Retry-After") == "2" for a in answers if a.status_code == 503)
     finally:
         serve.delete("tight")
+
+
+def _real_png_on_canvas(path: Path, width: int, height: int) -> bytes:
+    """A real image pasted at the centre of a width x height grey canvas, as PNG (compresses to a few hundred KB
+    however large the canvas: a cheap body that decodes to many pixels)."""
+    from PIL import Image
+
+    canvas = Image.new("RGB", (width, height), (118, 118, 118))
+    with Image.open(path) as seam:
+        canvas.paste(seam.convert("RGB"), ((width - seam.width) // 2, (height - seam.height) // 2))
+    out = io.BytesIO()
+    canvas.save(out, format="PNG", compress_level=1)
+    return out.getvalue()
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_a_flood_of_4096_pixel_pngs_keeps_the_replica_within_its_pixel_budget(served, weld_root):
+    from ray import serve
+    from ray.util.state import list_actors
+
+    from ssn_platform.serving.deployment import build_app, wait_ready
+
+    side = 4096
+    budget = 2 * side * side  # two full-size images decoded at once (~20 bytes per pixel while converted)
+    flood = {**SETTINGS, "max_bytes": 16 * 1024 * 1024, "max_pixels": side * side, "max_side": side,
+             "max_pixels_in_flight": budget, "max_ongoing_requests": 32, "max_queued_requests": 16,
+             "retry_after_s": 1.0}
+    serve.run(build_app(flood), name="flood", route_prefix="/flood", blocking=False)
+    base, product = served["base"] + "/flood", served["product"]
+    try:
+        wait_ready(base, timeout=180)
+        seam = weld_test_images(weld_root, 1)[0]
+        assert inspect(base, product, seam.read_bytes()).status_code == 200  # the model is loaded before the flood
+        (replica,) = [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")])
+                      if a.class_name.startswith("ServeReplica:flood")]
+        full, over = _real_png_on_canvas(seam, side, side), _real_png_on_canvas(seam, side + 1, side)
+        bodies = [full] * 32 + [over] * 8
+        random.Random(7).shuffle(bodies)
+        baseline, peak, done = _rss_bytes(replica), [0], threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], _rss_bytes(replica))
+                done.wait(0.02)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            with ThreadPoolExecutor(32) as pool:
+                answers = list(pool.map(lambda body: (body is over, inspect(base, product, body)), bodies))
+        finally:
+            done.set()
+            sampler.join()
+        assert all(a.status_code == 413 for is_over, a in answers if is_over)  # refused from the header
+        codes = [a.status_code for is_over, a in answers if not is_over]
+        assert set(codes) <= {200, 503}, [a.text for _, a in answers if a.status_code not in (200, 413, 503)]
+        refused = [a for _, a in answers if a.status_code == 503]
+        assert all(int(a.headers["Retry-After"]) >= 1 for a in refused)
+        assert codes.count(200) >= 2 and any(a.json()["error"]["code"] == "pixel_budget_full" for a in refused)
+        served_ok = [a.json() for _, a in answers if a.status_code == 200]
+        assert all(r["image_width"] == side and r["image_height"] == side for r in served_ok)
+        # 32 images decoded at once would take ~6 GB; the budget holds two (~0.7 GB) plus the process's own churn
+        assert peak[0] - baseline < budget * 24 + 512 * 1024 * 1024, (baseline, peak[0])
+    finally:
+        serve.delete("flood")

@@ -10,6 +10,7 @@ annotations` in this module) must be defined or imported at module level.
 """
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -29,8 +30,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ssn_platform.names import PRODUCT_RE
 from ssn_platform.serving.auth import ApiKeys
 from ssn_platform.serving.requests import (ERROR_RESPONSES, INSPECT_BODY, MULTIPART_OVERHEAD, RAW_CONTENT_TYPES,
-                                           ApiError, InspectionResult, decode_image, error_response, media_type,
-                                           parse_multipart, png_base64, read_body)
+                                           ApiError, InspectionResult, decode_image, error_response, image_size,
+                                           media_type, parse_multipart, png_base64, read_body)
 from ssn_platform.serving.settings import ServeSettings
 from ssn_platform.serving.versions import (CHAMPION, PREVIOUS, LoadedVersion, ProductModel, _mlflow_client,
                                            champion_info, inference_info, load_version, run_items)
@@ -89,6 +90,7 @@ class InspectorReplica:
         self._ready_cache: tuple[float, bool, str] = (0.0, False, "")
         self._started = time.time()
         self._switches = 0
+        self._pixels_in_flight = 0  # decoded pixels held by requests in progress (_pixel_budget)
         self._infer_batch.set_max_batch_size(self.settings.max_batch_size)
         self._infer_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
 
@@ -216,6 +218,20 @@ class InspectorReplica:
             raise result
         return result
 
+    @contextlib.contextmanager
+    def _pixel_budget(self, pixels: int):
+        """Holds `pixels` of the replica's `max_pixels_in_flight` while a request's image is decoded and scored;
+        503 + Retry-After when they are not free. Runs on the event loop only, so the counter needs no lock."""
+        if self._pixels_in_flight + pixels > self.settings.max_pixels_in_flight:
+            raise ApiError(503, "pixel_budget_full", f"the replica holds {self._pixels_in_flight} decoded pixels; "
+                           f"{pixels} more would exceed max_pixels_in_flight ({self.settings.max_pixels_in_flight})",
+                           headers={"Retry-After": str(max(1, math.ceil(self.settings.retry_after_s)))})
+        self._pixels_in_flight += pixels
+        try:
+            yield
+        finally:
+            self._pixels_in_flight -= pixels
+
     # -- what the routes answer -----------------------------------------------------------------------------------
     async def _inspect(self, product: str, request: Request, return_map: bool, return_mask: bool) -> Any:
         started = time.perf_counter()
@@ -242,13 +258,15 @@ class InspectorReplica:
                 raise ApiError(400, "empty_body", "the image is empty (zero bytes)")
             loaded = await self._serving_version(product)
             loop = asyncio.get_running_loop()
-            array, (width, height) = await loop.run_in_executor(
-                self._work_pool, lambda: decode_image(data, max_pixels=self.settings.max_pixels,
-                                                      max_side=self.settings.max_side))
-            score, anomaly_map = await self._predict(loaded, array)
-            result = await loop.run_in_executor(
-                self._work_pool, lambda: self._result(loaded, score, anomaly_map, width, height, return_map,
-                                                      return_mask))
+            limits = {"max_pixels": self.settings.max_pixels, "max_side": self.settings.max_side}
+            width, height = await loop.run_in_executor(self._work_pool, lambda: image_size(data, **limits))
+            with self._pixel_budget(width * height):
+                array, _ = await loop.run_in_executor(self._work_pool, lambda: decode_image(data, **limits))
+                score, anomaly_map = await self._predict(loaded, array)
+                del array
+                result = await loop.run_in_executor(
+                    self._work_pool, lambda: self._result(loaded, score, anomaly_map, width, height, return_map,
+                                                          return_mask))
             result["latency_ms"] = round((time.perf_counter() - started) * 1000.0, 3)
             return JSONResponse(result)
         except ApiError as error:

@@ -85,7 +85,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         413: "body larger than max_bytes, or image larger than max_pixels / max_side",
         415: "unsupported content type or image format",
         422: "invalid query parameter",
-        503: "replicas full (Retry-After), model registry unreachable, or the model could not be loaded",
+        503: "replicas full or the replica's pixel budget in use (Retry-After), model registry unreachable, or the "
+             "model could not be loaded",
     }.items()
 }
 
@@ -177,14 +178,9 @@ def parse_multipart(body: bytes, content_type: str, field_name: str = "image") -
     return found
 
 
-def decode_image(data: bytes, *, max_pixels: int, max_side: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Bytes -> HxWx3 float32 in [0, 1] by the model library's conversion, and (width, height).
-
-    Dimensions come from the header and are checked before any pixel is decoded.
-    """
+def _open_checked(data: bytes, *, max_pixels: int, max_side: int):
+    """The image opened from its header only, its size checked against the limits (nothing decoded yet)."""
     from PIL import Image, UnidentifiedImageError
-
-    from supersimplenet.loading import image_array
 
     if not data:
         raise ApiError(400, "empty_body", "the request body is empty: send the image bytes")
@@ -199,13 +195,35 @@ def decode_image(data: bytes, *, max_pixels: int, max_side: int) -> tuple[np.nda
         raise ApiError(415, "unsupported_image", "the body is not a PNG, JPEG, BMP or TIFF image") from None
     except Exception as error:  # noqa: BLE001 - any header parse failure is the client's data
         raise ApiError(400, "invalid_image", f"cannot read the image header: {type(error).__name__}: {error}") from None
-    try:
-        width, height = image.size
+    width, height = image.size
+    if width < 1 or height < 1 or width * height > max_pixels or max(width, height) > max_side:
+        image.close()
         if width < 1 or height < 1:
             raise ApiError(400, "invalid_image", f"image has no pixels ({width}x{height})")
-        if width * height > max_pixels or max(width, height) > max_side:
-            raise ApiError(413, "image_too_large", f"image is {width}x{height}; the limit is {max_pixels} pixels "
-                                                   f"and {max_side} per side")
+        raise ApiError(413, "image_too_large", f"image is {width}x{height}; the limit is {max_pixels} pixels "
+                                               f"and {max_side} per side")
+    return image
+
+
+def image_size(data: bytes, *, max_pixels: int, max_side: int) -> tuple[int, int]:
+    """(width, height) from the image's header, checked against the limits; no pixel is decoded."""
+    image = _open_checked(data, max_pixels=max_pixels, max_side=max_side)
+    image.close()
+    return image.size
+
+
+def decode_image(data: bytes, *, max_pixels: int, max_side: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Bytes -> HxWx3 float32 in [0, 1] by the model library's conversion, and (width, height).
+
+    Dimensions come from the header and are checked before any pixel is decoded.
+    """
+    from PIL import Image
+
+    from supersimplenet.loading import image_array
+
+    image = _open_checked(data, max_pixels=max_pixels, max_side=max_side)
+    width, height = image.size
+    try:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -9,7 +9,10 @@ from typing import Any
 class ServeSettings:
     """Options of the application (``args`` of `build_app`, the Serve config file, or `deploy`).
 
-    Request limits: max_bytes (body), max_pixels (width x height, decompression bombs), max_side (either side).
+    Request limits: max_bytes (body), max_pixels (width x height, decompression bombs), max_side (either side);
+    max_pixels_in_flight, the replica's budget: the pixels of all images it holds decoded at once (a float32 RGB
+    image takes about 20 bytes per pixel while it is decoded and converted); a request whose image would exceed it
+    is answered 503 with ``Retry-After`` before it is decoded.
     Models: max_models_per_replica (LRU), refresh_s (champion polling), negative_cache_s (how long an unknown
     product or missing champion is remembered), load_backoff_s (how long a champion that failed to load, e.g. a
     corrupt checkpoint, is answered 503 from memory before the replica downloads it again), device ("auto", "cpu",
@@ -27,6 +30,7 @@ class ServeSettings:
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 4096 * 4096
     max_side: int = 16384
+    max_pixels_in_flight: int = 2 * 4096 * 4096
     max_models_per_replica: int = 4
     refresh_s: float = 10.0
     negative_cache_s: float = 2.0
@@ -57,6 +61,8 @@ class ServeSettings:
 
         check(self.max_bytes > 0, f"max_bytes must be > 0, got {self.max_bytes}")
         check(self.max_pixels > 0 and self.max_side > 0, "max_pixels and max_side must be > 0")
+        check(self.max_pixels_in_flight >= self.max_pixels, f"max_pixels_in_flight ({self.max_pixels_in_flight}) "
+              f"must be >= max_pixels ({self.max_pixels}), or no image of the allowed size could be served")
         check(self.max_models_per_replica >= 1, "max_models_per_replica must be >= 1")
         check(self.refresh_s > 0, f"refresh_s must be > 0, got {self.refresh_s}")
         check(self.negative_cache_s >= 0, "negative_cache_s must be >= 0")
