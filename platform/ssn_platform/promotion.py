@@ -303,9 +303,7 @@ def promote(product: str, version: str | int, *, margin: float = 0.005, floor: f
     """
     from mlflow.exceptions import MlflowException
 
-    from ssn_platform.datasets import DatasetReader
-    from ssn_platform.registry import load_model, registered_model_name
-    from ssn_platform.thresholds import threshold_from_tags
+    from ssn_platform.registry import registered_model_name
     from ssn_platform.services import check_mlflow
 
     if margin < 0:
@@ -321,38 +319,64 @@ def promote(product: str, version: str | int, *, margin: float = 0.005, floor: f
         raise PromotionError(f"{name} version {version} does not exist: {error.message}") from None
     metric = primary_metric(product, metric)
     repair_aliases(client, name)
-    aliases = _aliases(client, name)
-    champion = aliases.get(CHAMPION)
+    champion = _aliases(client, name).get(CHAMPION)
     decision = Decision(product=product, registered_model=name, candidate_version=version, champion_version=champion,
                         metric=metric, margin=float(margin), floor=float(floor), promoted=False, reason="",
                         split=split, require_seeds=int(require_seeds))
-
-    # -- preconditions: refused without evaluating anything
-    threshold = threshold_from_tags(candidate.tags)
-    if threshold is None:
-        decision.reason = (f"version {version} has no calibrated threshold (tag 'threshold'); run "
-                           f"jobs/calibrate.py --product {product} --version {version} first")
+    refusal = _refusal_before_evaluation(client, decision, candidate)
+    if refusal:
+        decision.reason = refusal
         return _finish(client, decision)
+    _evaluate_candidate_and_champion(client, decision, candidate, data_uri=data_uri, batch_size=batch_size)
+    _judge(decision)
+    if decision.promoted:
+        current = _aliases(client, name).get(CHAMPION)
+        if current != champion:
+            decision.promoted = False
+            decision.reason = (f"the champion moved from v{champion} to v{current} during the evaluation; "
+                               "promote again")
+        else:
+            _move_champion(client, name, version, champion)
+    return _finish(client, decision)
+
+
+def _refusal_before_evaluation(client, decision: Decision, candidate) -> str:
+    """Why the candidate is refused without evaluating anything ("" when it may be evaluated): no calibrated
+    threshold, no test evaluation, already the champion, or (with require_seeds) no multi-seed evaluation whose
+    mean clears the floor (that evaluation is recorded in the decision)."""
+    from ssn_platform.thresholds import threshold_from_tags
+
+    version, product, metric = decision.candidate_version, decision.product, decision.metric
+    if threshold_from_tags(candidate.tags) is None:
+        return (f"version {version} has no calibrated threshold (tag 'threshold'); run "
+                f"jobs/calibrate.py --product {product} --version {version} first")
     if not any(key.startswith("test_") for key in candidate.tags):
-        decision.reason = (f"version {version} was never evaluated (no 'test_*' metric tags from its training job); "
-                           "only versions with a test evaluation can be promoted")
-        return _finish(client, decision)
-    if champion == version:
-        decision.reason = f"version {version} is already the champion"
-        return _finish(client, decision)
-    if require_seeds:
-        decision.seeds_evaluation, why = find_seed_evaluation(client, candidate.run_id, metric, require_seeds)
-        if decision.seeds_evaluation is None:
-            decision.reason = f"version {version}: {why}"
-            return _finish(client, decision)
+        return (f"version {version} was never evaluated (no 'test_*' metric tags from its training job); "
+                "only versions with a test evaluation can be promoted")
+    if decision.champion_version == version:
+        return f"version {version} is already the champion"
+    if decision.require_seeds:
+        decision.seeds_evaluation, why = find_seed_evaluation(client, candidate.run_id, metric,
+                                                              decision.require_seeds)
         seeds = decision.seeds_evaluation
-        if seeds["mean"] < floor:
-            decision.reason = (f"the multi-seed mean of version {version}'s recipe, {metric} {seeds['mean']:.4f} +- "
-                               f"{seeds['std']:.4f} over {len(seeds['seeds'])} seeds (evaluation run "
-                               f"{seeds['run_id']}), is below the floor {floor:.4f}")
-            return _finish(client, decision)
+        if seeds is None:
+            return f"version {version}: {why}"
+        if seeds["mean"] < decision.floor:
+            return (f"the multi-seed mean of version {version}'s recipe, {metric} {seeds['mean']:.4f} +- "
+                    f"{seeds['std']:.4f} over {len(seeds['seeds'])} seeds (evaluation run {seeds['run_id']}), is "
+                    f"below the floor {decision.floor:.4f}")
+    return ""
 
-    # -- evaluation: same code, same data for both
+
+def _evaluate_candidate_and_champion(client, decision: Decision, candidate, *, data_uri: str | None,
+                                     batch_size: int) -> None:
+    """Scores the candidate and the champion (if any) with the same code on the same images: the `split` of
+    `data_uri` (default: the candidate's dataset tag), each at its own calibrated threshold."""
+    from ssn_platform.datasets import DatasetReader
+    from ssn_platform.registry import load_model
+    from ssn_platform.thresholds import threshold_from_tags
+
+    name, version, split = decision.registered_model, decision.candidate_version, decision.split
     uri = data_uri or candidate.tags.get("dataset")
     if not uri:
         raise PromotionError(f"{name} version {version} names no dataset (tag 'dataset'); pass data_uri")
@@ -363,19 +387,24 @@ def promote(product: str, version: str | int, *, margin: float = 0.005, floor: f
         raise PromotionError(f"{uri} (dataset version {reader.version}) has no {split!r} split to evaluate on")
     decision.data_uri, decision.dataset_version, decision.n_images = uri, reader.version, len(chosen)
     model, _ = load_model(f"models:/{name}/{version}")
-    decision.candidate_metrics = evaluate_model(model, root, chosen, threshold=threshold, batch_size=batch_size)
+    decision.candidate_metrics = evaluate_model(model, root, chosen, threshold=threshold_from_tags(candidate.tags),
+                                                batch_size=batch_size)
     del model
-    if champion is not None:
-        champion_tags = client.get_model_version(name, champion).tags
-        model, _ = load_model(f"models:/{name}/{champion}")
+    if decision.champion_version is not None:
+        champion_tags = client.get_model_version(name, decision.champion_version).tags
+        model, _ = load_model(f"models:/{name}/{decision.champion_version}")
         decision.champion_metrics = evaluate_model(model, root, chosen, threshold=threshold_from_tags(champion_tags),
                                                    batch_size=batch_size)
         del model
 
-    # -- decision
+
+def _judge(decision: Decision) -> None:
+    """Sets `promoted` and the `reason`: the candidate's metric is defined, clears the floor and is no worse than
+    the champion's by more than the margin (an undefined champion metric does not block)."""
+    metric, floor, margin, champion = decision.metric, decision.floor, decision.margin, decision.champion_version
     ours = decision.candidate_metrics.get(metric, math.nan)
     theirs = decision.champion_metrics.get(metric, math.nan) if champion is not None else None
-    where = f"on the {split} split of {uri} ({len(chosen)} images)"
+    where = f"on the {decision.split} split of {decision.data_uri} ({decision.n_images} images)"
     if not _finite(ours):
         decision.reason = f"candidate {metric} is undefined {where}"
     elif ours < floor:
@@ -392,15 +421,6 @@ def promote(product: str, version: str | int, *, margin: float = 0.005, floor: f
         else:
             decision.reason = (f"candidate {metric} {ours:.4f} >= champion v{champion} {theirs:.4f} - margin "
                                f"{margin:.4f}, and >= floor {floor:.4f} {where}")
-    if decision.promoted:
-        current = _aliases(client, name).get(CHAMPION)
-        if current != champion:
-            decision.promoted = False
-            decision.reason = (f"the champion moved from v{champion} to v{current} during the evaluation; "
-                               "promote again")
-        else:
-            _move_champion(client, name, version, champion)
-    return _finish(client, decision)
 
 
 def rollback(product: str) -> Rollback:

@@ -33,6 +33,7 @@ from supersimplenet.supervision import apply_supervision
 from supersimplenet.model import build_model
 from supersimplenet.train import (
     build_optimizer, build_scheduler, build_train_loader, eval_loader, measure_feature_scale, predict, train_epoch,
+    unwrap,
 )
 from supersimplenet.metrics import compute_metrics, pixel_auroc
 from ssn_platform import resume, s3keys
@@ -124,8 +125,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from ssn_platform.cache import default_cache_dir
-
     job = build_job_config(config["job"])
     cfg = job.train
     context = ray.train.get_context()
@@ -133,34 +132,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     root, train_samples, val_samples, test_samples = load_job_data(job)
     preset = get_preset(job.model.backbone)
-    common = dict(root=root, image_size=job.model.image_size, mean=preset.mean, std=preset.std)
-    train_set = DefectDataset(samples=train_samples, flips=cfg.resolved_flips, **common)
+    train_set = DefectDataset(root=root, samples=train_samples, image_size=job.model.image_size, mean=preset.mean,
+                              std=preset.std, flips=cfg.resolved_flips)
     val_set = build_validation_set(job, root, val_samples) if rank == 0 else None
 
-    torch.manual_seed(cfg.seed)  # identical initial heads on every rank (DDP also broadcasts rank 0's)
-    model = build_model(job.model)
-    provenance = load_backbone_weights(model.feature_extractor.backbone, job.model.backbone,
-                                       _resolve_weights(job.weights, default_cache_dir()))
-    model.to(device)
+    model, provenance = _build_worker_model(job, device)
     loader, sampler = build_train_loader(train_set, train_samples, cfg, rank=rank, world_size=world_size,
                                          batch_size=job.per_worker_batch_size)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
-
-    state = _resume_state(rank, device)
-    start_epoch = 0
-    if state is not None:
-        model.load_state_dict(state["model"]["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if hasattr(sampler, "load_state_dict") and state.get("sampler"):
-            sampler.load_state_dict(state["sampler"])
-        start_epoch = int(state["epoch"]) + 1
-    elif job.model.noise_std_mode == "relative":
-        scale_loader = eval_loader(train_set, batch_size=job.per_worker_batch_size)
-        scale = measure_feature_scale(model, scale_loader, device=device) if rank == 0 else 0.0
-        model.feature_scale.fill_(_broadcast_scalar(scale, device))
-
+    start_epoch = _restore_or_measure_scale(model, optimizer, scheduler, sampler, train_set, job, rank, device)
     if job.scaling.use_gpu and world_size > 1:
         # Head BatchNorms see the global batch on GPUs; the frozen backbone stays in eval mode either way.
         for name in ("segmentation_head", "classification_head"):
@@ -177,49 +158,89 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # RNG of each epoch derives from (seed, epoch, rank): a resumed run continues exactly as it would have.
         torch.manual_seed(cfg.seed * 100_003 + epoch * 1_009 + rank)
         sampler.set_epoch(epoch)
-        stats = train_epoch(ddp_model, loader, optimizer, cfg, device=device, progress=False)
-        stats = _all_reduce_mean(stats, device)
+        stats = _all_reduce_mean(train_epoch(ddp_model, loader, optimizer, cfg, device=device, progress=False),
+                                 device)
         lrs = {f"lr_{group['name']}": group["lr"] for group in optimizer.param_groups}
         scheduler.step()
         metrics = {**stats, **lrs, "epoch": epoch, "epoch_seconds": time.perf_counter() - started}
         if val_set is not None and ((epoch + 1) % job.validate_every == 0 or epoch + 1 == cfg.epochs):
-            net = ddp_model.module if hasattr(ddp_model, "module") else ddp_model
-            val = predict(net, eval_loader(val_set, batch_size=job.per_worker_batch_size), device=device)
-            scores = compute_metrics(scores=val.scores, labels=val.labels)
-            metrics.update({"val_image_auroc": scores["image_auroc"], "val_ap_det": scores["ap_det"]})
-            metrics.update({f"val_{k}": v for k, v in val.score_metrics().items()})
-            if val.masks.any():  # synthetic defects always have masks; a labelled val split where it has them
-                metrics["val_pixel_auroc"] = pixel_auroc(val.maps, val.masks)
-                # image and pixel AUROC together: a search objective that still ranks settings whose synthetic
-                # image AUROC has saturated at 1 (QUALITY.md, "Does the search's objective predict real quality")
-                metrics["val_image_pixel_auroc"] = 0.5 * (scores["image_auroc"] + metrics["val_pixel_auroc"])
+            metrics.update(_validation_metrics(unwrap(ddp_model), val_set, job, device))
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
-        last = epoch + 1 == cfg.epochs
-        if last or (epoch + 1) % job.checkpoint_every == 0:
-            with tempfile.TemporaryDirectory() as directory:
-                if rank == 0:
-                    net = ddp_model.module if hasattr(ddp_model, "module") else ddp_model
-                    resume.write_checkpoint(directory, {
-                        "epoch": epoch,
-                        "model": checkpoint_dict(_plain_model(net, job)),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "sampler": sampler.state_dict() if hasattr(sampler, "state_dict") else {"epoch": epoch},
-                        "rng": torch.get_rng_state(),
-                        "weights_provenance": provenance,
-                    })
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                                     checkpoint_dir_name=resume.checkpoint_dir_name(epoch))
-                else:
-                    ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=resume.checkpoint_dir_name(epoch))
+        if epoch + 1 == cfg.epochs or (epoch + 1) % job.checkpoint_every == 0:
+            _report_with_checkpoint(metrics, epoch, rank, job, {
+                "model": lambda: checkpoint_dict(_plain_model(unwrap(ddp_model), job)),
+                "optimizer": optimizer.state_dict, "scheduler": scheduler.state_dict,
+                "sampler": lambda e=epoch: sampler.state_dict() if hasattr(sampler, "state_dict") else {"epoch": e},
+                "rng": torch.get_rng_state, "weights_provenance": lambda: provenance,
+            })
         else:
             ray.train.report(metrics)
 
     if tracker is not None:
-        net = ddp_model.module if hasattr(ddp_model, "module") else ddp_model
-        finalize_run(job, _plain_model(net, job), root=root, test_samples=test_samples, device=device,
+        finalize_run(job, _plain_model(unwrap(ddp_model), job), root=root, test_samples=test_samples, device=device,
                      tracker=tracker, provenance=provenance)
+
+
+def _build_worker_model(job: JobConfig, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The job's model with its backbone's weights loaded (and their provenance), on `device`. Seeded, so every
+    rank starts from identical heads (DDP also broadcasts rank 0's)."""
+    from ssn_platform.cache import default_cache_dir
+
+    torch.manual_seed(job.train.seed)
+    model = build_model(job.model)
+    provenance = load_backbone_weights(model.feature_extractor.backbone, job.model.backbone,
+                                       _resolve_weights(job.weights, default_cache_dir()))
+    return model.to(device), provenance
+
+
+def _restore_or_measure_scale(model, optimizer, scheduler, sampler, train_set, job: JobConfig, rank: int,
+                              device: torch.device) -> int:
+    """The epoch to start from: after the newest stored checkpoint's (model, optimizer, scheduler and sampler
+    restored from it), or 0 for a new run, whose relative noise scale rank 0 measures and broadcasts."""
+    state = _resume_state(rank, device)
+    if state is not None:
+        model.load_state_dict(state["model"]["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if hasattr(sampler, "load_state_dict") and state.get("sampler"):
+            sampler.load_state_dict(state["sampler"])
+        return int(state["epoch"]) + 1
+    if job.model.noise_std_mode == "relative":
+        scale_loader = eval_loader(train_set, batch_size=job.per_worker_batch_size)
+        scale = measure_feature_scale(model, scale_loader, device=device) if rank == 0 else 0.0
+        model.feature_scale.fill_(_broadcast_scalar(scale, device))
+    return 0
+
+
+def _validation_metrics(net, val_set, job: JobConfig, device: torch.device) -> dict[str, float]:
+    """Rank 0's validation: image AUROC and AP-det of the model's score, of every image score, and pixel AUROC
+    (with the image+pixel mean) when the val images have masks."""
+    val = predict(net, eval_loader(val_set, batch_size=job.per_worker_batch_size), device=device)
+    scores = compute_metrics(scores=val.scores, labels=val.labels)
+    metrics = {"val_image_auroc": scores["image_auroc"], "val_ap_det": scores["ap_det"]}
+    metrics.update({f"val_{k}": v for k, v in val.score_metrics().items()})
+    if val.masks.any():  # synthetic defects always have masks; a labelled val split where it has them
+        metrics["val_pixel_auroc"] = pixel_auroc(val.maps, val.masks)
+        # image and pixel AUROC together: a search objective that still ranks settings whose synthetic image
+        # AUROC has saturated at 1 (QUALITY.md, "Does the search's objective predict real quality")
+        metrics["val_image_pixel_auroc"] = 0.5 * (scores["image_auroc"] + metrics["val_pixel_auroc"])
+    return metrics
+
+
+def _report_with_checkpoint(metrics: dict[str, Any], epoch: int, rank: int, job: JobConfig,
+                            state: dict[str, Any]) -> None:
+    """Reports the epoch with a checkpoint: rank 0 writes `state` (each value a callable, evaluated on rank 0
+    only) to a temporary directory that Ray Train uploads; the other ranks report the same checkpoint name."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as directory:
+        if rank == 0:
+            resume.write_checkpoint(directory, {"epoch": epoch, **{key: make() for key, make in state.items()}})
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                             checkpoint_dir_name=resume.checkpoint_dir_name(epoch))
+        else:
+            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=resume.checkpoint_dir_name(epoch))
 
 
 def _resume_state(rank: int, device: torch.device) -> dict[str, Any] | None:
