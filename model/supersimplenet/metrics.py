@@ -267,17 +267,7 @@ def aupro(
 
     Returns nan when there is no defect region or no background pixel.
     """
-    if isinstance(fpr_limit, bool) or not isinstance(fpr_limit, (int, float, np.floating, np.integer)):
-        raise ValueError(f"fpr_limit: must be a number in (0, 1], got {fpr_limit!r}")
-    fpr_limit = float(fpr_limit)
-    if not (0.0 < fpr_limit <= 1.0):
-        raise ValueError(f"fpr_limit: must be in (0, 1], got {fpr_limit}")
-    if num_thresholds is not None:
-        if isinstance(num_thresholds, bool) or not isinstance(num_thresholds, (int, np.integer)):
-            raise ValueError(f"num_thresholds: must be an int >= 2 or None, got {num_thresholds!r}")
-        if num_thresholds < 2:
-            raise ValueError(f"num_thresholds: must be >= 2, got {num_thresholds}")
-
+    fpr_limit = _check_aupro_args(fpr_limit, num_thresholds)
     m, g = _pixel_inputs(maps, masks)
     regions, n_regions = _label_regions(g)
     n_background = int(g.size - g.sum())
@@ -292,17 +282,7 @@ def aupro(
 
     values = m.ravel()
     if num_thresholds is not None:
-        # Binned curve, no full sort: pixel i is selected at threshold t_j
-        # (ascending, t_0 = min, t_{T-1} = max) iff bin_i >= j.
-        thresholds = np.linspace(float(values.min()), float(values.max()), num_thresholds)
-        bins = np.searchsorted(thresholds, values, side="right") - 1
-        w_bin = np.bincount(bins, weights=inv[flat_regions], minlength=num_thresholds)
-        fp_bin = np.bincount(bins, weights=flat_regions == 0, minlength=num_thresholds)
-        # thresholds descending: cumulative from the highest bin; leading 0 = nothing selected
-        pro = np.concatenate(([0.0], np.cumsum(w_bin[::-1])))
-        fpr = np.concatenate(([0.0], np.cumsum(fp_bin[::-1]))) / n_background
-        fpr[-1] = 1.0
-        pro[-1] = 1.0
+        fpr, pro = _binned_pro_curve(values, flat_regions, inv, n_background, num_thresholds)
         return _truncated_area(fpr, pro, fpr_limit) / fpr_limit
 
     # Exact curve: descending by value; the order within ties is irrelevant
@@ -323,6 +303,36 @@ def aupro(
     pro[-1] = 1.0
 
     return _truncated_area(fpr, pro, fpr_limit) / fpr_limit
+
+
+def _check_aupro_args(fpr_limit: Any, num_thresholds: Any) -> float:
+    """`fpr_limit` as a float in (0, 1]; ValueError naming the argument otherwise (and for `num_thresholds`)."""
+    if isinstance(fpr_limit, bool) or not isinstance(fpr_limit, (int, float, np.floating, np.integer)):
+        raise ValueError(f"fpr_limit: must be a number in (0, 1], got {fpr_limit!r}")
+    if not (0.0 < float(fpr_limit) <= 1.0):
+        raise ValueError(f"fpr_limit: must be in (0, 1], got {float(fpr_limit)}")
+    if num_thresholds is not None:
+        if isinstance(num_thresholds, bool) or not isinstance(num_thresholds, (int, np.integer)):
+            raise ValueError(f"num_thresholds: must be an int >= 2 or None, got {num_thresholds!r}")
+        if num_thresholds < 2:
+            raise ValueError(f"num_thresholds: must be >= 2, got {num_thresholds}")
+    return float(fpr_limit)
+
+
+def _binned_pro_curve(values: np.ndarray, flat_regions: np.ndarray, inv: np.ndarray, n_background: int,
+                      num_thresholds: int) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, PRO) at `num_thresholds` evenly spaced thresholds, no full sort: pixel i is selected at threshold
+    t_j (ascending, t_0 = min, t_{T-1} = max) iff its bin >= j."""
+    thresholds = np.linspace(float(values.min()), float(values.max()), num_thresholds)
+    bins = np.searchsorted(thresholds, values, side="right") - 1
+    w_bin = np.bincount(bins, weights=inv[flat_regions], minlength=num_thresholds)
+    fp_bin = np.bincount(bins, weights=flat_regions == 0, minlength=num_thresholds)
+    # thresholds descending: cumulative from the highest bin; leading 0 = nothing selected
+    pro = np.concatenate(([0.0], np.cumsum(w_bin[::-1])))
+    fpr = np.concatenate(([0.0], np.cumsum(fp_bin[::-1]))) / n_background
+    fpr[-1] = 1.0
+    pro[-1] = 1.0
+    return fpr, pro
 
 
 def _truncated_area(x: np.ndarray, y: np.ndarray, limit: float) -> float:
