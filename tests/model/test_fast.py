@@ -6,10 +6,8 @@ import torch
 from supersimplenet.backbones import get_preset, load_backbone_weights
 from supersimplenet.config import ModelConfig
 from supersimplenet.loading import load_image
-from supersimplenet.fast import (
-    BACKBONE_MICRO_BATCH, SEG_CHUNK_ROWS, FastSuperSimpleNet, fold_backbone_batchnorm, level_operators,
-    upsample_blur_matrix,
-)
+from supersimplenet.fast import BACKBONE_MICRO_BATCH, SEG_CHUNK_ROWS, FastSuperSimpleNet
+from supersimplenet.folding import fold_backbone_batchnorm, level_operators, upsample_blur_matrix
 from supersimplenet.model import build_model
 
 # Both paths are float32 and sum in different orders (folded BatchNorms, fused head matmuls): on a 2026-12 AMD EPYC
