@@ -87,82 +87,23 @@ def _post_image(url: str, path: Path) -> dict[str, Any]:
 
 
 def run(settings: QuickstartSettings) -> dict[str, Any]:
+    """Steps 3-7 of the quickstart on the running stack: ingest, search + train (+ seeds), calibrate + promote +
+    deploy, inspect held-back cells, report. Returns the summary also written to reports/quickstart.json."""
     started = time.monotonic()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per step, no progress bars
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the MLflow UI link is printed at the end
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         apply_stack_env()  # the local stack's client environment, unless the caller set one up already
     state = Path(os.environ.get("SSN_STACK_DIR") or repo_root() / ".stack")
-    root = repo_root()
 
-    say("3/7 ingest", "exporting the ELPV cells named by " + settings.split_file)
-    from supersimplenet.elpv import export_elpv
-    from ssn_platform.ingest import ingest
-
-    local = export_elpv(state / "data" / "elpv", split_file=root / settings.split_file)
-    dataset = ingest(local, product=PRODUCT, layout="mvtec", options={"split_file": str(root / settings.split_file)},
-                     progress=False)
-    say("3/7 ingest", f"{dataset.uri}")
-
+    local, dataset = _ingest(settings, state)
     # no secrets here: the stack's Ray head already holds the S3 keys, and Ray logs runtime envs
     job_env = {**worker_env(), "SSN_STACK_DIR": str(state), "SSN_GIT_SHA": os.environ.get("SSN_GIT_SHA", "")}
     job_env = {k: v for k, v in job_env.items() if v}
-    common = [f"dataset={dataset.uri}", *settings.overrides]
-    search_size = []
-    if settings.search_image_size:
-        search_size = ["model.image_size=[{},{}]".format(*settings.search_image_size)]
-    search = _submit(["python", "jobs/tune.py", "--config", settings.config, "--trials", str(settings.trials),
-                      f"train.epochs={settings.trial_epochs}", "scaling.num_workers=1", *search_size, *common],
-                     env=job_env, step="4/7 search")
-    say("4/7 search", f"best {search.get('best_params')} -> {search.get('best_val_image_auroc')}")
-    train_args = ["python", "jobs/train.py", "--config", settings.config, f"train.epochs={settings.epochs}",
-                  f"scaling.num_workers={settings.workers}", *common]
-    if search.get("tuned_settings"):
-        train_args[4:4] = ["--tuned", search["tuned_settings"]]
-    trained = _submit(train_args, env=job_env, step="4/7 train")
+    search, trained, seeds = _search_train_and_seeds(settings, dataset.uri, job_env)
     version = trained["model_version"]
-    say("4/7 train", f"ssn-{PRODUCT} version {version}: {json.dumps(trained['test_metrics'])}")
-    seeds = None
-    if settings.seeds >= 2:
-        # the same recipe as the registered run (config, tuned settings, overrides), one run per seed
-        evaluate_args = ["python", "jobs/evaluate.py", *train_args[2:], "--seeds",
-                         *map(str, range(settings.seeds))]
-        seeds = _submit(evaluate_args, env=job_env, step="4/7 seeds")
-        mean, std = (seeds["metrics"].get(f"image_auroc_{k}") for k in ("mean", "std"))
-        say("4/7 seeds", f"the recipe over {settings.seeds} seeds: test image AUROC {mean:.3f} +- {std:.3f} "
-                         f"(this version: {trained['test_metrics'].get('image_auroc', float('nan')):.3f})")
-
-    from ssn_platform import promotion, thresholds
-    from ssn_platform.serving.deployment import deploy, wait_ready
-
-    with warnings.catch_warnings():  # a TooFewImagesWarning is said below, with the result
-        warnings.simplefilter("ignore", thresholds.TooFewImagesWarning)
-        threshold = thresholds.calibrate_version(PRODUCT, version, split="val", method=settings.threshold_method,
-                                                 false_alarm_rate=settings.false_alarm_rate)
-    say("5/7 calibrate", f"threshold {threshold.value:.4f} ({threshold.method}; {threshold.interval_text()})")
-    if threshold.warning:
-        say("5/7 calibrate", f"warning: {threshold.warning}")
-    decision = promotion.promote(PRODUCT, version, floor=settings.floor,
-                                 require_seeds=settings.seeds if settings.seeds >= 2 else 0)
-    say("5/7 promote", f"{'promoted' if decision.promoted else 'kept the champion'}: {decision.reason}")
-    if not decision.promoted and decision.champion_version is None:
-        raise PlatformError(f"version {version} was not promoted and there is no champion to serve: {decision.reason}")
-    # log_to_driver=False: the replicas' request logs would bury the quickstart's own lines
-    url = deploy({}, name="ssn", route_prefix="/", log_to_driver=False)
-    wait_ready(url, timeout=300)
-    say("5/7 deploy", f"{url}/v1/products/{PRODUCT}/inspect (API key in {os.environ.get('SSN_SERVE_API_KEY_FILE')})")
-
-    from supersimplenet.layouts import read_layout
-
-    test = [s for s in read_layout(local, "mvtec", split_file=str(root / settings.split_file)) if s.split == "test"]
-    normal = [s for s in test if s.label == 0][: settings.held_back // 2]
-    defective = [s for s in test if s.label == 1][: settings.held_back - len(normal)]
-    served = []
-    for sample in normal + defective:
-        answer = _post_image(f"{url}/v1/products/{PRODUCT}/inspect", local / sample.image)
-        served.append({"image": sample.image, "label": sample.label, **answer})
-        say("6/7 inspect", f"{sample.image:40s} label {sample.label} score {answer['score']:.4f} "
-                           f"{'ANOMALOUS' if answer['is_anomalous'] else 'normal   '} {answer['latency_ms']:.1f} ms")
+    threshold, decision, url = _calibrate_promote_deploy(settings, version)
+    served = _inspect_held_back(settings, local, url)
 
     from ssn_platform.report import write_report
 
@@ -189,3 +130,89 @@ def run(settings: QuickstartSettings) -> dict[str, Any]:
     say("done", f"{summary['seconds']} s; MLflow login in {os.environ.get('SSN_MLFLOW_CREDENTIALS_FILE')}; the stack "
                 "keeps running: `make teardown` stops it and keeps its data, `make teardown PURGE=1` deletes it too")
     return summary
+
+
+def _ingest(settings: QuickstartSettings, state: Path):
+    """Step 3: the ELPV cells of the split file exported to the stack's data folder and ingested. Returns the
+    local folder and the ingested dataset."""
+    from supersimplenet.elpv import export_elpv
+    from ssn_platform.ingest import ingest
+
+    split_file = repo_root() / settings.split_file
+    say("3/7 ingest", "exporting the ELPV cells named by " + settings.split_file)
+    local = export_elpv(state / "data" / "elpv", split_file=split_file)
+    dataset = ingest(local, product=PRODUCT, layout="mvtec", options={"split_file": str(split_file)},
+                     progress=False)
+    say("3/7 ingest", f"{dataset.uri}")
+    return local, dataset
+
+
+def _search_train_and_seeds(settings: QuickstartSettings, dataset_uri: str, job_env: dict[str, str]):
+    """Step 4, as `ray job submit` jobs: the search, the training with its tuned settings, and (seeds >= 2) the
+    same recipe over several seeds. Returns the three jobs' results (seeds: None when not run)."""
+    common = [f"dataset={dataset_uri}", *settings.overrides]
+    search_size = []
+    if settings.search_image_size:
+        search_size = ["model.image_size=[{},{}]".format(*settings.search_image_size)]
+    search = _submit(["python", "jobs/tune.py", "--config", settings.config, "--trials", str(settings.trials),
+                      f"train.epochs={settings.trial_epochs}", "scaling.num_workers=1", *search_size, *common],
+                     env=job_env, step="4/7 search")
+    say("4/7 search", f"best {search.get('best_params')} -> {search.get('best_val_image_auroc')}")
+    train_args = ["python", "jobs/train.py", "--config", settings.config, f"train.epochs={settings.epochs}",
+                  f"scaling.num_workers={settings.workers}", *common]
+    if search.get("tuned_settings"):
+        train_args[4:4] = ["--tuned", search["tuned_settings"]]
+    trained = _submit(train_args, env=job_env, step="4/7 train")
+    say("4/7 train", f"ssn-{PRODUCT} version {trained['model_version']}: {json.dumps(trained['test_metrics'])}")
+    seeds = None
+    if settings.seeds >= 2:
+        # the same recipe as the registered run (config, tuned settings, overrides), one run per seed
+        evaluate_args = ["python", "jobs/evaluate.py", *train_args[2:], "--seeds",
+                         *map(str, range(settings.seeds))]
+        seeds = _submit(evaluate_args, env=job_env, step="4/7 seeds")
+        mean, std = (seeds["metrics"].get(f"image_auroc_{k}") for k in ("mean", "std"))
+        say("4/7 seeds", f"the recipe over {settings.seeds} seeds: test image AUROC {mean:.3f} +- {std:.3f} "
+                         f"(this version: {trained['test_metrics'].get('image_auroc', float('nan')):.3f})")
+    return search, trained, seeds
+
+
+def _calibrate_promote_deploy(settings: QuickstartSettings, version: str):
+    """Step 5: the version's threshold on the val split, its promotion (with the multi-seed requirement when seeds
+    were run), and the inspection app deployed. Returns (threshold, decision, endpoint URL)."""
+    from ssn_platform import promotion, thresholds
+    from ssn_platform.serving.deployment import deploy, wait_ready
+
+    with warnings.catch_warnings():  # a TooFewImagesWarning is said below, with the result
+        warnings.simplefilter("ignore", thresholds.TooFewImagesWarning)
+        threshold = thresholds.calibrate_version(PRODUCT, version, split="val", method=settings.threshold_method,
+                                                 false_alarm_rate=settings.false_alarm_rate)
+    say("5/7 calibrate", f"threshold {threshold.value:.4f} ({threshold.method}; {threshold.interval_text()})")
+    if threshold.warning:
+        say("5/7 calibrate", f"warning: {threshold.warning}")
+    decision = promotion.promote(PRODUCT, version, floor=settings.floor,
+                                 require_seeds=settings.seeds if settings.seeds >= 2 else 0)
+    say("5/7 promote", f"{'promoted' if decision.promoted else 'kept the champion'}: {decision.reason}")
+    if not decision.promoted and decision.champion_version is None:
+        raise PlatformError(f"version {version} was not promoted and there is no champion to serve: {decision.reason}")
+    # log_to_driver=False: the replicas' request logs would bury the quickstart's own lines
+    url = deploy({}, name="ssn", route_prefix="/", log_to_driver=False)
+    wait_ready(url, timeout=300)
+    say("5/7 deploy", f"{url}/v1/products/{PRODUCT}/inspect (API key in {os.environ.get('SSN_SERVE_API_KEY_FILE')})")
+    return threshold, decision, url
+
+
+def _inspect_held_back(settings: QuickstartSettings, local: Path, url: str) -> list[dict[str, Any]]:
+    """Step 6: half normal, half defective test cells sent to the endpoint as the production line would."""
+    from supersimplenet.layouts import read_layout
+
+    samples = read_layout(local, "mvtec", split_file=str(repo_root() / settings.split_file))
+    test = [s for s in samples if s.split == "test"]
+    normal = [s for s in test if s.label == 0][: settings.held_back // 2]
+    defective = [s for s in test if s.label == 1][: settings.held_back - len(normal)]
+    served = []
+    for sample in normal + defective:
+        answer = _post_image(f"{url}/v1/products/{PRODUCT}/inspect", local / sample.image)
+        served.append({"image": sample.image, "label": sample.label, **answer})
+        say("6/7 inspect", f"{sample.image:40s} label {sample.label} score {answer['score']:.4f} "
+                           f"{'ANOMALOUS' if answer['is_anomalous'] else 'normal   '} {answer['latency_ms']:.1f} ms")
+    return served
