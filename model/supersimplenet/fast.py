@@ -87,6 +87,31 @@ def _eager_cpu(tensor: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _fold_heads(model: SuperSimpleNet, channels: int, *, icpr: bool) -> dict:
+    """The heads' weights folded in float64 (1.-2.): the segmentation head's BatchNorm into its first 1x1
+    convolution (`w_seg`, `b_seg`) and the adaptor in front of it (`seg_w`, `seg_b`); the classification head's
+    BatchNorm into its 5x5 convolution (`w_cls`, `b_cls`), split into the feature part (`w_cls_feat`, with the
+    adaptor folded per tap in ICPR mode and its bias as `bias_kernel`) and the map channel (`w_cls_map`)."""
+    seg_conv, seg_bn, seg_act, seg_out = model.segmentation_head.layers
+    w_seg, b_seg = fold_conv_bn(seg_conv, seg_bn)  # [S, C, 1, 1], [S]
+    w_seg = w_seg.flatten(1)
+    w_ad = model.adaptor.weight.double().flatten(1)  # [C, C]
+    b_ad = model.adaptor.bias.double()
+    block_conv, block_bn, _ = model.classification_head.block
+    w_cls, b_cls = fold_conv_bn(block_conv, block_bn)  # [O, C+1, k, k], [O]
+    w_cls_feat, w_cls_map = w_cls[:, :channels], w_cls[:, channels:]
+    bias_kernel = None
+    if icpr:  # the classification head reads A = W_ad F + b_ad: fold W_ad per tap, b_ad into a bias map
+        bias_kernel = torch.einsum("ocyx,c->oyx", w_cls_feat, b_ad).unsqueeze(1)  # [O, 1, k, k]
+        w_cls_feat = torch.einsum("ocyx,cd->odyx", w_cls_feat, w_ad)
+    return {
+        "negative_slope": float(seg_act.negative_slope), "kernel": int(w_cls.shape[-1]),
+        "w_seg": w_seg, "b_seg": b_seg, "seg_w": w_seg @ w_ad, "seg_b": w_seg @ b_ad + b_seg,
+        "seg_out_w": seg_out.weight.double().flatten(1),  # [1, S]
+        "w_cls": w_cls, "b_cls": b_cls, "w_cls_feat": w_cls_feat, "w_cls_map": w_cls_map, "bias_kernel": bias_kernel,
+    }
+
+
 class FastSuperSimpleNet(nn.Module):
     """Inference-only SuperSimpleNet. Build it with `from_model`; call it on normalised images like the reference.
 
@@ -131,92 +156,85 @@ class FastSuperSimpleNet(nn.Module):
             if value not in (torch.float32, torch.bfloat16):
                 raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {value}")
         self = cls()
-        config = model.config
-        self.config = config
+        self.config = model.config
         self.dtype = dtype
         self.backbone_dtype = backbone_dtype
         self.channels_last = channels_last
-        self.icpr = bool(config.adapt_cls_features)
+        self.icpr = bool(model.config.adapt_cls_features)
         device = next(model.parameters()).device
 
-        example = torch.zeros(1, 3, *config.image_size, device=device)
+        example = torch.zeros(1, 3, *model.config.image_size, device=device)
         backbone, self.folded_batchnorms = fold_backbone_batchnorm(model.feature_extractor.backbone, example)
         if channels_last:
             backbone = backbone.to(memory_format=torch.channels_last)
         self.backbone = backbone.to(backbone_dtype)
         self.level_channels = [int(c) for c in model.feature_extractor.backbone.feature_info.channels()]
-        channels = sum(self.level_channels)
         if heads == "auto":
-            heads = "separable" if channels >= SEPARABLE_MIN_CHANNELS else "folded"
+            heads = "separable" if sum(self.level_channels) >= SEPARABLE_MIN_CHANNELS else "folded"
         self.heads = heads
 
-        # Segmentation head: BN folded into its first 1x1 conv, the adaptor folded in front of it.
-        seg_conv, seg_bn, seg_act, seg_out = model.segmentation_head.layers
-        w_seg, b_seg = fold_conv_bn(seg_conv, seg_bn)  # [S, C, 1, 1], [S]
-        w_seg = w_seg.flatten(1)
-        w_ad = model.adaptor.weight.double().flatten(1)  # [C, C]
-        b_ad = model.adaptor.bias.double()
-        self.negative_slope = float(seg_act.negative_slope)
-        seg_w = w_seg @ w_ad
-        seg_b = w_seg @ b_ad + b_seg
-        seg_out_w = seg_out.weight.double().flatten(1)  # [1, S]
-
-        # Classification head: BN folded into the 5x5 conv; split into the feature part and the map channel.
-        block_conv, block_bn, _ = model.classification_head.block
-        w_cls, b_cls = fold_conv_bn(block_conv, block_bn)  # [O, C+1, k, k], [O]
-        self.kernel = int(w_cls.shape[-1])
-        w_cls_feat, w_cls_map = w_cls[:, :channels], w_cls[:, channels:]
-        bias_kernel = None
-        if self.icpr:  # the classification head reads A = W_ad F + b_ad: fold W_ad per tap, b_ad into a bias map
-            bias_kernel = torch.einsum("ocyx,c->oyx", w_cls_feat, b_ad).unsqueeze(1)  # [O, 1, k, k]
-            w_cls_feat = torch.einsum("ocyx,cd->odyx", w_cls_feat, w_ad)
-        fc = model.classification_head.fc
-
-        def buffer(name: str, value: torch.Tensor, *, keep_fp32: bool = False) -> None:
-            self.register_buffer(name, value.to(device, torch.float32 if keep_fp32 else dtype).contiguous())
-
-        # Input normalisation of the backbone, so preprocessing code takes either model.
-        buffer("mean", model.mean.double(), keep_fp32=True)
-        buffer("std", model.std.double(), keep_fp32=True)
-        buffer("blur_h", model.blur.kernel_h.double(), keep_fp32=True)
-        buffer("blur_w", model.blur.kernel_w.double(), keep_fp32=True)
-        self.blur_radius = int(model.blur.radius)
-        buffer("fc_weight", fc.weight.double(), keep_fp32=True)
-        buffer("fc_bias", fc.bias.double(), keep_fp32=True)
-        buffer("cls_map_weight", w_cls_map)  # [O, 1, k, k]
-        buffer("cls_bias", b_cls)  # [O]
-        self.register_buffer("cls_bias_kernel", None if bias_kernel is None else bias_kernel.to(device, dtype))
-
+        folded = _fold_heads(model, sum(self.level_channels), icpr=self.icpr)
+        self.negative_slope, self.kernel = folded["negative_slope"], folded["kernel"]
+        self._store_common(model, folded, device)
         if heads == "separable":
-            # One projection per level; columns of the classification part ordered (ky, out, kx) so that the
-            # regrouping before the spatial contractions copies runs of kx.
-            splits = torch.tensor(self.level_channels).cumsum(0).tolist()
-            starts = [0] + splits[:-1]
-            cls_rows = w_cls_feat.permute(2, 0, 3, 1).reshape(-1, channels)  # [(ky, O, kx), C]
-            for index, (start, stop) in enumerate(zip(starts, splits)):
-                buffer(f"proj_seg_{index}", seg_w[:, start:stop].t())  # [C_l, S]
-                buffer(f"proj_cls_{index}", cls_rows[:, start:stop].t())  # [C_l, k*k*O]
-            buffer("seg_bias", seg_b)
-            buffer("seg_out", seg_out_w.t())  # [S, 1]
+            self._store_separable(folded, device)
         else:
-            if self.icpr:
-                adaptor = nn.Conv2d(channels, channels, 1).to(device)
-                adaptor.weight.data.copy_(model.adaptor.weight)
-                adaptor.bias.data.copy_(model.adaptor.bias)
-                self.adaptor = adaptor.to(dtype)
-                seg_w, seg_b = w_seg, b_seg  # the adaptor runs: do not fold it in
-                w_cls_feat = w_cls[:, :channels]
-                self.cls_bias_kernel = None
-            else:
-                self.adaptor = None
-            buffer("seg_weight", seg_w[:, :, None, None])
-            buffer("seg_bias", seg_b)
-            buffer("seg_out_weight", seg_out_w[:, :, None, None])
-            buffer("cls_feat_weight", w_cls_feat)
-            if channels_last:
-                for name in ("seg_weight", "seg_out_weight", "cls_feat_weight", "cls_map_weight"):
-                    setattr(self, name, getattr(self, name).contiguous(memory_format=torch.channels_last))
+            self._store_folded(model, folded, device)
         return self.eval()
+
+    def _buffer(self, name: str, value: torch.Tensor, device: torch.device, *, keep_fp32: bool = False) -> None:
+        self.register_buffer(name, value.to(device, torch.float32 if keep_fp32 else self.dtype).contiguous())
+
+    def _store_common(self, model: SuperSimpleNet, folded: dict, device: torch.device) -> None:
+        """Buffers of both head layouts: input normalisation (so preprocessing code takes either model), the blur
+        kernels, the final linear layer (float32 always) and the classification head's map-channel part."""
+        fc = model.classification_head.fc
+        self._buffer("mean", model.mean.double(), device, keep_fp32=True)
+        self._buffer("std", model.std.double(), device, keep_fp32=True)
+        self._buffer("blur_h", model.blur.kernel_h.double(), device, keep_fp32=True)
+        self._buffer("blur_w", model.blur.kernel_w.double(), device, keep_fp32=True)
+        self.blur_radius = int(model.blur.radius)
+        self._buffer("fc_weight", fc.weight.double(), device, keep_fp32=True)
+        self._buffer("fc_bias", fc.bias.double(), device, keep_fp32=True)
+        self._buffer("cls_map_weight", folded["w_cls_map"], device)  # [O, 1, k, k]
+        self._buffer("cls_bias", folded["b_cls"], device)  # [O]
+        bias_kernel = folded["bias_kernel"]
+        self.register_buffer("cls_bias_kernel", None if bias_kernel is None else bias_kernel.to(device, self.dtype))
+
+    def _store_separable(self, folded: dict, device: torch.device) -> None:
+        """One projection per level (3.); columns of the classification part ordered (ky, out, kx) so that the
+        regrouping before the spatial contractions copies runs of kx."""
+        channels = sum(self.level_channels)
+        splits = torch.tensor(self.level_channels).cumsum(0).tolist()
+        starts = [0] + splits[:-1]
+        cls_rows = folded["w_cls_feat"].permute(2, 0, 3, 1).reshape(-1, channels)  # [(ky, O, kx), C]
+        for index, (start, stop) in enumerate(zip(starts, splits)):
+            self._buffer(f"proj_seg_{index}", folded["seg_w"][:, start:stop].t(), device)  # [C_l, S]
+            self._buffer(f"proj_cls_{index}", cls_rows[:, start:stop].t(), device)  # [C_l, k*k*O]
+        self._buffer("seg_bias", folded["seg_b"], device)
+        self._buffer("seg_out", folded["seg_out_w"].t(), device)  # [S, 1]
+
+    def _store_folded(self, model: SuperSimpleNet, folded: dict, device: torch.device) -> None:
+        """The reference layout with folded convolutions; in ICPR mode the adaptor runs (once) instead of being
+        folded into both heads."""
+        seg_w, seg_b, w_cls_feat = folded["seg_w"], folded["seg_b"], folded["w_cls_feat"]
+        self.adaptor = None
+        if self.icpr:
+            channels = sum(self.level_channels)
+            adaptor = nn.Conv2d(channels, channels, 1).to(device)
+            adaptor.weight.data.copy_(model.adaptor.weight)
+            adaptor.bias.data.copy_(model.adaptor.bias)
+            self.adaptor = adaptor.to(self.dtype)
+            seg_w, seg_b = folded["w_seg"], folded["b_seg"]  # the adaptor runs: do not fold it in
+            w_cls_feat = folded["w_cls"][:, :channels]
+            self.cls_bias_kernel = None
+        self._buffer("seg_weight", seg_w[:, :, None, None], device)
+        self._buffer("seg_bias", seg_b, device)
+        self._buffer("seg_out_weight", folded["seg_out_w"][:, :, None, None], device)
+        self._buffer("cls_feat_weight", w_cls_feat, device)
+        if self.channels_last:
+            for name in ("seg_weight", "seg_out_weight", "cls_feat_weight", "cls_map_weight"):
+                setattr(self, name, getattr(self, name).contiguous(memory_format=torch.channels_last))
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """[0, 1] RGB images -> the backbone's input normalisation (as `SuperSimpleNet.normalize`)."""
