@@ -48,6 +48,7 @@ def ensure_demo_product() -> str:
     from supersimplenet.inference import predict_images
     from ssn_platform.jobconfig import build_job_config
     from ssn_platform.registry import log_and_register
+    from ssn_platform.services import experiment_id
     from ssn_platform.thresholds import calibrate, record_threshold
 
     client = MlflowClient()
@@ -69,9 +70,7 @@ def ensure_demo_product() -> str:
     model.eval()
     job = build_job_config({"product": DEMO, "dataset": "s3://ssn/datasets/battery-weld/latest",
                             "model": to_dict(config), "scaling": {"num_workers": 1}})
-    experiment = client.get_experiment_by_name(job.experiment_name)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(job.experiment_name)
-    run = client.create_run(experiment_id, run_name="bench-demo")
+    run = client.create_run(experiment_id(client, job.experiment_name), run_name="bench-demo")
     version = log_and_register(job, model, run_id=run.info.run_id, metrics={}, provenance="bench: random heads")
     client.set_terminated(run.info.run_id)
     normal = sorted((WELD / "train" / "good").iterdir())

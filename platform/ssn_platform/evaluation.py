@@ -34,7 +34,7 @@ import numpy as np
 
 from supersimplenet.metrics import compute_metrics
 from ssn_platform.names import registered_model_name
-from ssn_platform.services import PlatformError
+from ssn_platform.services import PlatformError, experiment_id as _experiment_id
 
 log = logging.getLogger(__name__)
 
@@ -287,11 +287,6 @@ def _parent_run(client, experiment_id: str, name: str, tags: dict[str, str]) -> 
         client.set_terminated(run_id, status="FAILED")
         raise
     client.set_terminated(run_id, status="FINISHED")
-
-
-def _experiment_id(client, name: str) -> str:
-    experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment else client.create_experiment(name)
 
 
 def _log_report(client, report: EvaluationReport) -> None:

@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 from ssn_platform.names import CHAMPION, DEMOTING, PREVIOUS, promotions_experiment
+from ssn_platform.services import experiment_id
 
 log = logging.getLogger(__name__)
 
@@ -213,16 +214,10 @@ def find_seed_evaluation(client, run_id: str, metric: str, require_seeds: int) -
 # ---------------------------------------------------------------------------------------------------------
 # Recording
 # ---------------------------------------------------------------------------------------------------------
-def _experiment_id(client, product: str) -> str:
-    name = promotions_experiment(product)
-    experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment else client.create_experiment(name)
-
-
 def _record(client, decision: Decision) -> str:
     from mlflow.entities import Metric, Param
 
-    run = client.create_run(_experiment_id(client, decision.product),
+    run = client.create_run(experiment_id(client, promotions_experiment(decision.product)),
                             run_name=f"v{decision.candidate_version}-{'promoted' if decision.promoted else 'refused'}",
                             tags={"ssn.product": decision.product, "ssn.decision": _decision_word(decision),
                                   "ssn.reason": decision.reason[:4900],
@@ -451,7 +446,7 @@ def rollback(product: str) -> Rollback:
         client.delete_registered_model_alias(name, PREVIOUS)
     result = Rollback(product=product, registered_model=name, champion_version=previous,
                       previous_version=champion or "")
-    run = client.create_run(_experiment_id(client, product), run_name=f"rollback-to-v{previous}",
+    run = client.create_run(experiment_id(client, promotions_experiment(product)), run_name=f"rollback-to-v{previous}",
                             tags={"ssn.product": product, "ssn.decision": "rollback",
                                   "ssn.reason": f"rollback from v{champion} to v{previous}"})
     client.log_batch(run.info.run_id, params=[Param("restored_version", previous),

@@ -64,6 +64,12 @@ def storage_filesystem():
     return fs.S3FileSystem(region=settings.region, endpoint_override=host, scheme=scheme)
 
 
+def experiment_id(client, name: str) -> str:
+    """The id of MLflow experiment `name`, created when missing (`client`: an `mlflow.MlflowClient`)."""
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else client.create_experiment(name)
+
+
 def git_sha() -> str:
     if os.environ.get("SSN_GIT_SHA"):
         return os.environ["SSN_GIT_SHA"]

@@ -40,7 +40,8 @@ from ssn_platform import resume, s3keys
 from ssn_platform.jobconfig import JobConfig, build_job_config
 # the shared services, re-exported for the modules that import them from here
 from ssn_platform.services import (  # noqa: F401
-    WORKER_ENV, PlatformError, check_mlflow, connect_ray, git_sha, storage_filesystem, tracking_uri, worker_env,
+    WORKER_ENV, PlatformError, check_mlflow, connect_ray, experiment_id, git_sha, storage_filesystem, tracking_uri,
+    worker_env,
 )
 
 log = logging.getLogger(__name__)
@@ -379,13 +380,12 @@ def _open_mlflow_run(job: JobConfig, run_name: str) -> tuple[str, str]:
     from mlflow.entities import Param
 
     client = MlflowClient()
-    experiment = client.get_experiment_by_name(job.experiment_name)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(job.experiment_name)
-    found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{run_name}'", max_results=1)
+    experiment = experiment_id(client, job.experiment_name)
+    found = client.search_runs([experiment], filter_string=f"tags.`{RUN_TAG}` = '{run_name}'", max_results=1)
     if found:
         _check_resubmission(job, run_name, found[0].data.params)
         return found[0].info.run_id, found[0].info.status
-    run = client.create_run(experiment_id, run_name=run_name, tags={RUN_TAG: run_name, "ssn.product": job.product})
+    run = client.create_run(experiment, run_name=run_name, tags={RUN_TAG: run_name, "ssn.product": job.product})
     run_id = run.info.run_id
     params = job.logged_params()
     params["run_name"] = run_name

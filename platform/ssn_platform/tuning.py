@@ -60,6 +60,7 @@ import yaml
 
 from supersimplenet.config import ConfigError
 from ssn_platform.jobconfig import JobConfig
+from ssn_platform.services import experiment_id
 from ssn_platform.search_space import SearchSpace, _value_of, apply_params
 from ssn_platform.study import (SearchLease, TrialSummary, _best_trial, _make_searcher_class, _prepare_study,
                                 _summaries, backbone_label, default_storage_url, default_study_name, open_storage,
@@ -273,8 +274,7 @@ def _start_parent_run(client, session: _Session, study) -> None:
     from ssn_platform import training
 
     job, search_space, search_name = session.job, session.space, session.search_name
-    experiment = client.get_experiment_by_name(job.experiment_name)
-    session.experiment_id = experiment.experiment_id if experiment else client.create_experiment(job.experiment_name)
+    session.experiment_id = experiment_id(client, job.experiment_name)
     parent = client.create_run(session.experiment_id, run_name=search_name, tags={
         training.RUN_TAG: search_name, "ssn.product": job.product, "ssn.backbone": backbone_label(job, search_space),
         "ssn.tune.study": session.study_name, "ssn.tune.storage": redact_url(session.storage_url),

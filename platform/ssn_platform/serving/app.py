@@ -34,7 +34,8 @@ from ssn_platform.serving.requests import (ERROR_RESPONSES, INSPECT_BODY, MULTIP
                                            media_type, parse_multipart, png_base64, read_body)
 from ssn_platform.serving.settings import ServeSettings
 from ssn_platform.serving.versions import (CHAMPION, PREVIOUS, LoadedVersion, ProductModel, _mlflow_client,
-                                           champion_info, inference_info, load_version, run_items)
+                                           champion_info, decision, inference_info, load_version,
+                                           run_items)
 from ssn_platform.thresholds import threshold_from_tags
 
 log = logging.getLogger("ray.serve")
@@ -280,7 +281,7 @@ class InspectorReplica:
                 return_map: bool, return_mask: bool) -> dict[str, Any]:
         from supersimplenet.visualize import colorize, mask_png
 
-        mask = anomaly_map >= loaded.threshold
+        decided = decision(loaded, score, anomaly_map)
         result: dict[str, Any] = {
             "product": loaded.product,
             "registered_model": loaded.registered_model,
@@ -288,14 +289,14 @@ class InspectorReplica:
             "score": score,
             "threshold": loaded.threshold,
             "threshold_method": loaded.threshold_method,
-            "is_anomalous": bool(score >= loaded.threshold),
-            "defect_area_percent": float(100.0 * mask.mean()),
+            "is_anomalous": decided["is_anomalous"],
+            "defect_area_percent": decided["defect_area_percent"],
             "image_width": width,
             "image_height": height,
             "map_width": int(anomaly_map.shape[1]),
             "map_height": int(anomaly_map.shape[0]),
             "anomaly_map_png": png_base64(colorize(anomaly_map)) if return_map else None,
-            "mask_png": png_base64(np.asarray(mask_png(mask))) if return_mask else None,
+            "mask_png": png_base64(np.asarray(mask_png(decided["mask"]))) if return_mask else None,
         }
         if not math.isfinite(score):
             raise ValueError("non-finite score")

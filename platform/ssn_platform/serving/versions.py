@@ -129,6 +129,15 @@ def inference_info(model: Any) -> dict[str, str]:
             "device": str(model.fc_weight.device)}
 
 
+def decision(loaded: LoadedVersion, score: float, anomaly_map: np.ndarray) -> dict[str, Any]:
+    """What a score means under the version's threshold, for the endpoint and the batch job alike: is_anomalous
+    (``score >= threshold``), the defect mask (map pixels ``>= threshold``, at the model's resolution) and its share
+    of the map in percent."""
+    mask = anomaly_map >= loaded.threshold
+    return {"is_anomalous": bool(score >= loaded.threshold), "mask": mask,
+            "defect_area_percent": float(100.0 * mask.mean())}
+
+
 def run_items(items: list[tuple[LoadedVersion, np.ndarray]]) -> list[Any]:
     """Scores and maps of a batch that may mix products and versions: one `predict_images` call per version.
 
@@ -157,6 +166,7 @@ __all__ = [
     "LoadedVersion",
     "ProductModel",
     "champion_info",
+    "decision",
     "inference_info",
     "load_version",
     "run_items",

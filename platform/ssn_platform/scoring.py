@@ -1,0 +1,373 @@
+"""Batch inspection on Ray Data: every image under an S3 prefix (or a dataset version's split) scored by one
+registered version of a product, the results written back to S3 as one Parquet table.
+
+Steps (`score_images_job`):
+
+1. **Pin the version.** ``--version`` or the ``champion`` alias, resolved once by the driver into an explicit version
+   whose calibrated threshold (its tags) every actor uses; a version without a threshold is an error, as on the
+   endpoint.
+2. **List the inputs.** The image objects under the prefix (``.png .jpg .jpeg .bmp .tif .tiff``), or the records of
+   a dataset version's manifest (optionally one split).
+3. **Resume.** The images already in the table's ``status=ok`` partition for this version are skipped: a rerun after
+   a crash, or after new images arrived, scores only what is missing. Images that failed before are tried again.
+4. **Score** (one streaming Ray Data pipeline): ``read_binary_files`` (pyarrow's S3 filesystem without keys: the
+   credentials come from each node's environment) -> ``map_batches`` with an actor pool, each actor loading the
+   version once with the Serve replica's loader (`ssn_platform.serving.versions.load_version`), decoding with its
+   decoder and scoring through `supersimplenet.inference.predict_images`, so a batch score equals the endpoint's ->
+   ``write_parquet`` partitioned by ``status`` (``ok`` or ``error``: a bad image becomes a row of the errors
+   partition with its reason and never stops the job). Masks (``masks=True``) are written by the actors as PNGs.
+5. **Summarise**: counts, anomalous rate and throughput, logged as an MLflow run of experiment
+   ``ssn-<product>-scoring`` (params: input, version, output; tags ``ssn.score.*``).
+
+Layout under ``output`` (default ``s3://<bucket>/scores``): ``<product>/v<version>/table/status=ok/*.parquet``,
+``.../table/status=error/*.parquet`` and ``.../masks/<image path relative to the input>.png``. Columns: `COLUMNS`.
+Read it with ``pyarrow.dataset.dataset(uri, partitioning="hive")`` or ``ray.data.read_parquet``. Parquet part files
+are written whole (an S3 put), so a killed job leaves only complete parts: the next run resumes from them.
+
+Limits: the maps and masks are at the model's resolution (as the endpoint's); a rerun's errors partition keeps the
+rows of earlier runs (column ``run`` tells them apart).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import time
+import uuid
+from pathlib import PurePosixPath
+from typing import Any
+
+from ssn_platform.names import PRODUCT_RE, registered_model_name
+from ssn_platform.s3keys import format_s3_uri, join_key, parse_s3_uri
+from ssn_platform.services import PlatformError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+# The table's columns (besides the partition column `status`); `error` is null on status=ok rows, the score columns
+# are null on status=error rows.
+COLUMNS = ("image", "relative_path", "score", "is_anomalous", "threshold", "defect_area_percent", "mask",
+           "registered_model", "model_version", "error", "run", "scored_at")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreSettings:
+    """What to score, with what, and where to write. Validated when built; errors name the field."""
+
+    product: str
+    input: str  # s3://bucket/prefix/ (every image object below) or a dataset version URI when `split` is set
+    version: str | None = None  # None: the champion, resolved once
+    dataset: bool = False  # `input` names a dataset version (manifest) rather than a prefix of image objects
+    split: str | None = None  # dataset input: only this split
+    output: str | None = None  # default: s3://<input bucket>/scores
+    masks: bool = False
+    actors: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    batch_size: int = 16
+    precision: str = "fp32"
+    limit: int | None = None  # score at most this many (new) images
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                raise PlatformError(f"score settings: {message}")
+
+        check(bool(PRODUCT_RE.match(self.product or "")), f"product: invalid name {self.product!r}")
+        check(self.version is None or str(self.version).isdigit(), f"version: expected a number, got {self.version!r}")
+        for field in ("input", "output"):
+            value = getattr(self, field)
+            if value is not None:
+                try:
+                    parse_s3_uri(value)
+                except ValueError as error:
+                    raise PlatformError(f"score settings: {field}: {error}") from None
+        check(self.split is None or self.dataset, "split: only with a dataset input (--data)")
+        check(self.actors >= 1, f"actors: must be >= 1, got {self.actors}")
+        check(self.cpus_per_actor > 0, f"cpus_per_actor: must be > 0, got {self.cpus_per_actor}")
+        check(self.gpus_per_actor >= 0, f"gpus_per_actor: must be >= 0, got {self.gpus_per_actor}")
+        check(self.batch_size >= 1, f"batch_size: must be >= 1, got {self.batch_size}")
+        check(self.precision in ("fp32", "bf16"), f"precision: fp32 or bf16, got {self.precision!r}")
+        check(self.limit is None or self.limit >= 1, f"limit: must be >= 1, got {self.limit}")
+
+    def output_prefix(self, version: str) -> tuple[str, str]:
+        """(bucket, key prefix) of this product's and version's results."""
+        bucket, key = parse_s3_uri(self.output or format_s3_uri(parse_s3_uri(self.input)[0], "scores"))
+        return bucket, join_key(*(part for part in (key.strip("/"), self.product, f"v{version}") if part))
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreSummary:
+    product: str
+    registered_model: str
+    version: str
+    threshold: float
+    table: str
+    listed: int
+    skipped: int
+    scored: int
+    errors: int
+    anomalous: int
+    seconds: float
+    run: str
+    mlflow_run_id: str | None = None
+
+    @property
+    def images_per_s(self) -> float:
+        return (self.scored + self.errors) / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "images_per_s": round(self.images_per_s, 3)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Driver side: the version, the inputs, what is already done
+# ---------------------------------------------------------------------------------------------------------
+def pin_version(product: str, version: str | None) -> tuple[str, str, dict[str, str], float]:
+    """(registered model, explicit version, its tags, its threshold); PlatformError naming what is missing."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from ssn_platform.names import CHAMPION
+    from ssn_platform.thresholds import threshold_from_tags
+
+    name = registered_model_name(product)
+    client = MlflowClient()
+    try:
+        if version is None:
+            aliases = client.get_registered_model(name).aliases or {}
+            if CHAMPION not in aliases:
+                raise PlatformError(f"{name} has no '{CHAMPION}' alias; pass --version or promote one")
+            version = str(aliases[CHAMPION])
+        tags = dict(client.get_model_version(name, str(version)).tags or {})
+    except MlflowException as error:
+        raise PlatformError(f"{name} version {version}: {error.message}") from None
+    threshold = threshold_from_tags(tags)
+    if threshold is None:
+        raise PlatformError(f"{name} version {version} has no calibrated threshold; run jobs/calibrate.py "
+                            f"--product {product} --version {version}")
+    return name, str(version), tags, threshold
+
+
+def list_inputs(settings: ScoreSettings, client: Any = None) -> list[tuple[str, str]]:
+    """(s3 URI, path relative to the input) of every image to consider, sorted."""
+    from ssn_platform.storage import make_client
+
+    if settings.dataset:
+        from ssn_platform.datasets import DatasetReader
+
+        reader = DatasetReader(settings.input, client=client)
+        bucket = reader.bucket
+        items = [(format_s3_uri(bucket, join_key(reader.prefix, r["image_key"])), r["image"])
+                 for r in reader.manifest.records if settings.split is None or r["split"] == settings.split]
+        if not items:
+            raise PlatformError(f"{settings.input} (dataset version {reader.version}) has no images"
+                                + (f" in split {settings.split!r}" if settings.split else ""))
+        return sorted(items)
+    bucket, prefix = parse_s3_uri(settings.input)
+    prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
+    client = client or make_client()
+    items = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for entry in page.get("Contents", []):
+            key = entry["Key"]
+            if key.lower().endswith(IMAGE_SUFFIXES):
+                items.append((format_s3_uri(bucket, key), key[len(prefix):]))
+    if not items:
+        raise PlatformError(f"no image objects ({', '.join(IMAGE_SUFFIXES)}) under {settings.input}")
+    return sorted(items)
+
+
+def already_scored(filesystem: Any, table_path: str) -> set[str]:
+    """The `image` values of the table's status=ok partition (empty when the table does not exist yet)."""
+    import pyarrow.dataset as pads
+    from pyarrow import fs
+
+    ok_path = f"{table_path}/status=ok"
+    if filesystem.get_file_info(ok_path).type == fs.FileType.NotFound:
+        return set()
+    table = pads.dataset(ok_path, filesystem=filesystem, format="parquet").to_table(columns=["image"])
+    return set(table.column("image").to_pylist())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Actor side: one loaded version per actor, a batch of raw bytes in, table rows out
+# ---------------------------------------------------------------------------------------------------------
+class _Scorer:
+    """A Ray Data actor: loads the pinned version once (the Serve replica's loader) and scores batches of images."""
+
+    def __init__(self, product: str, name: str, version: str, tags: dict[str, str], *, device: str,
+                 precision: str, threads: int, masks_prefix: tuple[str, str] | None, run: str,
+                 relative: dict[str, str]) -> None:
+        import torch
+
+        from ssn_platform.serving.settings import ServeSettings
+        from ssn_platform.serving.versions import load_version
+
+        torch.set_num_threads(max(1, threads))
+        self.loaded = load_version(product, name, version, tags, device=device, precision=precision)
+        defaults = ServeSettings()
+        self.limits = {"max_pixels": defaults.max_pixels, "max_side": defaults.max_side}
+        self.masks_prefix = masks_prefix
+        self.run = run
+        self.relative = relative
+        self._client = None
+
+    def _put_mask(self, relative_path: str, mask) -> str:
+        import io
+
+        from supersimplenet.visualize import mask_png
+        from ssn_platform.storage import make_client, put_bytes
+
+        bucket, prefix = self.masks_prefix
+        if self._client is None:
+            self._client = make_client()
+        buffer = io.BytesIO()
+        mask_png(mask).save(buffer, format="PNG")
+        key = join_key(prefix, str(PurePosixPath(relative_path).with_suffix(".png")))
+        put_bytes(self._client, bucket, key, buffer.getvalue(), content_type="image/png")
+        return format_s3_uri(bucket, key)
+
+    def __call__(self, batch: dict[str, Any]) -> Any:
+        import pyarrow as pa
+
+        from ssn_platform.serving.requests import ApiError, decode_image
+        from ssn_platform.serving.versions import decision, run_items
+
+        loaded = self.loaded
+        images = [f"s3://{path}" for path in batch["path"]]
+        arrays: dict[int, Any] = {}
+        errors: dict[int, str] = {}
+        for index, data in enumerate(batch["bytes"]):
+            try:
+                arrays[index] = decode_image(bytes(data), **self.limits)[0]
+            except ApiError as error:
+                errors[index] = f"{error.code}: {error.message}"
+        order = sorted(arrays)
+        results = dict(zip(order, run_items([(loaded, arrays[i]) for i in order]))) if order else {}
+        rows: dict[str, list[Any]] = {column: [] for column in (*COLUMNS, "status")}
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        for index, image in enumerate(images):
+            relative_path = self.relative.get(image, image.rsplit("/", 1)[-1])
+            row: dict[str, Any] = dict.fromkeys(COLUMNS)
+            row.update(image=image, relative_path=relative_path, registered_model=loaded.registered_model,
+                       model_version=loaded.version, run=self.run, scored_at=now)
+            result = results.get(index)
+            if isinstance(result, BaseException):
+                errors[index] = f"inference_failed: {type(result).__name__}: {result}"
+            if index in errors:
+                row.update(error=errors[index][:1000], status="error")
+            else:
+                score, anomaly_map = result
+                fields = decision(loaded, score, anomaly_map)
+                row.update(score=score, is_anomalous=fields["is_anomalous"], threshold=loaded.threshold,
+                           defect_area_percent=fields["defect_area_percent"], status="ok",
+                           mask=self._put_mask(relative_path, fields["mask"]) if self.masks_prefix else None)
+            for column in rows:
+                rows[column].append(row[column])
+        return pa.table(rows, schema=TABLE_SCHEMA)
+
+
+def _table_schema():
+    import pyarrow as pa
+
+    return pa.schema([("image", pa.string()), ("relative_path", pa.string()), ("score", pa.float64()),
+                      ("is_anomalous", pa.bool_()), ("threshold", pa.float64()),
+                      ("defect_area_percent", pa.float64()), ("mask", pa.string()),
+                      ("registered_model", pa.string()), ("model_version", pa.string()), ("error", pa.string()),
+                      ("run", pa.string()), ("scored_at", pa.string()), ("status", pa.string())])
+
+
+TABLE_SCHEMA = _table_schema()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The job
+# ---------------------------------------------------------------------------------------------------------
+def score_images_job(settings: ScoreSettings, *, address: str | None = None, progress: bool = True) -> ScoreSummary:
+    """Scores the inputs not yet in the table with the pinned version (module docstring); returns the summary."""
+    import ray
+
+    from ssn_platform.services import check_mlflow, connect_ray, storage_filesystem
+
+    check_mlflow()
+    name, version, tags, threshold = pin_version(settings.product, settings.version)
+    bucket, prefix = settings.output_prefix(version)
+    table_path = f"{bucket}/{join_key(prefix, 'table')}"
+    filesystem = storage_filesystem()
+    listed = list_inputs(settings)
+    done = already_scored(filesystem, table_path)
+    todo = [(uri, rel) for uri, rel in listed if uri not in done]
+    if settings.limit is not None:
+        todo = todo[:settings.limit]
+    run = uuid.uuid4().hex[:12]
+    started = time.monotonic()
+    counts = {"ok": 0, "error": 0, "anomalous": 0}
+    if todo:
+        connect_ray(address, log_to_driver=progress)
+        ray.data.DataContext.get_current().enable_progress_bars = progress
+        dataset = ray.data.read_binary_files([uri[len("s3://"):] for uri, _ in todo], include_paths=True,
+                                             filesystem=filesystem, ray_remote_args={"num_cpus": 0},
+                                             concurrency=max(2, settings.actors))
+        device = "cuda" if settings.gpus_per_actor > 0 else "cpu"
+        scored = dataset.map_batches(
+            _Scorer, batch_size=settings.batch_size, batch_format="numpy", concurrency=settings.actors,
+            num_cpus=settings.cpus_per_actor, num_gpus=settings.gpus_per_actor or None,
+            fn_constructor_args=(settings.product, name, version, tags),
+            fn_constructor_kwargs={"device": device, "precision": settings.precision,
+                                   "threads": int(settings.cpus_per_actor), "run": run,
+                                   "masks_prefix": (bucket, join_key(prefix, "masks")) if settings.masks else None,
+                                   "relative": dict(todo)})
+        scored.write_parquet(table_path, filesystem=filesystem, partition_cols=["status"],
+                             ray_remote_args={"num_cpus": 0})
+        counts = _run_counts(filesystem, table_path, run)
+    summary = ScoreSummary(product=settings.product, registered_model=name, version=version, threshold=threshold,
+                           table=format_s3_uri(bucket, join_key(prefix, "table")), listed=len(listed),
+                           skipped=sum(uri in done for uri, _ in listed),
+                           scored=counts["ok"], errors=counts["error"], anomalous=counts["anomalous"],
+                           seconds=round(time.monotonic() - started, 3), run=run)
+    return dataclasses.replace(summary, mlflow_run_id=_log_summary(settings, summary))
+
+
+def _run_counts(filesystem: Any, table_path: str, run: str) -> dict[str, int]:
+    """Rows this run wrote, per status, and its anomalous count (read back from the table itself)."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    table = pads.dataset(table_path, filesystem=filesystem, format="parquet", partitioning="hive").to_table(
+        columns=["status", "is_anomalous"], filter=pads.field("run") == run)
+    status = table.column("status")
+    ok = pc.equal(status, "ok")
+    return {"ok": int(pc.sum(ok).as_py() or 0), "error": int(pc.sum(pc.invert(ok)).as_py() or 0),
+            "anomalous": int(pc.sum(pc.and_(ok, pc.fill_null(table.column("is_anomalous"), False))).as_py() or 0)}
+
+
+def _log_summary(settings: ScoreSettings, summary: ScoreSummary) -> str:
+    """One MLflow run in ``ssn-<product>-scoring`` per job: settings as params, counts as metrics."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+    from ssn_platform.services import experiment_id
+
+    client = MlflowClient()
+    run = client.create_run(experiment_id(client, f"{registered_model_name(settings.product)}-scoring"),
+                            run_name=f"score-v{summary.version}-{summary.run}",
+                            tags={"ssn.score.registered_model": summary.registered_model,
+                                  "ssn.score.version": summary.version, "ssn.score.run": summary.run,
+                                  "ssn.score.table": summary.table})
+    params = {"input": settings.input, "split": settings.split or "", "version": summary.version,
+              "table": summary.table, "masks": settings.masks, "actors": settings.actors,
+              "cpus_per_actor": settings.cpus_per_actor, "batch_size": settings.batch_size,
+              "precision": settings.precision}
+    metrics = {"listed": summary.listed, "skipped": summary.skipped, "scored": summary.scored,
+               "errors": summary.errors, "anomalous": summary.anomalous,
+               "anomalous_rate": summary.anomalous / summary.scored if summary.scored else 0.0,
+               "seconds": summary.seconds, "images_per_s": summary.images_per_s}
+    now = int(time.time() * 1000)
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()],
+                     metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+__all__ = ["COLUMNS", "ScoreSettings", "ScoreSummary", "already_scored", "list_inputs", "pin_version",
+           "score_images_job"]

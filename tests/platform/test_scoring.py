@@ -1,0 +1,195 @@
+"""The batch inspection job (`jobs/score.py`, Ray Data) on the real local stack.
+
+Real images (ELPV solar cells and weld seams) in a real S3 bucket are scored by a registered, calibrated champion;
+the table equals what the endpoint answers for the same bytes over HTTP, bad images land in the errors partition,
+and a rerun scores only what is new.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+pytestmark = [pytest.mark.stack, pytest.mark.heavy]
+
+REPO = Path(__file__).resolve().parents[2]
+ELPV_CELLS = {"normal": 4, "defective": 4}
+
+
+def elpv_test_cells() -> dict[str, bytes]:
+    """A few ELPV cells of each label from the registry package, as PNG bytes named like the quickstart's export."""
+    from PIL import Image
+
+    from supersimplenet.elpv import load_elpv
+
+    images, probabilities = load_elpv()
+    out = {}
+    for label, probability in (("normal", 0.0), ("defective", 1.0)):
+        for index in np.flatnonzero(probabilities == probability)[-ELPV_CELLS[label]:]:
+            buffer = io.BytesIO()
+            Image.fromarray(images[index]).save(buffer, format="PNG")
+            out[f"{label}/cell_{index:04d}.png"] = buffer.getvalue()
+    return out
+
+
+def table_rows(uri: str):
+    """The job's table as {status: {image: row}} (read with pyarrow, as a user would)."""
+    import pyarrow.dataset as pads
+
+    from ssn_platform.s3keys import parse_s3_uri
+    from ssn_platform.services import storage_filesystem
+
+    bucket, key = parse_s3_uri(uri)
+    table = pads.dataset(f"{bucket}/{key}", filesystem=storage_filesystem(), format="parquet",
+                         partitioning="hive").to_table()
+    out: dict[str, dict[str, dict]] = {"ok": {}, "error": {}}
+    for row in table.to_pylist():
+        out[row["status"]].setdefault(row["image"], row)
+    return out, table.num_rows
+
+
+@pytest.fixture(scope="module")
+def champion(live_stack, weld_val_dataset, random_head_model, register_version):
+    """A product whose champion is a calibrated Lite0 (seeded random heads), served by the inspection app."""
+    from ray import serve
+
+    from ssn_platform.datasets import DatasetReader
+    from ssn_platform.promotion import evaluate_model, promote
+    from ssn_platform.serving.deployment import deploy, wait_ready
+    from ssn_platform.thresholds import calibrate_version
+    from test_serving import ray_address  # tests/platform/test_serving.py
+
+    root, samples = DatasetReader(weld_val_dataset).materialize()
+    product = f"score-{uuid.uuid4().hex[:6]}"
+    model = random_head_model(3)
+    version = register_version(product, weld_val_dataset, model,
+                               evaluate_model(model, root, [s for s in samples if s.split == "test"]))
+    calibrate_version(product, version)
+    assert promote(product, version, margin=1.0, floor=0.0).promoted
+    base = deploy({"torch_threads": 2, "refresh_s": 5.0}, address=ray_address(live_stack),
+                  port=int(os.environ["SSN_SERVE_PORT"]))
+    try:
+        wait_ready(base, timeout=180)
+        yield {"product": product, "version": version, "base": base, "dataset": weld_val_dataset}
+    finally:
+        serve.shutdown()
+
+
+def test_the_batch_job_scores_a_prefix_like_the_endpoint_lists_bad_images_and_scores_only_new_ones_on_rerun(
+        champion, weld_root):
+    from ssn_platform.apikeys import client_headers
+    from ssn_platform.scoring import ScoreSettings, score_images_job
+    from ssn_platform.storage import ensure_bucket, make_client
+
+    s3_client = make_client()  # the live stack's S3 (its environment)
+    bucket = "line-" + uuid.uuid4().hex[:8]
+    ensure_bucket(s3_client, bucket)
+    objects = {f"elpv/{name}": data for name, data in elpv_test_cells().items()}
+    weld = sorted((weld_root / "test" / "defective").iterdir())[:3]
+    objects.update({f"weld/{path.name}": path.read_bytes() for path in weld})
+    good = dict(objects)
+    objects["bad/truncated.png"] = good[next(iter(good))][:300]  # a real PNG cut short
+    objects["bad/not-an-image.png"] = b"this is a text file with an image name"
+    objects["notes.txt"] = b"not an image: not listed"
+    for key, data in objects.items():
+        s3_client.put_object(Bucket=bucket, Key=f"day-1/{key}", Body=data)
+
+    settings = ScoreSettings(product=champion["product"], input=f"s3://{bucket}/day-1/", masks=True,
+                             output=f"s3://{bucket}/results", batch_size=4)
+    summary = score_images_job(settings, progress=False)
+
+    assert (summary.version, summary.listed, summary.scored, summary.errors, summary.skipped) == (
+        champion["version"], len(good) + 2, len(good), 2, 0)
+    rows, _ = table_rows(summary.table)
+    assert set(rows["ok"]) == {f"s3://{bucket}/day-1/{key}" for key in good}
+    assert sorted(row["relative_path"] for row in rows["error"].values()) == ["bad/not-an-image.png",
+                                                                              "bad/truncated.png"]
+    reasons = {row["relative_path"]: row["error"] for row in rows["error"].values()}
+    assert reasons["bad/truncated.png"].startswith("invalid_image: cannot decode the image"), reasons
+    assert reasons["bad/not-an-image.png"].startswith("unsupported_image: "), reasons
+    assert all(row["score"] is None and row["is_anomalous"] is None for row in rows["error"].values())
+
+    # the endpoint answers the same bytes with the same score, decision and defect area
+    for key, data in good.items():
+        row = rows["ok"][f"s3://{bucket}/day-1/{key}"]
+        answer = requests.post(f"{champion['base']}/v1/products/{champion['product']}/inspect", data=data,
+                               headers={"Content-Type": "image/png", **client_headers()}, timeout=120).json()
+        assert abs(row["score"] - answer["score"]) <= 1e-5, key
+        assert (row["is_anomalous"], row["model_version"], row["threshold"]) == (
+            answer["is_anomalous"], answer["model_version"], answer["threshold"])
+        assert abs(row["defect_area_percent"] - answer["defect_area_percent"]) <= 1e-3
+        mask_bucket, _, mask_key = row["mask"][len("s3://"):].partition("/")
+        assert mask_key == f"results/{champion['product']}/v{champion['version']}/masks/" + \
+            str(Path(key).with_suffix(".png"))
+        assert s3_client.get_object(Bucket=mask_bucket, Key=mask_key)["Body"].read()[:8] == b"\x89PNG\r\n\x1a\n"
+    scores = [row["score"] for row in rows["ok"].values()]
+    assert len(set(scores)) == len(scores)  # real, different images: no constant output
+
+    # new images arrive; the rerun scores only them, and the failed ones again
+    extra = sorted((weld_root / "test" / "good").iterdir())[:2]
+    for path in extra:
+        s3_client.put_object(Bucket=bucket, Key=f"day-1/weld/{path.name}", Body=path.read_bytes())
+    again = score_images_job(settings, progress=False)
+    assert (again.listed, again.scored, again.errors, again.skipped) == (len(good) + 4, 2, 2, len(good))
+    rows_after, total = table_rows(again.table)
+    assert set(rows_after["ok"]) == set(rows["ok"]) | {f"s3://{bucket}/day-1/weld/{p.name}" for p in extra}
+    assert total == len(good) + 2 + 2 + 2  # no image scored twice; each run's errors are its own rows
+
+    from mlflow import MlflowClient
+
+    run = MlflowClient().get_run(again.mlflow_run_id)
+    assert run.data.metrics["scored"] == 2 and run.data.metrics["skipped"] == len(good)
+    assert run.data.tags["ssn.score.version"] == champion["version"]
+
+
+def test_a_dataset_versions_test_split_is_scored_with_an_explicit_version(champion):
+    from ssn_platform.datasets import DatasetReader
+    from ssn_platform.scoring import ScoreSettings, score_images_job
+
+    reader = DatasetReader(champion["dataset"])
+    test = [r for r in reader.manifest.records if r["split"] == "test"]
+    settings = ScoreSettings(product=champion["product"], version=champion["version"], input=champion["dataset"],
+                             dataset=True, split="test", output=f"s3://ssn/scores-test-{uuid.uuid4().hex[:6]}",
+                             limit=5)
+    summary = score_images_job(settings, progress=False)
+    assert (summary.listed, summary.scored, summary.errors) == (len(test), 5, 0)
+    rows, _ = table_rows(summary.table)
+    assert {row["relative_path"] for row in rows["ok"].values()} <= {r["image"] for r in test}
+
+
+def test_scoring_refuses_a_version_without_threshold_and_bad_settings_name_the_field(champion, register_version,
+                                                                                      random_head_model):
+    from ssn_platform.scoring import ScoreSettings, score_images_job
+    from ssn_platform.services import PlatformError
+
+    uncalibrated = register_version(champion["product"], champion["dataset"], random_head_model(4), {})
+    with pytest.raises(PlatformError, match=rf"version {uncalibrated} has no calibrated threshold.*calibrate"):
+        score_images_job(ScoreSettings(product=champion["product"], version=uncalibrated,
+                                       input="s3://ssn/datasets/"), progress=False)
+    for kwargs, field in (({"input": "ssn/x"}, "input"), ({"actors": 0}, "actors"), ({"version": "v1"}, "version"),
+                          ({"split": "test"}, "split"), ({"product": "../x"}, "product")):
+        with pytest.raises(PlatformError, match=rf"score settings: {field}"):
+            ScoreSettings(**{"product": "p", "input": "s3://bucket/x/", **kwargs})
+
+
+def test_ray_job_submit_score_smoke_trains_calibrates_scores_and_resumes(live_stack):
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--working-dir", str(REPO), "--",
+         "python", "jobs/score.py", "--smoke-test", "--no-progress"],
+        cwd=REPO, env={**os.environ, "SSN_GIT_SHA": "test"}, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith('{"product": "smoke"')]
+    assert lines, proc.stdout[-4000:]
+    summary = json.loads(lines[-1])
+    assert (summary["listed"], summary["scored"], summary["errors"], summary["skipped"]) == (4, 4, 0, 0)
+    assert summary["table"].startswith("s3://ssn/scores/smoke/v")
