@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default=None, help="--data: only this split (default: every image)")
     parser.add_argument("--output", default=None, help="results prefix (default: s3://<input bucket>/scores)")
     parser.add_argument("--masks", action="store_true", help="also write each image's defect mask as a PNG")
+    parser.add_argument("--resolution", default="model", choices=("model", "original"),
+                        help="grid of the masks, defect area and regions: the model's input size or the image's")
     parser.add_argument("--actors", type=int, default=1, help="scoring actors (default 1)")
     parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (and torch threads) per actor")
     parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (> 0: score on CUDA)")
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--product and --input or --data are required (or --smoke-test)")
         settings = ScoreSettings(
             product=args.product, input=args.input or args.data, version=args.version, dataset=bool(args.data),
-            split=args.split, output=args.output, masks=args.masks, actors=args.actors,
+            split=args.split, output=args.output, masks=args.masks, resolution=args.resolution, actors=args.actors,
             cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size,
             precision=args.precision, limit=args.limit)
         summary = score_images_job(settings, address=args.address, progress=not args.no_progress)

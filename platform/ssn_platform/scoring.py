@@ -24,8 +24,11 @@ Layout under ``output`` (default ``s3://<bucket>/scores``): ``<product>/v<versio
 Read it with ``pyarrow.dataset.dataset(uri, partitioning="hive")`` or ``ray.data.read_parquet``. Parquet part files
 are written whole (an S3 put), so a killed job leaves only complete parts: the next run resumes from them.
 
-Limits: the maps and masks are at the model's resolution (as the endpoint's); a rerun's errors partition keeps the
-rows of earlier runs (column ``run`` tells them apart).
+Regions and masks: each row lists the image's connected defect regions (`ssn_platform.regions`: bounding box in
+the image's pixels, area, maximum and mean score) measured on the model's map or, with ``resolution="original"``,
+on the map resampled to the image's own size, the grid the mask PNGs then have too. Limit: a rerun's errors
+partition keeps the rows of earlier runs (column ``run`` tells them apart), and resuming is per version: a rerun
+with another ``resolution`` skips what the version scored, so give it another ``output``.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from ssn_platform.names import PRODUCT_RE, registered_model_name
+from ssn_platform.regions import RESOLUTIONS
 from ssn_platform.s3keys import format_s3_uri, join_key, parse_s3_uri
 from ssn_platform.services import PlatformError
 
@@ -45,8 +49,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 # The table's columns (besides the partition column `status`); `error` is null on status=ok rows, the score columns
 # are null on status=error rows.
-COLUMNS = ("image", "relative_path", "score", "is_anomalous", "threshold", "defect_area_percent", "mask",
-           "registered_model", "model_version", "error", "run", "scored_at")
+COLUMNS = ("image", "relative_path", "score", "is_anomalous", "threshold", "defect_area_percent", "regions",
+           "regions_total", "image_width", "image_height", "map_resolution", "mask", "registered_model",
+           "model_version", "error", "run", "scored_at")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +65,7 @@ class ScoreSettings:
     split: str | None = None  # dataset input: only this split
     output: str | None = None  # default: s3://<input bucket>/scores
     masks: bool = False
+    resolution: str = "model"  # the grid of masks, defect area and regions: "model" or "original" (the image's)
     actors: int = 1
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
@@ -87,6 +93,7 @@ class ScoreSettings:
         check(self.gpus_per_actor >= 0, f"gpus_per_actor: must be >= 0, got {self.gpus_per_actor}")
         check(self.batch_size >= 1, f"batch_size: must be >= 1, got {self.batch_size}")
         check(self.precision in ("fp32", "bf16"), f"precision: fp32 or bf16, got {self.precision!r}")
+        check(self.resolution in RESOLUTIONS, f"resolution: one of {RESOLUTIONS}, got {self.resolution!r}")
         check(self.limit is None or self.limit >= 1, f"limit: must be >= 1, got {self.limit}")
 
     def output_prefix(self, version: str) -> tuple[str, str]:
@@ -197,7 +204,7 @@ class _Scorer:
 
     def __init__(self, product: str, name: str, version: str, tags: dict[str, str], *, device: str,
                  precision: str, threads: int, masks_prefix: tuple[str, str] | None, run: str,
-                 relative: dict[str, str]) -> None:
+                 relative: dict[str, str], resolution: str = "model") -> None:
         import torch
 
         from ssn_platform.serving.settings import ServeSettings
@@ -210,6 +217,7 @@ class _Scorer:
         self.masks_prefix = masks_prefix
         self.run = run
         self.relative = relative
+        self.resolution = resolution
         self._client = None
 
     def _put_mask(self, relative_path: str, mask) -> str:
@@ -236,14 +244,15 @@ class _Scorer:
         loaded = self.loaded
         images = [f"s3://{path}" for path in batch["path"]]
         arrays: dict[int, Any] = {}
+        sizes: dict[int, tuple[int, int]] = {}
         errors: dict[int, str] = {}
         for index, data in enumerate(batch["bytes"]):
             try:
-                arrays[index] = decode_image(bytes(data), **self.limits)[0]
+                arrays[index], sizes[index] = decode_image(bytes(data), **self.limits)
             except ApiError as error:
                 errors[index] = f"{error.code}: {error.message}"
         order = sorted(arrays)
-        results = dict(zip(order, run_items([(loaded, arrays[i]) for i in order]))) if order else {}
+        results = dict(zip(order, run_items([(loaded, arrays.pop(i)) for i in order]))) if order else {}
         rows: dict[str, list[Any]] = {column: [] for column in (*COLUMNS, "status")}
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         for index, image in enumerate(images):
@@ -258,9 +267,12 @@ class _Scorer:
                 row.update(error=errors[index][:1000], status="error")
             else:
                 score, anomaly_map = result
-                fields = decision(loaded, score, anomaly_map)
+                width, height = sizes[index]
+                fields = decision(loaded, score, anomaly_map, width=width, height=height, resolution=self.resolution)
                 row.update(score=score, is_anomalous=fields["is_anomalous"], threshold=loaded.threshold,
-                           defect_area_percent=fields["defect_area_percent"], status="ok",
+                           defect_area_percent=fields["defect_area_percent"], regions=fields["regions"],
+                           regions_total=fields["regions_total"], image_width=width, image_height=height,
+                           map_resolution=self.resolution, status="ok",
                            mask=self._put_mask(relative_path, fields["mask"]) if self.masks_prefix else None)
             for column in rows:
                 rows[column].append(row[column])
@@ -270,9 +282,14 @@ class _Scorer:
 def _table_schema():
     import pyarrow as pa
 
+    region = pa.struct([("x0", pa.int32()), ("y0", pa.int32()), ("x1", pa.int32()), ("y1", pa.int32()),
+                        ("area_pixels", pa.float64()), ("area_percent", pa.float64()), ("max_score", pa.float64()),
+                        ("mean_score", pa.float64())])
     return pa.schema([("image", pa.string()), ("relative_path", pa.string()), ("score", pa.float64()),
                       ("is_anomalous", pa.bool_()), ("threshold", pa.float64()),
-                      ("defect_area_percent", pa.float64()), ("mask", pa.string()),
+                      ("defect_area_percent", pa.float64()), ("regions", pa.list_(region)),
+                      ("regions_total", pa.int32()), ("image_width", pa.int32()), ("image_height", pa.int32()),
+                      ("map_resolution", pa.string()), ("mask", pa.string()),
                       ("registered_model", pa.string()), ("model_version", pa.string()), ("error", pa.string()),
                       ("run", pa.string()), ("scored_at", pa.string()), ("status", pa.string())])
 
@@ -316,7 +333,7 @@ def score_images_job(settings: ScoreSettings, *, address: str | None = None, pro
             fn_constructor_kwargs={"device": device, "precision": settings.precision,
                                    "threads": int(settings.cpus_per_actor), "run": run,
                                    "masks_prefix": (bucket, join_key(prefix, "masks")) if settings.masks else None,
-                                   "relative": dict(todo)})
+                                   "relative": dict(todo), "resolution": settings.resolution})
         scored.write_parquet(table_path, filesystem=filesystem, partition_cols=["status"],
                              ray_remote_args={"num_cpus": 0})
         counts = _run_counts(filesystem, table_path, run)
@@ -355,7 +372,8 @@ def _log_summary(settings: ScoreSettings, summary: ScoreSummary) -> str:
                                   "ssn.score.version": summary.version, "ssn.score.run": summary.run,
                                   "ssn.score.table": summary.table})
     params = {"input": settings.input, "split": settings.split or "", "version": summary.version,
-              "table": summary.table, "masks": settings.masks, "actors": settings.actors,
+              "table": summary.table, "masks": settings.masks, "resolution": settings.resolution,
+              "actors": settings.actors,
               "cpus_per_actor": settings.cpus_per_actor, "batch_size": settings.batch_size,
               "precision": settings.precision}
     metrics = {"listed": summary.listed, "skipped": summary.skipped, "scored": summary.scored,

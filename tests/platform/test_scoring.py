@@ -7,6 +7,7 @@ and a rerun scores only what is new.
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import uuid
@@ -124,12 +125,32 @@ def test_the_batch_job_scores_a_prefix_like_the_endpoint_lists_bad_images_and_sc
         assert (row["is_anomalous"], row["model_version"], row["threshold"]) == (
             answer["is_anomalous"], answer["model_version"], answer["threshold"])
         assert abs(row["defect_area_percent"] - answer["defect_area_percent"]) <= 1e-3
+        assert (row["regions_total"], [(r["x0"], r["y0"], r["x1"], r["y1"]) for r in row["regions"]]) == (
+            answer["regions_total"], [(r["x0"], r["y0"], r["x1"], r["y1"]) for r in answer["regions"]])
+        assert (row["image_width"], row["image_height"]) == (answer["image_width"], answer["image_height"])
         mask_bucket, _, mask_key = row["mask"][len("s3://"):].partition("/")
         assert mask_key == f"results/{champion['product']}/v{champion['version']}/masks/" + \
             str(Path(key).with_suffix(".png"))
         assert s3_client.get_object(Bucket=mask_bucket, Key=mask_key)["Body"].read()[:8] == b"\x89PNG\r\n\x1a\n"
     scores = [row["score"] for row in rows["ok"].values()]
     assert len(set(scores)) == len(scores)  # real, different images: no constant output
+    assert any(row["regions_total"] > 0 for row in rows["ok"].values())  # the threshold leaves regions to compare
+
+    # the map, mask and regions at the image's own size (a weld seam is 120 x 256; the model's map is 72 x 128)
+    from PIL import Image
+
+    key = next(k for k in good if k.startswith("weld/"))
+    width, height = Image.open(io.BytesIO(good[key])).size
+    answer = requests.post(f"{champion['base']}/v1/products/{champion['product']}/inspect", data=good[key],
+                           params={"map_resolution": "original", "return_mask": "true", "return_map": "true"},
+                           headers={"Content-Type": "image/png", **client_headers()}, timeout=120).json()
+    assert (answer["map_resolution"], answer["map_width"], answer["map_height"]) == ("original", width, height)
+    for field in ("mask_png", "anomaly_map_png"):
+        assert Image.open(io.BytesIO(base64.b64decode(answer[field]))).size == (width, height)
+    assert all(0 <= r["x0"] < r["x1"] <= width and 0 <= r["y0"] < r["y1"] <= height for r in answer["regions"])
+    if answer["regions_total"] == len(answer["regions"]):  # every region listed: their areas make up the mask
+        assert sum(r["area_pixels"] for r in answer["regions"]) == pytest.approx(
+            answer["defect_area_percent"] / 100 * width * height)
 
     # new images arrive; the rerun scores only them, and the failed ones again
     extra = sorted((weld_root / "test" / "good").iterdir())[:2]

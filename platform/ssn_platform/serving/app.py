@@ -18,7 +18,7 @@ import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
@@ -234,7 +234,8 @@ class InspectorReplica:
             self._pixels_in_flight -= pixels
 
     # -- what the routes answer -----------------------------------------------------------------------------------
-    async def _inspect(self, product: str, request: Request, return_map: bool, return_mask: bool) -> Any:
+    async def _inspect(self, product: str, request: Request, return_map: bool, return_mask: bool,
+                       map_resolution: str = "model") -> Any:
         started = time.perf_counter()
         try:
             self.api_keys.check(request.headers, product)
@@ -267,7 +268,7 @@ class InspectorReplica:
                 del array
                 result = await loop.run_in_executor(
                     self._work_pool, lambda: self._result(loaded, score, anomaly_map, width, height, return_map,
-                                                          return_mask))
+                                                          return_mask, map_resolution))
             result["latency_ms"] = round((time.perf_counter() - started) * 1000.0, 3)
             return JSONResponse(result)
         except ApiError as error:
@@ -278,10 +279,10 @@ class InspectorReplica:
 
     @staticmethod
     def _result(loaded: LoadedVersion, score: float, anomaly_map: np.ndarray, width: int, height: int,
-                return_map: bool, return_mask: bool) -> dict[str, Any]:
+                return_map: bool, return_mask: bool, map_resolution: str = "model") -> dict[str, Any]:
         from supersimplenet.visualize import colorize, mask_png
 
-        decided = decision(loaded, score, anomaly_map)
+        decided = decision(loaded, score, anomaly_map, width=width, height=height, resolution=map_resolution)
         result: dict[str, Any] = {
             "product": loaded.product,
             "registered_model": loaded.registered_model,
@@ -293,9 +294,12 @@ class InspectorReplica:
             "defect_area_percent": decided["defect_area_percent"],
             "image_width": width,
             "image_height": height,
-            "map_width": int(anomaly_map.shape[1]),
-            "map_height": int(anomaly_map.shape[0]),
-            "anomaly_map_png": png_base64(colorize(anomaly_map)) if return_map else None,
+            "map_resolution": map_resolution,
+            "map_width": int(decided["map"].shape[1]),
+            "map_height": int(decided["map"].shape[0]),
+            "regions": decided["regions"],
+            "regions_total": decided["regions_total"],
+            "anomaly_map_png": png_base64(colorize(decided["map"])) if return_map else None,
             "mask_png": png_base64(np.asarray(mask_png(decided["mask"]))) if return_mask else None,
         }
         if not math.isfinite(score):
@@ -406,8 +410,11 @@ def inspector_deployment(max_models_per_replica: int = 4):
             request: Request,
             return_map: bool = Query(False, description="include the colourised anomaly heatmap (base64 PNG)"),
             return_mask: bool = Query(False, description="include the binary defect mask (base64 PNG)"),
+            map_resolution: Literal["model", "original"] = Query(
+                "model", description="size of the returned map and mask, and of the grid the defect area and "
+                                     "regions are measured on: the model's input size, or the image's own"),
         ) -> Any:
-            return await self._inspect(product, request, return_map, return_mask)
+            return await self._inspect(product, request, return_map, return_mask, map_resolution)
 
         @app.get("/v1/products", summary="Products with a champion, and the versions served")
         async def products(self, request: Request) -> Any:

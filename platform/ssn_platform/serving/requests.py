@@ -10,7 +10,7 @@ import base64
 import io
 import warnings
 from email.message import Message
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from fastapi import Request
@@ -57,6 +57,17 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+class DefectRegion(BaseModel):
+    x0: int = Field(description="bounding box left edge, image pixels (inclusive)")
+    y0: int = Field(description="bounding box top edge, image pixels (inclusive)")
+    x1: int = Field(description="bounding box right edge, image pixels (exclusive)")
+    y1: int = Field(description="bounding box bottom edge, image pixels (exclusive)")
+    area_pixels: float = Field(description="the region's area in image pixels")
+    area_percent: float = Field(description="the region's area in percent of the image")
+    max_score: float = Field(description="the highest anomaly-map value in the region")
+    mean_score: float = Field(description="the mean anomaly-map value in the region")
+
+
 class InspectionResult(BaseModel):
     product: str
     registered_model: str
@@ -68,8 +79,12 @@ class InspectionResult(BaseModel):
     defect_area_percent: float = Field(description="share of anomaly-map pixels >= threshold, in percent")
     image_width: int
     image_height: int
+    map_resolution: Literal["model", "original"] = Field(description="the grid of the map, mask, area and regions")
     map_width: int
     map_height: int
+    regions: list[DefectRegion] = Field(description="connected regions of map >= threshold in image coordinates, "
+                                                    "highest max_score first, at most 32")
+    regions_total: int = Field(description="how many regions there are (regions lists at most 32)")
     anomaly_map_png: str | None = Field(None, description="colourised heatmap, base64 PNG (return_map=true)")
     mask_png: str | None = Field(None, description="binary mask 0/255, base64 PNG (return_mask=true)")
     latency_ms: float

@@ -129,13 +129,20 @@ def inference_info(model: Any) -> dict[str, str]:
             "device": str(model.fc_weight.device)}
 
 
-def decision(loaded: LoadedVersion, score: float, anomaly_map: np.ndarray) -> dict[str, Any]:
+def decision(loaded: LoadedVersion, score: float, anomaly_map: np.ndarray, *, width: int, height: int,
+             resolution: str = "model") -> dict[str, Any]:
     """What a score means under the version's threshold, for the endpoint and the batch job alike: is_anomalous
-    (``score >= threshold``), the defect mask (map pixels ``>= threshold``, at the model's resolution) and its share
-    of the map in percent."""
+    (``score >= threshold``); the map (at the model's resolution, or resampled to the image's ``width x height``
+    with ``resolution="original"``), its defect mask (pixels ``>= threshold``) and the mask's share in percent; the
+    defect regions in image coordinates (`ssn_platform.regions`) and how many there are."""
+    from ssn_platform.regions import defect_regions, map_at
+
+    if resolution == "original":
+        anomaly_map = map_at(anomaly_map, width, height)
     mask = anomaly_map >= loaded.threshold
-    return {"is_anomalous": bool(score >= loaded.threshold), "mask": mask,
-            "defect_area_percent": float(100.0 * mask.mean())}
+    regions, total = defect_regions(anomaly_map, loaded.threshold, width, height)
+    return {"is_anomalous": bool(score >= loaded.threshold), "map": anomaly_map, "mask": mask,
+            "defect_area_percent": float(100.0 * mask.mean()), "regions": regions, "regions_total": total}
 
 
 def run_items(items: list[tuple[LoadedVersion, np.ndarray]]) -> list[Any]:
