@@ -29,7 +29,7 @@ CRDS = REPO.parent / "shared" / "kuberay-crds"
 OVERLAYS = ["local-kind", "gpu-cluster"]
 KUBERNETES_VERSION = "1.37.0"  # the newest schema set kubernetes-validate ships
 RAY_KINDS = {"RayCluster", "RayJob", "RayService"}
-JOBS = {"ingest", "train", "tune", "calibrate", "promote", "evaluate", "score"}
+JOBS = {"ingest", "train", "tune", "calibrate", "promote", "evaluate", "score", "drift"}
 
 
 def render(path: Path) -> list[dict]:

@@ -21,6 +21,7 @@ pytestmark = [pytest.mark.stack, pytest.mark.heavy]
 
 REPO = Path(__file__).resolve().parents[2]
 ELPV_CELLS = {"normal": 4, "defective": 4}
+WINDOW = 150  # drift windows: PSI's own noise on two samples of n is about 9 * 2 / n (0.12 here), under its limit
 
 
 def elpv_test_cells() -> dict[str, bytes]:
@@ -214,3 +215,95 @@ def test_ray_job_submit_score_smoke_trains_calibrates_scores_and_resumes(live_st
     summary = json.loads(lines[-1])
     assert (summary["listed"], summary["scored"], summary["errors"], summary["skipped"]) == (4, 4, 0, 0)
     assert summary["table"].startswith("s3://ssn/scores/smoke/v")
+
+
+def elpv_normal_cells(count: int, part: int) -> list[tuple[str, "np.ndarray"]]:
+    """Part `part` (0, 1, ...) of `count` normal ELPV cells (name, uint8 array) drawn at random: the package orders
+    its cells by module type, so consecutive cells are not samples of one population."""
+    from supersimplenet.elpv import load_elpv
+
+    images, probabilities = load_elpv()
+    chosen = np.random.default_rng(20261203).permutation(np.flatnonzero(probabilities == 0.0))
+    return [(f"cell_{i:04d}.png", images[i]) for i in chosen[part * count:(part + 1) * count]]
+
+
+def png(array) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_drift_is_flagged_for_brighter_blurred_cells_not_for_clean_ones_and_shown_by_the_products_listing(champion):
+    from PIL import Image, ImageEnhance, ImageFilter
+
+    from ssn_platform.apikeys import client_headers
+    from ssn_platform.drift import check_drift
+    from ssn_platform.scoring import ScoreSettings, score_images_job
+    from ssn_platform.storage import ensure_bucket, make_client
+
+    client = make_client()
+    bucket = "drift-" + uuid.uuid4().hex[:8]
+    ensure_bucket(client, bucket)
+    reference, clean = elpv_normal_cells(WINDOW, 0), elpv_normal_cells(WINDOW, 1)
+    for name, array in reference:
+        client.put_object(Bucket=bucket, Key=f"day-0/{name}", Body=png(array))
+    for name, array in clean:
+        client.put_object(Bucket=bucket, Key=f"day-1/{name}", Body=png(array))
+        shifted = ImageEnhance.Brightness(Image.fromarray(array)).enhance(1.4).filter(ImageFilter.GaussianBlur(2))
+        client.put_object(Bucket=bucket, Key=f"day-2/{name}", Body=png(np.asarray(shifted)))
+    summary = score_images_job(ScoreSettings(product=champion["product"], input=f"s3://{bucket}/"), progress=False)
+    assert (summary.scored, summary.errors) == (3 * WINDOW, 0)
+
+    def check(day: str):
+        return check_drift(champion["product"], summary.table, window_prefix=f"s3://{bucket}/{day}/",
+                           reference_prefix=f"s3://{bucket}/day-0/")
+
+    stable = check("day-1")
+    assert (stable.status, stable.window_size, stable.reference_size) == ("stable", WINDOW, WINDOW), stable
+    drifting = check("day-2")
+    assert drifting.status == "drifting" and drifting.psi >= 0.25 and drifting.ks_pvalue < 0.01, drifting
+
+    # the endpoint's listing shows the last check (a registry tag; no restart, no reload)
+    products = requests.get(f"{champion['base']}/v1/products", headers=client_headers(), timeout=60).json()
+    mine = next(p for p in products["products"] if p["product"] == champion["product"])
+    assert mine["drift"]["status"] == "drifting" and mine["drift"]["psi"] == pytest.approx(drifting.psi, rel=1e-6)
+
+    from mlflow import MlflowClient
+
+    run = MlflowClient().get_run(drifting.mlflow_run_id)
+    assert run.data.tags["ssn.drift.status"] == "drifting" and run.data.metrics["window_size"] == WINDOW
+
+
+def test_the_replica_exports_per_product_prometheus_metrics_through_ray(champion, weld_root, live_stack):
+    import time
+
+    import ray
+
+    from ssn_platform.apikeys import client_headers
+
+    body = sorted((weld_root / "test" / "good").iterdir())[0].read_bytes()
+    url = f"{champion['base']}/v1/products/{champion['product']}/inspect"
+    for _ in range(3):
+        assert requests.post(url, data=body, timeout=120,
+                             headers={"Content-Type": "image/png", **client_headers()}).status_code == 200
+    assert requests.post(url, data=b"not an image", timeout=60,
+                         headers={"Content-Type": "image/png", **client_headers()}).status_code == 415
+    if not ray.is_initialized():
+        from test_serving import ray_address
+
+        ray.init(address=ray_address(live_stack))
+    port = ray.nodes()[0]["MetricsExportPort"]
+    wanted = ["ray_ssn_inspections_total{", f'product="{champion["product"]}"', "ray_ssn_inspection_score_bucket",
+              "ray_ssn_inspection_latency_ms_bucket", 'code="unsupported_image"']
+    deadline, text = time.monotonic() + 180, ""
+    while time.monotonic() < deadline:  # the agent exports what the replica reported at its last interval
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+        if all(w in text for w in wanted):
+            break
+        time.sleep(2)
+    assert all(w in text for w in wanted), [w for w in wanted if w not in text]
+    counts = [line for line in text.splitlines() if line.startswith("ray_ssn_inspections_total{")
+              and f'product="{champion["product"]}"' in line]
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in counts) >= 3

@@ -28,7 +28,9 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ssn_platform.names import PRODUCT_RE
+from ssn_platform.drift import drift_of
 from ssn_platform.serving.auth import ApiKeys
+from ssn_platform.serving.metrics import InspectionMetrics
 from ssn_platform.serving.requests import (ERROR_RESPONSES, INSPECT_BODY, MULTIPART_OVERHEAD, RAW_CONTENT_TYPES,
                                            ApiError, InspectionResult, decode_image, error_response, image_size,
                                            media_type, parse_multipart, png_base64, read_body)
@@ -92,6 +94,7 @@ class InspectorReplica:
         self._started = time.time()
         self._switches = 0
         self._pixels_in_flight = 0  # decoded pixels held by requests in progress (_pixel_budget)
+        self._metrics = InspectionMetrics()
         self._infer_batch.set_max_batch_size(self.settings.max_batch_size)
         self._infer_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
 
@@ -270,11 +273,14 @@ class InspectorReplica:
                     self._work_pool, lambda: self._result(loaded, score, anomaly_map, width, height, return_map,
                                                           return_mask, map_resolution))
             result["latency_ms"] = round((time.perf_counter() - started) * 1000.0, 3)
+            self._metrics.answered(loaded.product, score, result["is_anomalous"], result["latency_ms"])
             return JSONResponse(result)
         except ApiError as error:
+            self._metrics.failed(product if product in self._holders else "-", error.code)
             return error.response()
         except Exception as error:  # noqa: BLE001 - a bug, not bad input: logged, answered as JSON
             log.exception("inspect %s failed", product)
+            self._metrics.failed(product if product in self._holders else "-", "internal_error")
             return error_response(500, "internal_error", f"{type(error).__name__}")
 
     @staticmethod
@@ -330,7 +336,8 @@ class InspectorReplica:
                                 "previous_version": str(aliases[PREVIOUS]) if PREVIOUS in aliases else None,
                                 "loaded_version": loaded.version if loaded else None,
                                 "threshold": loaded.threshold if loaded else None,
-                                "inference": inference_info(loaded.model) if loaded else None})
+                                "inference": inference_info(loaded.model) if loaded else None,
+                                "drift": drift_of(registered.tags or {})})
                 token = page.token
                 if not token:
                     return sorted(out, key=lambda p: p["product"])
