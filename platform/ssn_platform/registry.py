@@ -16,6 +16,7 @@ import numpy as np
 from supersimplenet.checkpoint import load_checkpoint, save_checkpoint
 from supersimplenet.config import to_dict
 from ssn_platform.names import registered_model_name  # noqa: F401 - re-exported for callers of registry
+from ssn_platform.modelcard import refresh_model_card
 
 CHECKPOINT_ARTIFACT = "checkpoint"
 HEADLINE_METRICS = ("image_auroc", "ap_det", "pixel_auroc", "aupro", "f1_max")
@@ -85,12 +86,14 @@ def log_and_register(job, model, *, run_id: str, metrics: dict[str, float], prov
         "supervision": job.train.supervision,
         "dataset": job.dataset,
         "run_id": run_id,
+        "backbone_weights": provenance,
     }
     tags.update({f"test_{k}": f"{metrics[k]:.6f}" for k in HEADLINE_METRICS if k in metrics})
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     client.set_tag(run_id, "ssn.model_version", version)
     client.set_tag(run_id, "ssn.registered_model", name)
+    refresh_model_card(job.product, version)
     return version
 
 

@@ -41,6 +41,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ssn_platform.modelcard import refresh_model_card
+
 METHODS = ("auto", "false_alarm", "f1", "recall")
 TAG_VALUE = "threshold"
 TAG_METHOD = "threshold_method"
@@ -337,6 +339,7 @@ def record_threshold(product: str, version: str, threshold: Threshold, *, scores
     # tags last: a version shows a threshold only once its record is complete
     for key, value in threshold.tags().items():
         client.set_model_version_tag(name, str(version), key, value)
+    refresh_model_card(product, str(version))  # the card now states the threshold
 
 
 def calibrate_version(product: str, version: str | int, *, data_uri: str | None = None, split: str = "val",

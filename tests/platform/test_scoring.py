@@ -307,3 +307,21 @@ def test_the_replica_exports_per_product_prometheus_metrics_through_ray(champion
     counts = [line for line in text.splitlines() if line.startswith("ray_ssn_inspections_total{")
               and f'product="{champion["product"]}"' in line]
     assert sum(float(line.rsplit(" ", 1)[1]) for line in counts) >= 3
+
+
+def test_each_registered_version_has_a_model_card_as_registry_description_and_artifact(champion):
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    name, version = f"ssn-{champion['product']}", champion["version"]
+    model_version = client.get_model_version(name, version)
+    description = model_version.description or ""
+    assert description.startswith(f"# Model card: {name} version {version}"), description[:200]
+    threshold = float(model_version.tags["threshold"])
+    assert f"threshold {threshold:.6g}, method `{model_version.tags['threshold_method']}`" in description
+    assert "| test |" in description and "weights `sha256:" not in description  # the test model's provenance
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as directory:
+        local = client.download_artifacts(model_version.run_id, f"model_card/v{version}/model_card.md", directory)
+        assert open(local, encoding="utf-8").read() == description
