@@ -106,14 +106,26 @@ def ingest(
     root = Path(local_root).resolve()
     options = dict(options or {})
     layout_name, checked = _read_local(root, layout, category, options, empty_masks)
-    records = _records(checked.samples, checked.files)
     layout_meta = {
         "name": layout_name,
         "category": category,
         "source": str(root),
         "options": {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in options.items()},
     }
-    manifest = Manifest.build(product=product, records=records, layout=layout_meta,
+    return publish_checked(root, checked, product=product, layout_meta=layout_meta, bucket=bucket,
+                           settings=settings, client=client, workers=workers, progress=progress,
+                           update_latest=update_latest, empty_masks=empty_masks)
+
+
+def publish_checked(root: Path, checked: Any, *, product: str, layout_meta: Mapping[str, Any], bucket: str = "ssn",
+                    settings: S3Settings | None = None, client: Any = None, workers: int = 8,
+                    progress: bool | None = None, update_latest: bool = True,
+                    empty_masks: str = "error") -> IngestResult:
+    """The upload half of `ingest`: checked samples (`supersimplenet.validation.check_samples` of files under
+    `root`) become a dataset version: objects uploaded, manifest written last, then ``latest``. The review loop
+    (`ssn_platform.review`) publishes an existing version plus operator-labelled images through it."""
+    records = _records(checked.samples, checked.files)
+    manifest = Manifest.build(product=product, records=records, layout=dict(layout_meta),
                               empty_masks=empty_masks_entry(empty_masks, checked.empty_masks))
     prefix = dataset_prefix(product, manifest.version)
     manifest_key = join_key(prefix, MANIFEST_NAME)

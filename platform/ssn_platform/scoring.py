@@ -45,6 +45,7 @@ from ssn_platform.regions import RESOLUTIONS
 from ssn_platform.s3keys import format_s3_uri, join_key, parse_s3_uri
 from ssn_platform.services import PlatformError
 
+READ_BLOCK = 64  # images per read task: one Ray task per image would cost more than reading it
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 # The table's columns (besides the partition column `status`); `error` is null on status=ok rows, the score columns
@@ -323,11 +324,13 @@ def score_images_job(settings: ScoreSettings, *, address: str | None = None, pro
         connect_ray(address, log_to_driver=progress)
         ray.data.DataContext.get_current().enable_progress_bars = progress
         dataset = ray.data.read_binary_files([uri[len("s3://"):] for uri, _ in todo], include_paths=True,
-                                             filesystem=filesystem, ray_remote_args={"num_cpus": 0},
-                                             concurrency=max(2, settings.actors))
+                                             filesystem=filesystem, num_cpus=0,
+                                             concurrency=max(2, settings.actors),
+                                             override_num_blocks=-(-len(todo) // READ_BLOCK))
         device = "cuda" if settings.gpus_per_actor > 0 else "cpu"
         scored = dataset.map_batches(
-            _Scorer, batch_size=settings.batch_size, batch_format="numpy", concurrency=settings.actors,
+            _Scorer, batch_size=settings.batch_size, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=settings.actors),
             num_cpus=settings.cpus_per_actor, num_gpus=settings.gpus_per_actor or None,
             fn_constructor_args=(settings.product, name, version, tags),
             fn_constructor_kwargs={"device": device, "precision": settings.precision,

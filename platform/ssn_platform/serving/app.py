@@ -31,6 +31,7 @@ from ssn_platform.names import PRODUCT_RE
 from ssn_platform.drift import drift_of
 from ssn_platform.serving.auth import ApiKeys
 from ssn_platform.serving.metrics import InspectionMetrics
+from ssn_platform.serving.review import ReviewRoutes
 from ssn_platform.serving.requests import (ERROR_RESPONSES, INSPECT_BODY, MULTIPART_OVERHEAD, RAW_CONTENT_TYPES,
                                            ApiError, InspectionResult, decode_image, error_response, image_size,
                                            media_type, parse_multipart, png_base64, read_body)
@@ -63,7 +64,7 @@ def _registry_health() -> tuple[bool, str]:
         return False, f"unreachable: {type(error).__name__}"
 
 
-class InspectorReplica:
+class InspectorReplica(ReviewRoutes):
     """One replica: several products' champions (LRU), batched inference, champion polling.
 
     The Serve deployment (`inspector_deployment`) subclasses it: the subclass adds the routes, which call the methods
@@ -274,6 +275,7 @@ class InspectorReplica:
                                                           return_mask, map_resolution))
             result["latency_ms"] = round((time.perf_counter() - started) * 1000.0, 3)
             self._metrics.answered(loaded.product, score, result["is_anomalous"], result["latency_ms"])
+            self._maybe_keep(loaded, data, result, anomaly_map)
             return JSONResponse(result)
         except ApiError as error:
             self._metrics.failed(product if product in self._holders else "-", error.code)
@@ -426,6 +428,26 @@ def inspector_deployment(max_models_per_replica: int = 4):
         @app.get("/v1/products", summary="Products with a champion, and the versions served")
         async def products(self, request: Request) -> Any:
             return await self._products(request)
+
+        @app.get("/review/{product}", summary="The review page (HTML)", include_in_schema=False)
+        async def review_page(self, product: str, request: Request) -> Any:
+            return await self._review_page(product, request)
+
+        @app.post("/review/{product}/login", include_in_schema=False)
+        async def review_login(self, product: str, request: Request) -> Any:
+            return await self._review_login(product, request)
+
+        @app.get("/review/{product}/items/{item_id}/{name}", include_in_schema=False)
+        async def review_file(self, product: str, item_id: str, name: str, request: Request) -> Any:
+            return await self._review_file(product, item_id, name, request)
+
+        @app.post("/review/{product}/items/{item_id}/label", summary="Label a kept image normal or defective")
+        async def review_label(self, product: str, item_id: str, request: Request) -> Any:
+            return await self._review_label(product, item_id, request)
+
+        @app.post("/review/{product}/publish", summary="Publish the labels as a new dataset version")
+        async def review_publish(self, product: str, request: Request) -> Any:
+            return await self._review_publish(product, request)
 
         @app.get("/healthz", summary="Liveness: the replica answers")
         async def healthz(self) -> Any:

@@ -25,6 +25,9 @@ class ServeSettings:
     max_ongoing_requests, num_cpus and num_gpus per replica, mlflow_tracking_uri (default: the environment's).
     Access: api_keys_file, the YAML file of hashed API keys on the replica's node (default: the environment's
     SSN_SERVE_KEYS_FILE; `ssn_platform.serving.auth`); without one every inspection is refused.
+    Review (`ssn_platform.serving.review`): review_bucket (None: nothing is kept), review_band (keep images whose
+    score is within this distance of the threshold), review_sample (the share of those kept, 0-1), review_flagged
+    (also keep every image flagged anomalous), review_split (the split published labels join).
     """
 
     max_bytes: int = 20 * 1024 * 1024
@@ -53,6 +56,11 @@ class ServeSettings:
     num_gpus: float = 0.0
     mlflow_tracking_uri: str | None = None
     api_keys_file: str | None = None
+    review_bucket: str | None = None
+    review_band: float = 0.05
+    review_sample: float = 1.0
+    review_flagged: bool = False
+    review_split: str = "val"
 
     def __post_init__(self) -> None:
         def check(ok: bool, message: str) -> None:
@@ -60,6 +68,10 @@ class ServeSettings:
                 raise ValueError(f"serving settings: {message}")
 
         check(self.max_bytes > 0, f"max_bytes must be > 0, got {self.max_bytes}")
+        check(self.review_band >= 0, f"review_band must be >= 0, got {self.review_band}")
+        check(0 <= self.review_sample <= 1, f"review_sample must be in [0, 1], got {self.review_sample}")
+        check(self.review_split in ("train", "val", "test"), f"review_split must be train, val or test, got "
+                                                              f"{self.review_split!r}")
         check(self.max_pixels > 0 and self.max_side > 0, "max_pixels and max_side must be > 0")
         check(self.max_pixels_in_flight >= self.max_pixels, f"max_pixels_in_flight ({self.max_pixels_in_flight}) "
               f"must be >= max_pixels ({self.max_pixels}), or no image of the allowed size could be served")

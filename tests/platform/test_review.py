@@ -1,0 +1,125 @@
+"""The review-and-relabel loop in a real browser: headless Chromium (the OS package) driven by Playwright.
+
+The endpoint keeps inspected weld seams for review; an operator signs in with the product's API key, paints a
+defect on one image and marks it defective, marks another normal, and publishes: the product's next dataset
+version holds both, with their labels and the painted mask.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+
+import pytest
+import requests
+
+pytestmark = [pytest.mark.stack, pytest.mark.heavy]
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def reviewed(live_stack, weld_val_dataset, random_head_model, register_version):
+    from ray import serve
+
+    from ssn_platform.datasets import DatasetReader
+    from ssn_platform.promotion import evaluate_model, promote
+    from ssn_platform.serving.deployment import deploy, wait_ready
+    from ssn_platform.thresholds import calibrate_version
+    from test_serving import ray_address  # tests/platform/test_serving.py
+
+    root, samples = DatasetReader(weld_val_dataset).materialize()
+    product = f"review-{uuid.uuid4().hex[:6]}"
+    model = random_head_model(5)
+    version = register_version(product, weld_val_dataset, model,
+                               evaluate_model(model, root, [s for s in samples if s.split == "test"]))
+    calibrate_version(product, version)
+    assert promote(product, version, margin=1.0, floor=0.0).promoted
+    base = deploy({"torch_threads": 2, "refresh_s": 5.0, "review_bucket": "ssn", "review_band": 1.0,
+                   "review_sample": 1.0}, address=ray_address(live_stack), port=int(os.environ["SSN_SERVE_PORT"]))
+    try:
+        wait_ready(base, timeout=180)
+        yield {"product": product, "base": base, "dataset": weld_val_dataset, "samples": len(samples)}
+    finally:
+        serve.shutdown()
+
+
+def test_an_operator_labels_two_kept_images_in_chromium_and_the_next_dataset_version_holds_them(reviewed, weld_root):
+    from playwright.sync_api import sync_playwright
+
+    from ssn_platform.apikeys import client_headers
+    from ssn_platform.datasets import DatasetReader
+    from ssn_platform.review import ReviewStore
+
+    product, base = reviewed["product"], reviewed["base"]
+    images = [*sorted((weld_root / "test" / "defective").iterdir())[:2],
+              *sorted((weld_root / "test" / "good").iterdir())[:1]]
+    for path in images:
+        answer = requests.post(f"{base}/v1/products/{product}/inspect", data=path.read_bytes(), timeout=120,
+                               headers={"Content-Type": "image/png", **client_headers()})
+        assert answer.status_code == 200, answer.text
+    store = ReviewStore("ssn", product)
+    deadline = time.monotonic() + 120
+    while len(store.items()) < len(images) and time.monotonic() < deadline:  # kept after the answer, in the pool
+        time.sleep(0.5)
+    kept = store.items()
+    assert len(kept) == len(images)
+
+    # nobody reviews without the product's key
+    assert requests.get(f"{base}/review/{product}", timeout=30).status_code == 401
+    assert requests.post(f"{base}/review/{product}/items/{kept[0]['id']}/label", json={"label": "normal"},
+                         timeout=30).status_code == 401
+
+    key = client_headers()["Authorization"].split(" ", 1)[1]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"{base}/review/{product}")
+            page.fill("input[name=key]", "not-the-key")
+            page.click("button[type=submit]")
+            assert "may not review" in page.content()
+            page.fill("input[name=key]", key)
+            page.click("button[type=submit]")
+            page.wait_for_selector(".item")
+            assert page.locator(".item").count() == len(images)
+
+            first, second = page.locator(".item").nth(0), page.locator(".item").nth(1)
+            first.locator("img.image").evaluate("img => img.complete || new Promise(r => img.onload = r)")
+            box = first.locator("canvas").bounding_box()
+            page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.4)
+            page.mouse.down()
+            page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.5, steps=8)
+            page.mouse.up()
+            first.locator("button[data-label=defective]").click()
+            second.locator("button[data-label=normal]").click()
+            page.wait_for_function("document.querySelectorAll('.item.labelled').length === 2")
+            assert first.locator(".label").inner_text() == "defective (painted)"
+            page.click("#publish")
+            page.wait_for_function("document.getElementById('result').textContent.startsWith('Published')")
+            result = page.locator("#result").inner_text()
+        finally:
+            browser.close()
+    assert "+1 normal" in result and "+1 defective" in result and "split val" in result, result
+
+    ids = {item["id"]: item["label"]["label"] for item in store.items() if item["label"]}
+    assert sorted(ids.values()) == ["defective", "normal"]
+    reader = DatasetReader(f"s3://ssn/datasets/{product}/latest")
+    records = {r["image"]: r for r in reader.manifest.records}
+    assert len(records) == reviewed["samples"] + 2
+    for item_id, label in ids.items():
+        record = records[f"review/{item_id}.png"]
+        assert (record["label"], record["split"]) == (int(label == "defective"), "val")
+        assert (record["mask"] is not None) == (label == "defective")  # the painted defect travelled with it
+    root, samples = reader.materialize()
+    painted = next(s for s in samples if s.mask and s.image.startswith("review/"))
+    import numpy as np
+    from PIL import Image
+
+    mask = np.asarray(Image.open(root / painted.mask).convert("L"))
+    with Image.open(root / painted.image) as image:
+        assert mask.shape == (image.height, image.width) and 0 < (mask > 0).mean() < 0.5
