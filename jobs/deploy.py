@@ -3,6 +3,8 @@
     python jobs/deploy.py                                   # settings from jobs/configs/serve.yaml
     python jobs/deploy.py --set refresh_s=2 --set batching=false
     python jobs/deploy.py --delete
+    python jobs/deploy.py --smoke-test                      # deploys an app of its own, checks /readyz, removes it
+    ray job submit --working-dir . -- python jobs/deploy.py --port 8000
 
 Connects to the cluster (``--address``, else SSN_RAY_ADDRESS or RAY_ADDRESS: the GCS address the local stack's
 ``env`` exports), starts Serve with HTTP on 127.0.0.1:SSN_SERVE_PORT
@@ -54,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--route-prefix", default=None, help="route prefix (default: the config's, else /)")
     parser.add_argument("--delete", action="store_true", help="remove the application instead")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for /readyz")
+    parser.add_argument("--smoke-test", action="store_true",
+                        help="deploy the config as application ssn-smoke under /smoke, wait for /readyz, remove it")
     args = parser.parse_args(argv)
 
     from ssn_platform.serving.deployment import deploy, wait_ready
@@ -64,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         settings, application = load_settings(args.config, args.overrides)
         name = args.name or application.get("name") or "ssn"
         prefix = args.route_prefix or application.get("route_prefix") or "/"
+        if args.smoke_test:
+            name, prefix = "ssn-smoke", "/smoke"
         if args.delete:
             from ray import serve
 
@@ -75,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         url = deploy(settings, address=args.address, name=name, route_prefix=prefix, host=args.host,
                      port=args.port)
         ready = wait_ready(url, timeout=args.timeout)
+        if args.smoke_test:
+            from ray import serve
+
+            serve.delete(name)
     except (PlatformError, ValueError, OSError, TimeoutError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -123,3 +123,34 @@ def test_an_operator_labels_two_kept_images_in_chromium_and_the_next_dataset_ver
     mask = np.asarray(Image.open(root / painted.mask).convert("L"))
     with Image.open(root / painted.image) as image:
         assert mask.shape == (image.height, image.width) and 0 < (mask > 0).mean() < 0.5
+
+
+def test_ray_job_submit_runs_the_deploy_job_and_the_drift_job(reviewed):
+    """`jobs/deploy.py` through the Ray job API replaces the app with serve.yaml's settings plus overrides; the
+    review page answers from the new one. The drift job's smoke test runs through it too (exit 0: stable)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ssn_platform.apikeys import client_headers
+
+    repo = Path(__file__).resolve().parents[2]
+
+    def submit(*command: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--working-dir",
+                               str(repo), "--", "python", *command], cwd=repo, capture_output=True, text=True,
+                              timeout=900, env={**os.environ, "SSN_GIT_SHA": "test"})
+
+    port = os.environ["SSN_SERVE_PORT"]
+    proc = submit("jobs/deploy.py", "--port", port, "--set", "review_bucket=ssn", "--set", "torch_threads=2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    answer = json.loads([line for line in proc.stdout.splitlines() if line.startswith('{"app"')][-1])
+    assert answer["app"] == "ssn" and answer["url"].startswith("http://127.0.0.1:")
+    page = requests.get(f"{reviewed['base']}/review/{reviewed['product']}", headers=client_headers(), timeout=60)
+    assert page.status_code == 200 and "Publish labels" in page.text
+
+    proc = submit("jobs/drift.py", "--smoke-test")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads([line for line in proc.stdout.splitlines() if line.startswith('{"product": "smoke"')][-1])
+    assert result["status"] == "stable" and result["psi"] == 0.0
