@@ -34,7 +34,9 @@ from typing import Any
 import numpy as np
 
 from ssn_platform.names import registered_model_name
-from ssn_platform.services import PlatformError
+from ssn_platform.s3keys import parse_s3_uri
+from ssn_platform.scoring import pin_version
+from ssn_platform.services import PlatformError, check_mlflow, experiment_id, storage_filesystem
 
 DRIFT_TAG = "ssn.drift"  # registered-model tags ssn.drift.status, .psi, .ks_pvalue, .window, .checked_at, .run_id
 STATUSES = ("stable", "drifting", "insufficient")
@@ -80,8 +82,6 @@ def table_scores(table_uri: str, version: str, *, image_prefix: str | None = Non
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-    from ssn_platform.s3keys import parse_s3_uri
-    from ssn_platform.services import storage_filesystem
 
     bucket, key = parse_s3_uri(table_uri)
     path = f"{bucket}/{key.rstrip('/')}/status=ok"
@@ -135,8 +135,6 @@ def check_drift(product: str, table_uri: str, *, version: str | None = None, win
                 since: str | None = None, reference_prefix: str | None = None, psi_limit: float = 0.25,
                 ks_alpha: float = 0.01, min_window: int = 30, record: bool = True) -> DriftResult:
     """Compares the window with the reference (module docstring); records the result unless `record` is False."""
-    from ssn_platform.scoring import pin_version
-    from ssn_platform.services import check_mlflow
 
     if not (0 < ks_alpha < 1) or psi_limit <= 0 or min_window < 2:
         raise PlatformError(f"drift limits: need psi_limit > 0, 0 < ks_alpha < 1, min_window >= 2; got "
@@ -166,7 +164,6 @@ def _record(result: DriftResult, table_uri: str, window_prefix: str | None, sinc
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
-    from ssn_platform.services import experiment_id
 
     client = MlflowClient()
     name = registered_model_name(result.product)

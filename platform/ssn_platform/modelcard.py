@@ -19,7 +19,9 @@ artifact). The registration (`ssn_platform.registry.log_and_register`) writes th
 
 from __future__ import annotations
 
+import datetime
 import json
+import logging
 import math
 import tempfile
 from pathlib import Path
@@ -120,8 +122,6 @@ def render_model_card(facts: dict[str, Any]) -> str:
 
 def gather(product: str, version: str) -> dict[str, Any]:
     """Everything the card shows, from MLflow (version, run, breakdown artifact) and the dataset manifest."""
-    import datetime
-
     from mlflow import MlflowClient
 
     client = MlflowClient()
@@ -172,8 +172,6 @@ def write_model_card(product: str, version: str) -> str:
 def refresh_model_card(product: str, version: str) -> None:
     """`write_model_card`, logging instead of raising: a card must never fail the registration or calibration that
     triggers it (the next calibration writes it again)."""
-    import logging
-
     try:
         write_model_card(product, version)
     except Exception:  # noqa: BLE001 - reported, not fatal

@@ -32,6 +32,7 @@ from typing import Any
 
 from ssn_platform.names import PRODUCT_RE
 from ssn_platform.s3keys import join_key
+from ssn_platform.storage import ObjectNotFoundError, get_bytes, make_client, put_bytes
 
 LABELS = ("normal", "defective")
 ID_RE = re.compile(r"^\d{8}T\d{6}-[0-9a-f]{8}$")
@@ -74,19 +75,13 @@ class ReviewStore:
     @property
     def client(self) -> Any:
         if self._client is None:
-            from ssn_platform.storage import make_client
-
             self._client = make_client()
         return self._client
 
     def _put(self, key: str, data: bytes, content_type: str) -> None:
-        from ssn_platform.storage import put_bytes
-
         put_bytes(self.client, self.bucket, join_key(self.prefix, key), data, content_type=content_type)
 
     def _get(self, key: str) -> bytes:
-        from ssn_platform.storage import get_bytes
-
         return get_bytes(self.client, self.bucket, join_key(self.prefix, key))
 
     def _keys(self, under: str) -> list[str]:
@@ -120,8 +115,6 @@ class ReviewStore:
         return out
 
     def item(self, item_id: str) -> dict[str, Any]:
-        from ssn_platform.storage import ObjectNotFoundError
-
         if not ID_RE.match(item_id or ""):
             raise ReviewError(f"invalid review item id {item_id!r}")
         try:
@@ -176,7 +169,7 @@ class ReviewStore:
 
     def publish(self, *, dataset_bucket: str = "ssn", split: str = "val", base_uri: str | None = None) -> PublishResult:
         """The labelled items not published yet, added to the product's latest dataset version (module docstring)."""
-        from ssn_platform.review_publish import publish_labels
+        from ssn_platform.review_publish import publish_labels  # it imports this module: bound at call time
 
         return publish_labels(self, dataset_bucket=dataset_bucket, split=split, base_uri=base_uri)
 

@@ -16,14 +16,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ssn_platform.datasets import DatasetReader
+from ssn_platform.ingest import publish_checked
+from ssn_platform.manifest import DATASETS_ROOT, LATEST_NAME
+from ssn_platform.review import PublishResult, ReviewError
 from ssn_platform.s3keys import format_s3_uri, join_key
+from ssn_platform.scoring import pin_version
+from ssn_platform.storage import object_exists
 
 
 def _base_dataset(store: Any, dataset_bucket: str, base_uri: str | None) -> str:
-    from ssn_platform.manifest import DATASETS_ROOT, LATEST_NAME
-    from ssn_platform.scoring import pin_version
-    from ssn_platform.storage import object_exists
-
     if base_uri:
         return base_uri
     latest = join_key(DATASETS_ROOT, store.product, LATEST_NAME)
@@ -31,8 +33,6 @@ def _base_dataset(store: Any, dataset_bucket: str, base_uri: str | None) -> str:
         return format_s3_uri(dataset_bucket, latest)
     tags = pin_version(store.product, None)[2]
     if not tags.get("dataset"):
-        from ssn_platform.review import ReviewError
-
         raise ReviewError(f"product {store.product!r} has no dataset version to add the labels to", 409)
     return tags["dataset"]
 
@@ -51,9 +51,6 @@ def _link_tree(source: Path, target: Path) -> None:
 def publish_labels(store: Any, *, dataset_bucket: str, split: str, base_uri: str | None) -> Any:
     from supersimplenet.samples import Sample
     from supersimplenet.validation import check_samples
-    from ssn_platform.datasets import DatasetReader
-    from ssn_platform.ingest import publish_checked
-    from ssn_platform.review import PublishResult, ReviewError
 
     if split not in ("train", "val", "test"):
         raise ReviewError(f"split must be train, val or test, got {split!r}")

@@ -40,10 +40,13 @@ import uuid
 from pathlib import PurePosixPath
 from typing import Any
 
-from ssn_platform.names import PRODUCT_RE, registered_model_name
+from ssn_platform.datasets import DatasetReader
+from ssn_platform.names import CHAMPION, PRODUCT_RE, registered_model_name
 from ssn_platform.regions import RESOLUTIONS
 from ssn_platform.s3keys import format_s3_uri, join_key, parse_s3_uri
-from ssn_platform.services import PlatformError
+from ssn_platform.services import PlatformError, check_mlflow, connect_ray, experiment_id, storage_filesystem
+from ssn_platform.storage import make_client
+from ssn_platform.thresholds import threshold_from_tags
 
 READ_BLOCK = 64  # images per read task: one Ray task per image would cost more than reading it
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -135,8 +138,6 @@ def pin_version(product: str, version: str | None) -> tuple[str, str, dict[str, 
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from ssn_platform.names import CHAMPION
-    from ssn_platform.thresholds import threshold_from_tags
 
     name = registered_model_name(product)
     client = MlflowClient()
@@ -158,11 +159,7 @@ def pin_version(product: str, version: str | None) -> tuple[str, str, dict[str, 
 
 def list_inputs(settings: ScoreSettings, client: Any = None) -> list[tuple[str, str]]:
     """(s3 URI, path relative to the input) of every image to consider, sorted."""
-    from ssn_platform.storage import make_client
-
     if settings.dataset:
-        from ssn_platform.datasets import DatasetReader
-
         reader = DatasetReader(settings.input, client=client)
         bucket = reader.bucket
         items = [(format_s3_uri(bucket, join_key(reader.prefix, r["image_key"])), r["image"])
@@ -305,7 +302,6 @@ def score_images_job(settings: ScoreSettings, *, address: str | None = None, pro
     """Scores the inputs not yet in the table with the pinned version (module docstring); returns the summary."""
     import ray
 
-    from ssn_platform.services import check_mlflow, connect_ray, storage_filesystem
 
     check_mlflow()
     name, version, tags, threshold = pin_version(settings.product, settings.version)
@@ -366,7 +362,6 @@ def _log_summary(settings: ScoreSettings, summary: ScoreSummary) -> str:
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
-    from ssn_platform.services import experiment_id
 
     client = MlflowClient()
     run = client.create_run(experiment_id(client, f"{registered_model_name(settings.product)}-scoring"),
