@@ -41,6 +41,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from ssn_platform.datasets import DatasetReader
+from ssn_platform.manifest import OBJECTS_DIR
 from ssn_platform.names import CHAMPION, PRODUCT_RE, registered_model_name
 from ssn_platform.regions import RESOLUTIONS
 from ssn_platform.s3keys import format_s3_uri, join_key, parse_s3_uri
@@ -157,6 +158,16 @@ def pin_version(product: str, version: str | None) -> tuple[str, str, dict[str, 
     return name, str(version), tags, threshold
 
 
+def input_root(settings: ScoreSettings) -> str:
+    """The URI prefix every input image's relative path follows: the prefix itself, or a dataset version's objects
+    folder (``<version prefix>/objects/``, where ingest puts each image at its path in the dataset)."""
+    if settings.dataset:
+        reader = DatasetReader(settings.input)
+        return format_s3_uri(reader.bucket, join_key(reader.prefix, OBJECTS_DIR)) + "/"
+    bucket, prefix = parse_s3_uri(settings.input)
+    return format_s3_uri(bucket, prefix.strip("/")).rstrip("/") + "/"
+
+
 def list_inputs(settings: ScoreSettings, client: Any = None) -> list[tuple[str, str]]:
     """(s3 URI, path relative to the input) of every image to consider, sorted."""
     if settings.dataset:
@@ -202,7 +213,7 @@ class _Scorer:
 
     def __init__(self, product: str, name: str, version: str, tags: dict[str, str], *, device: str,
                  precision: str, threads: int, masks_prefix: tuple[str, str] | None, run: str,
-                 relative: dict[str, str], resolution: str = "model") -> None:
+                 root: str, resolution: str = "model") -> None:
         import torch
 
         from ssn_platform.serving.settings import ServeSettings
@@ -214,7 +225,7 @@ class _Scorer:
         self.limits = {"max_pixels": defaults.max_pixels, "max_side": defaults.max_side}
         self.masks_prefix = masks_prefix
         self.run = run
-        self.relative = relative
+        self.root = root  # the input's URI prefix: what an image's path is relative to
         self.resolution = resolution
         self._client = None
 
@@ -254,7 +265,7 @@ class _Scorer:
         rows: dict[str, list[Any]] = {column: [] for column in (*COLUMNS, "status")}
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         for index, image in enumerate(images):
-            relative_path = self.relative.get(image, image.rsplit("/", 1)[-1])
+            relative_path = image[len(self.root):] if image.startswith(self.root) else image.rsplit("/", 1)[-1]
             row: dict[str, Any] = dict.fromkeys(COLUMNS)
             row.update(image=image, relative_path=relative_path, registered_model=loaded.registered_model,
                        model_version=loaded.version, run=self.run, scored_at=now)
@@ -332,7 +343,7 @@ def score_images_job(settings: ScoreSettings, *, address: str | None = None, pro
             fn_constructor_kwargs={"device": device, "precision": settings.precision,
                                    "threads": int(settings.cpus_per_actor), "run": run,
                                    "masks_prefix": (bucket, join_key(prefix, "masks")) if settings.masks else None,
-                                   "relative": dict(todo), "resolution": settings.resolution})
+                                   "root": input_root(settings), "resolution": settings.resolution})
         scored.write_parquet(table_path, filesystem=filesystem, partition_cols=["status"],
                              ray_remote_args={"num_cpus": 0})
         counts = _run_counts(filesystem, table_path, run)
