@@ -229,10 +229,11 @@ def _client_error_code(exc: bexc.ClientError) -> tuple[str, int | None]:
     return str(err.get("Code", "")), status
 
 
-def is_transient(exc: BaseException) -> bool:
+def is_transient(exc: BaseException, *, server_errors: bool = False) -> bool:
     """True for errors worth retrying after botocore's own retries: connection trouble (a server restarting takes
     longer than botocore's budget), cut streams and bodies, failed verification. Not 5xx answers or throttling:
-    botocore has already retried those ``max_attempts`` times."""
+    botocore has already retried those ``max_attempts`` times, unless `server_errors` (idempotent reads: a
+    restarted SeaweedFS answers InternalError until its filer and volumes are back, longer than botocore waits)."""
     if isinstance(exc, StorageError):
         return isinstance(exc, (EndpointError, IntegrityError)) and getattr(exc, "transient", False)
     if isinstance(
@@ -248,8 +249,8 @@ def is_transient(exc: BaseException) -> bool:
     ):
         return True
     if isinstance(exc, bexc.ClientError):
-        code, _ = _client_error_code(exc)
-        return code in _RETRY_BEYOND_BOTOCORE_CODES
+        code, status = _client_error_code(exc)
+        return code in _RETRY_BEYOND_BOTOCORE_CODES or (server_errors and status is not None and status >= 500)
     name = type(exc).__name__
     return name in {"ProtocolError", "IncompleteRead", "ReadTimeoutError", "NewConnectionError"}
 
@@ -307,18 +308,20 @@ def call_with_retries(
     attempts: int = 8,
     base_delay: float = 0.5,
     max_delay: float = 10.0,
+    server_errors: bool = False,
 ) -> T:
     """Run ``fn`` retrying transient failures with exponential backoff and full jitter.
 
     botocore already retries each request (5xx answers and throttling included); this outer loop covers what it
     cannot: a server down for longer than botocore's budget (restarting), a response body cut half-way and content
-    that fails verification. Anything else is raised at once, translated into :class:`StorageError`.
+    that fails verification; with `server_errors` (reads) also 5xx answers. Anything else is raised at once,
+    translated into :class:`StorageError`.
     """
     for attempt in range(attempts):
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - classified below
-            if attempt == attempts - 1 or not is_transient(exc):
+            if attempt == attempts - 1 or not is_transient(exc, server_errors=server_errors):
                 raise translate_error(exc, client=client, bucket=bucket, key=key, action=action) from exc
             time.sleep(random.uniform(0.5, 1.0) * min(max_delay, base_delay * (2**attempt)))
     raise AssertionError("unreachable")  # pragma: no cover
@@ -399,7 +402,7 @@ def get_bytes(client: Any, bucket: str, key: str, *, expected_sha256: str | None
                 raise err
         return data
 
-    return call_with_retries(_get, client=client, bucket=bucket, key=key, action="read")
+    return call_with_retries(_get, client=client, bucket=bucket, key=key, action="read", server_errors=True)
 
 
 def download_to(
@@ -450,7 +453,8 @@ def download_to(
         return digest, size
 
     try:
-        return call_with_retries(_download, client=client, bucket=bucket, key=key, action="read", attempts=attempts)
+        return call_with_retries(_download, client=client, bucket=bucket, key=key, action="read", attempts=attempts,
+                                 server_errors=True)
     except IntegrityError as exc:
         raise IntegrityError(f"{exc} (after {attempts} attempts: the stored object is corrupt)") from exc
 
