@@ -13,6 +13,7 @@ end of the session.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -25,6 +26,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -348,3 +350,36 @@ def random_head_model():
 def register_version(live_stack: StackProcess):
     """`register_version(product, dataset_uri, model, metrics)` -> the new registered version (a string)."""
     return _register
+
+
+@contextlib.contextmanager
+def served_champion(live_stack, dataset_uri: str, model, prefix: str, settings: dict[str, Any]):
+    """A new product `<prefix>-<hex>` whose champion is `model` (registered, calibrated on the dataset's val split,
+    promoted), served by the inspection app with `settings` until the block ends. Yields (product, version, base
+    URL, samples in the dataset)."""
+    from ray import serve
+
+    from ssn_platform.datasets import DatasetReader
+    from ssn_platform.promotion import evaluate_model, promote
+    from ssn_platform.serving.deployment import deploy, wait_ready
+    from ssn_platform.thresholds import calibrate_version
+    from test_serving import ray_address  # tests/platform/test_serving.py
+
+    root, samples = DatasetReader(dataset_uri).materialize()
+    product = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    version = _register(product, dataset_uri, model,
+                        evaluate_model(model, root, [s for s in samples if s.split == "test"]))
+    calibrate_version(product, version)
+    assert promote(product, version, margin=1.0, floor=0.0).promoted
+    base = deploy(settings, address=ray_address(live_stack), port=int(os.environ["SSN_SERVE_PORT"]))
+    try:
+        wait_ready(base, timeout=180)
+        yield product, version, base, len(samples)
+    finally:
+        serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_champion():
+    """`serve_champion(live_stack, dataset_uri, model, prefix, settings)`: the context manager `served_champion`."""
+    return served_champion

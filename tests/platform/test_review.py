@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import time
-import uuid
 
 import pytest
 import requests
@@ -23,29 +22,11 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 
 @pytest.fixture(scope="module")
-def reviewed(live_stack, weld_val_dataset, random_head_model, register_version):
-    from ray import serve
-
-    from ssn_platform.datasets import DatasetReader
-    from ssn_platform.promotion import evaluate_model, promote
-    from ssn_platform.serving.deployment import deploy, wait_ready
-    from ssn_platform.thresholds import calibrate_version
-    from test_serving import ray_address  # tests/platform/test_serving.py
-
-    root, samples = DatasetReader(weld_val_dataset).materialize()
-    product = f"review-{uuid.uuid4().hex[:6]}"
-    model = random_head_model(5)
-    version = register_version(product, weld_val_dataset, model,
-                               evaluate_model(model, root, [s for s in samples if s.split == "test"]))
-    calibrate_version(product, version)
-    assert promote(product, version, margin=1.0, floor=0.0).promoted
-    base = deploy({"torch_threads": 2, "refresh_s": 5.0, "review_bucket": "ssn", "review_band": 1.0,
-                   "review_sample": 1.0}, address=ray_address(live_stack), port=int(os.environ["SSN_SERVE_PORT"]))
-    try:
-        wait_ready(base, timeout=180)
-        yield {"product": product, "base": base, "dataset": weld_val_dataset, "samples": len(samples)}
-    finally:
-        serve.shutdown()
+def reviewed(live_stack, weld_val_dataset, random_head_model, serve_champion):
+    settings = {"torch_threads": 2, "refresh_s": 5.0, "review_bucket": "ssn", "review_band": 1.0, "review_sample": 1.0}
+    with serve_champion(live_stack, weld_val_dataset, random_head_model(5), "review", settings) as (
+            product, _, base, samples):
+        yield {"product": product, "base": base, "dataset": weld_val_dataset, "samples": samples}
 
 
 def test_an_operator_labels_two_kept_images_in_chromium_and_the_next_dataset_version_holds_them(reviewed, weld_root):

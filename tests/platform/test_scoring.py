@@ -57,30 +57,11 @@ def table_rows(uri: str):
 
 
 @pytest.fixture(scope="module")
-def champion(live_stack, weld_val_dataset, random_head_model, register_version):
+def champion(live_stack, weld_val_dataset, random_head_model, serve_champion):
     """A product whose champion is a calibrated Lite0 (seeded random heads), served by the inspection app."""
-    from ray import serve
-
-    from ssn_platform.datasets import DatasetReader
-    from ssn_platform.promotion import evaluate_model, promote
-    from ssn_platform.serving.deployment import deploy, wait_ready
-    from ssn_platform.thresholds import calibrate_version
-    from test_serving import ray_address  # tests/platform/test_serving.py
-
-    root, samples = DatasetReader(weld_val_dataset).materialize()
-    product = f"score-{uuid.uuid4().hex[:6]}"
-    model = random_head_model(3)
-    version = register_version(product, weld_val_dataset, model,
-                               evaluate_model(model, root, [s for s in samples if s.split == "test"]))
-    calibrate_version(product, version)
-    assert promote(product, version, margin=1.0, floor=0.0).promoted
-    base = deploy({"torch_threads": 2, "refresh_s": 5.0}, address=ray_address(live_stack),
-                  port=int(os.environ["SSN_SERVE_PORT"]))
-    try:
-        wait_ready(base, timeout=180)
+    with serve_champion(live_stack, weld_val_dataset, random_head_model(3), "score",
+                         {"torch_threads": 2, "refresh_s": 5.0}) as (product, version, base, _):
         yield {"product": product, "version": version, "base": base, "dataset": weld_val_dataset}
-    finally:
-        serve.shutdown()
 
 
 def test_the_batch_job_scores_a_prefix_like_the_endpoint_lists_bad_images_and_scores_only_new_ones_on_rerun(
