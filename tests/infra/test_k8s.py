@@ -129,7 +129,7 @@ def test_cluster_conventions(rendered):
     ray_version = locked_ray_version()
     for obj in objects:
         name = f"{overlay}: {obj['kind']}/{obj['metadata']['name']}"
-        assert obj["metadata"].get("namespace", "ssn") == "ssn" or obj["kind"] == "Namespace", name
+        assert obj["metadata"].get("namespace") == "ssn" or obj["kind"] == "Namespace", f"{name}: not in namespace ssn"
         cluster = pod_specs(obj)
         if obj["kind"] in RAY_KINDS:
             spec = obj["spec"].get("rayClusterSpec") or obj["spec"].get("rayClusterConfig") or obj["spec"]
@@ -171,6 +171,63 @@ def test_a_rayjob_template_per_job_each_suspended_and_self_cleaning(rendered):
         assert spec["activeDeadlineSeconds"] > 0 and spec["backoffLimit"] >= 0, name
         for config in re.findall(r"--config (\S+)", spec["entrypoint"]):
             assert (REPO / config.removeprefix("/app/")).is_file(), f"{name}: {config} is not in the image"
+
+
+RAY_HEAD = {"ray.io/is-ray-node": "yes", "ray.io/node-type": "head"}
+RAY_WORKER = {"ray.io/is-ray-node": "yes", "ray.io/node-type": "worker"}
+MLFLOW = {"app.kubernetes.io/name": "mlflow"}
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, f"only matchLabels is modelled here: {selector}"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def reachable(policies: list[dict], pod: dict, port: int, *, namespace: str, source: dict) -> bool:
+    """NetworkPolicy ingress semantics (networking.k8s.io/v1) for a pod of namespace ssn: isolated when a policy
+    selects it, then allowed when some rule of a selecting policy matches the source (pod labels and namespace)
+    and the port. `source` holds the source pod's labels."""
+    selecting = [p["spec"] for p in policies if _selects(p["spec"]["podSelector"], pod)
+                 and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+    if not selecting:
+        return True
+    for spec in selecting:
+        for rule in spec.get("ingress", []):
+            ports = rule.get("ports")
+            if ports and not any(p.get("port") == port for p in ports):
+                continue
+            peers = rule.get("from")
+            if not peers:
+                return True
+            for peer in peers:
+                namespaces = peer.get("namespaceSelector")
+                in_namespace = (_selects(namespaces, {"kubernetes.io/metadata.name": namespace})
+                                if namespaces is not None else namespace == "ssn")
+                if in_namespace and ("podSelector" not in peer or _selects(peer["podSelector"], source)):
+                    return True
+    return False
+
+
+def test_pod_ingress_is_closed_by_default_and_open_only_where_a_rule_says(rendered):
+    overlay, objects = rendered
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    assert any(p["spec"]["podSelector"] == {} and not p["spec"].get("ingress") for p in policies), \
+        f"{overlay}: no default-deny ingress policy"
+    outside, operator = {"namespace": "factory", "source": {}}, {"namespace": "kuberay-system", "source": {}}
+    submitter = {"namespace": "ssn", "source": {"job-name": "ssn-train"}}
+    for pod in (RAY_HEAD, RAY_WORKER):  # the production line reaches the endpoint on every Ray node, nothing else
+        assert reachable(policies, pod, 8000, **outside), (overlay, pod)
+        for port in (6379, 8265, 10001, 8080, 52365):
+            assert not reachable(policies, pod, port, **outside), (overlay, pod, port)
+        for port in (6379, 8265, 10001, 29500, 40000):  # Ray nodes talk to each other on any port
+            assert reachable(policies, pod, port, namespace="ssn", source=RAY_WORKER), (overlay, pod, port)
+        assert reachable(policies, pod, 8080, namespace="monitoring", source={})  # Prometheus
+        assert not reachable(policies, pod, 6379, **submitter)
+    assert reachable(policies, RAY_HEAD, 8265, **submitter) and reachable(policies, RAY_HEAD, 8265, **operator)
+    assert not reachable(policies, RAY_WORKER, 8265, **operator)
+    assert reachable(policies, MLFLOW, 5000, **submitter) and reachable(policies, MLFLOW, 5000, namespace="ssn",
+                                                                       source=RAY_WORKER)
+    assert not reachable(policies, MLFLOW, 5000, **outside) and not reachable(policies, MLFLOW, 5000, **operator)
 
 
 SECRET_LIKE = re.compile(r"(password|secret|token|access.?key|credential)", re.I)
