@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--study", default=None, help="Optuna study name (default ssn-<product>-<backbone>)")
     parser.add_argument("--storage", default=None, help="Optuna storage URL (default: SSN_OPTUNA_STORAGE or "
                                                          "sqlite next to the stack's MLflow db)")
-    parser.add_argument("--metric", default="val_image_auroc", help="per-epoch objective (default %(default)s)")
+    parser.add_argument("--metric", default="auto",
+                        help="per-epoch objective (default %(default)s: val_image_auroc on real labelled val images, "
+                             "val_image_auroc_combined on synthetic defects; ssn_platform.tuning.OBJECTIVES)")
     parser.add_argument("--max-concurrent", type=int, default=None,
                         help="trials at once (default: cluster CPUs or GPUs / one trial's workers)")
     parser.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
@@ -117,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tuned settings: {decision.decision}: {decision.reason}", flush=True)
     summary = {
         "study": result.study_name, "search": result.search_name, "parent_run_id": result.parent_run_id,
-        "validation": result.validation, "best_trial": result.best_trial, "best_params": result.best_params,
+        "validation": result.validation, "metric": result.metric, "best_trial": result.best_trial,
+        "best_params": result.best_params,
         f"best_{result.metric}": result.best_value, "decision": decision.decision,
         "baseline_trial": decision.baseline_trial, f"baseline_{result.metric}": decision.baseline_value,
         "margin": decision.margin, "reason": decision.reason, "tuned_params": result.tuned_params,

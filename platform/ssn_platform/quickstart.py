@@ -157,7 +157,8 @@ def _search_train_and_seeds(settings: QuickstartSettings, dataset_uri: str, job_
     search = _submit(["python", "jobs/tune.py", "--config", settings.config, "--trials", str(settings.trials),
                       f"train.epochs={settings.trial_epochs}", "scaling.num_workers=1", *search_size, *common],
                      env=job_env, step="4/7 search")
-    say("4/7 search", f"best {search.get('best_params')} -> {search.get('best_val_image_auroc')}")
+    say("4/7 search", f"best {search.get('best_params')} -> {search.get('metric')} "
+                      f"{search.get('best_' + str(search.get('metric')))}")
     train_args = ["python", "jobs/train.py", "--config", settings.config, f"train.epochs={settings.epochs}",
                   f"scaling.num_workers={settings.workers}", *common]
     if search.get("tuned_settings"):

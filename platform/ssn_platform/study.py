@@ -95,8 +95,9 @@ def _prepare_study(storage_url: str, study_name: str, job: JobConfig, *, metric:
     expected = {"ssn.metric": metric, "ssn.backbone": backbone, "ssn.product": job.product}
     for key, value in expected.items():
         if key in attrs and attrs[key] != value:
+            hint = f" or --metric {attrs[key]}" if key == "ssn.metric" else ""
             raise ConfigError(f"study {study_name!r} has {key}={attrs[key]!r}, this search {value!r}; "
-                              "use another --study name")
+                              f"use another --study name{hint}")
         if key not in attrs:
             study.set_user_attr(key, value)
     if study.direction != getattr(optuna.study.StudyDirection, direction.upper()):

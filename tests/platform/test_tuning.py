@@ -58,6 +58,18 @@ def test_bad_search_spaces_are_rejected(raw, message):
         SearchSpace.from_dict(raw)
 
 
+def test_an_auto_search_ranks_real_defects_by_the_models_score_and_synthetic_ones_by_the_combined_score():
+    from supersimplenet.config import IMAGE_SCORES
+    from ssn_platform.tuning import AUTO_METRIC, OBJECTIVES, resolve_metric
+
+    assert resolve_metric(AUTO_METRIC, "split") == "val_image_auroc"
+    assert resolve_metric(AUTO_METRIC, "synthetic") == "val_image_auroc_combined"
+    assert resolve_metric("val_pixel_auroc", "synthetic") == "val_pixel_auroc"  # a named metric is kept
+    # every objective is a metric the trials report (training._validation_metrics: val_image_auroc_<score>)
+    reported = {"val_image_auroc"} | {f"val_image_auroc_{score}" for score in IMAGE_SCORES}
+    assert set(OBJECTIVES.values()) <= reported
+
+
 def test_trial_params_become_a_validated_job_and_lr_scale_moves_both_rates():
     from ssn_platform.search_space import apply_params
 
@@ -402,7 +414,7 @@ def first_search(search_setup):
 @pytest.mark.heavy
 def test_search_finishes_and_asha_stops_a_trial(first_search):
     result = first_search
-    assert result.validation == "split"
+    assert result.validation == "split" and result.metric == "val_image_auroc"  # auto, with real defects
     assert len(result.session_trials) == 4 and len(result.trials) == 4
     assert result.stopped_early, "ASHA stopped no trial"
     stopped = [t for t in result.trials if t.number in result.stopped_early]
@@ -603,3 +615,33 @@ def test_a_second_search_on_a_study_fails_only_the_trials_of_searches_that_stopp
     _, last = _prepare_study(url, "shared", job, metric="val_image_auroc", mode="max", backbone="lite0")
     assert {t.number: t.state for t in last.get_trials(deepcopy=False)}[live] == TrialState.FAIL
     assert study_module.LEASE_INTERVAL_S < LEASE_GRACE_S / 3  # several beats fit in the grace period
+
+
+def test_a_study_refuses_a_search_with_another_objective_and_names_the_one_it_has(tmp_path):
+    from ssn_platform.study import _prepare_study
+
+    url, job = f"sqlite:///{tmp_path / 'study.db'}", _base_job()
+    _prepare_study(url, "s", job, metric="val_image_auroc", mode="max", backbone="lite0")
+    with pytest.raises(ConfigError, match="ssn.metric='val_image_auroc'.*--metric val_image_auroc"):
+        _prepare_study(url, "s", job, metric="val_image_auroc_combined", mode="max", backbone="lite0")
+    _prepare_study(url, "s", job, metric="val_image_auroc", mode="max", backbone="lite0")  # the same one: fine
+
+
+def test_validation_on_synthetic_defects_reports_the_auto_objective(weld_root):
+    import torch
+
+    from supersimplenet.backbones import load_backbone_weights
+    from supersimplenet.layouts import read_layout
+    from supersimplenet.model import build_model
+    from ssn_platform.training import _validation_metrics, build_validation_set
+    from ssn_platform.tuning import OBJECTIVES
+
+    job = _base_job(validation="synthetic", **{"model.image_size": "[96,96]"})
+    normal = [s for s in read_layout(weld_root) if s.split == "train" and s.label == 0][:4]
+    val_set = build_validation_set(job, weld_root, normal)
+    torch.manual_seed(0)
+    model = build_model(job.model)
+    load_backbone_weights(model.feature_extractor.backbone, job.model.backbone, "default")
+    metrics = _validation_metrics(model.eval(), val_set, job, torch.device("cpu"))
+    assert 0.0 <= metrics[OBJECTIVES["synthetic"]] <= 1.0
+    assert {"val_image_auroc", "val_pixel_auroc", "val_image_auroc_map_top1"} <= set(metrics)
