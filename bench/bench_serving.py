@@ -1,4 +1,5 @@
-"""Serving benchmark: requests/s and p50/p95/p99 latency of the inspection endpoint, batching on and off.
+"""Serving benchmark: requests/s and p50/p95/p99 latency of the inspection endpoint, batching on and off, beside
+the model's own throughput, with where each request's time went.
 
     eval "$(infra/local/stack env)"                            # MLflow, RAY_ADDRESS (GCS), SSN_SERVE_PORT
     python bench/bench_serving.py                              # product bench-demo (registered on first use)
@@ -7,8 +8,13 @@
 Deploys the app as its own Serve application (``ssn-bench`` under ``/bench``) once with ``batching: true`` and once
 with ``batching: false`` (everything else equal), warms it up, then runs concurrent clients (threads, one HTTP
 session each, 127.0.0.1 only) that POST real weld seam PNGs until ``--requests`` answers or ``--max-seconds`` per
-run. Latency is measured by the client (request sent -> answer read). Prints a table and writes
-bench_results/serving.json; removes the bench application afterwards (``--keep`` leaves it).
+run. Latency is measured by the client (request sent -> answer read). Each answer's ``Server-Timing`` header
+(`ssn_platform.serving.metrics.StageTimer`) splits it: the replica's stages (read, decode, queue, model, post) and
+``outside``, the client's latency minus the replica's total (Serve's proxy, the Ray hop to the replica, HTTP); the
+table shows each stage's median. Before deploying, the same model scores the same images in this process through
+`predict_images` at batch 1 and at ``--max-batch-size`` (the model's own img/s, the ceiling of the endpoint on these
+cores). Prints tables and writes bench_results/serving.json; removes the bench application afterwards (``--keep``
+leaves it).
 
 ``bench-demo``: an EfficientNet-Lite0 SuperSimpleNet at the battery-weld size (256 x 128) with seeded random heads,
 its threshold calibrated on the weld training images (normal only, false_alarm 1%), champion by alias. Speed does
@@ -21,6 +27,7 @@ import argparse
 import json
 import os
 import platform as _stdlib_platform
+import re
 import sys
 import threading
 import time
@@ -82,6 +89,33 @@ def ensure_demo_product() -> str:
     return version
 
 
+STAGES = ("read", "model_lookup", "decode", "queue", "model", "post", "outside")
+
+
+def model_throughput(product: str, bodies: list[bytes], batch_sizes: list[int], torch_threads: int,
+                     precision: str = "fp32", seconds: float = 10.0) -> list[dict]:
+    """The champion's own img/s through `predict_images` (decoded arrays, no HTTP), per batch size."""
+    import torch
+
+    from ssn_platform.serving.requests import decode_image
+    from ssn_platform.serving.versions import champion_info, load_version, run_items
+
+    torch.set_num_threads(torch_threads)
+    name, version, tags = champion_info(product)
+    loaded = load_version(product, name, version, tags, device="cpu", precision=precision)
+    arrays = [decode_image(body, max_pixels=1 << 26, max_side=1 << 14)[0] for body in bodies]
+    rows = []
+    for batch in batch_sizes:
+        items = [(loaded, arrays[i % len(arrays)]) for i in range(batch)]
+        run_items(items)  # warm-up
+        done, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            run_items(items)
+            done += batch
+        rows.append({"batch": batch, "images_per_s": round(done / (time.perf_counter() - started), 2)})
+    return rows
+
+
 def percentile(values: list[float], q: float) -> float:
     import numpy as np
 
@@ -92,12 +126,15 @@ def run_clients(url: str, bodies: list[bytes], *, clients: int, total: int, max_
     import requests
 
     latencies: list[float] = []
+    stages: dict[str, list[float]] = {stage: [] for stage in STAGES}
+    batches: list[int] = []  # the batch each answer was scored in
     errors: list[str] = []
     lock = threading.Lock()
     issued = [0]
     deadline = time.monotonic() + max_seconds
 
     from ssn_platform.apikeys import client_headers
+    from ssn_platform.serving.metrics import parse_server_timing
 
     auth = client_headers()  # the local stack's API key
 
@@ -114,9 +151,18 @@ def run_clients(url: str, bodies: list[bytes], *, clients: int, total: int, max_
             try:
                 answer = session.post(url, data=body, headers={"Content-Type": "image/png", **auth}, timeout=120)
                 elapsed = time.perf_counter() - started
+                header = answer.headers.get("Server-Timing", "")
+                timing = parse_server_timing(header)
+                batch = re.search(r'desc="batch (\d+)"', header)
                 with lock:
                     if answer.status_code == 200:
                         latencies.append(elapsed)
+                        for stage, ms in timing.items():
+                            stages.setdefault(stage, []).append(ms)
+                        if "total" in timing:
+                            stages["outside"].append(1000.0 * elapsed - timing["total"])
+                        if batch:
+                            batches.append(int(batch.group(1)))
                     else:
                         errors.append(f"HTTP {answer.status_code}")
             except requests.RequestException as error:
@@ -136,13 +182,15 @@ def run_clients(url: str, bodies: list[bytes], *, clients: int, total: int, max_
         "p50_ms": round(1000 * percentile(latencies, 50), 1), "p95_ms": round(1000 * percentile(latencies, 95), 1),
         "p99_ms": round(1000 * percentile(latencies, 99), 1),
         "mean_ms": round(1000 * sum(latencies) / max(1, len(latencies)), 1),
+        "mean_batch": round(sum(batches) / len(batches), 2) if batches else None,
+        "stage_p50_ms": {stage: round(percentile(values, 50), 2) for stage, values in stages.items() if values},
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--product", default=DEMO, help=f"product to inspect (default {DEMO}, registered if missing)")
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8], help="concurrent clients per run")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32], help="concurrent clients per run")
     parser.add_argument("--requests", type=int, default=200, help="answers per run (default 200)")
     parser.add_argument("--max-seconds", type=float, default=90.0, help="time limit per run (default 90)")
     parser.add_argument("--warmup", type=int, default=10, help="requests before each configuration")
@@ -153,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--out", type=Path, default=REPO / "bench_results" / "serving.json")
     parser.add_argument("--keep", action="store_true", help="leave the bench application running")
+    parser.add_argument("--batching", choices=["both", "on", "off"], default="both")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="the replica's and the model-alone run's precision (ServeSettings.precision)")
+    parser.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=None,
+                        help="Serve's access log of the replica (default: ServeSettings' default)")
     args = parser.parse_args(argv)
 
     from ray import serve
@@ -166,10 +219,16 @@ def main(argv: list[str] | None = None) -> int:
     bodies = [p.read_bytes() for p in images]
     base_settings = {"torch_threads": args.torch_threads, "max_batch_size": args.max_batch_size,
                      "batch_wait_timeout_s": args.batch_wait_ms / 1000.0, "max_ongoing_requests": 64,
-                     "refresh_s": 30.0}
+                     "refresh_s": 30.0, "precision": args.precision}
+    if args.access_log is not None:
+        base_settings["access_log"] = args.access_log
+    model = model_throughput(args.product, bodies, sorted({1, args.max_batch_size}), args.torch_threads,
+                             args.precision)
+    for row in model:
+        print(f"model alone, batch {row['batch']}: {row['images_per_s']} img/s", file=sys.stderr)
     results = []
     try:
-        for batching in (True, False):
+        for batching in {"both": (True, False), "on": (True,), "off": (False,)}[args.batching]:
             settings = {**base_settings, "batching": batching}
             base = deploy(settings, address=args.address, name=APP, route_prefix=PREFIX, port=args.port)
             if urlparse(base).hostname != "127.0.0.1":
@@ -200,12 +259,20 @@ def main(argv: list[str] | None = None) -> int:
     for row in results:
         print(f"{'on' if row['batching'] else 'off':<9}{row['clients']:>8}{row['completed']:>9}{row['errors']:>8}"
               f"{row['requests_per_s']:>9.2f}{row['p50_ms']:>9.1f}{row['p95_ms']:>9.1f}{row['p99_ms']:>9.1f}")
+    print("\nmedian ms per stage (Server-Timing; outside = client latency - replica total)")
+    print(f"{'batching':<9}{'clients':>8}" + "".join(f"{stage:>13}" for stage in STAGES) + f"{'mean batch':>12}")
+    for row in results:
+        print(f"{'on' if row['batching'] else 'off':<9}{row['clients']:>8}"
+              + "".join(f"{row['stage_p50_ms'].get(stage, float('nan')):>13.1f}" for stage in STAGES)
+              + f"{row['mean_batch'] or float('nan'):>12.2f}")
+    print("\nmodel alone (predict_images, decoded images): "
+          + ", ".join(f"batch {row['batch']} {row['images_per_s']} img/s" for row in model))
     payload = {
         "benchmark": "serving", "product": args.product, "version": version,
         "image": "battery_weld test PNGs (256 x 120), model input 256 x 128 (EfficientNet-Lite0)",
         "settings": base_settings, "requests_per_run": args.requests, "max_seconds": args.max_seconds,
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": _stdlib_platform.platform()},
-        "results": results,
+        "results": results, "model_alone": model,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2))

@@ -277,7 +277,8 @@ def test_the_replica_exports_per_product_prometheus_metrics_through_ray(champion
         ray.init(address=ray_address(live_stack))
     port = ray.nodes()[0]["MetricsExportPort"]
     wanted = ["ray_ssn_inspections_total{", f'product="{champion["product"]}"', "ray_ssn_inspection_score_bucket",
-              "ray_ssn_inspection_latency_ms_bucket", 'code="unsupported_image"']
+              "ray_ssn_inspection_latency_ms_bucket", 'code="unsupported_image"', "ray_ssn_inspection_stage_ms_bucket",
+              'stage="decode"', 'stage="model"']
     deadline, text = time.monotonic() + 180, ""
     while time.monotonic() < deadline:  # the agent exports what the replica reported at its last interval
         text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text

@@ -119,6 +119,8 @@ def served(live_stack, weld_val_dataset, random_head_model, register_version):
 
 def test_served_scores_equal_offline_scores(served, weld_root):
     import torch
+
+    from ssn_platform.serving.metrics import parse_server_timing
     from PIL import Image
 
     from supersimplenet.inference import predict_images, preprocess
@@ -155,6 +157,13 @@ def test_served_scores_equal_offline_scores(served, weld_root):
         assert body["defect_area_percent"] == pytest.approx(100.0 * np.mean(maps[0] >= body["threshold"]), abs=0.5)
         assert (body["image_width"], body["image_height"]) == Image.open(path).size
         assert body["latency_ms"] > 0
+        for served_answer in (answer, concurrent[path]):  # where the time went, stage by stage (Server-Timing)
+            stages = parse_server_timing(served_answer.headers["Server-Timing"])
+            assert {"read", "model_lookup", "decode", "model", "queue", "infer", "post", "total"} <= set(stages)
+            assert all(ms >= 0 for ms in stages.values()) and stages["model"] > 0
+            assert stages["queue"] + stages["model"] == pytest.approx(stages["infer"], abs=0.02)
+            replica = sum(stages[k] for k in ("read", "model_lookup", "decode", "infer", "post"))
+            assert replica <= stages["total"] + 0.05 and stages["total"] <= served_answer.elapsed.total_seconds() * 1e3
 
     from mlflow import MlflowClient
 

@@ -30,7 +30,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ssn_platform.names import PRODUCT_RE
 from ssn_platform.drift import drift_of
 from ssn_platform.serving.auth import ApiKeys
-from ssn_platform.serving.metrics import InspectionMetrics
+from ssn_platform.serving.batching import ContinuousBatcher
+from ssn_platform.serving.metrics import InspectionMetrics, StageTimer
 from ssn_platform.serving.review import ReviewRoutes
 from ssn_platform.serving.requests import (ERROR_RESPONSES, INSPECT_BODY, MULTIPART_OVERHEAD, RAW_CONTENT_TYPES,
                                            ApiError, InspectionResult, decode_image, error_response, image_size,
@@ -62,6 +63,14 @@ def _registry_health() -> tuple[bool, str]:
             return response.status == 200, f"HTTP {response.status}"
     except (urllib.error.URLError, OSError) as error:
         return False, f"unreachable: {type(error).__name__}"
+
+
+def _timed_run_items(items: list[tuple[LoadedVersion, np.ndarray]]) -> list[tuple[Any, float, int]]:
+    """`run_items` with each item's (result, ms the batch took, batch size)."""
+    started = time.perf_counter()
+    results = run_items(items)
+    model_ms = (time.perf_counter() - started) * 1000.0
+    return [(result, model_ms, len(items)) for result in results]
 
 
 class InspectorReplica(ReviewRoutes):
@@ -96,8 +105,9 @@ class InspectorReplica(ReviewRoutes):
         self._switches = 0
         self._pixels_in_flight = 0  # decoded pixels held by requests in progress (_pixel_budget)
         self._metrics = InspectionMetrics()
-        self._infer_batch.set_max_batch_size(self.settings.max_batch_size)
-        self._infer_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+        self._batcher = ContinuousBatcher(_timed_run_items, self._infer_pool,
+                                          max_batch_size=self.settings.max_batch_size,
+                                          wait_s=self.settings.batch_wait_timeout_s)
 
     # -- models ----------------------------------------------------------------------------------------------------
     async def _load_product_model(self, product: str) -> ProductModel:
@@ -209,16 +219,15 @@ class InspectorReplica(ReviewRoutes):
         log.info("%s: now serving version %s (threshold %.6g)", name, version, loaded.threshold)
 
     # -- inference -------------------------------------------------------------------------------------------------
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _infer_batch(self, items: list[tuple[LoadedVersion, np.ndarray]]) -> list[Any]:
-        return await asyncio.get_running_loop().run_in_executor(self._infer_pool, run_items, items)
-
-    async def _predict(self, loaded: LoadedVersion, array: np.ndarray) -> tuple[float, np.ndarray]:
+    async def _predict(self, loaded: LoadedVersion, array: np.ndarray,
+                       timing: StageTimer) -> tuple[float, np.ndarray]:
+        """Score and map of one image; `timing` gets the model's share of the wait and the batch size."""
         if self.settings.batching:
-            result = await self._infer_batch((loaded, array))
+            result, model_ms, batch = await self._batcher.submit((loaded, array))
         else:
-            result = (await asyncio.get_running_loop().run_in_executor(
-                self._infer_pool, run_items, [(loaded, array)]))[0]
+            result, model_ms, batch = (await asyncio.get_running_loop().run_in_executor(
+                self._infer_pool, _timed_run_items, [(loaded, array)]))[0]
+        timing.model(model_ms, batch)
         if isinstance(result, BaseException):
             raise result
         return result
@@ -241,6 +250,7 @@ class InspectorReplica(ReviewRoutes):
     async def _inspect(self, product: str, request: Request, return_map: bool, return_mask: bool,
                        map_resolution: str = "model") -> Any:
         started = time.perf_counter()
+        timing = StageTimer(started)
         try:
             self.api_keys.check(request.headers, product)
             content_type = request.headers.get("content-type")
@@ -262,21 +272,27 @@ class InspectorReplica(ReviewRoutes):
                                                       f"{self.settings.max_bytes}")
             if not data:
                 raise ApiError(400, "empty_body", "the image is empty (zero bytes)")
+            timing.mark("read")
             loaded = await self._serving_version(product)
+            timing.mark("model_lookup")
             loop = asyncio.get_running_loop()
             limits = {"max_pixels": self.settings.max_pixels, "max_side": self.settings.max_side}
             width, height = await loop.run_in_executor(self._work_pool, lambda: image_size(data, **limits))
             with self._pixel_budget(width * height):
                 array, _ = await loop.run_in_executor(self._work_pool, lambda: decode_image(data, **limits))
-                score, anomaly_map = await self._predict(loaded, array)
+                timing.mark("decode")
+                score, anomaly_map = await self._predict(loaded, array, timing)
+                timing.mark("infer")
                 del array
                 result = await loop.run_in_executor(
                     self._work_pool, lambda: self._result(loaded, score, anomaly_map, width, height, return_map,
                                                           return_mask, map_resolution))
+            timing.mark("post")
             result["latency_ms"] = round((time.perf_counter() - started) * 1000.0, 3)
-            self._metrics.answered(loaded.product, score, result["is_anomalous"], result["latency_ms"])
+            self._metrics.answered(loaded.product, score, result["is_anomalous"], result["latency_ms"],
+                                   stages=timing.stages)
             self._maybe_keep(loaded, data, result, anomaly_map)
-            return JSONResponse(result)
+            return JSONResponse(result, headers={"Server-Timing": timing.header()})
         except ApiError as error:
             self._metrics.failed(product if product in self._holders else "-", error.code)
             return error.response()

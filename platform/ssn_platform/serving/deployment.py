@@ -61,6 +61,7 @@ def build_app(args: dict[str, Any] | None = None):
     options: dict[str, Any] = {"ray_actor_options": actor_options,
                                "max_ongoing_requests": settings.max_ongoing_requests,
                                "max_queued_requests": settings.max_queued_requests,
+                               "logging_config": {"enable_access_log": settings.access_log},
                                "backpressure_config": BackpressureConfig(status_code=503,
                                                                          retry_after_s=settings.retry_after_s)}
     if settings.num_replicas == "auto":

@@ -16,11 +16,13 @@ class ServeSettings:
     Models: max_models_per_replica (LRU), refresh_s (champion polling), negative_cache_s (how long an unknown
     product or missing champion is remembered), load_backoff_s (how long a champion that failed to load, e.g. a
     corrupt checkpoint, is answered 503 from memory before the replica downloads it again), device ("auto", "cpu",
-    "cuda"), torch_threads (0: leave as is).
+    "cuda"), torch_threads (0: leave as is), access_log (Serve's line per request in the replica's log; the
+    Prometheus metrics count and time every request either way).
     Load: max_queued_requests (requests waiting for a replica beyond max_ongoing_requests; more get 503 with
     ``Retry-After: retry_after_s`` from Serve, never an unbounded queue), request_timeout_s (Serve's HTTP proxy
     answers 408 after it; the `serve deploy` file sets it under http_options, `deploy` from here).
-    Batching: batching on/off, max_batch_size, batch_wait_timeout_s.
+    Batching: batching on/off, max_batch_size, batch_wait_timeout_s (continuous batching, `serving.batching`: a
+    batch is formed when the model is free; a lone request waits at most batch_wait_timeout_s for company).
     Deployment: num_replicas (an int, or "auto" with min_replicas/max_replicas/target_ongoing_requests),
     max_ongoing_requests, num_cpus and num_gpus per replica, mlflow_tracking_uri (default: the environment's).
     Access: api_keys_file, the YAML file of hashed API keys on the replica's node (default: the environment's
@@ -41,6 +43,7 @@ class ServeSettings:
     device: str = "auto"
     precision: str = "fp32"
     torch_threads: int = 0
+    access_log: bool = True
     batching: bool = True
     max_batch_size: int = 8
     batch_wait_timeout_s: float = 0.005
