@@ -52,6 +52,27 @@ def _smoke_dataset(directory: Path) -> str:
     return result.uri
 
 
+def _summary(result) -> dict:
+    """The search's outcome as the one JSON line the command prints (the quickstart reads it)."""
+    decision = result.decision
+    summary = {
+        "study": result.study_name, "search": result.search_name, "parent_run_id": result.parent_run_id,
+        "validation": result.validation, "metric": result.metric, "best_trial": result.best_trial,
+        "best_params": result.best_params,
+        f"best_{result.metric}": result.best_value, "decision": decision.decision,
+        "baseline_trial": decision.baseline_trial, f"baseline_{result.metric}": decision.baseline_value,
+        "margin": decision.margin, "reason": decision.reason, "tuned_params": result.tuned_params,
+        "tuned_settings": result.tuned_uri,
+        "trials_in_study": len(result.trials), "trials_this_run": len(result.session_trials),
+        "stopped_early": result.stopped_early, "max_concurrent": result.max_concurrent,
+        "wall_seconds": round(result.wall_seconds, 1),
+    }
+    if result.retrain is not None:
+        summary.update(retrain_run_id=result.retrain.mlflow_run_id, model_version=result.retrain.model_version,
+                       retrain_test_metrics=result.retrain.metrics)
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML job config (jobs/configs/*.yaml)")
@@ -115,24 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, PlatformError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    decision = result.decision
-    print(f"tuned settings: {decision.decision}: {decision.reason}", flush=True)
-    summary = {
-        "study": result.study_name, "search": result.search_name, "parent_run_id": result.parent_run_id,
-        "validation": result.validation, "metric": result.metric, "best_trial": result.best_trial,
-        "best_params": result.best_params,
-        f"best_{result.metric}": result.best_value, "decision": decision.decision,
-        "baseline_trial": decision.baseline_trial, f"baseline_{result.metric}": decision.baseline_value,
-        "margin": decision.margin, "reason": decision.reason, "tuned_params": result.tuned_params,
-        "tuned_settings": result.tuned_uri,
-        "trials_in_study": len(result.trials), "trials_this_run": len(result.session_trials),
-        "stopped_early": result.stopped_early, "max_concurrent": result.max_concurrent,
-        "wall_seconds": round(result.wall_seconds, 1),
-    }
-    if result.retrain is not None:
-        summary.update(retrain_run_id=result.retrain.mlflow_run_id, model_version=result.retrain.model_version,
-                       retrain_test_metrics=result.retrain.metrics)
-    print(json.dumps(summary, default=str))
+    print(f"tuned settings: {result.decision.decision}: {result.decision.reason}", flush=True)
+    print(json.dumps(_summary(result), default=str))
     return 0
 
 
