@@ -27,6 +27,12 @@ model is kept in `--models` (`<dataset>/<k>.pt`); `--rescore` loads them instead
 recipe or objective is compared on the very same models in seconds:
 
     .venv/bin/python bench/bench_objective.py --datasets weld --epochs 15 --rescore --recipe structural
+
+ASHA's question, whether a short trial ranks settings like the full run does: train the same grid with fewer epochs
+into other `--models` and rank its objectives against the full run's test AUROC (`--reference`, that run's JSON):
+
+    .venv/bin/python bench/bench_objective.py --datasets weld --epochs 4 --models .bench-cache/objective-models-e4 \
+        --reference bench_results/objective_weld.json --out bench_results/objective_weld_e4.json
 """
 
 from __future__ import annotations
@@ -161,7 +167,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--recipe", default="blend", choices=list(SYNTHETIC_RECIPES),
                         help="synthetic-defect recipe of the objective (supersimplenet.synthetic)")
     parser.add_argument("--out", type=Path, default=REPO / "bench_results" / "objective.json")
+    parser.add_argument("--reference", type=Path, default=None,
+                        help="JSON of a run of the same grid at the full budget: also rank this run's objectives "
+                             "against that run's test AUROC (does a short trial predict the full run?)")
     args = parser.parse_args(argv)
+    reference = json.loads(args.reference.read_text())["datasets"] if args.reference else {}
     report: dict[str, Any] = {"command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                      time.gmtime()), "datasets": {}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -192,6 +202,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         entry["chosen"] = {key: runs[max(range(len(runs)), key=lambda i: runs[i]["objective"][key])]["test"][target]
                            for key in runs[0]["objective"]}
         entry["defaults_test"], entry["best_test"] = runs[0]["test"][target], max(r["test"][target] for r in runs)
+        full = reference.get(name, {}).get("runs")
+        if full:
+            if [r["setting"] for r in full] != [r["setting"] for r in runs]:
+                raise SystemExit(f"{args.reference}: {name} was run on another grid")
+            entry["reference"] = {"path": str(args.reference), "epochs": reference[name]["epochs"],
+                                  "spearman": correlations([{**r, "test": f["test"]} for r, f in zip(runs, full)],
+                                                           target),
+                                  "spearman_own_test": correlations([{**f, "objective": {"test": r["test"][target]}}
+                                                                     for r, f in zip(runs, full)], target)["test"]}
+            print(f"{name}: against the {reference[name]['epochs']}-epoch run's test AUROC: "
+                  + ", ".join(f"{k} {v:+.3f}" for k, v in entry["reference"]["spearman"].items())
+                  + f"; this run's own test AUROC {entry['reference']['spearman_own_test']:+.3f}")
         args.out.write_text(json.dumps(report, indent=1, default=float))
         print(f"\n{name} ({epochs} epochs, {len(runs)} settings): Spearman's rho against {target}")
         print(f"defaults' test AUROC {entry['defaults_test']:.3f}, best setting's {entry['best_test']:.3f}")

@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                              "val_image_auroc_combined on synthetic defects; ssn_platform.tuning.OBJECTIVES)")
     parser.add_argument("--max-concurrent", type=int, default=None,
                         help="trials at once (default: cluster CPUs or GPUs / one trial's workers)")
-    parser.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
+    parser.add_argument("--grace-period", type=int, default=None,
+                        help="ASHA: epochs before a trial can be stopped (default: a quarter of train.epochs, >= 1)")
     parser.add_argument("--reduction-factor", type=int, default=2, help="ASHA reduction factor (default 2)")
     parser.add_argument("--time-budget", type=float, default=None, help="stop starting trials after MINUTES")
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,

@@ -645,3 +645,14 @@ def test_validation_on_synthetic_defects_reports_the_auto_objective(weld_root):
     metrics = _validation_metrics(model.eval(), val_set, job, torch.device("cpu"))
     assert 0.0 <= metrics[OBJECTIVES["synthetic"]] <= 1.0
     assert {"val_image_auroc", "val_pixel_auroc", "val_image_auroc_map_top1"} <= set(metrics)
+
+
+def test_asha_lets_a_trial_run_a_quarter_of_its_epochs_before_it_can_be_stopped():
+    from ssn_platform.tuning import _plan_session, default_grace_period
+
+    assert [default_grace_period(e) for e in (1, 3, 4, 8, 15, 30)] == [1, 1, 1, 2, 3, 7]
+    job = _base_job(**{"train.epochs": 8})
+    assert _plan_session(job, SPACE, num_trials=2, study_name="s", storage="sqlite://", metric="auto", mode=None,
+                         grace_period=None, reduction_factor=2, min_margin=0.02, baseline=True).grace_period == 2
+    assert _plan_session(job, SPACE, num_trials=2, study_name="s", storage="sqlite://", metric="auto", mode=None,
+                         grace_period=1, reduction_factor=2, min_margin=0.02, baseline=True).grace_period == 1
