@@ -9,8 +9,8 @@ documents (PodMonitor). Names (Ray prefixes ``ray_``):
   anomalous rate is ``rate(...{decision="anomalous"}) / rate(...)``;
 * ``ssn_inspection_errors_total{product, code}``: answers with an error, by the error code of docs/http-api.md;
 * ``ssn_inspection_latency_ms{product}``: time from the request to the answer, in ms (histogram);
-* ``ssn_inspection_stage_ms{product, stage}``: the same time split by stage (read, model_lookup, decode, infer,
-  model, post: `StageTimer`; histogram), where a slow endpoint spends it;
+* ``ssn_inspection_stage_ms{product, stage}``: the same time split by stage (read, model_lookup, decode, infer =
+  queue + model, post: `StageTimer`; histogram), where a slow endpoint spends it;
 * ``ssn_inspection_score{product}``: the scores (histogram over [0, 1] in 0.05 steps), what `jobs/drift.py`
   compares offline.
 """
@@ -75,16 +75,15 @@ class StageTimer:
         now = time.perf_counter()
         self.stages[stage] = (now - self._last) * 1000.0
         self._last = now
+        if stage == "infer" and "model" in self.stages:  # the header and the histogram both get the wait
+            self.stages["queue"] = max(0.0, self.stages["infer"] - self.stages["model"])
 
     def model(self, model_ms: float, batch: int) -> None:
         self.stages["model"], self.batch = model_ms, batch
 
     def header(self) -> str:
-        stages = dict(self.stages)
-        if "infer" in stages and "model" in stages:
-            stages["queue"] = max(0.0, stages["infer"] - stages["model"])
         parts = [f"{name};dur={ms:.2f}" + (f';desc="batch {self.batch}"' if name == "model" else "")
-                 for name, ms in stages.items()]
+                 for name, ms in self.stages.items()]
         return ", ".join(parts + [f"total;dur={(time.perf_counter() - self._started) * 1000.0:.2f}"])
 
 
