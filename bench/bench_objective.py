@@ -50,7 +50,7 @@ import torch
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quality import PROTOCOLS, REPO, build_configs, dataset_root  # noqa: E402
+from bench_quality import PROTOCOLS, REPO, build_configs, dataset_root, limit_train  # noqa: E402
 
 from supersimplenet.backbones import get_preset  # noqa: E402
 from supersimplenet.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
@@ -113,8 +113,8 @@ def score(model, dataset, *, with_pixels: bool) -> dict[str, float]:
 
 
 def run_setting(name: str, root: Path, data: tuple[list, list, list], setting: dict[str, float], *, seed: int,
-                epochs: int, train_limit: int | None, precision: str, model_file: Path, rescore: bool,
-                recipe: str) -> dict[str, Any]:
+                epochs: int, train_limit: int | None, train_first: bool, precision: str, model_file: Path,
+                rescore: bool, recipe: str) -> dict[str, Any]:
     protocol = PROTOCOLS[name]
     train, val, test = data
     model_cfg, train_cfg = build_configs(protocol, "defaults", {}, seed=seed, epochs=epochs,
@@ -127,7 +127,7 @@ def run_setting(name: str, root: Path, data: tuple[list, list, list], setting: d
         if model.config != model_cfg or metadata.get("epochs") != epochs:
             raise SystemExit(f"{model_file} was trained with other settings or epochs; train again without --rescore")
     else:
-        model = fit(data_root=root, samples=train[:train_limit] if train_limit else train, model_config=model_cfg,
+        model = fit(data_root=root, samples=limit_train(train, train_limit, first=train_first), model_config=model_cfg,
                     train_config=train_cfg, progress=False).model
         model_file.parent.mkdir(parents=True, exist_ok=True)
         save_checkpoint(model_file, model, metadata={"epochs": epochs, "seed": seed, "precision": precision})
@@ -158,7 +158,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                                                            "elpv"])
     parser.add_argument("--points", type=int, default=12, help="settings per dataset (>= 12 for the issue)")
     parser.add_argument("--epochs", type=int, default=None, help="override the protocols' epoch counts")
-    parser.add_argument("--train-limit", type=int, default=None)
+    parser.add_argument("--train-limit", type=int, default=None,
+                        help="train on N of the training images, a seeded random choice (bench_quality.limit_train)")
+    parser.add_argument("--train-first", action="store_true",
+                        help="with --train-limit: the first N instead (the ELPV rows of 2026-12-03 were made so)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
     parser.add_argument("--cache", type=Path, default=REPO / ".bench-cache")
@@ -185,6 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         entry["recipe"] = args.recipe
         for index, setting in enumerate(settings_grid(args.points)):
             run = run_setting(name, root, data, setting, seed=args.seed, epochs=epochs, train_limit=args.train_limit,
+                              train_first=args.train_first,
                               precision=args.precision, model_file=args.models / name / f"{index:02d}.pt",
                               rescore=args.rescore, recipe=args.recipe)
             runs.append(run)

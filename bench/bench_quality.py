@@ -219,13 +219,31 @@ def predict_anomalib(predictor, loader) -> Any:
                        head_scores=scores)
 
 
+SUBSET_SEED = 2624
+
+
+def limit_train(train: list, limit: int | None, *, first: bool = False) -> list:
+    """At most `limit` training samples: a seeded random choice (the same for every training seed), in the
+    layout's order; `first=True` takes the first `limit` instead (how rows before 2026-12-03 were made).
+
+    The first N of a split file are its lowest image indices, and ELPV's index runs by module: its first 200
+    normal training cells are 181 polycrystalline and 19 monocrystalline, while its test split is 57 % poly. A
+    random choice keeps a reduced protocol's training images like the full protocol's.
+    """
+    if not limit or limit >= len(train):
+        return list(train)
+    if first:
+        return list(train[:limit])
+    chosen = np.random.default_rng(SUBSET_SEED).choice(len(train), size=limit, replace=False)
+    return [train[i] for i in sorted(chosen)]
+
+
 def run_once(name: str, protocol: Protocol, root: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, *,
-             train_limit: int | None, anomalib: bool = False, save: Path | None = None) -> dict[str, Any]:
+             train_limit: int | None, train_first: bool = False, anomalib: bool = False,
+             save: Path | None = None) -> dict[str, Any]:
     options = {"split_file": str(REPO / protocol.split_file)} if protocol.split_file else {}
     samples = read_layout(root, protocol.layout, **options)
-    train = [s for s in samples if s.split == "train"]
-    if train_limit:
-        train = train[:train_limit]
+    train = limit_train([s for s in samples if s.split == "train"], train_limit, first=train_first)
     test = [s for s in samples if s.split == "test"]
     preset = get_preset(model_cfg.backbone)
     test_set = DefectDataset(root=root, samples=test, image_size=model_cfg.image_size, mean=preset.mean,
@@ -295,7 +313,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--epochs", type=int, default=None, help="override every protocol's epoch count")
-    parser.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
+    parser.add_argument("--train-limit", type=int, default=None,
+                        help="train on N of the protocol's training images, a seeded random choice (limit_train)")
+    parser.add_argument("--train-first", action="store_true",
+                        help="with --train-limit: the first N images instead (the rows made before 2026-12-03)")
     parser.add_argument("--quick", action="store_true", help="one seed")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--cache", type=Path, default=REPO / ".bench-cache")
@@ -331,8 +352,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 save = (args.save_predictions / f"{name}-{setting}-{seed}.npz"
                         if args.save_predictions and setting != "anomalib" else None)
                 run = run_once(name, protocol, root, model_cfg, train_cfg, train_limit=args.train_limit,
-                               anomalib=setting == "anomalib", save=save)
-                run.update(setting=setting, seed=seed, epochs=epochs)
+                               train_first=args.train_first, anomalib=setting == "anomalib", save=save)
+                run.update(setting=setting, seed=seed, epochs=epochs,
+                           train_subset=None if not args.train_limit else "first" if args.train_first else "random")
                 runs.append(run)
                 report["runs"].append(run)
                 aurocs = ", ".join(f"{s} {run['metrics'][f'image_auroc_{s}']:.3f}" for s in IMAGE_SCORES)
