@@ -21,6 +21,8 @@ import json
 import sys
 from pathlib import Path
 
+import yaml
+
 import _bootstrap  # noqa: F401  (puts model/ and platform/ on sys.path for plain checkouts)
 
 DEFAULT_CONFIG = Path(__file__).with_name("configs") / "serve.yaml"
@@ -28,8 +30,6 @@ DEFAULT_CONFIG = Path(__file__).with_name("configs") / "serve.yaml"
 
 def load_settings(path: Path, overrides: list[str]) -> tuple[dict, dict]:
     """(args, application entry) of the config's first application, with `key=value` overrides (YAML values)."""
-    import yaml
-
     tree = yaml.safe_load(path.read_text()) if path else {}
     applications = (tree or {}).get("applications") or [{}]
     application = applications[0]

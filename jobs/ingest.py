@@ -18,6 +18,7 @@ Needs no Ray: under `ray job submit` it runs as a plain driver process.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -141,8 +142,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ingest: {len(result.empty_mask_images)} defective image(s) with an empty mask {what} "
               f"(--empty-masks {result.empty_masks})", file=sys.stderr)
     if args.json:
-        import dataclasses
-
         print(json.dumps(dataclasses.asdict(result), indent=1))
     else:
         print(result.uri)

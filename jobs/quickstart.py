@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 import _bootstrap  # noqa: F401  (puts model/ and platform/ on sys.path for plain checkouts)
 
@@ -36,8 +37,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds is not None and args.seeds < 2:
         parser.error("--seeds: at least 2 (a mean +- std needs several seeds)")
     if args.trials is not None or args.epochs is not None or args.seeds is not None:
-        from dataclasses import replace
-
         settings = replace(settings, trials=args.trials or settings.trials, epochs=args.epochs or settings.epochs,
                            seeds=args.seeds or settings.seeds)
     try:

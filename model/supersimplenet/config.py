@@ -97,7 +97,7 @@ class ModelConfig:
     feature_levels: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
-        from supersimplenet.backbones import PRESETS  # local import: backbones imports this module
+        from supersimplenet.backbones import PRESETS  # noqa: PLC0415 (import cycle: backbones imports this module)
 
         _check(
             self.backbone in PRESETS, f"model.backbone: unknown backbone {self.backbone!r}; known: {sorted(PRESETS)}"
@@ -149,7 +149,7 @@ class ModelConfig:
     def feature_size(self) -> tuple[int, int]:
         """Spatial size of the feature maps: twice the first level's map (its stride is 2 ** (level + 1) in every
         preset), i.e. about a quarter of the input with the default levels."""
-        from supersimplenet.backbones import get_preset  # local import: backbones imports this module
+        from supersimplenet.backbones import get_preset  # noqa: PLC0415 (import cycle: backbones imports this module)
 
         first = (self.feature_levels or get_preset(self.backbone).out_indices)[0]
         stride = 2 ** (first + 1)

@@ -23,7 +23,7 @@ _NAME = re.compile(r"^(train/good|test/good|test/defective)/cell_(\d{4})\.png$")
 def load_elpv() -> tuple[np.ndarray, np.ndarray]:
     """Images [N, 300, 300] uint8 and defect probabilities [N] from the installed package."""
     try:
-        from elpv_dataset.utils import load_dataset
+        from elpv_dataset.utils import load_dataset  # noqa: PLC0415 (optional extra quickstart: elpv-dataset)
     except ImportError as error:
         raise DataError(
             "the ELPV data comes from the package elpv-dataset==1.0.0.post1, which is not installed"

@@ -103,8 +103,8 @@ def export_onnx(
 
 def onnx_session(path: str | Path, *, threads: int | None = None) -> Any:
     """An onnxruntime CPU InferenceSession for an exported model (validated with onnx.checker first)."""
-    import onnx
-    import onnxruntime as ort
+    import onnx  # noqa: PLC0415 (optional extra onnx)
+    import onnxruntime as ort  # noqa: PLC0415 (optional extra onnx)
 
     onnx.checker.check_model(str(path))
     options = ort.SessionOptions()
