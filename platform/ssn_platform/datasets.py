@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from ssn_platform import storage
 from ssn_platform.cache import (PruneStats, _cache_lock, _file_lock, _hold_view, _view_lock_path, cache_limit_bytes,
                                 default_cache_dir, prune_cache)
@@ -33,8 +35,6 @@ from ssn_platform.storage import ObjectNotFoundError, S3Settings, make_client
 
 
 def _progress(total: int, desc: str, enabled: bool | None, unit: str = "B") -> Any:
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", unit_divisor=1024,
                 disable=(None if enabled is None else not enabled), leave=False)
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 
 from ssn_platform.names import registered_model_name
 from ssn_platform.s3keys import parse_s3_uri
@@ -79,8 +80,7 @@ def population_stability_index(reference: np.ndarray, window: np.ndarray, *, bin
 def table_scores(table_uri: str, version: str, *, image_prefix: str | None = None,
                  since: str | None = None) -> np.ndarray:
     """Scores of the batch job's table rows of `version` (status ok), filtered by image prefix and time."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
+    import pyarrow.dataset as pads  # noqa: PLC0415 (pyarrow.dataset: kept off the Serve app's import)
 
 
     bucket, key = parse_s3_uri(table_uri)
@@ -100,7 +100,7 @@ def table_scores(table_uri: str, version: str, *, image_prefix: str | None = Non
 
 def calibration_scores(product: str, version: str) -> np.ndarray:
     """Scores of the normal images the version was calibrated on (its run's calibration/v<version>/scores.json)."""
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # noqa: PLC0415 (MLflow: kept off the Serve app's import)
 
     client = MlflowClient()
     run_id = client.get_model_version(registered_model_name(product), str(version)).run_id
@@ -121,7 +121,7 @@ def calibration_scores(product: str, version: str) -> np.ndarray:
 def judge(reference: np.ndarray, window: np.ndarray, *, psi_limit: float, ks_alpha: float,
           min_window: int) -> tuple[str, float, float, float]:
     """(status, psi, ks statistic, ks p-value) of a window against its reference."""
-    from scipy.stats import ks_2samp
+    from scipy.stats import ks_2samp  # noqa: PLC0415 (scipy: kept off the Serve app's import)
 
     if len(window) < min_window or len(reference) < min_window:
         return "insufficient", float("nan"), float("nan"), float("nan")
@@ -161,8 +161,8 @@ def check_drift(product: str, table_uri: str, *, version: str | None = None, win
 
 def _record(result: DriftResult, table_uri: str, window_prefix: str | None, since: str | None) -> DriftResult:
     """A run in ``ssn-<product>-drift`` and the registered model's ``ssn.drift.*`` tags (written last)."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param
+    from mlflow import MlflowClient  # noqa: PLC0415 (MLflow: kept off the Serve app's import)
+    from mlflow.entities import Metric, Param  # noqa: PLC0415 (MLflow: kept off the Serve app's import)
 
 
     client = MlflowClient()

@@ -27,6 +27,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from supersimplenet.config import recommended_model_config
+from ssn_platform.datasets import DatasetReader
 from ssn_platform.names import registered_model_name
 
 DESCRIPTION_LIMIT = 4500  # the registry's description field: a summary; the artifact holds the whole card
@@ -51,8 +53,6 @@ def _json(text: str | None) -> dict[str, Any]:
 
 def _origin(params: dict[str, str]) -> str:
     """Where sigma and the Perlin threshold came from: the backbone preset's recommendation, or the job."""
-    from supersimplenet.config import recommended_model_config
-
     try:
         recommended = recommended_model_config(params.get("model.backbone", ""),
                                                supervision=params.get("train.supervision", "unsupervised"))
@@ -122,7 +122,7 @@ def render_model_card(facts: dict[str, Any]) -> str:
 
 def gather(product: str, version: str) -> dict[str, Any]:
     """Everything the card shows, from MLflow (version, run, breakdown artifact) and the dataset manifest."""
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # noqa: PLC0415 (MLflow: kept off the Serve app's import)
 
     client = MlflowClient()
     name = registered_model_name(product)
@@ -144,8 +144,6 @@ def gather(product: str, version: str) -> dict[str, Any]:
     manifest = run.data.tags.get("ssn.dataset.manifest") or facts["version_tags"].get("dataset")
     if manifest:
         try:
-            from ssn_platform.datasets import DatasetReader
-
             facts["counts"] = DatasetReader(manifest).manifest.to_dict()["counts"]
         except Exception:  # noqa: BLE001 - a card without counts beats no card; it says n/a
             facts["counts"] = None
@@ -154,7 +152,7 @@ def gather(product: str, version: str) -> dict[str, Any]:
 
 def write_model_card(product: str, version: str) -> str:
     """Renders the card of a version, logs it as an artifact of its run and sets the registry description."""
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # noqa: PLC0415 (MLflow: kept off the Serve app's import)
 
     facts = gather(product, version)
     card = render_model_card(facts)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 MAX_REGIONS = 32
 RESOLUTIONS = ("model", "original")
@@ -29,8 +30,6 @@ def map_at(anomaly_map: np.ndarray, width: int, height: int) -> np.ndarray:
     """`anomaly_map` [h, w] resampled to [height, width] (bilinear, float32)."""
     if anomaly_map.shape == (height, width):
         return anomaly_map
-    from PIL import Image
-
     resized = Image.fromarray(np.ascontiguousarray(anomaly_map, dtype=np.float32), mode="F").resize(
         (width, height), Image.Resampling.BILINEAR)
     return np.asarray(resized, dtype=np.float32)
@@ -39,7 +38,7 @@ def map_at(anomaly_map: np.ndarray, width: int, height: int) -> np.ndarray:
 def defect_regions(anomaly_map: np.ndarray, threshold: float, width: int, height: int, *,
                    max_regions: int = MAX_REGIONS) -> tuple[list[dict[str, Any]], int]:
     """(regions, total number of regions) of ``anomaly_map >= threshold`` in image coordinates (module docstring)."""
-    from scipy import ndimage
+    from scipy import ndimage  # noqa: PLC0415 (scipy: kept off the Serve app's import)
 
     map_height, map_width = anomaly_map.shape
     labels, count = ndimage.label(anomaly_map >= threshold, structure=np.ones((3, 3), dtype=bool))

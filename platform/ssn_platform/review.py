@@ -30,6 +30,8 @@ import re
 import uuid
 from typing import Any
 
+from PIL import Image
+
 from ssn_platform.names import PRODUCT_RE
 from ssn_platform.s3keys import join_key
 from ssn_platform.storage import ObjectNotFoundError, get_bytes, make_client, put_bytes
@@ -133,8 +135,6 @@ class ReviewStore:
 
     def label(self, item_id: str, label: str, *, by: str, mask_png: bytes | None = None) -> dict[str, Any]:
         """Records an operator's label (and painted mask, for a defective image); returns the label record."""
-        from PIL import Image
-
         record = self.item(item_id)
         if label not in LABELS:
             raise ReviewError(f"label must be one of {LABELS}, got {label!r}")
@@ -169,7 +169,7 @@ class ReviewStore:
 
     def publish(self, *, dataset_bucket: str = "ssn", split: str = "val", base_uri: str | None = None) -> PublishResult:
         """The labelled items not published yet, added to the product's latest dataset version (module docstring)."""
-        from ssn_platform.review_publish import publish_labels  # it imports this module: bound at call time
+        from ssn_platform.review_publish import publish_labels  # noqa: PLC0415 (import cycle with review_publish)
 
         return publish_labels(self, dataset_bucket=dataset_bucket, split=split, base_uri=base_uri)
 

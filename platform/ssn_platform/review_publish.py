@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from supersimplenet.samples import Sample
+from supersimplenet.validation import check_samples
 from ssn_platform.datasets import DatasetReader
 from ssn_platform.ingest import publish_checked
 from ssn_platform.manifest import DATASETS_ROOT, LATEST_NAME
@@ -49,9 +51,6 @@ def _link_tree(source: Path, target: Path) -> None:
 
 
 def publish_labels(store: Any, *, dataset_bucket: str, split: str, base_uri: str | None) -> Any:
-    from supersimplenet.samples import Sample
-    from supersimplenet.validation import check_samples
-
     if split not in ("train", "val", "test"):
         raise ReviewError(f"split must be train, val or test, got {split!r}")
     done = store.published_items()

@@ -35,18 +35,24 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import io
 import time
 import uuid
 from pathlib import PurePosixPath
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyarrow import fs
+
+from supersimplenet.visualize import mask_png
 from ssn_platform.datasets import DatasetReader
 from ssn_platform.manifest import OBJECTS_DIR
 from ssn_platform.names import CHAMPION, PRODUCT_RE, registered_model_name
 from ssn_platform.regions import RESOLUTIONS
 from ssn_platform.s3keys import format_s3_uri, join_key, parse_s3_uri
 from ssn_platform.services import PlatformError, check_mlflow, connect_ray, experiment_id, storage_filesystem
-from ssn_platform.storage import make_client
+from ssn_platform.storage import make_client, put_bytes
 from ssn_platform.thresholds import threshold_from_tags
 
 READ_BLOCK = 64  # images per read task: one Ray task per image would cost more than reading it
@@ -136,8 +142,8 @@ class ScoreSummary:
 # ---------------------------------------------------------------------------------------------------------
 def pin_version(product: str, version: str | None) -> tuple[str, str, dict[str, str], float]:
     """(registered model, explicit version, its tags, its threshold); PlatformError naming what is missing."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+    from mlflow import MlflowClient  # noqa: PLC0415 (MLflow: kept off the Serve app's import)
+    from mlflow.exceptions import MlflowException  # noqa: PLC0415 (MLflow: kept off the Serve app's import)
 
 
     name = registered_model_name(product)
@@ -195,8 +201,7 @@ def list_inputs(settings: ScoreSettings, client: Any = None) -> list[tuple[str, 
 
 def already_scored(filesystem: Any, table_path: str) -> set[str]:
     """The `image` values of the table's status=ok partition (empty when the table does not exist yet)."""
-    import pyarrow.dataset as pads
-    from pyarrow import fs
+    import pyarrow.dataset as pads  # noqa: PLC0415 (pyarrow.dataset: kept off the Serve app's import)
 
     ok_path = f"{table_path}/status=ok"
     if filesystem.get_file_info(ok_path).type == fs.FileType.NotFound:
@@ -214,10 +219,11 @@ class _Scorer:
     def __init__(self, product: str, name: str, version: str, tags: dict[str, str], *, device: str,
                  precision: str, threads: int, masks_prefix: tuple[str, str] | None, run: str,
                  root: str, resolution: str = "model") -> None:
-        import torch
+        import torch  # noqa: PLC0415 (torch: kept off the Serve app's import)
 
-        from ssn_platform.serving.settings import ServeSettings
-        from ssn_platform.serving.versions import load_version
+        # import cycle: the ssn_platform.serving package imports the app, which imports this module (through drift)
+        from ssn_platform.serving.settings import ServeSettings  # noqa: PLC0415 (import cycle, see above)
+        from ssn_platform.serving.versions import load_version  # noqa: PLC0415 (import cycle, see above; torch)
 
         torch.set_num_threads(max(1, threads))
         self.loaded = load_version(product, name, version, tags, device=device, precision=precision)
@@ -230,11 +236,6 @@ class _Scorer:
         self._client = None
 
     def _put_mask(self, relative_path: str, mask) -> str:
-        import io
-
-        from supersimplenet.visualize import mask_png
-        from ssn_platform.storage import make_client, put_bytes
-
         bucket, prefix = self.masks_prefix
         if self._client is None:
             self._client = make_client()
@@ -245,10 +246,9 @@ class _Scorer:
         return format_s3_uri(bucket, key)
 
     def __call__(self, batch: dict[str, Any]) -> Any:
-        import pyarrow as pa
-
-        from ssn_platform.serving.requests import ApiError, decode_image
-        from ssn_platform.serving.versions import decision, run_items
+        # import cycle: the ssn_platform.serving package imports the app, which imports this module (through drift)
+        from ssn_platform.serving.requests import ApiError, decode_image  # noqa: PLC0415 (import cycle, see above)
+        from ssn_platform.serving.versions import decision, run_items  # noqa: PLC0415 (import cycle, see above)
 
         loaded = self.loaded
         images = [f"s3://{path}" for path in batch["path"]]
@@ -289,8 +289,6 @@ class _Scorer:
 
 
 def _table_schema():
-    import pyarrow as pa
-
     region = pa.struct([("x0", pa.int32()), ("y0", pa.int32()), ("x1", pa.int32()), ("y1", pa.int32()),
                         ("area_pixels", pa.float64()), ("area_percent", pa.float64()), ("max_score", pa.float64()),
                         ("mean_score", pa.float64())])
@@ -311,7 +309,7 @@ TABLE_SCHEMA = _table_schema()
 # ---------------------------------------------------------------------------------------------------------
 def score_images_job(settings: ScoreSettings, *, address: str | None = None, progress: bool = True) -> ScoreSummary:
     """Scores the inputs not yet in the table with the pinned version (module docstring); returns the summary."""
-    import ray
+    import ray  # noqa: PLC0415 (Ray reads its settings on first import)
 
 
     check_mlflow()
@@ -357,8 +355,7 @@ def score_images_job(settings: ScoreSettings, *, address: str | None = None, pro
 
 def _run_counts(filesystem: Any, table_path: str, run: str) -> dict[str, int]:
     """Rows this run wrote, per status, and its anomalous count (read back from the table itself)."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
+    import pyarrow.dataset as pads  # noqa: PLC0415 (pyarrow.dataset: kept off the Serve app's import)
 
     table = pads.dataset(table_path, filesystem=filesystem, format="parquet", partitioning="hive").to_table(
         columns=["status", "is_anomalous"], filter=pads.field("run") == run)
@@ -370,8 +367,8 @@ def _run_counts(filesystem: Any, table_path: str, run: str) -> dict[str, int]:
 
 def _log_summary(settings: ScoreSettings, summary: ScoreSummary) -> str:
     """One MLflow run in ``ssn-<product>-scoring`` per job: settings as params, counts as metrics."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param
+    from mlflow import MlflowClient  # noqa: PLC0415 (MLflow: kept off the Serve app's import)
+    from mlflow.entities import Metric, Param  # noqa: PLC0415 (MLflow: kept off the Serve app's import)
 
 
     client = MlflowClient()

@@ -17,6 +17,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from ssn_platform.storage import S3Settings
+
 # Non-secret settings that workers need, passed through runtime_env (never through the config, which is logged).
 # Secrets are not among them: Ray writes runtime_env into its logs. S3 credentials reach workers from their nodes'
 # environment (the local stack's Ray head: AWS_SHARED_CREDENTIALS_FILE, a 0600 file; clusters: Secrets, IAM roles).
@@ -53,9 +55,8 @@ def check_mlflow(uri: str | None = None, *, timeout: float = 5.0) -> None:
 def storage_filesystem():
     """pyarrow S3 filesystem for Ray Train's and Tune's run storage, without keys: Ray pickles it into run state in the
     bucket (tuner.pkl, search_gen_state-*.json); pyarrow finds credentials through the AWS SDK chain in each process."""
-    from pyarrow import fs
+    from pyarrow import fs  # noqa: PLC0415 (pyarrow: for Ray's run storage only; most importers need none)
 
-    from ssn_platform.storage import S3Settings
 
     settings = S3Settings.from_env()
     if not settings.endpoint_url:
@@ -95,8 +96,9 @@ def connect_ray(address: str | None = None, *, log_to_driver: bool = True) -> No
     stop, a killed driver) Ray's detached PlacementGroupCleaner frees its CPUs, and it finds the cluster through
     the State API, which gives up when several Ray clusters run on one machine; the CPUs would stay reserved.
     """
-    import ray
-    from ray.tune.execution import class_cache  # Tune copies a driver's AWS keys into trials' runtime_env (logged)
+    import ray  # noqa: PLC0415 (Ray reads its settings on first import)
+    # Tune copies a driver's AWS keys into trials' runtime_env (logged)
+    from ray.tune.execution import class_cache  # noqa: PLC0415 (Ray reads its settings on first import)
 
     class_cache.ENV_VARS_TO_PROPAGATE -= {n for n in class_cache.ENV_VARS_TO_PROPAGATE if n.startswith("AWS_")}
     if ray.is_initialized():

@@ -16,6 +16,8 @@ import sys
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 
+from ssn_platform.storage import S3Settings, StorageError, call_with_retries, make_client
+
 __all__ = ["repo_root", "stack_script", "stack_env", "apply_stack_env", "check_s3", "main"]
 
 
@@ -59,8 +61,6 @@ def apply_stack_env(
 
 def check_s3(buckets: list[str] | None = None) -> str | None:
     """None when the S3 endpoint of the environment answers ListBuckets and holds ``buckets``; else the problem."""
-    from ssn_platform.storage import S3Settings, StorageError, call_with_retries, make_client
-
     settings = S3Settings.from_env(max_attempts=1, connect_timeout=2.0, read_timeout=5.0)
     client = make_client(settings)
     try:

@@ -40,8 +40,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from PIL import Image
 
+from ssn_platform.datasets import DatasetReader
 from ssn_platform.modelcard import refresh_model_card
+from ssn_platform.names import registered_model_name
+from ssn_platform.services import PlatformError, check_mlflow
 
 METHODS = ("auto", "false_alarm", "f1", "recall")
 TAG_VALUE = "threshold"
@@ -205,7 +209,7 @@ def rate_interval(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[float
     ``(1 - confidence) / 2``: beta quantiles, via `scipy.stats.binomtest`. Conservative (covers at least
     `confidence`), and meaningful at k = 0: 0 of 50 gives (0, 0.0711), 1 of 100 gives (0.00025, 0.0545).
     """
-    from scipy.stats import binomtest
+    from scipy.stats import binomtest  # noqa: PLC0415 (scipy: kept off the Serve app's import)
 
     interval = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="exact")
     return float(interval.low), float(interval.high)
@@ -255,7 +259,7 @@ def calibrate(scores: Any, labels: Any, *, method: str = "auto", false_alarm_rat
                 f"f1: needs normal and defective calibration images, found {n_normal} normal and "
                 f"{n_defective} defective (use method 'false_alarm' for normal-only data)"
             )
-        from supersimplenet.metrics import f1_max
+        from supersimplenet.metrics import f1_max  # noqa: PLC0415 (sklearn, scipy: kept off the Serve app's import)
 
         _, value = f1_max(s, y.astype(np.int64))
         value = float(value)
@@ -297,9 +301,8 @@ def threshold_from_tags(tags: dict[str, str]) -> float | None:
 
 def score_images(model, paths: Sequence[Path], *, batch_size: int = 16) -> np.ndarray:
     """Scores of image files through the serving path: decode with PIL, then `predict_images`."""
-    from PIL import Image
-
-    from supersimplenet.inference import inference_model, predict_images
+    from supersimplenet.inference import (  # noqa: PLC0415 (torch: kept off the Serve app's import)
+        inference_model, predict_images)
 
     model = inference_model(model)  # fold once, not per batch
     scores: list[np.ndarray] = []
@@ -318,9 +321,8 @@ def record_threshold(product: str, version: str, threshold: Threshold, *, scores
                      run_id: str | None = None) -> None:
     """Stores `threshold` on version `version` of ``ssn-<product>``: tags plus ``calibration/v<version>``
     artifacts on the version's run (when it has one)."""
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # noqa: PLC0415 (MLflow: kept off the Serve app's import)
 
-    from ssn_platform.registry import registered_model_name
 
     client = MlflowClient()
     name = registered_model_name(product)
@@ -347,12 +349,10 @@ def calibrate_version(product: str, version: str | int, *, data_uri: str | None 
                       batch_size: int = 16) -> Threshold:
     """Scores the `split` of the version's dataset (or `data_uri`) with the registered model and stores the
     calibrated threshold on the version. Never falls back to another split."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+    from mlflow import MlflowClient  # noqa: PLC0415 (MLflow: kept off the Serve app's import)
+    from mlflow.exceptions import MlflowException  # noqa: PLC0415 (MLflow: kept off the Serve app's import)
 
-    from ssn_platform.datasets import DatasetReader
-    from ssn_platform.registry import load_model, registered_model_name
-    from ssn_platform.services import PlatformError, check_mlflow
+    from ssn_platform.registry import load_model  # noqa: PLC0415 (torch: kept off the Serve app's import)
 
     if method not in METHODS:
         raise PlatformError(f"method must be one of {METHODS}, got {method!r}")

@@ -17,6 +17,8 @@ import logging
 import math
 import os
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
@@ -24,9 +26,11 @@ import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from PIL import Image
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from supersimplenet.visualize import colorize, mask_png
 from ssn_platform.names import PRODUCT_RE
 from ssn_platform.drift import drift_of
 from ssn_platform.serving.auth import ApiKeys
@@ -46,15 +50,12 @@ log = logging.getLogger("ray.serve")
 
 
 def _torch_threads() -> int:
-    import torch
+    import torch  # noqa: PLC0415 (torch: loads in the replica, not where Serve builds the app)
 
     return torch.get_num_threads()
 
 
 def _registry_health() -> tuple[bool, str]:
-    import urllib.error
-    import urllib.request
-
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri.startswith(("http://", "https://")):
         return False, "MLFLOW_TRACKING_URI is not an http(s) tracking server"
@@ -86,8 +87,7 @@ class InspectorReplica(ReviewRoutes):
             os.environ.setdefault(key, value)
         if self.settings.mlflow_tracking_uri:
             os.environ["MLFLOW_TRACKING_URI"] = self.settings.mlflow_tracking_uri
-        import torch
-        from PIL import Image
+        import torch  # noqa: PLC0415 (torch: loads in the replica, not where Serve builds the app)
 
         Image.MAX_IMAGE_PIXELS = self.settings.max_pixels
         if self.settings.torch_threads > 0:
@@ -304,8 +304,6 @@ class InspectorReplica(ReviewRoutes):
     @staticmethod
     def _result(loaded: LoadedVersion, score: float, anomaly_map: np.ndarray, width: int, height: int,
                 return_map: bool, return_mask: bool, map_resolution: str = "model") -> dict[str, Any]:
-        from supersimplenet.visualize import colorize, mask_png
-
         decided = decision(loaded, score, anomaly_map, width=width, height=height, resolution=map_resolution)
         result: dict[str, Any] = {
             "product": loaded.product,

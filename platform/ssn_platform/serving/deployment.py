@@ -5,13 +5,19 @@ and `deploy` (``jobs/deploy.py``). Locally the replica reserves no CPU (``num_cp
 cores; see ``infra/serve/README.md`` for GPU replicas and autoscaling.
 """
 
+import json
 import logging
 import os
 import time
+import urllib.error
+import urllib.request
 from typing import Any
 
+import ray
 from ray import serve
+from ray.serve.config import BackpressureConfig
 
+from ssn_platform.services import check_mlflow, connect_ray
 from ssn_platform.serving.app import inspector_deployment
 from ssn_platform.serving.settings import ServeSettings
 
@@ -27,8 +33,6 @@ def replica_env(settings: ServeSettings) -> dict[str, str]:
     """Environment of the replicas: what the current Ray job already passes to its workers, plus SERVE_ENV."""
     env: dict[str, str] = {}
     try:
-        import ray
-
         if ray.is_initialized():
             env.update((ray.get_runtime_context().runtime_env or {}).get("env_vars") or {})
     except Exception:  # noqa: BLE001 - outside a Ray worker or driver
@@ -45,8 +49,6 @@ def build_app(args: dict[str, Any] | None = None):
     settings = ServeSettings.from_dict(args)
     runtime_env: dict[str, Any] = {}
     try:
-        import ray
-
         if ray.is_initialized():
             runtime_env = {k: v for k, v in (ray.get_runtime_context().runtime_env or {}).items()
                            if k in ("working_dir", "py_modules", "pip", "uv", "conda", "env_vars")}
@@ -56,8 +58,6 @@ def build_app(args: dict[str, Any] | None = None):
     actor_options: dict[str, Any] = {"num_cpus": settings.num_cpus, "runtime_env": runtime_env}
     if settings.num_gpus:
         actor_options["num_gpus"] = settings.num_gpus
-    from ray.serve.config import BackpressureConfig
-
     options: dict[str, Any] = {"ray_actor_options": actor_options,
                                "max_ongoing_requests": settings.max_ongoing_requests,
                                "max_queued_requests": settings.max_queued_requests,
@@ -83,8 +83,6 @@ def deploy(settings: dict[str, Any] | None = None, *, address: str | None = None
     """Starts Serve on the cluster (HTTP on host:port, default 127.0.0.1:SSN_SERVE_PORT) and deploys the app
     without blocking. Returns the base URL. `log_to_driver=False` keeps the replicas' logs and the INFO lines of
     Ray and Serve out of this process's output (the replicas' logs: when this call makes the Ray connection)."""
-    from ssn_platform.services import check_mlflow, connect_ray
-
     parsed = ServeSettings.from_dict(settings)
     check_mlflow(parsed.mlflow_tracking_uri)
     connect_ray(address, log_to_driver=log_to_driver)
@@ -98,10 +96,6 @@ def deploy(settings: dict[str, Any] | None = None, *, address: str | None = None
 
 def wait_ready(url: str, *, timeout: float = 120.0) -> dict[str, Any]:
     """Polls ``<url>/readyz`` until it answers 200; returns its body."""
-    import json
-    import urllib.error
-    import urllib.request
-
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:

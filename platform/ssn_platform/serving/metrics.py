@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import time
 
+from ray.util import metrics
+
 LATENCY_BOUNDARIES_MS = [5, 10, 20, 35, 50, 75, 100, 150, 250, 400, 650, 1000, 2000, 5000, 10000]
 STAGE_BOUNDARIES_MS = [0.5, 1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 250, 400, 650, 1000, 2000, 5000]
 SCORE_BOUNDARIES = [round(0.05 * i, 2) for i in range(1, 20)]
@@ -28,8 +30,6 @@ class InspectionMetrics:
     """The replica's metric objects (made inside the replica's process, as Ray requires)."""
 
     def __init__(self) -> None:
-        from ray.util import metrics
-
         self.inspections = metrics.Counter("ssn_inspections_total", description="answered inspections",
                                            tag_keys=("product", "decision"))
         self.errors = metrics.Counter("ssn_inspection_errors_total", description="inspections answered with an error",

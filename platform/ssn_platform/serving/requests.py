@@ -15,6 +15,7 @@ from typing import Any, Literal
 import numpy as np
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
 RAW_CONTENT_TYPES = frozenset({
@@ -195,8 +196,6 @@ def parse_multipart(body: bytes, content_type: str, field_name: str = "image") -
 
 def _open_checked(data: bytes, *, max_pixels: int, max_side: int):
     """The image opened from its header only, its size checked against the limits (nothing decoded yet)."""
-    from PIL import Image, UnidentifiedImageError
-
     if not data:
         raise ApiError(400, "empty_body", "the request body is empty: send the image bytes")
     Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow refuses > 2x this at open and warns above it
@@ -232,9 +231,7 @@ def decode_image(data: bytes, *, max_pixels: int, max_side: int) -> tuple[np.nda
 
     Dimensions come from the header and are checked before any pixel is decoded.
     """
-    from PIL import Image
-
-    from supersimplenet.loading import image_array
+    from supersimplenet.loading import image_array  # noqa: PLC0415 (torch: kept off the Serve app's import)
 
     image = _open_checked(data, max_pixels=max_pixels, max_side=max_side)
     width, height = image.size
@@ -260,8 +257,6 @@ def decode_image(data: bytes, *, max_pixels: int, max_side: int) -> tuple[np.nda
 
 
 def png_base64(array: np.ndarray) -> str:
-    from PIL import Image
-
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -27,9 +27,11 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from PIL import Image
 
+from supersimplenet.visualize import colorize
 from ssn_platform.review import ReviewError, ReviewStore
-from ssn_platform.serving.requests import ApiError, error_response
+from ssn_platform.serving.requests import ApiError, error_response, png_base64
 
 log = logging.getLogger("ray.serve")
 COOKIE = "ssn_review_key"
@@ -113,11 +115,6 @@ class ReviewRoutes:
             return
 
         def write() -> None:
-            from PIL import Image
-
-            from supersimplenet.visualize import colorize
-            from ssn_platform.serving.requests import png_base64
-
             try:
                 with Image.open(io.BytesIO(data)) as image:
                     image_format = image.format or "PNG"

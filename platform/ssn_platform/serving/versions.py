@@ -6,12 +6,15 @@ with `@serve.batch`; a batch may mix products and is run per (product, version) 
 `supersimplenet.inference.predict_images`, the code of offline evaluation, so a served score equals the offline one.
 """
 
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ssn_platform.regions import defect_regions, map_at
 from ssn_platform.serving.requests import ApiError
 from ssn_platform.thresholds import threshold_from_tags
 from ssn_platform.names import CHAMPION, PREVIOUS, registered_model_name
@@ -56,14 +59,14 @@ class ProductModel:
 
 
 def _mlflow_client():
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # noqa: PLC0415 (MLflow: kept off the Serve app's import)
 
     return MlflowClient()
 
 
 def champion_info(product: str) -> tuple[str, str, dict[str, str]]:
     """(registered model, champion version, version tags); ApiError 404/503 when there is none or no registry."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # noqa: PLC0415 (MLflow: kept off the Serve app's import)
 
     name = registered_model_name(product)
     client = _mlflow_client()
@@ -94,14 +97,12 @@ def load_version(product: str, name: str, version: str, tags: dict[str, str], *,
     long-running replica would otherwise keep one copy of the artifacts per switch. Only the folded model is kept
     (`supersimplenet.inference.inference_model`, the path offline evaluation runs): fp32 serves the offline scores
     within 1e-5; bf16 trades that for speed (BENCHMARKS.md)."""
-    import tempfile
-    from pathlib import Path
+    import mlflow  # noqa: PLC0415 (MLflow: kept off the Serve app's import)
+    import torch  # noqa: PLC0415 (torch: kept off the Serve app's import)
 
-    import mlflow
-    import torch
-
-    from supersimplenet.checkpoint import load_checkpoint
-    from supersimplenet.inference import inference_model, predict_images
+    from supersimplenet.checkpoint import load_checkpoint  # noqa: PLC0415 (torch: kept off the Serve app's import)
+    from supersimplenet.inference import (  # noqa: PLC0415 (torch: kept off the Serve app's import)
+        inference_model, predict_images)
 
     threshold = threshold_from_tags(tags)
     if threshold is None:
@@ -135,8 +136,6 @@ def decision(loaded: LoadedVersion, score: float, anomaly_map: np.ndarray, *, wi
     (``score >= threshold``); the map (at the model's resolution, or resampled to the image's ``width x height``
     with ``resolution="original"``), its defect mask (pixels ``>= threshold``) and the mask's share in percent; the
     defect regions in image coordinates (`ssn_platform.regions`) and how many there are."""
-    from ssn_platform.regions import defect_regions, map_at
-
     if resolution == "original":
         anomaly_map = map_at(anomaly_map, width, height)
     mask = anomaly_map >= loaded.threshold
@@ -149,7 +148,7 @@ def run_items(items: list[tuple[LoadedVersion, np.ndarray]]) -> list[Any]:
     """Scores and maps of a batch that may mix products and versions: one `predict_images` call per version.
 
     A failing group yields its exception for its own items only."""
-    from supersimplenet.inference import predict_images
+    from supersimplenet.inference import predict_images  # noqa: PLC0415 (torch: kept off the Serve app's import)
 
     results: list[Any] = [None] * len(items)
     groups: dict[int, list[int]] = {}
