@@ -30,11 +30,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
+import mlflow
 import numpy as np
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
 
+from supersimplenet.backbones import get_preset
+from supersimplenet.loading import DefectDataset
 from supersimplenet.metrics import compute_metrics
+from supersimplenet.train import eval_loader, predict, unwrap
+from ssn_platform.datasets import DatasetReader
 from ssn_platform.names import registered_model_name
-from ssn_platform.services import PlatformError, experiment_id as _experiment_id
+from ssn_platform.registry import load_model
+from ssn_platform.services import PlatformError, check_mlflow, experiment_id as _experiment_id
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +216,6 @@ def markdown(report: Mapping[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------------------
 def summarize_dataset(model, dataset, predictions, *, overall: bool = True) -> dict:
     """`summarize` of `predictions` (`supersimplenet.train.predict` of `model` on the `DefectDataset` `dataset`)."""
-    from supersimplenet.train import unwrap
-
     samples = [dataset.samples[i] for i in np.asarray(predictions.indices)]
     return summarize(predictions, samples, image_score=unwrap(model).config.image_score, overall=overall)
 
@@ -222,12 +230,6 @@ def write_breakdown(out_dir: Path, model, dataset, predictions) -> dict[str, Any
 
 def score_samples(model, root: Path, samples: Sequence, *, batch_size: int = 16) -> dict[str, Any]:
     """`summarize_dataset` of a model on `samples`, scored as the training job's test step scores."""
-    import torch
-
-    from supersimplenet.backbones import get_preset
-    from supersimplenet.loading import DefectDataset
-    from supersimplenet.train import eval_loader, predict
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preset = get_preset(model.config.backbone)
     dataset = DefectDataset(root=root, samples=samples, image_size=model.config.image_size, mean=preset.mean,
@@ -290,8 +292,6 @@ def _parent_run(client, experiment_id: str, name: str, tags: dict[str, str]) -> 
 
 
 def _log_report(client, report: EvaluationReport) -> None:
-    from mlflow.entities import Metric
-
     now = int(time.time() * 1000)
     metrics = [Metric(k, float(v), now, 0) for k, v in report.metrics.items() if _finite(v)]
     for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
@@ -305,8 +305,6 @@ def _log_report(client, report: EvaluationReport) -> None:
 def _seed_run(client, seed: int, result) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """A seed's {seed, run_name, run_id, metrics} (its ``test_*`` metrics over its breakdown's) and its breakdown
     (None for runs trained before the training job wrote one)."""
-    import mlflow
-
     if not result.metrics:
         raise PlatformError(f"run {result.run_name} ({result.mlflow_run_id}) logged no test metrics")
     breakdown = None
@@ -341,10 +339,8 @@ def evaluate_seeds(job, seeds: Iterable[Any], *, parallel: int = 1, address: str
     run in the job's experiment, and logs the seeds' mean and population std of every test metric on it.
 
     `base` is `job.run_name` or a fresh name; evaluating the same base again reuses the seeds' finished runs."""
-    from mlflow import MlflowClient
-
-    from ssn_platform.datasets import DatasetReader
-    from ssn_platform.training import _open_mlflow_run, check_mlflow, connect_ray, lineage_tags, run_training
+    from ssn_platform.training import (  # noqa: PLC0415 (import cycle: training imports this module)
+        _open_mlflow_run, check_mlflow, connect_ray, lineage_tags, run_training)
 
     seeds = check_seeds(seeds)
     if parallel < 1:
@@ -366,7 +362,7 @@ def evaluate_seeds(job, seeds: Iterable[Any], *, parallel: int = 1, address: str
             client.set_tag(child_id, "mlflow.parentRunId", parent_id)
             client.set_tag(child_id, f"{TAG}seed", str(seed))
         if parallel > 1:
-            import ray
+            import ray  # noqa: PLC0415 (Ray reads its settings on first import)
 
             connect_ray(address)  # once, before the threads race to initialise Ray
             need = min(parallel, len(jobs)) * job.scaling.num_workers * job.scaling.cpus_per_worker
@@ -409,9 +405,6 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
 
 
 def _resolve_version(client, product: str | None, version: str | None, model_uri: str | None):
-    from mlflow.exceptions import MlflowException
-
-
     if model_uri:
         name, version, alias = parse_model_uri(model_uri)
     elif product and version:
@@ -433,12 +426,6 @@ def evaluate_version(*, product: str | None = None, version: str | None = None, 
     """Scores the test split of `dataset` (default: the dataset version the model was trained on, tag
     ``ssn.dataset.manifest`` of its training run, else the version's ``dataset`` tag) with a registered version and
     logs the metrics on a parent run (experiment `experiment`, else the training run's, else ``ssn-<product>``)."""
-    from mlflow import MlflowClient
-
-    from ssn_platform.datasets import DatasetReader
-    from ssn_platform.registry import load_model
-    from ssn_platform.services import check_mlflow
-
     check_mlflow()
     client = MlflowClient()
     name, model_version = _resolve_version(client, product, version, model_uri)

@@ -163,8 +163,8 @@ def _read_local(root: Path, layout: str | None, category: str | None, options: M
     """The layout name and the checked samples (`supersimplenet.validation.CheckedSamples`) of a local dataset
     folder, every file decoded; a `DataError` listing every problem if invalid."""
     # imported here: the layout readers pull in torch, which `--help` and the manifest helpers do not need
-    from supersimplenet.layouts import detect_layout, read_layout
-    from supersimplenet.validation import check_samples
+    from supersimplenet.layouts import detect_layout, read_layout  # noqa: PLC0415 (torch: see the comment above)
+    from supersimplenet.validation import check_samples  # noqa: PLC0415 (torch: see the comment above)
 
     layout_name = layout or detect_layout(root)
     samples = read_layout(root, layout_name, category=category, **options)

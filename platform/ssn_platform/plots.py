@@ -7,17 +7,17 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image
+from sklearn.metrics import auc, precision_recall_curve, roc_curve
 
 from supersimplenet.visualize import overlay
 
 
 def write_curves(scores: np.ndarray, labels: np.ndarray, out: Path) -> list[Path]:
     """roc_curve.png and pr_curve.png of image scores; nothing when only one class is present."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 (matplotlib.use("Agg") runs first, when plotting)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import auc, precision_recall_curve, roc_curve
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (after matplotlib.use("Agg"))
 
     labels = np.asarray(labels)
     if labels.min() == labels.max():

@@ -47,8 +47,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+
+from supersimplenet.backbones import get_preset
+from supersimplenet.loading import DefectDataset
+from supersimplenet.metrics import compute_metrics
+from supersimplenet.train import eval_loader, predict
+from ssn_platform.datasets import DatasetReader
 from ssn_platform.names import CHAMPION, DEMOTING, PREVIOUS, promotions_experiment
-from ssn_platform.services import experiment_id
+from ssn_platform.registry import load_model, registered_model_name
+from ssn_platform.services import check_mlflow, experiment_id
+from ssn_platform.thresholds import rates_at, threshold_from_tags
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +115,6 @@ def _now() -> str:
 
 
 def _client():
-    from mlflow import MlflowClient
-
     return MlflowClient()
 
 
@@ -140,8 +150,6 @@ def _move_champion(client, name: str, new: str, old: str | None) -> None:
 
 def primary_metric(product: str, metric: str | None = None) -> str:
     """The metric that decides promotions of `product`: `metric`, the model's ``primary_metric`` tag, or the default."""
-    from ssn_platform.registry import registered_model_name
-
     if metric is None:
         try:
             metric = _client().get_registered_model(registered_model_name(product)).tags.get(METRIC_TAG)
@@ -159,13 +167,6 @@ def primary_metric(product: str, metric: str | None = None) -> str:
 def evaluate_model(model, root: Path, samples: list, *, threshold: float | None = None,
                    batch_size: int = 16) -> dict[str, float]:
     """compute_metrics on `samples` (plus the rates at `threshold` when given), as the training job's test step."""
-    import torch
-
-    from supersimplenet.backbones import get_preset
-    from supersimplenet.loading import DefectDataset
-    from supersimplenet.metrics import compute_metrics
-    from supersimplenet.train import eval_loader, predict
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preset = get_preset(model.config.backbone)
     dataset = DefectDataset(root=root, samples=samples, image_size=model.config.image_size, mean=preset.mean,
@@ -174,8 +175,6 @@ def evaluate_model(model, root: Path, samples: list, *, threshold: float | None 
     metrics = compute_metrics(scores=predictions.scores, labels=predictions.labels, maps=predictions.maps,
                               masks=predictions.masks)
     if threshold is not None:
-        from ssn_platform.thresholds import rates_at
-
         rates = rates_at(threshold, predictions.scores, predictions.labels)
         metrics.update({f"{k}_at_threshold": v for k, v in rates.items()})
     return {k: float(v) for k, v in metrics.items()}
@@ -215,8 +214,6 @@ def find_seed_evaluation(client, run_id: str, metric: str, require_seeds: int) -
 # Recording
 # ---------------------------------------------------------------------------------------------------------
 def _record(client, decision: Decision) -> str:
-    from mlflow.entities import Metric, Param
-
     run = client.create_run(experiment_id(client, promotions_experiment(decision.product)),
                             run_name=f"v{decision.candidate_version}-{'promoted' if decision.promoted else 'refused'}",
                             tags={"ssn.product": decision.product, "ssn.decision": _decision_word(decision),
@@ -296,11 +293,6 @@ def promote(product: str, version: str | int, *, margin: float = 0.005, floor: f
     Returns the recorded `Decision` (``promoted`` False with a ``reason`` when refused). Raises PromotionError
     when the version does not exist, the data has no `split`, or the metric is unknown.
     """
-    from mlflow.exceptions import MlflowException
-
-    from ssn_platform.registry import registered_model_name
-    from ssn_platform.services import check_mlflow
-
     if margin < 0:
         raise PromotionError(f"margin must be >= 0, got {margin}")
     if require_seeds < 0:
@@ -339,8 +331,6 @@ def _refusal_before_evaluation(client, decision: Decision, candidate) -> str:
     """Why the candidate is refused without evaluating anything ("" when it may be evaluated): no calibrated
     threshold, no test evaluation, already the champion, or (with require_seeds) no multi-seed evaluation whose
     mean clears the floor (that evaluation is recorded in the decision)."""
-    from ssn_platform.thresholds import threshold_from_tags
-
     version, product, metric = decision.candidate_version, decision.product, decision.metric
     if threshold_from_tags(candidate.tags) is None:
         return (f"version {version} has no calibrated threshold (tag 'threshold'); run "
@@ -367,10 +357,6 @@ def _evaluate_candidate_and_champion(client, decision: Decision, candidate, *, d
                                      batch_size: int) -> None:
     """Scores the candidate and the champion (if any) with the same code on the same images: the `split` of
     `data_uri` (default: the candidate's dataset tag), each at its own calibrated threshold."""
-    from ssn_platform.datasets import DatasetReader
-    from ssn_platform.registry import load_model
-    from ssn_platform.thresholds import threshold_from_tags
-
     name, version, split = decision.registered_model, decision.candidate_version, decision.split
     uri = data_uri or candidate.tags.get("dataset")
     if not uri:
@@ -420,12 +406,6 @@ def _judge(decision: Decision) -> None:
 
 def rollback(product: str) -> Rollback:
     """``champion`` <- ``previous``, ``previous`` <- the demoted champion. Raises PromotionError without a previous."""
-    from mlflow.entities import Param
-    from mlflow.exceptions import MlflowException
-
-    from ssn_platform.registry import registered_model_name
-    from ssn_platform.services import check_mlflow
-
     check_mlflow()
     client = _client()
     name = registered_model_name(product)

@@ -8,13 +8,20 @@ call `mlflow.pyfunc.load_model(uri).predict(images)` for scores.
 from __future__ import annotations
 
 import tempfile
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import mlflow
+import mlflow.pyfunc
 import numpy as np
+from mlflow import MlflowClient
 
+import ssn_platform
+import supersimplenet
 from supersimplenet.checkpoint import load_checkpoint, save_checkpoint
 from supersimplenet.config import to_dict
+from supersimplenet.inference import inference_model, predict_images
 from ssn_platform.names import registered_model_name  # noqa: F401 - re-exported for callers of registry
 from ssn_platform.modelcard import refresh_model_card
 
@@ -23,35 +30,24 @@ HEADLINE_METRICS = ("image_auroc", "ap_det", "pixel_auroc", "aupro", "f1_max")
 
 
 def _pip_requirements() -> list[str]:
-    from importlib.metadata import version
-
     names = ("torch", "torchvision", "timm", "numpy", "scipy", "scikit-learn", "pillow", "pyyaml", "mlflow")
-    return [f"{name}=={version(name)}" for name in names]
+    return [f"{name}=={metadata.version(name)}" for name in names]
 
 
 def _code_paths() -> list[str]:
-    import ssn_platform
-    import supersimplenet
-
     # __path__, not __file__: works for regular and namespace packages alike
     return [str(Path(list(supersimplenet.__path__)[0])), str(Path(list(ssn_platform.__path__)[0]))]
 
 
 def _pyfunc_class():
-    import mlflow.pyfunc
-
     class SuperSimpleNetModel(mlflow.pyfunc.PythonModel):
         """pyfunc wrapper: RGB images [N, H, W, 3] (uint8 or floats in [0, 1]) -> image scores."""
 
         def load_context(self, context) -> None:
-            from supersimplenet.inference import inference_model
-
             model, self.metadata = load_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
             self.model = inference_model(model)  # the folded fast path, as evaluation and serving run
 
         def predict(self, context, model_input, params=None):
-            from supersimplenet.inference import predict_images
-
             scores, _ = predict_images(self.model, np.asarray(model_input))
             return scores
 
@@ -70,8 +66,6 @@ def log_and_register(job, model, *, run_id: str, metrics: dict[str, float], prov
     Idempotent per run: when the run already registered a version (a finalisation retried after a crash between
     the registration and the end of the job), that version is kept and only its tags are written again; no second
     version of the same run appears."""
-    from mlflow import MlflowClient
-
     client = MlflowClient()
     name = job.registered_model_name
     version = registered_version_of_run(client, name, run_id)
@@ -98,8 +92,6 @@ def log_and_register(job, model, *, run_id: str, metrics: dict[str, float], prov
 
 
 def _log_and_register_new(job, model, *, run_id: str, metrics: dict[str, float], provenance: str) -> str:
-    import mlflow
-
     with tempfile.TemporaryDirectory() as directory:
         path = save_checkpoint(Path(directory) / "model.pt", model, metadata={
             "product": job.product, "train_config": to_dict(job.train), "test_metrics": metrics,
@@ -116,8 +108,6 @@ def _log_and_register_new(job, model, *, run_id: str, metrics: dict[str, float],
 
 def load_model(model_uri: str) -> tuple[Any, dict]:
     """Loads a logged or registered model back as a SuperSimpleNet module (eval mode) and its metadata."""
-    import mlflow
-
     with tempfile.TemporaryDirectory(prefix="ssn-model-") as directory:
         local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri.rstrip("/"), dst_path=directory)
         candidates = list(Path(local).rglob("model.pt"))

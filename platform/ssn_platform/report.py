@@ -9,6 +9,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+import mlflow
+from mlflow import MlflowClient
+
 METRIC_LABELS = {
     "image_auroc": "Image AUROC", "ap_det": "AP (detection)", "f1_max": "F1-max", "pixel_auroc": "Pixel AUROC",
     "ap_loc": "AP (localisation)", "aupro": "AUPRO (FPR 0.3)",
@@ -27,8 +30,6 @@ def _fmt(value: Any) -> str:
 
 
 def _artifacts(run_id: str, path: str, into: Path) -> Path | None:
-    import mlflow
-
     try:
         return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(into)))
     except Exception:  # noqa: BLE001 - an artifact a run did not produce (e.g. no curves with one class) is left out
@@ -40,8 +41,6 @@ def write_report(
     search_run_id: str | None = None, served: Sequence[dict[str, Any]] = (), links: dict[str, str] | None = None,
 ) -> Path:
     """Writes `out` (an HTML file with every picture embedded) and returns its path."""
-    from mlflow import MlflowClient
-
     client = MlflowClient()
     run = client.get_run(training_run_id)
     metrics = {k[len("test_"):]: v for k, v in run.data.metrics.items() if k.startswith("test_")}

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pyarrow import fs as pafs
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,6 @@ class StoredCheckpoint:
 
 
 def _read(fs, path: str) -> bytes | None:
-    from pyarrow import fs as pafs
-
     try:
         if fs.get_file_info(path).type != pafs.FileType.File:
             return None
@@ -96,8 +95,6 @@ def load_verified(fs, directory: str) -> dict[str, Any] | None:
 
 def stored_checkpoints(fs, run_dir: str) -> list[StoredCheckpoint]:
     """Checkpoint directories under `run_dir`, newest first (complete or not: `load_verified` decides)."""
-    from pyarrow import fs as pafs
-
     try:
         infos = fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
     except OSError as error:

@@ -52,7 +52,7 @@ class ParamSpec:
             raise ConfigError(f"search space: {self.key}: log_uniform needs low > 0, got {self.low}")
 
     def optuna_distribution(self):
-        import optuna
+        import optuna  # noqa: PLC0415 (Optuna: the train and evaluate jobs import this module without the search)
 
         if self.distribution == "uniform":
             return optuna.distributions.FloatDistribution(float(self.low), float(self.high))

@@ -11,8 +11,8 @@
   whole study's record.
 * Reading back. `TrialSummary` per trial, `_best_trial`, ``trials.csv`` and Optuna's plots.
 
-Optuna and Ray are imported inside the functions that use them: Ray reads its settings (auth mode) when first
-imported, and importing this module must not do that.
+Ray (and matplotlib, whose backend is set first) is imported inside the functions that use it: Ray reads its
+settings (auth mode) when first imported, and importing this module must not do that.
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+import optuna
+from optuna.trial import TrialState
 
 from supersimplenet.config import ConfigError
 from ssn_platform.jobconfig import JobConfig
@@ -61,8 +64,6 @@ def redact_url(url: str) -> str:
 
 
 def open_storage(url: str):
-    import optuna
-
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
@@ -85,9 +86,6 @@ def _prepare_study(storage_url: str, study_name: str, job: JobConfig, *, metric:
     """Creates or loads the study; refuses to mix objectives or backbones; fails trials left running by a dead
     search. Trials of a search that is still running (its `SearchLease` is fresh) are left alone, so two searches
     can share a study."""
-    import optuna
-    from optuna.trial import TrialState
-
     storage = open_storage(storage_url)
     direction = "minimize" if mode == "min" else "maximize"
     study = optuna.create_study(storage=storage, study_name=study_name, direction=direction, load_if_exists=True)
@@ -150,8 +148,7 @@ class SearchLease:
 
 def _make_searcher_class():
     """OptunaSearch that tags each config with its study trial number and records ASHA stops as PRUNED."""
-    from optuna.trial import TrialState
-    from ray.tune.search.optuna import OptunaSearch
+    from ray.tune.search.optuna import OptunaSearch  # noqa: PLC0415 (Ray reads its settings on first import)
 
     class StudySearch(OptunaSearch):
         def __init__(self, *args: Any, max_t: int, search_name: str, baseline: Mapping[str, Any] | None = None,
@@ -209,8 +206,6 @@ def seed_asha_rungs(scheduler, study, *, max_t: int, mode: str) -> int:
     """Pre-fills ASHA's rungs with the study's earlier per-epoch values (trials with the same max_t), so that a
     resumed search stops poor trials against the whole study's record, not only against its own first trials.
     Returns how many values were seeded (0 when this Ray version's ASHA internals differ: no seeding then)."""
-    from optuna.trial import TrialState
-
     sign = 1.0 if mode == "max" else -1.0
     trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
               if t.user_attrs.get("max_t") == max_t]
@@ -262,8 +257,6 @@ def _summaries(study, child_runs: Mapping[str, str]) -> list[TrialSummary]:
 
 def _best_trial(study):
     """The best COMPLETE trial (full schedule); the best PRUNED one only when none completed."""
-    from optuna.trial import TrialState
-
     for states in ((TrialState.COMPLETE,), (TrialState.PRUNED,)):
         trials = [t for t in study.get_trials(deepcopy=False, states=states)
                   if t.value is not None and math.isfinite(t.value)]
@@ -292,12 +285,11 @@ def write_trials_csv(summaries: Sequence[TrialSummary], space: SearchSpace, path
 def write_study_plots(study, space: SearchSpace, out: Path) -> list[Path]:
     """Optuna's history, intermediate values, importances and the sigma x threshold contour (PNG). A plot that
     cannot be drawn (e.g. importances with fewer than 2 completed trials) is skipped with a note."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 (matplotlib.use("Agg") runs first, when plotting)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import optuna
-    from optuna.visualization import matplotlib as ovm
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (after matplotlib.use("Agg"))
+    from optuna.visualization import matplotlib as ovm  # noqa: PLC0415 (after matplotlib.use("Agg"))
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     out.mkdir(parents=True, exist_ok=True)

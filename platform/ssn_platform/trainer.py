@@ -31,8 +31,9 @@ from typing import Any
 
 import ray
 import ray.train
+import torch.distributed as dist
 from ray.train.torch import TorchConfig, TorchTrainer
-from ray.train.torch.config import _TorchBackend
+from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
 
 from ssn_platform.jobconfig import JobConfig
 from ssn_platform.services import storage_filesystem
@@ -58,8 +59,6 @@ def interface_for(address: str) -> str | None:
 
 def _start_store(world_size: int, timeout_s: int) -> tuple[str, int]:
     """Rank 0: the rendezvous store's master, listening on the node's address only. Returns (address, port)."""
-    import torch.distributed as dist
-
     global _MASTER_STORE
     address = ray.util.get_node_ip_address()
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
@@ -76,8 +75,6 @@ def _start_store(world_size: int, timeout_s: int) -> tuple[str, int]:
 def _join_process_group(backend: str, world_rank: int, world_size: int, address: str, port: int,
                         timeout_s: int) -> None:
     """Every rank: pins Gloo/NCCL to the node's interface and joins the process group through the store."""
-    import torch.distributed as dist
-
     interface = interface_for(ray.util.get_node_ip_address())
     if interface is not None:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
@@ -98,8 +95,6 @@ class _NodeBoundTorchBackend(_TorchBackend):
     """Ray's torch backend with a start whose listeners bind to the node's address (module docstring)."""
 
     def on_start(self, worker_group, backend_config: TorchConfig) -> None:
-        from ray.train.torch.config import _set_torch_distributed_env_vars
-
         if backend_config.backend is not None:
             backend = backend_config.backend
         else:

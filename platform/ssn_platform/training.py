@@ -12,6 +12,7 @@ the same `run_name` again resumes the same way.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -25,24 +26,31 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
 
 from supersimplenet.backbones import get_preset, load_backbone_weights
 from supersimplenet.checkpoint import checkpoint_dict
+from supersimplenet.config import to_dict
 from supersimplenet.loading import DefectDataset
 from supersimplenet.supervision import apply_supervision
 from supersimplenet.model import build_model
+from supersimplenet.synthetic import SyntheticDefectDataset
 from supersimplenet.train import (
     build_optimizer, build_scheduler, build_train_loader, eval_loader, measure_feature_scale, predict, train_epoch,
     unwrap,
 )
 from supersimplenet.metrics import compute_metrics, pixel_auroc
-from ssn_platform import resume, s3keys
+from ssn_platform import evaluation, plots, registry, resume, s3keys
+from ssn_platform.cache import default_cache_dir
+from ssn_platform.datasets import DatasetReader
 from ssn_platform.jobconfig import JobConfig, build_job_config
 # the shared services, re-exported for the modules that import them from here
 from ssn_platform.services import (  # noqa: F401
     WORKER_ENV, PlatformError, check_mlflow, connect_ray, experiment_id, git_sha, storage_filesystem, tracking_uri,
     worker_env,
 )
+from ssn_platform.storage import S3Settings, download_to, make_client
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +64,6 @@ def _resolve_weights(weights: str, cache_dir: Path) -> str:
     """s3:// weights are fetched once per node into the cache; other values pass through."""
     if not weights.startswith("s3://"):
         return weights
-    from ssn_platform.storage import S3Settings, download_to, make_client
-
     bucket, key = s3keys.parse_s3_uri(weights)
     target = cache_dir / "weights" / bucket / key
     if not target.is_file():
@@ -70,8 +76,6 @@ def _resolve_weights(weights: str, cache_dir: Path) -> str:
 
 def load_job_data(job: JobConfig) -> tuple[Path, list, list, list]:
     """(root, train, val, test) samples of the job's dataset, via the node-local S3 cache."""
-    from ssn_platform.datasets import DatasetReader
-
     root, samples = DatasetReader(job.dataset).materialize()
     samples = apply_supervision(samples, job.train.supervision, mask_ratio=job.train.mask_ratio, seed=job.train.seed)
     splits = {name: [s for s in samples if s.split == name] for name in ("train", "val", "test")}
@@ -95,8 +99,6 @@ def build_validation_set(job: JobConfig, root: Path, val_samples: list):
         if labels != {0, 1}:
             raise PlatformError(f"{job.dataset}: validation='split' needs normal and defective val images")
         return DefectDataset(samples=val_samples, **common)
-    from supersimplenet.synthetic import SyntheticDefectDataset
-
     normal = [s for s in val_samples if s.label == 0]
     if len(normal) < 2:
         raise PlatformError(f"{job.dataset}: validation='synthetic' needs at least 2 normal val images")
@@ -123,8 +125,8 @@ def _broadcast_scalar(value: float, device: torch.device) -> float:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker: one DDP rank of a SuperSimpleNet job. `config` = {"job": dict, "mlflow_run_id": str}."""
-    import ray.train
-    import ray.train.torch
+    import ray.train  # noqa: PLC0415 (Ray reads its settings on first import)
+    import ray.train.torch  # noqa: PLC0415 (Ray reads its settings on first import)
 
     job = build_job_config(config["job"])
     cfg = job.train
@@ -186,8 +188,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 def _build_worker_model(job: JobConfig, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The job's model with its backbone's weights loaded (and their provenance), on `device`. Seeded, so every
     rank starts from identical heads (DDP also broadcasts rank 0's)."""
-    from ssn_platform.cache import default_cache_dir
-
     torch.manual_seed(job.train.seed)
     model = build_model(job.model)
     provenance = load_backbone_weights(model.feature_extractor.backbone, job.model.backbone,
@@ -233,7 +233,7 @@ def _report_with_checkpoint(metrics: dict[str, Any], epoch: int, rank: int, job:
                             state: dict[str, Any]) -> None:
     """Reports the epoch with a checkpoint: rank 0 writes `state` (each value a callable, evaluated on rank 0
     only) to a temporary directory that Ray Train uploads; the other ranks report the same checkpoint name."""
-    import ray.train
+    import ray.train  # noqa: PLC0415 (Ray reads its settings on first import)
 
     with tempfile.TemporaryDirectory() as directory:
         if rank == 0:
@@ -251,7 +251,7 @@ def _resume_state(rank: int, device: torch.device) -> dict[str, Any] | None:
     within one controller poll of a report loses that registration (see `ssn_platform.resume`). Rank 0 therefore
     scans the run directory itself and broadcasts the epoch it chose; each rank then loads that checkpoint.
     """
-    import ray.train
+    import ray.train  # noqa: PLC0415 (Ray reads its settings on first import)
 
     storage = ray.train.get_context().get_storage()  # DeveloperAPI: the run directory and its filesystem
     fs, run_dir = storage.storage_filesystem, storage.experiment_fs_path
@@ -292,16 +292,12 @@ def _plain_model(net: torch.nn.Module, job: JobConfig):
 # ---------------------------------------------------------------------------------------------------------
 class _RankZeroTracker:
     def __init__(self, run_id: str | None) -> None:
-        from mlflow import MlflowClient
-
         self.client = MlflowClient()
         self.run_id = run_id
 
     def log_metrics(self, metrics: dict[str, float], *, step: int) -> None:
         if not self.run_id:
             return
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[
             Metric(key=k, value=float(v), timestamp=now, step=step) for k, v in metrics.items()
@@ -316,8 +312,6 @@ class _RankZeroTracker:
 def finalize_run(job: JobConfig, model, *, root: Path, test_samples: list, device: torch.device,
                  tracker: _RankZeroTracker, provenance: str) -> dict[str, float]:
     """Test metrics, artifacts, the logged model and its registration; once per job."""
-    from ssn_platform import evaluation, plots, registry
-
     preset = get_preset(job.model.backbone)
     metrics: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as directory:
@@ -376,9 +370,6 @@ def _check_resubmission(job: JobConfig, run_name: str, logged: dict[str, str]) -
 
 def _open_mlflow_run(job: JobConfig, run_name: str) -> tuple[str, str]:
     """The MLflow run of this job: found by its run name tag (resume) or created. Returns (run_id, status)."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Param
-
     client = MlflowClient()
     experiment = experiment_id(client, job.experiment_name)
     found = client.search_runs([experiment], filter_string=f"tags.`{RUN_TAG}` = '{run_name}'", max_results=1)
@@ -410,10 +401,6 @@ def recipe_fingerprint(job: JobConfig, dataset_version: str) -> str:
     (`ssn_platform.evaluation.evaluate_seeds`) and a registered version trained from the same recipe carry the same
     tag ``ssn.recipe``, which is how `ssn_platform.promotion.promote(require_seeds=...)` finds the one for the other.
     """
-    import hashlib
-
-    from supersimplenet.config import to_dict
-
     train = {k: v for k, v in to_dict(job.train).items() if k not in RECIPE_EXCLUDED_TRAIN_FIELDS}
     recipe = {"model": to_dict(job.model), "train": train, "weights": job.weights, "dataset_version": dataset_version}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -423,16 +410,12 @@ def pin_dataset(job: JobConfig) -> JobConfig:
     """The job with its dataset resolved once, on the driver, to the manifest of one version: a ``latest`` pointer
     or product prefix would otherwise be resolved again by every worker at every restart, and a worker that
     restarts after a new ingest would train on other data than the run records."""
-    from ssn_platform.datasets import DatasetReader
-
     reader = DatasetReader(job.dataset)
     pinned = f"s3://{reader.bucket}/{reader.prefix}/manifest.json"
     return job if pinned == job.dataset else replace(job, dataset=pinned)
 
 
 def lineage_tags(job: JobConfig) -> dict[str, str]:
-    from ssn_platform.datasets import DatasetReader
-
     reader = DatasetReader(job.dataset)
     return {
         "ssn.recipe": recipe_fingerprint(job, reader.version),
@@ -447,7 +430,7 @@ def lineage_tags(job: JobConfig) -> dict[str, str]:
 
 def run_training(job: JobConfig, *, address: str | None = None) -> TrainingResult:
     """Runs (or resumes) a training job on the Ray cluster and returns its MLflow run and test metrics."""
-    from ssn_platform.trainer import build_trainer  # imports Ray: kept out of this module's import time
+    from ssn_platform.trainer import build_trainer  # noqa: PLC0415 (trainer imports Ray at its top)
 
     check_mlflow()
     job = pin_dataset(job)
@@ -457,8 +440,6 @@ def run_training(job: JobConfig, *, address: str | None = None) -> TrainingResul
         log.info("run %s already finished (MLflow run %s); nothing to do", run_name, run_id)
         return _result_from_mlflow(run_name, run_id, resumed=True)
     connect_ray(address)
-    from mlflow import MlflowClient
-
     client = MlflowClient()
     client.update_run(run_id, status="RUNNING")
     trainer = build_trainer(job, train_loop_per_worker, mlflow_run_id=run_id, name=run_name,
@@ -473,8 +454,6 @@ def run_training(job: JobConfig, *, address: str | None = None) -> TrainingResul
 
 
 def _result_from_mlflow(run_name: str, run_id: str, *, resumed: bool) -> TrainingResult:
-    from mlflow import MlflowClient
-
     run = MlflowClient().get_run(run_id)
     metrics = {k[len("test_"):]: v for k, v in run.data.metrics.items() if k.startswith("test_")}
     return TrainingResult(run_name=run_name, mlflow_run_id=run_id, metrics=metrics,

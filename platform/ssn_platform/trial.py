@@ -6,13 +6,18 @@ metrics reach Tune (and ASHA), and logged to an MLflow child run of the search's
 stops by ending the trial's actor, so the trial cannot end its own run: the search driver (ssn_platform.tuning) ends
 them afterwards from Tune's results (`_close_child_runs`).
 
-Ray, MLflow and ssn_platform.training are imported inside the functions that use them (see ssn_platform.tuning).
+Ray and ssn_platform.trainer (which imports Ray) are imported inside the function that uses them (see
+ssn_platform.tuning).
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping
 
+from mlflow import MlflowClient
+from mlflow.entities import Param
+
+from ssn_platform import training
 from ssn_platform.jobconfig import build_job_config
 from ssn_platform.search_space import apply_params
 from ssn_platform.study import STUDY_TRIAL_KEY
@@ -26,13 +31,11 @@ def trial_run_name(search_name: str, number: int | None, trial_id: str) -> str:
 
 def trial_driver(config: dict[str, Any], settings: dict[str, Any]) -> None:
     """One trial: a Ray Train run of the trial's job, metrics forwarded to Tune, logged to a nested MLflow run."""
-    import ray.tune
-    from mlflow import MlflowClient
-    from mlflow.entities import Param
-    from ray.tune.integration.ray_train import TuneReportCallback
+    import ray.tune  # noqa: PLC0415 (Ray reads its settings on first import)
+    from ray.tune.integration.ray_train import (  # noqa: PLC0415 (Ray reads its settings on first import)
+        TuneReportCallback)
 
-    from ssn_platform import training
-    from ssn_platform.trainer import build_trainer
+    from ssn_platform.trainer import build_trainer  # noqa: PLC0415 (trainer imports Ray at its top)
 
     trial_id = ray.tune.get_context().get_trial_id()
     number = config.get(STUDY_TRIAL_KEY)

@@ -182,7 +182,8 @@ def judge(study, params: Sequence[Any], best, point: Mapping[str, Any], *, max_t
 def baseline_protecting_asha(**kwargs: Any):
     """ASHAScheduler(**kwargs) that records the baseline trial's results in its rungs but never stops it before
     max_t (the trial's Tune config carries BASELINE_KEY)."""
-    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+    from ray.tune.schedulers import (  # noqa: PLC0415 (Ray reads its settings on first import)
+        ASHAScheduler, TrialScheduler)
 
     class BaselineProtectingASHA(ASHAScheduler):
         def on_trial_result(self, tune_controller, trial, result: dict) -> str:

@@ -9,7 +9,7 @@ as the artifact ``tuned_settings.yaml`` of the search's parent run. `load_tuned_
 user's overrides.
 
 Neither Ray nor Optuna is imported here, so the train and evaluate jobs read tuned settings without loading the
-search; S3 (boto3) is imported only by the functions that read or write it.
+search.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ import yaml
 
 from supersimplenet.config import ConfigError
 from ssn_platform.jobconfig import JobConfig, load_job_config, parse_overrides
+from ssn_platform.s3keys import parse_s3_uri
 from ssn_platform.search_space import BACKBONE_KEY, LR_SCALE_KEY, SearchSpace, apply_params
+from ssn_platform.storage import S3Settings, get_bytes, make_client, put_bytes
 from ssn_platform.tuned import Decision
 
 TUNED_PREFIX = "tuned"
@@ -74,8 +76,6 @@ def _yaml_scalar(value: Any) -> str:
 
 
 def tuned_settings_uri(job: JobConfig, backbone: str | None = None) -> str:
-    from ssn_platform.s3keys import parse_s3_uri
-
     bucket, _ = parse_s3_uri(job.dataset)
     return f"s3://{bucket}/{TUNED_PREFIX}/{job.product}/{backbone or job.model.backbone}.yaml"
 
@@ -83,9 +83,6 @@ def tuned_settings_uri(job: JobConfig, backbone: str | None = None) -> str:
 def write_tuned_settings(job: JobConfig, document: Mapping[str, Any]) -> str:
     """Writes the settings to s3://<bucket>/tuned/<product>/<backbone>.yaml (and a copy per search under
     <backbone>/<search>.yaml). Returns the main URI."""
-    from ssn_platform.s3keys import parse_s3_uri
-    from ssn_platform.storage import S3Settings, make_client, put_bytes
-
     uri = tuned_settings_uri(job, document.get("backbone"))
     bucket, key = parse_s3_uri(uri)
     body = yaml.safe_dump(dict(document), sort_keys=False).encode()
@@ -99,9 +96,6 @@ def write_tuned_settings(job: JobConfig, document: Mapping[str, Any]) -> str:
 def read_tuned_settings(path_or_uri: str | Path) -> dict[str, Any]:
     text: str
     if str(path_or_uri).startswith("s3://"):
-        from ssn_platform.s3keys import parse_s3_uri
-        from ssn_platform.storage import S3Settings, get_bytes, make_client
-
         bucket, key = parse_s3_uri(str(path_or_uri))
         text = get_bytes(make_client(S3Settings.from_env()), bucket, key).decode()
     else:

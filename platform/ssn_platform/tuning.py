@@ -45,8 +45,8 @@ What one search does (`run_search`):
   `trials.csv`. `retrain=True` trains the best configuration with the full schedule through
   `training.run_training` and registers it like any train job.
 
-Ray, Optuna, MLflow and ssn_platform.training (Ray, torch) are imported inside the functions that use them: Ray reads
-its settings (auth mode) when first imported, and importing this module must not do that.
+Ray is imported inside the functions that use it: Ray reads its settings (auth mode) when first imported, and
+importing this module must not do that.
 """
 
 from __future__ import annotations
@@ -62,11 +62,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import optuna
 import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Param
 
 from supersimplenet.config import ConfigError
+from ssn_platform import training
+from ssn_platform.datasets import DatasetReader
 from ssn_platform.jobconfig import JobConfig
-from ssn_platform.services import experiment_id
+from ssn_platform.services import PlatformError, experiment_id
 from ssn_platform.search_space import SearchSpace, _value_of, apply_params
 from ssn_platform.study import (SearchLease, TrialSummary, _best_trial, _make_searcher_class, _prepare_study,
                                 _summaries, backbone_label, default_storage_url, default_study_name, open_storage,
@@ -128,12 +133,8 @@ class SearchResult:
 def resolve_validation(job: JobConfig) -> str:
     """The job's own validation mode, or ("none") "split" when the val split holds both classes, else
     "synthetic" when it holds at least two normal images."""
-    from ssn_platform.services import PlatformError
-
     if job.validation != "none":
         return job.validation
-    from ssn_platform.datasets import DatasetReader
-
     val = [s for s in DatasetReader(job.dataset).samples if s.split == "val"]
     labels = {s.label for s in val}
     if labels == {0, 1}:
@@ -148,7 +149,7 @@ def resolve_validation(job: JobConfig) -> str:
 
 def trials_per_cluster(job: JobConfig, num_trials: int) -> int:
     """How many trials the cluster's resources run at once: CPUs (or GPUs) / what one trial's workers need."""
-    import ray
+    import ray  # noqa: PLC0415 (Ray reads its settings on first import)
 
     resources = ray.cluster_resources()
     if job.scaling.use_gpu:
@@ -216,10 +217,6 @@ def run_search(
     scaling. `initial_points` (dicts of searched keys) are evaluated first, only when the study is still empty,
     after the baseline trial (`baseline`; ssn_platform.tuned has it and the `min_margin` rule).
     """
-    from mlflow import MlflowClient
-
-    from ssn_platform import training
-
     started = time.perf_counter()
     session = _plan_session(job, space, num_trials=num_trials, study_name=study_name, storage=storage, metric=metric,
                             mode=mode, grace_period=grace_period, reduction_factor=reduction_factor,
@@ -297,8 +294,6 @@ def _open_study(session: _Session, *, baseline: bool):
 
 def _start_parent_run(client, session: _Session, study) -> None:
     """The session's MLflow parent run (every trial is a child run of it), recorded in the study's sessions."""
-    from ssn_platform import training
-
     job, search_space, search_name = session.job, session.space, session.search_name
     session.experiment_id = experiment_id(client, job.experiment_name)
     parent = client.create_run(session.experiment_id, run_name=search_name, tags={
@@ -314,10 +309,6 @@ def _start_parent_run(client, session: _Session, study) -> None:
 
 def _log_parent_params(client, session: _Session) -> None:
     """The parent run's lineage tags and params: the base job's, and the search's own (``tune.*``)."""
-    from mlflow.entities import Param
-
-    from ssn_platform import training
-
     for key, value in training.lineage_tags(session.job).items():
         client.set_tag(session.parent_id, key, value)
     logged = session.job.logged_params()
@@ -335,11 +326,9 @@ def _run_trials(client, session: _Session, study, *, initial_points: Sequence[Ma
                 time_budget_s: float | None):
     """Runs the session's trials on Ray Tune: the seeded TPE searcher over the study, ASHA (its rungs seeded with the
     study's record), one `trial_driver` per trial. Returns Tune's result grid."""
-    import optuna
-    import ray.train
-    import ray.tune
+    import ray.train  # noqa: PLC0415 (Ray reads its settings on first import)
+    import ray.tune  # noqa: PLC0415 (Ray reads its settings on first import)
 
-    from ssn_platform import training
 
     search_space, epochs, mode = session.space, session.epochs, session.mode
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -386,10 +375,6 @@ def _run_trials(client, session: _Session, study, *, initial_points: Sequence[Ma
 def _collect_trials(client, session: _Session, grid) -> tuple[Any, list[TrialSummary]]:
     """Ends the child runs Tune stopped and reads the whole study back: (study, summaries of all its trials).
     Fails when no trial of this session finished."""
-    import optuna
-
-    from ssn_platform import training
-
     tune_results = {}
     for result in grid:
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
@@ -451,8 +436,6 @@ def _record_outcome(client, session: _Session, study, summaries: list[TrialSumma
 def _retrain_best(client, session: _Session, params: Mapping[str, Any], *, address: str | None):
     """Trains the chosen settings with the full schedule through `training.run_training`, registered like any train
     job; the parent run is tagged with its run and model version."""
-    from ssn_platform import training
-
     best_job = apply_params(session.job, params, session.space.fixed, validation="none",
                             run_name=f"{session.search_name}-best")
     retrained = training.run_training(best_job, address=address)
