@@ -20,8 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ssn_platform.stackenv import apply_stack_env, repo_root
+from supersimplenet.elpv import export_elpv
+from supersimplenet.layouts import read_layout
+
+from ssn_platform import promotion, thresholds
+from ssn_platform.apikeys import client_headers
+from ssn_platform.ingest import ingest
+from ssn_platform.report import write_report
 from ssn_platform.services import PlatformError, worker_env
+from ssn_platform.stackenv import apply_stack_env, repo_root
 
 PRODUCT = "elpv"
 
@@ -78,8 +85,6 @@ def _submit(entrypoint: list[str], *, env: dict[str, str], step: str) -> dict[st
 
 
 def _post_image(url: str, path: Path) -> dict[str, Any]:
-    from ssn_platform.apikeys import client_headers
-
     request = urllib.request.Request(url, data=path.read_bytes(), method="POST",
                                      headers={"Content-Type": "image/png", **client_headers()})
     with urllib.request.urlopen(request, timeout=60) as response:
@@ -104,8 +109,6 @@ def run(settings: QuickstartSettings) -> dict[str, Any]:
     version = trained["model_version"]
     threshold, decision, url = _calibrate_promote_deploy(settings, version)
     served = _inspect_held_back(settings, local, url)
-
-    from ssn_platform.report import write_report
 
     links = {
         "MLflow UI": os.environ.get("MLFLOW_TRACKING_URI", ""),
@@ -135,9 +138,6 @@ def run(settings: QuickstartSettings) -> dict[str, Any]:
 def _ingest(settings: QuickstartSettings, state: Path):
     """Step 3: the ELPV cells of the split file exported to the stack's data folder and ingested. Returns the
     local folder and the ingested dataset."""
-    from supersimplenet.elpv import export_elpv
-    from ssn_platform.ingest import ingest
-
     split_file = repo_root() / settings.split_file
     say("3/7 ingest", "exporting the ELPV cells named by " + settings.split_file)
     local = export_elpv(state / "data" / "elpv", split_file=split_file)
@@ -180,8 +180,8 @@ def _search_train_and_seeds(settings: QuickstartSettings, dataset_uri: str, job_
 def _calibrate_promote_deploy(settings: QuickstartSettings, version: str):
     """Step 5: the version's threshold on the val split, its promotion (with the multi-seed requirement when seeds
     were run), and the inspection app deployed. Returns (threshold, decision, endpoint URL)."""
-    from ssn_platform import promotion, thresholds
-    from ssn_platform.serving.deployment import deploy, wait_ready
+    # Ray reads several settings when it is first imported; run() applies the stack's environment before this
+    from ssn_platform.serving.deployment import deploy, wait_ready  # noqa: PLC0415 (Ray after apply_stack_env)
 
     with warnings.catch_warnings():  # a TooFewImagesWarning is said below, with the result
         warnings.simplefilter("ignore", thresholds.TooFewImagesWarning)
@@ -204,8 +204,6 @@ def _calibrate_promote_deploy(settings: QuickstartSettings, version: str):
 
 def _inspect_held_back(settings: QuickstartSettings, local: Path, url: str) -> list[dict[str, Any]]:
     """Step 6: half normal, half defective test cells sent to the endpoint as the production line would."""
-    from supersimplenet.layouts import read_layout
-
     samples = read_layout(local, "mvtec", split_file=str(repo_root() / settings.split_file))
     test = [s for s in samples if s.split == "test"]
     normal = [s for s in test if s.label == 0][: settings.held_back // 2]
