@@ -43,7 +43,7 @@ class QuickstartSettings:
     split_file: str = "jobs/splits/elpv.txt"
     trials: int = 4
     trial_epochs: int = 2
-    epochs: int = 12  # elpv.yaml's: in bf16 they cost what 6 fp32 epochs did
+    epochs: int | None = None  # None: the config's (jobs/configs/elpv.yaml)
     workers: int = 2
     held_back: int = 12
     # The search runs at this size (4x cheaper than the 256x256 training; sigma is relative to the feature scale,
@@ -159,7 +159,8 @@ def _search_train_and_seeds(settings: QuickstartSettings, dataset_uri: str, job_
                      env=job_env, step="4/7 search")
     say("4/7 search", f"best {search.get('best_params')} -> {search.get('metric')} "
                       f"{search.get('best_' + str(search.get('metric')))}")
-    train_args = ["python", "jobs/train.py", "--config", settings.config, f"train.epochs={settings.epochs}",
+    epochs = [] if settings.epochs is None else [f"train.epochs={settings.epochs}"]
+    train_args = ["python", "jobs/train.py", "--config", settings.config, *epochs,
                   f"scaling.num_workers={settings.workers}", *common]
     if search.get("tuned_settings"):
         train_args[4:4] = ["--tuned", search["tuned_settings"]]
