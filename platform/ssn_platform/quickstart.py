@@ -157,15 +157,17 @@ def _search_train_and_seeds(settings: QuickstartSettings, dataset_uri: str, job_
     search = _submit(["python", "jobs/tune.py", "--config", settings.config, "--trials", str(settings.trials),
                       f"train.epochs={settings.trial_epochs}", "scaling.num_workers=1", *search_size, *common],
                      env=job_env, step="4/7 search")
+    best = search.get(f"best_{search.get('metric')}")
     say("4/7 search", f"best {search.get('best_params')} -> {search.get('metric')} "
-                      f"{search.get('best_' + str(search.get('metric')))}")
+                      + (f"{best:.4f}" if isinstance(best, float) else str(best)))
     epochs = [] if settings.epochs is None else [f"train.epochs={settings.epochs}"]
     train_args = ["python", "jobs/train.py", "--config", settings.config, *epochs,
                   f"scaling.num_workers={settings.workers}", *common]
     if search.get("tuned_settings"):
         train_args[4:4] = ["--tuned", search["tuned_settings"]]
     trained = _submit(train_args, env=job_env, step="4/7 train")
-    say("4/7 train", f"ssn-{PRODUCT} version {trained['model_version']}: {json.dumps(trained['test_metrics'])}")
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in trained["test_metrics"].items()}
+    say("4/7 train", f"ssn-{PRODUCT} version {trained['model_version']}: {json.dumps(shown)}")
     seeds = None
     if settings.seeds >= 2:
         # the same recipe as the registered run (config, tuned settings, overrides), one run per seed
