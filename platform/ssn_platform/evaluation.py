@@ -44,7 +44,7 @@ from supersimplenet.train import eval_loader, predict, unwrap
 from ssn_platform.datasets import DatasetReader
 from ssn_platform.names import registered_model_name
 from ssn_platform.registry import load_model
-from ssn_platform.services import PlatformError, check_mlflow, experiment_id as _experiment_id
+from ssn_platform.services import PlatformError, check_mlflow, connect_ray, experiment_id as _experiment_id
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +340,7 @@ def evaluate_seeds(job, seeds: Iterable[Any], *, parallel: int = 1, address: str
 
     `base` is `job.run_name` or a fresh name; evaluating the same base again reuses the seeds' finished runs."""
     from ssn_platform.training import (  # noqa: PLC0415 (import cycle: training imports this module)
-        _open_mlflow_run, check_mlflow, connect_ray, lineage_tags, run_training)
+        _open_mlflow_run, lineage_tags, run_training)
 
     seeds = check_seeds(seeds)
     if parallel < 1:
