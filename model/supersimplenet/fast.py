@@ -384,7 +384,6 @@ class FastSuperSimpleNet(nn.Module):
         hidden = F.relu_(hidden)
         return map_logits, hidden.amax(dim=(2, 3)), hidden.mean(dim=(2, 3))
 
-
     def _segmentation_logits(self, features: torch.Tensor) -> torch.Tensor:
         """Segmentation head (folded) on features [b, C, h, w] -> map logits [b, 1, h, w]; blocked on CPU (4.)."""
         if not _eager_cpu(features):

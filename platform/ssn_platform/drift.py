@@ -82,7 +82,6 @@ def table_scores(table_uri: str, version: str, *, image_prefix: str | None = Non
     """Scores of the batch job's table rows of `version` (status ok), filtered by image prefix and time."""
     import pyarrow.dataset as pads  # noqa: PLC0415 (pyarrow.dataset: kept off the Serve app's import)
 
-
     bucket, key = parse_s3_uri(table_uri)
     path = f"{bucket}/{key.rstrip('/')}/status=ok"
     try:
@@ -163,7 +162,6 @@ def _record(result: DriftResult, table_uri: str, window_prefix: str | None, sinc
     """A run in ``ssn-<product>-drift`` and the registered model's ``ssn.drift.*`` tags (written last)."""
     from mlflow import MlflowClient  # noqa: PLC0415 (MLflow: kept off the Serve app's import)
     from mlflow.entities import Metric, Param  # noqa: PLC0415 (MLflow: kept off the Serve app's import)
-
 
     client = MlflowClient()
     name = registered_model_name(result.product)

@@ -145,7 +145,6 @@ def pin_version(product: str, version: str | None) -> tuple[str, str, dict[str, 
     from mlflow import MlflowClient  # noqa: PLC0415 (MLflow: kept off the Serve app's import)
     from mlflow.exceptions import MlflowException  # noqa: PLC0415 (MLflow: kept off the Serve app's import)
 
-
     name = registered_model_name(product)
     client = MlflowClient()
     try:
@@ -311,7 +310,6 @@ def score_images_job(settings: ScoreSettings, *, address: str | None = None, pro
     """Scores the inputs not yet in the table with the pinned version (module docstring); returns the summary."""
     import ray  # noqa: PLC0415 (Ray reads its settings on first import)
 
-
     check_mlflow()
     name, version, tags, threshold = pin_version(settings.product, settings.version)
     bucket, prefix = settings.output_prefix(version)
@@ -369,7 +367,6 @@ def _log_summary(settings: ScoreSettings, summary: ScoreSummary) -> str:
     """One MLflow run in ``ssn-<product>-scoring`` per job: settings as params, counts as metrics."""
     from mlflow import MlflowClient  # noqa: PLC0415 (MLflow: kept off the Serve app's import)
     from mlflow.entities import Metric, Param  # noqa: PLC0415 (MLflow: kept off the Serve app's import)
-
 
     client = MlflowClient()
     run = client.create_run(experiment_id(client, f"{registered_model_name(settings.product)}-scoring"),

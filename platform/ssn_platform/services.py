@@ -57,7 +57,6 @@ def storage_filesystem():
     bucket (tuner.pkl, search_gen_state-*.json); pyarrow finds credentials through the AWS SDK chain in each process."""
     from pyarrow import fs  # noqa: PLC0415 (pyarrow: for Ray's run storage only; most importers need none)
 
-
     settings = S3Settings.from_env()
     if not settings.endpoint_url:
         return fs.S3FileSystem(region=settings.region)

@@ -323,7 +323,6 @@ def record_threshold(product: str, version: str, threshold: Threshold, *, scores
     artifacts on the version's run (when it has one)."""
     from mlflow import MlflowClient  # noqa: PLC0415 (MLflow: kept off the Serve app's import)
 
-
     client = MlflowClient()
     name = registered_model_name(product)
     if run_id is None:

@@ -329,7 +329,6 @@ def _run_trials(client, session: _Session, study, *, initial_points: Sequence[Ma
     import ray.train  # noqa: PLC0415 (Ray reads its settings on first import)
     import ray.tune  # noqa: PLC0415 (Ray reads its settings on first import)
 
-
     search_space, epochs, mode = session.space, session.epochs, session.mode
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     sampler_seed = (session.job.train.seed * 1_000_003 + session.existing) % (2**32)
