@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS ?= dev,quickstart,onnx
 
-.PHONY: setup lint test test-fast stack-up stack-down stack-status quickstart teardown bench lock
+.PHONY: setup lint format test test-fast stack-up stack-down stack-status quickstart teardown bench lock
 
 setup: $(BIN)/.installed
 
@@ -13,9 +13,14 @@ $(BIN)/.installed: pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet -c requirements.lock -e '.[$(EXTRAS)]'
 	touch $@
 
-# ruff's lint rules from pyproject.toml over every Python file of the repository.
+# ruff's lint rules and its formatter (check only) from pyproject.toml over every Python file of the repository;
+# `make format` rewrites the files the check would reject.
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
 
 # The whole suite, heavy tests included (they start their own private stack on free ports).
 test: setup

@@ -48,8 +48,10 @@ from supersimplenet.train import build_optimizer, train_step  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DTYPE_NAMES = {**{dtype: name for name, dtype in DTYPES.items()}, torch.float64: "fp64"}
-ANOMALIB_LAYERS = {"wide_resnet50": ("wide_resnet50_2", ["layer2", "layer3"]),
-                   "efficientnet_lite0": ("tf_efficientnet_lite0", ["blocks.2", "blocks.4"])}
+ANOMALIB_LAYERS = {
+    "wide_resnet50": ("wide_resnet50_2", ["layer2", "layer3"]),
+    "efficientnet_lite0": ("tf_efficientnet_lite0", ["blocks.2", "blocks.4"]),
+}
 PAPER = {"latency_ms_batch1": 9.3, "throughput_batch16": 268.0, "gpu": "V100S, fp16, timing includes copies"}
 
 
@@ -106,6 +108,7 @@ class RssPeak:
         """MiB above the resident set before the call."""
         if self.method.startswith("ru_maxrss"):
             import resource
+
             before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             fn()
             return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**20
@@ -172,8 +175,13 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, *, size: int, seconds:
         wall, cpu = timed(lambda: torch.mm(a, b, out=out), device)
         rates.append(2 * size**3 / wall / 1e9)
         cpu_rates.append(2 * size**3 / max(cpu, 1e-9) / 1e9)
-    return {"gflops_best": max(rates), "gflops_median": statistics.median(rates),
-            "gflops_cpu_time_best": max(cpu_rates), "size": size, "n": len(rates)}
+    return {
+        "gflops_best": max(rates),
+        "gflops_median": statistics.median(rates),
+        "gflops_cpu_time_best": max(cpu_rates),
+        "size": size,
+        "n": len(rates),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -207,8 +215,9 @@ def autocast(device: torch.device, dtype: torch.dtype):
 def build_ours(backbone: str, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone=backbone))
-    load_backbone_weights(model.feature_extractor.backbone, backbone,
-                          "random" if backbone == "wide_resnet50" else "default")
+    load_backbone_weights(
+        model.feature_extractor.backbone, backbone, "random" if backbone == "wide_resnet50" else "default"
+    )
     return model.to(device).eval()
 
 
@@ -226,8 +235,9 @@ def build_anomalib(backbone: str, device: torch.device, ours: torch.nn.Module) -
     anomalib_model.TimmFeatureExtractor = functools.partial(original, pre_trained=False)
     try:
         torch.manual_seed(0)
-        model = anomalib_model.SupersimplenetModel(backbone=timm_name, layers=layers, stop_grad=True,
-                                                   adapt_cls_features=False)
+        model = anomalib_model.SupersimplenetModel(
+            backbone=timm_name, layers=layers, stop_grad=True, adapt_cls_features=False
+        )
     finally:
         anomalib_model.TimmFeatureExtractor = original
     extractor = model.feature_extractor.feature_extractor  # anomalib's TimmFeatureExtractor
@@ -248,8 +258,9 @@ def n_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def make_impls(backbone: str, device: torch.device, dtypes: list[str], *, anomalib_dtypes: list[str],
-               cuda_graphs: bool) -> tuple[list[Impl], torch.nn.Module, torch.nn.Module | None, str]:
+def make_impls(
+    backbone: str, device: torch.device, dtypes: list[str], *, anomalib_dtypes: list[str], cuda_graphs: bool
+) -> tuple[list[Impl], torch.nn.Module, torch.nn.Module | None, str]:
     ours = build_ours(backbone, device)
     anomalib, anomalib_note = build_anomalib(backbone, device, ours)
     impls = []
@@ -259,11 +270,15 @@ def make_impls(backbone: str, device: torch.device, dtypes: list[str], *, anomal
         def ref(x, dtype=dtype):
             with torch.inference_mode(), autocast(device, dtype):
                 return ours(x)
-        impls.append(Impl("ours-ref", label, ref, "reference model" + (", autocast" if label != "fp32" else ""),
-                          n_params(ours)))
+
+        impls.append(
+            Impl("ours-ref", label, ref, "reference model" + (", autocast" if label != "fp32" else ""), n_params(ours))
+        )
         fast = FastSuperSimpleNet.from_model(ours, dtype=dtype)
-        note = (f"fast path, heads={fast.heads}, {fast.folded_batchnorms} BN folded, "
-                f"backbone {str(fast.backbone_dtype).replace('torch.', '')}")
+        note = (
+            f"fast path, heads={fast.heads}, {fast.folded_batchnorms} BN folded, "
+            f"backbone {str(fast.backbone_dtype).replace('torch.', '')}"
+        )
         infer = fast
         if cuda_graphs and device.type == "cuda":
             infer, note = CudaGraphed(fast), note + ", CUDA graph"
@@ -275,8 +290,16 @@ def make_impls(backbone: str, device: torch.device, dtypes: list[str], *, anomal
             def run(x, dtype=dtype):
                 with torch.inference_mode(), autocast(device, dtype):
                     return anomalib(x)
-            impls.append(Impl("anomalib", label, run, anomalib_note + (", autocast" if label != "fp32" else ""),
-                              n_params(anomalib)))
+
+            impls.append(
+                Impl(
+                    "anomalib",
+                    label,
+                    run,
+                    anomalib_note + (", autocast" if label != "fp32" else ""),
+                    n_params(anomalib),
+                )
+            )
     return impls, ours, anomalib, anomalib_note
 
 
@@ -307,8 +330,9 @@ class CudaGraphed:
         return out
 
 
-def make_trainers(backbone: str, device: torch.device, ours: torch.nn.Module,
-                  anomalib: torch.nn.Module | None, anomalib_note: str) -> list[Trainer]:
+def make_trainers(
+    backbone: str, device: torch.device, ours: torch.nn.Module, anomalib: torch.nn.Module | None, anomalib_note: str
+) -> list[Trainer]:
     size = ours.config.image_size
     optimizer = build_optimizer(ours, TrainConfig())
 
@@ -325,22 +349,37 @@ def make_trainers(backbone: str, device: torch.device, ours: torch.nn.Module,
         ours.segmentation_head.blocked = True
         ours.eval()
 
-    trainers = [Trainer("ours", functools.partial(ours_step, precision="fp32"),
-                        "supersimplenet.train.train_step (blocked segmentation head on CPU)"),
-                Trainer("ours bf16", functools.partial(ours_step, precision="bf16"),
-                        "train_step with TrainConfig(precision='bf16'): adaptor and heads under bf16 autocast"),
-                Trainer("ours layers", functools.partial(ours_step, precision="fp32", blocked=False),
-                        "train_step with the segmentation head run as its layers (the step before the blocked path)"),
-                Trainer("ours layers bf16", functools.partial(ours_step, precision="bf16", blocked=False),
-                        "the same, bf16 autocast")]
+    trainers = [
+        Trainer(
+            "ours",
+            functools.partial(ours_step, precision="fp32"),
+            "supersimplenet.train.train_step (blocked segmentation head on CPU)",
+        ),
+        Trainer(
+            "ours bf16",
+            functools.partial(ours_step, precision="bf16"),
+            "train_step with TrainConfig(precision='bf16'): adaptor and heads under bf16 autocast",
+        ),
+        Trainer(
+            "ours layers",
+            functools.partial(ours_step, precision="fp32", blocked=False),
+            "train_step with the segmentation head run as its layers (the step before the blocked path)",
+        ),
+        Trainer(
+            "ours layers bf16", functools.partial(ours_step, precision="bf16", blocked=False), "the same, bf16 autocast"
+        ),
+    ]
     if anomalib is not None:
         from anomalib.models.image.supersimplenet.loss import SSNLoss
+
         loss_fn = SSNLoss()
         # The optimiser of anomalib's Lightning module (configure_optimizers), built by hand.
-        anomalib_optimizer = torch.optim.AdamW([
-            {"params": anomalib.adaptor.parameters(), "lr": 1e-4},
-            {"params": anomalib.segdec.parameters(), "lr": 2e-4, "weight_decay": 1e-5},
-        ])
+        anomalib_optimizer = torch.optim.AdamW(
+            [
+                {"params": anomalib.adaptor.parameters(), "lr": 1e-4},
+                {"params": anomalib.segdec.parameters(), "lr": 2e-4, "weight_decay": 1e-5},
+            ]
+        )
 
         def anomalib_step(batch: int) -> None:
             anomalib.train()
@@ -354,9 +393,13 @@ def make_trainers(backbone: str, device: torch.device, ours: torch.nn.Module,
             anomalib_optimizer.step()
             anomalib.eval()
 
-        trainers.append(Trainer("anomalib", anomalib_step,
-                                "torch model forward + SSNLoss + AdamW (its Lightning optimiser groups); "
-                                + anomalib_note))
+        trainers.append(
+            Trainer(
+                "anomalib",
+                anomalib_step,
+                "torch model forward + SSNLoss + AdamW (its Lightning optimiser groups); " + anomalib_note,
+            )
+        )
     return trainers
 
 
@@ -365,9 +408,16 @@ def make_trainers(backbone: str, device: torch.device, ours: torch.nn.Module,
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def interleaved(fns: list[Callable[[], Any]], device: torch.device, *, repeats: int, warmup: int,
-                budget_s: float, min_rounds: int = 3,
-                memory: Callable[[Callable[[], Any]], float] | None = None) -> list[dict[str, Any]]:
+def interleaved(
+    fns: list[Callable[[], Any]],
+    device: torch.device,
+    *,
+    repeats: int,
+    warmup: int,
+    budget_s: float,
+    min_rounds: int = 3,
+    memory: Callable[[Callable[[], Any]], float] | None = None,
+) -> list[dict[str, Any]]:
     """Warm-up, then rounds of every fn in turn: `repeats` rounds, fewer (not under `min_rounds`) when a round
     takes more than `budget_s / repeats`, more (up to 4x) when rounds are cheap, since medians of cheap, noisy
     configurations need them.
@@ -400,20 +450,39 @@ def interleaved(fns: list[Callable[[], Any]], device: torch.device, *, repeats: 
     return [{"wall": summary(w), "cpu": summary(c), "peak_memory_mib": p} for w, c, p in zip(walls, cpus, peaks)]
 
 
-def bench_backbone(backbone: str, args: argparse.Namespace, device: torch.device, peaks: dict[str, float],
-                   cpu_peaks: dict[str, float], rss: RssPeak | None, log: Callable[[str], None]) -> dict[str, Any]:
+def bench_backbone(
+    backbone: str,
+    args: argparse.Namespace,
+    device: torch.device,
+    peaks: dict[str, float],
+    cpu_peaks: dict[str, float],
+    rss: RssPeak | None,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
     started = time.perf_counter()
     impls, ours, anomalib, anomalib_note = make_impls(
-        backbone, device, args.dtypes, anomalib_dtypes=args.anomalib_dtypes, cuda_graphs=args.cuda_graphs)
+        backbone, device, args.dtypes, anomalib_dtypes=args.anomalib_dtypes, cuda_graphs=args.cuda_graphs
+    )
     size = ours.config.image_size
-    out: dict[str, Any] = {"backbone": backbone, "image_size": list(size), "anomalib": anomalib_note or
-                           ("not available" if anomalib is None else "as shipped"), "inference": [], "train": []}
+    out: dict[str, Any] = {
+        "backbone": backbone,
+        "image_size": list(size),
+        "anomalib": anomalib_note or ("not available" if anomalib is None else "as shipped"),
+        "inference": [],
+        "train": [],
+    }
     # "in optimiser": what each training step updates (the adaptor and both heads).
-    out["params"] = {"ours": n_params(ours),
-                     "ours_in_optimiser": sum(n_params(m) for m in ours.trainable_modules().values())}
+    out["params"] = {
+        "ours": n_params(ours),
+        "ours_in_optimiser": sum(n_params(m) for m in ours.trainable_modules().values()),
+    }
     if anomalib is not None:
-        out["params"].update({"anomalib": n_params(anomalib),
-                              "anomalib_in_optimiser": n_params(anomalib.adaptor) + n_params(anomalib.segdec)})
+        out["params"].update(
+            {
+                "anomalib": n_params(anomalib),
+                "anomalib_in_optimiser": n_params(anomalib.adaptor) + n_params(anomalib.segdec),
+            }
+        )
     log(f"[{backbone}] params {out['params']}")
 
     one = torch.randn(1, 3, *size, device=device)
@@ -430,8 +499,14 @@ def bench_backbone(backbone: str, args: argparse.Namespace, device: torch.device
     memory = (lambda fn: gpu_peak(fn, device)) if device.type == "cuda" else (rss.measure if rss else None)
     for batch in args.batches:
         x = torch.randn(batch, 3, *size, device=device)
-        stats = interleaved([lambda impl=impl, x=x: impl.infer(x) for impl in impls], device, repeats=args.repeats,
-                            warmup=args.warmup, budget_s=args.budget, memory=memory)
+        stats = interleaved(
+            [lambda impl=impl, x=x: impl.infer(x) for impl in impls],
+            device,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            budget_s=args.budget,
+            memory=memory,
+        )
         for impl, stat in zip(impls, stats):
             peak = peaks.get(impl.dtype) or peaks.get("fp32")
             ips = batch / stat["wall"]["median"]
@@ -470,8 +545,10 @@ def bench_backbone(backbone: str, args: argparse.Namespace, device: torch.device
                 "note": impl.note,
             }
             out["inference"].append(row)
-            log(f"[{backbone}] b{batch} {impl.name:9s} {impl.dtype}: {row['latency_ms']['median']:9.1f} ms "
-                f"({row['latency_ms']['min']:.1f}-{row['latency_ms']['max']:.1f}), {ips:7.2f} img/s")
+            log(
+                f"[{backbone}] b{batch} {impl.name:9s} {impl.dtype}: {row['latency_ms']['median']:9.1f} ms "
+                f"({row['latency_ms']['min']:.1f}-{row['latency_ms']['max']:.1f}), {ips:7.2f} img/s"
+            )
         del x
 
     if args.train_batches:
@@ -482,21 +559,35 @@ def bench_backbone(backbone: str, args: argparse.Namespace, device: torch.device
         train_flops.update({name: train_flops["ours layers"] for name in train_flops if name.startswith("ours")})
         for batch in args.train_batches:
             big = batch >= 32 and backbone == "wide_resnet50" and device.type == "cpu"
-            stats = interleaved([lambda t=t, batch=batch: t.step(batch) for t in trainers], device,
-                                repeats=1 if big else args.train_repeats, warmup=0 if big else 1,
-                                budget_s=args.budget, min_rounds=1, memory=memory)
+            stats = interleaved(
+                [lambda t=t, batch=batch: t.step(batch) for t in trainers],
+                device,
+                repeats=1 if big else args.train_repeats,
+                warmup=0 if big else 1,
+                budget_s=args.budget,
+                min_rounds=1,
+                memory=memory,
+            )
             for trainer, stat in zip(trainers, stats):
                 ips = batch / stat["wall"]["median"]
-                row = {"backbone": backbone, "impl": trainer.name, "batch": batch,
-                       "step_ms": {k: v * 1000 if k != "n" else v for k, v in stat["wall"].items()},
-                       "cpu_time_ms": {k: v * 1000 if k != "n" else v for k, v in stat["cpu"].items()},
-                       "images_per_s": ips, "flops_per_image": train_flops[trainer.name],
-                       "fraction_of_peak": train_flops[trainer.name] * ips / 1e9 / peaks["fp32"],
-                       "repeats_note": ("1 timed step, no warm-up, memory accounted in it" if big else ""),
-                       "peak_memory_mib": stat["peak_memory_mib"], "note": trainer.note}
+                row = {
+                    "backbone": backbone,
+                    "impl": trainer.name,
+                    "batch": batch,
+                    "step_ms": {k: v * 1000 if k != "n" else v for k, v in stat["wall"].items()},
+                    "cpu_time_ms": {k: v * 1000 if k != "n" else v for k, v in stat["cpu"].items()},
+                    "images_per_s": ips,
+                    "flops_per_image": train_flops[trainer.name],
+                    "fraction_of_peak": train_flops[trainer.name] * ips / 1e9 / peaks["fp32"],
+                    "repeats_note": ("1 timed step, no warm-up, memory accounted in it" if big else ""),
+                    "peak_memory_mib": stat["peak_memory_mib"],
+                    "note": trainer.note,
+                }
                 out["train"].append(row)
-                log(f"[{backbone}] train b{batch} {trainer.name:9s}: {row['step_ms']['median']:9.1f} ms "
-                    f"({row['step_ms']['min']:.1f}-{row['step_ms']['max']:.1f})")
+                log(
+                    f"[{backbone}] train b{batch} {trainer.name:9s}: {row['step_ms']['median']:9.1f} ms "
+                    f"({row['step_ms']['min']:.1f}-{row['step_ms']['max']:.1f})"
+                )
     out["seconds"] = time.perf_counter() - started
     return out
 
@@ -525,16 +616,22 @@ def auroc_check(args: argparse.Namespace, log: Callable[[str], None]) -> dict[st
         log(f"[auroc] loaded {args.auroc_checkpoint}")
     else:
         model_config = recommended_model_config("efficientnet_lite0", image_size=size)
-        result = fit(data_root=root, samples=samples, model_config=model_config,
-                     train_config=TrainConfig(epochs=args.auroc_epochs, batch_size=16, seed=42), progress=False)
+        result = fit(
+            data_root=root,
+            samples=samples,
+            model_config=model_config,
+            train_config=TrainConfig(epochs=args.auroc_epochs, batch_size=16, seed=42),
+            progress=False,
+        )
         model, epochs = result.model, args.auroc_epochs
         if args.auroc_checkpoint:
             save_checkpoint(args.auroc_checkpoint, model, metadata={"epochs": epochs, "data": str(root)})
     train_s = time.perf_counter() - started
     model = model.eval()
     preset = get_preset("efficientnet_lite0")
-    test = DefectDataset(root=root, samples=[s for s in samples if s.split == "test"], image_size=size,
-                         mean=preset.mean, std=preset.std)
+    test = DefectDataset(
+        root=root, samples=[s for s in samples if s.split == "test"], image_size=size, mean=preset.mean, std=preset.std
+    )
     images, labels, masks = [], [], []
     for batch in eval_loader(test, batch_size=16):
         images.append(batch["image"])
@@ -547,18 +644,20 @@ def auroc_check(args: argparse.Namespace, log: Callable[[str], None]) -> dict[st
         "ours-fast-separable fp32": FastSuperSimpleNet.from_model(model, heads="separable"),
         "ours-fast bf16 (default: fp32 backbone)": FastSuperSimpleNet.from_model(model, dtype=torch.bfloat16),
         "ours-fast-separable bf16": FastSuperSimpleNet.from_model(model, dtype=torch.bfloat16, heads="separable"),
-        "ours-fast bf16, bf16 backbone": FastSuperSimpleNet.from_model(model, dtype=torch.bfloat16,
-                                                                       backbone_dtype=torch.bfloat16),
+        "ours-fast bf16, bf16 backbone": FastSuperSimpleNet.from_model(
+            model, dtype=torch.bfloat16, backbone_dtype=torch.bfloat16
+        ),
     }
 
     def ref_bf16(x):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return model(x)
+
     variants["ours-ref bf16 (autocast)"] = ref_bf16
     outputs = {}
     with torch.inference_mode():
         for name, fn in variants.items():
-            parts = [fn(images[i: i + 16]) for i in range(0, len(images), 16)]
+            parts = [fn(images[i : i + 16]) for i in range(0, len(images), 16)]
             outputs[name] = (
                 torch.cat([p.score.float() for p in parts]),
                 torch.cat([p.anomaly_map.float() for p in parts]),
@@ -573,10 +672,19 @@ def auroc_check(args: argparse.Namespace, log: Callable[[str], None]) -> dict[st
             "max_abs_map_diff": float((maps - base_maps).abs().max()),
             "mean_abs_map_diff": float((maps - base_maps).abs().mean()),
         }
-        log(f"[auroc] {name:40s} I-AUROC {rows[name]['image_auroc']:.2f}  P-AUROC {rows[name]['pixel_auroc']:.2f}  "
-            f"max|d score| {rows[name]['max_abs_score_diff']:.2e}  max|d map| {rows[name]['max_abs_map_diff']:.2e}")
-    return {"data": str(root), "image_size": list(size), "epochs": epochs, "train_seconds": train_s,
-            "test_images": int(len(images)), "defective": int(labels.sum()), "variants": rows}
+        log(
+            f"[auroc] {name:40s} I-AUROC {rows[name]['image_auroc']:.2f}  P-AUROC {rows[name]['pixel_auroc']:.2f}  "
+            f"max|d score| {rows[name]['max_abs_score_diff']:.2e}  max|d map| {rows[name]['max_abs_map_diff']:.2e}"
+        )
+    return {
+        "data": str(root),
+        "image_size": list(size),
+        "epochs": epochs,
+        "train_seconds": train_s,
+        "test_images": int(len(images)),
+        "defective": int(labels.sum()),
+        "variants": rows,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -591,9 +699,11 @@ def fmt_range(d: dict[str, float]) -> str:
 def table(results: dict[str, Any]) -> str:
     lines = []
     if "matmul_peak" not in results:  # --auroc-only
-        return "\n".join(f"{name:40s} image AUROC {row['image_auroc']:.2f}  pixel AUROC {row['pixel_auroc']:.2f}  "
-                         f"max |d score| {row['max_abs_score_diff']:.1e}  max |d map| {row['max_abs_map_diff']:.1e}"
-                         for name, row in results["auroc"]["variants"].items())
+        return "\n".join(
+            f"{name:40s} image AUROC {row['image_auroc']:.2f}  pixel AUROC {row['pixel_auroc']:.2f}  "
+            f"max |d score| {row['max_abs_score_diff']:.1e}  max |d map| {row['max_abs_map_diff']:.1e}"
+            for name, row in results["auroc"]["variants"].items()
+        )
     peaks = results["matmul_peak_gflops"]
     lines.append(
         "matmul peak (best GFLOP/s of torch.mm, start / end of run): "
@@ -602,26 +712,33 @@ def table(results: dict[str, Any]) -> str:
             for k, v in results["matmul_peak"].items()
         )
     )
-    lines.append(f"peak used for fractions: {', '.join(f'{k} {v:.0f}' for k, v in peaks.items())} GFLOP/s (wall), "
-                 + ", ".join(f"{k} {v:.0f}" for k, v in results["matmul_peak_gflops_cpu_time"].items())
-                 + " GFLOP/s (cpu time)")
-    header = ("| backbone | impl | dtype | batch | wall ms median (min-max) | img/s | cpu-time ms median | "
-              "GFLOP/img executed | % peak executed (wall / cpu-time) | % peak nominal (wall / cpu-time) | "
-              "peak RSS MiB |")
+    lines.append(
+        f"peak used for fractions: {', '.join(f'{k} {v:.0f}' for k, v in peaks.items())} GFLOP/s (wall), "
+        + ", ".join(f"{k} {v:.0f}" for k, v in results["matmul_peak_gflops_cpu_time"].items())
+        + " GFLOP/s (cpu time)"
+    )
+    header = (
+        "| backbone | impl | dtype | batch | wall ms median (min-max) | img/s | cpu-time ms median | "
+        "GFLOP/img executed | % peak executed (wall / cpu-time) | % peak nominal (wall / cpu-time) | "
+        "peak RSS MiB |"
+    )
     lines += ["", header, "|" + "---|" * (header.count("|") - 1)]
     for bench in results["backbones"]:
         for row in bench["inference"]:
             executed, nominal = (
                 f"{100 * row[f'{kind}_fraction_of_peak']:.0f} / {100 * row[f'{kind}_fraction_of_peak_cpu_time']:.0f}"
-                for kind in ("executed", "nominal"))
+                for kind in ("executed", "nominal")
+            )
             memory = row["peak_memory_mib"] if row["peak_memory_mib"] is not None else float("nan")
             lines.append(
                 f"| {row['backbone']} | {row['impl']} | {row['dtype']} | {row['batch']} "
                 f"| {fmt_range(row['latency_ms'])} | {row['images_per_s']:.2f} | {row['cpu_time_ms']['median']:.1f} "
                 f"| {row['flops_per_image'] / 1e9:.1f} | {executed} | {nominal} | {memory:.0f} |"
             )
-    header = ("| backbone | impl | train batch | step ms median (min-max) | img/s | GFLOP/img (fwd+bwd) | % fp32 peak "
-              "| peak RSS MiB | note |")
+    header = (
+        "| backbone | impl | train batch | step ms median (min-max) | img/s | GFLOP/img (fwd+bwd) | % fp32 peak "
+        "| peak RSS MiB | note |"
+    )
     lines += ["", header, "|" + "---|" * (header.count("|") - 1)]
     for bench in results["backbones"]:
         for row in bench["train"]:
@@ -642,15 +759,21 @@ def table(results: dict[str, Any]) -> str:
     if results.get("auroc"):
         lines.append("")
         for name, row in results["auroc"]["variants"].items():
-            lines.append(f"{name:40s} image AUROC {row['image_auroc']:.2f}  pixel AUROC {row['pixel_auroc']:.2f}  "
-                         f"max |d score| {row['max_abs_score_diff']:.1e}  max |d map| {row['max_abs_map_diff']:.1e}")
+            lines.append(
+                f"{name:40s} image AUROC {row['image_auroc']:.2f}  pixel AUROC {row['pixel_auroc']:.2f}  "
+                f"max |d score| {row['max_abs_score_diff']:.1e}  max |d map| {row['max_abs_map_diff']:.1e}"
+            )
     return "\n".join(lines)
 
 
 def targets(results: dict[str, Any], backbone: str) -> list[dict[str, Any]]:
     """The issue's CPU targets, evaluated on one backbone's rows."""
-    rows = {(r["impl"], r["dtype"], r["batch"]): r for b in results["backbones"] if b["backbone"] == backbone
-            for r in b["inference"]}
+    rows = {
+        (r["impl"], r["dtype"], r["batch"]): r
+        for b in results["backbones"]
+        if b["backbone"] == backbone
+        for r in b["inference"]
+    }
     found = []
 
     def get(impl, dtype, batch):
@@ -660,40 +783,68 @@ def targets(results: dict[str, Any], backbone: str) -> list[dict[str, Any]]:
     a1, f1 = get("anomalib", "fp32", 1), get("ours-fast", "fp32", 1)
     if a16 and f16:
         ratio = f16["images_per_s"] / a16["images_per_s"]
-        found.append({"target": f"{backbone}: batch-16 throughput >= 1.25x anomalib (fp32)", "met": ratio >= 1.25,
-                      "value": f"{ratio:.2f}x"})
+        found.append(
+            {
+                "target": f"{backbone}: batch-16 throughput >= 1.25x anomalib (fp32)",
+                "met": ratio >= 1.25,
+                "value": f"{ratio:.2f}x",
+            }
+        )
     if a1 and f1:
         ratio = f1["latency_ms"]["median"] / a1["latency_ms"]["median"]
-        found.append({"target": f"{backbone}: batch-1 latency <= 0.8x anomalib (fp32)", "met": ratio <= 0.8,
-                      "value": f"{ratio:.2f}x"})
+        found.append(
+            {
+                "target": f"{backbone}: batch-1 latency <= 0.8x anomalib (fp32)",
+                "met": ratio <= 0.8,
+                "value": f"{ratio:.2f}x",
+            }
+        )
     if a16 and b16:
         ratio = b16["images_per_s"] / a16["images_per_s"]
-        found.append({"target": f"{backbone}: bf16 batch-16 throughput >= 2x anomalib fp32", "met": ratio >= 2,
-                      "value": f"{ratio:.2f}x"})
+        found.append(
+            {
+                "target": f"{backbone}: bf16 batch-16 throughput >= 2x anomalib fp32",
+                "met": ratio >= 2,
+                "value": f"{ratio:.2f}x",
+            }
+        )
     if b16 and set(b16.get("flops_by_dtype", {})) - {"bf16"}:
         fraction = b16["mixed_fraction_of_peak"]
         split = ", ".join(f"{d} {f / 1e9:.2f}" for d, f in b16["flops_by_dtype"].items())
-        found.append({"target": f"{backbone}: ours-fast bf16 batch 16 rate >= 70% of the peak of the dtype each "
-                                f"FLOP runs in (GFLOP/img {split}), wall time",
-                      "met": fraction >= 0.7, "value": f"{100 * fraction:.0f}%"})
+        found.append(
+            {
+                "target": f"{backbone}: ours-fast bf16 batch 16 rate >= 70% of the peak of the dtype each "
+                f"FLOP runs in (GFLOP/img {split}), wall time",
+                "met": fraction >= 0.7,
+                "value": f"{100 * fraction:.0f}%",
+            }
+        )
     train = {(r["impl"], r["batch"]): r for b in results["backbones"] if b["backbone"] == backbone for r in b["train"]}
     for (impl, batch), row in sorted(train.items()):
         anomalib = train.get(("anomalib", batch))
         goal = {"ours": 2.0, "ours bf16": 3.0}.get(impl)
         if anomalib and goal:
             ratio = row["images_per_s"] / anomalib["images_per_s"]
-            found.append({"target": f"{backbone}: {impl} training img/s >= {goal:.0f}x anomalib's (fp32), "
-                                    f"batch {batch}",
-                          "met": ratio >= goal, "value": f"{ratio:.2f}x"})
+            found.append(
+                {
+                    "target": f"{backbone}: {impl} training img/s >= {goal:.0f}x anomalib's (fp32), batch {batch}",
+                    "met": ratio >= goal,
+                    "value": f"{ratio:.2f}x",
+                }
+            )
     for row in (f16, b16):
         if row:
             for kind in ("nominal", "executed"):
                 fraction = row[f"{kind}_fraction_of_peak"]
-                found.append({"target": f"{backbone}: ours-fast {row['dtype']} batch 16 rate >= 70% of the "
-                                        f"{row['peak_used']} matmul peak, {kind} FLOPs, wall time",
-                              "met": fraction >= 0.7,
-                              "value": f"{100 * fraction:.0f}% (cpu-time based: "
-                                       f"{100 * row[f'{kind}_fraction_of_peak_cpu_time']:.0f}%)"})
+                found.append(
+                    {
+                        "target": f"{backbone}: ours-fast {row['dtype']} batch 16 rate >= 70% of the "
+                        f"{row['peak_used']} matmul peak, {kind} FLOPs, wall time",
+                        "met": fraction >= 0.7,
+                        "value": f"{100 * fraction:.0f}% (cpu-time based: "
+                        f"{100 * row[f'{kind}_fraction_of_peak_cpu_time']:.0f}%)",
+                    }
+                )
     return found
 
 
@@ -701,15 +852,28 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES))
-    parser.add_argument("--anomalib-dtypes", nargs="+", default=None, choices=list(DTYPES),
-                        help="dtypes anomalib runs in (default: fp32 on CPU, all --dtypes on CUDA)")
+    parser.add_argument(
+        "--anomalib-dtypes",
+        nargs="+",
+        default=None,
+        choices=list(DTYPES),
+        help="dtypes anomalib runs in (default: fp32 on CPU, all --dtypes on CUDA)",
+    )
     parser.add_argument("--batches", nargs="+", type=int, default=None, help="inference batch sizes")
     parser.add_argument("--train-batches", nargs="*", type=int, default=None, help="training batch sizes")
-    parser.add_argument("--backbones", nargs="+", default=["wide_resnet50", "efficientnet_lite0"],
-                        choices=["wide_resnet50", "efficientnet_lite0"])
+    parser.add_argument(
+        "--backbones",
+        nargs="+",
+        default=["wide_resnet50", "efficientnet_lite0"],
+        choices=["wide_resnet50", "efficientnet_lite0"],
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    parser.add_argument("--repeats", type=int, default=5,
-                        help="timed rounds per configuration (fewer for slow ones, up to 4x for cheap ones)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="timed rounds per configuration (fewer for slow ones, up to 4x for cheap ones)",
+    )
     parser.add_argument("--train-repeats", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--budget", type=float, default=40.0, help="seconds of timed rounds per configuration")
@@ -720,8 +884,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--auroc-only", action="store_true")
     parser.add_argument("--auroc-epochs", type=int, default=4)
     parser.add_argument("--auroc-size", type=int, nargs=2, default=(256, 128), metavar=("H", "W"))
-    parser.add_argument("--auroc-checkpoint", default=str(ROOT / "bench_results/weld_lite0.pt"),
-                        help="reused when it exists, written after training otherwise ('' to neither)")
+    parser.add_argument(
+        "--auroc-checkpoint",
+        default=str(ROOT / "bench_results/weld_lite0.pt"),
+        help="reused when it exists, written after training otherwise ('' to neither)",
+    )
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/battery_weld/denoised"))
     parser.add_argument("--out", default=str(ROOT / "bench_results/inference.json"))
     args = parser.parse_args(argv)
@@ -754,22 +921,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     results: dict[str, Any] = {
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                    "load_average_start": os.getloadavg()},
-        "paper": PAPER, "backbones": [],
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "load_average_start": os.getloadavg(),
+        },
+        "paper": PAPER,
+        "backbones": [],
     }
     with contextlib.suppress(ImportError):
         import anomalib
+
         results["machine"]["anomalib"] = anomalib.__version__
     if args.auroc_only:
         results["auroc"] = auroc_check(args, log)
     else:
         size = 8192 if device.type == "cuda" else 2048
         results["matmul_peak"] = {d: {"start": matmul_peak(device, DTYPES[d], size=size)} for d in args.dtypes}
-        log("matmul peak " + ", ".join(f"{d} {v['start']['gflops_best']:.0f} GFLOP/s"
-                                       for d, v in results["matmul_peak"].items()))
+        log(
+            "matmul peak "
+            + ", ".join(f"{d} {v['start']['gflops_best']:.0f} GFLOP/s" for d, v in results["matmul_peak"].items())
+        )
         rss = RssPeak() if device.type == "cpu" else None
         results["peak_memory_method"] = rss.method if rss else "torch.cuda.max_memory_allocated"
         peaks = {d: v["start"]["gflops_best"] for d, v in results["matmul_peak"].items()}
@@ -778,11 +954,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results["backbones"].append(bench_backbone(backbone, args, device, peaks, cpu_peaks, rss, log))
         for d in args.dtypes:
             results["matmul_peak"][d]["end"] = matmul_peak(device, DTYPES[d], size=size)
-        results["matmul_peak_gflops"] = {d: max(v["start"]["gflops_best"], v["end"]["gflops_best"])
-                                         for d, v in results["matmul_peak"].items()}
+        results["matmul_peak_gflops"] = {
+            d: max(v["start"]["gflops_best"], v["end"]["gflops_best"]) for d, v in results["matmul_peak"].items()
+        }
         results["matmul_peak_gflops_cpu_time"] = {
             d: max(v["start"]["gflops_cpu_time_best"], v["end"]["gflops_cpu_time_best"])
-            for d, v in results["matmul_peak"].items()}
+            for d, v in results["matmul_peak"].items()
+        }
         for bench in results["backbones"]:
             for row in bench["inference"]:
                 key = row["peak_used"]

@@ -68,21 +68,54 @@ class Protocol:
 
 
 PROTOCOLS: dict[str, Protocol] = {
-    "weld": Protocol("battery_weld/denoised", "mvtec", "unsupervised", (256, 128), 30, 16,
-                     split_file="jobs/splits/battery_weld.txt",
-                     note="36 normal training seams; test = the 2/3 of test/ the split file keeps there"),
-    "mpdd_unsup": Protocol("mpdd_metal_plate/data_supervised/metal_plate", "folder", "unsupervised", (256, 256), 30,
-                           16, note="the normal images of train/ only; test/ as shipped"),
-    "mpdd_sup": Protocol("mpdd_metal_plate/data_supervised/metal_plate", "folder", "supervised", (256, 256), 30, 16,
-                         note="train/ with its 53 masked defective images; test/ as shipped"),
-    "elpv": Protocol("elpv", "mvtec", "unsupervised", (256, 256), 10, 16, split_file="bench/splits/elpv_quality.txt",
-                     note="1,000 normal training cells; test 300 normal + 300 defective (probability 1) cells"),
+    "weld": Protocol(
+        "battery_weld/denoised",
+        "mvtec",
+        "unsupervised",
+        (256, 128),
+        30,
+        16,
+        split_file="jobs/splits/battery_weld.txt",
+        note="36 normal training seams; test = the 2/3 of test/ the split file keeps there",
+    ),
+    "mpdd_unsup": Protocol(
+        "mpdd_metal_plate/data_supervised/metal_plate",
+        "folder",
+        "unsupervised",
+        (256, 256),
+        30,
+        16,
+        note="the normal images of train/ only; test/ as shipped",
+    ),
+    "mpdd_sup": Protocol(
+        "mpdd_metal_plate/data_supervised/metal_plate",
+        "folder",
+        "supervised",
+        (256, 256),
+        30,
+        16,
+        note="train/ with its 53 masked defective images; test/ as shipped",
+    ),
+    "elpv": Protocol(
+        "elpv",
+        "mvtec",
+        "unsupervised",
+        (256, 256),
+        10,
+        16,
+        split_file="bench/splits/elpv_quality.txt",
+        note="1,000 normal training cells; test 300 normal + 300 defective (probability 1) cells",
+    ),
 }
 
 
 def paper_overrides(protocol: Protocol) -> dict[str, Any]:
-    return {"noise_std_mode": "absolute", "noise_std": 0.015, "image_score": "head",
-            "perlin_threshold": 0.6 if protocol.supervision != "unsupervised" else 0.2}
+    return {
+        "noise_std_mode": "absolute",
+        "noise_std": 0.015,
+        "image_score": "head",
+        "perlin_threshold": 0.6 if protocol.supervision != "unsupervised" else 0.2,
+    }
 
 
 def parse_setting(text: str) -> tuple[str, dict[str, str]]:
@@ -121,8 +154,9 @@ def _coerce(value: str, current: Any) -> Any:
     return None if value.lower() == "none" else value
 
 
-def build_configs(protocol: Protocol, setting: str, raw: dict[str, str], *, seed: int, epochs: int,
-                  backbone: str) -> tuple[ModelConfig, TrainConfig]:
+def build_configs(
+    protocol: Protocol, setting: str, raw: dict[str, str], *, seed: int, epochs: int, backbone: str
+) -> tuple[ModelConfig, TrainConfig]:
     model = recommended_model_config(backbone, supervision=protocol.supervision, image_size=protocol.image_size)
     if setting in ("paper", "anomalib"):  # anomalib's model has the paper's settings built in
         model = replace(model, **paper_overrides(protocol))
@@ -170,11 +204,14 @@ def fit_anomalib(root: Path, samples: list, model_cfg: ModelConfig, train_cfg: T
     del ours
     preset = get_preset(model_cfg.backbone)
     train = [s for s in samples if s.label == 0]
-    dataset = DefectDataset(root=root, samples=train, image_size=model_cfg.image_size, mean=preset.mean,
-                            std=preset.std)
+    dataset = DefectDataset(root=root, samples=train, image_size=model_cfg.image_size, mean=preset.mean, std=preset.std)
     loader, sampler = build_train_loader(dataset, train, train_cfg)
-    optimizer = torch.optim.AdamW([{"params": model.adaptor.parameters(), "lr": 1e-4},
-                                   {"params": model.segdec.parameters(), "lr": 2e-4, "weight_decay": 1e-5}])
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": model.adaptor.parameters(), "lr": 1e-4},
+            {"params": model.segdec.parameters(), "lr": 2e-4, "weight_decay": 1e-5},
+        ]
+    )
     milestones = [int(train_cfg.epochs * 0.8), int(train_cfg.epochs * 0.9)]
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.4)
     loss_fn = SSNLoss()
@@ -183,8 +220,9 @@ def fit_anomalib(root: Path, samples: list, model_cfg: ModelConfig, train_cfg: T
         sampler.set_epoch(epoch)
         model.train()
         for batch in loader:
-            anomaly_map, score, masks, labels = model(images=batch["image"], masks=batch["mask"][:, 0],
-                                                      labels=batch["label"])
+            anomaly_map, score, masks, labels = model(
+                images=batch["image"], masks=batch["mask"][:, 0], labels=batch["label"]
+            )
             loss = loss_fn(pred_map=anomaly_map, pred_score=score, target_mask=masks, target_label=labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -214,9 +252,14 @@ def predict_anomalib(predictor, loader) -> Any:
         masks.append(batch["mask"][:, 0].numpy())
         indices.append(np.asarray(batch["index"]))
     scores = np.concatenate(scores)
-    return Predictions(scores=scores, labels=np.concatenate(labels).astype(np.int64), maps=np.concatenate(maps),
-                       masks=np.concatenate(masks).astype(np.uint8), indices=np.concatenate(indices),
-                       head_scores=scores)
+    return Predictions(
+        scores=scores,
+        labels=np.concatenate(labels).astype(np.int64),
+        maps=np.concatenate(maps),
+        masks=np.concatenate(masks).astype(np.uint8),
+        indices=np.concatenate(indices),
+        head_scores=scores,
+    )
 
 
 SUBSET_SEED = 2624
@@ -238,16 +281,24 @@ def limit_train(train: list, limit: int | None, *, first: bool = False) -> list:
     return [train[i] for i in sorted(chosen)]
 
 
-def run_once(name: str, protocol: Protocol, root: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, *,
-             train_limit: int | None, train_first: bool = False, anomalib: bool = False,
-             save: Path | None = None) -> dict[str, Any]:
+def run_once(
+    name: str,
+    protocol: Protocol,
+    root: Path,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    *,
+    train_limit: int | None,
+    train_first: bool = False,
+    anomalib: bool = False,
+    save: Path | None = None,
+) -> dict[str, Any]:
     options = {"split_file": str(REPO / protocol.split_file)} if protocol.split_file else {}
     samples = read_layout(root, protocol.layout, **options)
     train = limit_train([s for s in samples if s.split == "train"], train_limit, first=train_first)
     test = [s for s in samples if s.split == "test"]
     preset = get_preset(model_cfg.backbone)
-    test_set = DefectDataset(root=root, samples=test, image_size=model_cfg.image_size, mean=preset.mean,
-                             std=preset.std)
+    test_set = DefectDataset(root=root, samples=test, image_size=model_cfg.image_size, mean=preset.mean, std=preset.std)
     if anomalib:
         if protocol.supervision != "unsupervised":
             raise SystemExit("--settings anomalib: only the unsupervised protocols")
@@ -262,39 +313,56 @@ def run_once(name: str, protocol: Protocol, root: Path, model_cfg: ModelConfig, 
         if save is not None:
             save_predictions(save, predictions, result.model, root, train, model_cfg)
     has_masks = any(s.mask for s in test)
-    metrics = compute_metrics(scores=predictions.scores, labels=predictions.labels,
-                              maps=predictions.maps if has_masks else None,
-                              masks=predictions.masks if has_masks else None)
+    metrics = compute_metrics(
+        scores=predictions.scores,
+        labels=predictions.labels,
+        maps=predictions.maps if has_masks else None,
+        masks=predictions.masks if has_masks else None,
+    )
     metrics.update(predictions.score_metrics())
     types = [test[i].defect_type for i in predictions.indices]
     for defect_type in sorted({t for t in types if t}):
         keep = np.array([t in ("", defect_type) for t in types])
         if len({t for t in types if t}) > 1:
             metrics[f"image_auroc_{model_cfg.image_score}/{defect_type}"] = compute_metrics(
-                scores=predictions.scores[keep], labels=predictions.labels[keep])["image_auroc"]
+                scores=predictions.scores[keep], labels=predictions.labels[keep]
+            )["image_auroc"]
     normal = predictions.labels == 0
     return {
-        "dataset": name, "train_images": len(train), "test_images": len(test), "train_seconds": train_seconds,
-        "metrics": metrics, "final_loss": result.history[-1].get("loss") if result else None,
+        "dataset": name,
+        "train_images": len(train),
+        "test_images": len(test),
+        "train_seconds": train_seconds,
+        "metrics": metrics,
+        "final_loss": result.history[-1].get("loss") if result else None,
         "scores": {"normal": predictions.scores[normal].tolist(), "defective": predictions.scores[~normal].tolist()},
-        "model_config": asdict(model_cfg), "train_config": asdict(train_cfg),
+        "model_config": asdict(model_cfg),
+        "train_config": asdict(train_cfg),
     }
 
 
-def save_predictions(path: Path, predictions: Any, model: torch.nn.Module, root: Path, train: list,
-                     model_cfg: ModelConfig) -> None:
+def save_predictions(
+    path: Path, predictions: Any, model: torch.nn.Module, root: Path, train: list, model_cfg: ModelConfig
+) -> None:
     """Write a run's test predictions and the anomaly maps of its normal training images to `path` (npz, maps in
     float16): what `bench/bench_scores.py` compares image scores on without training again."""
     preset = get_preset(model_cfg.backbone)
     normals = [s for s in train if s.label == 0]
-    train_set = DefectDataset(root=root, samples=normals, image_size=model_cfg.image_size, mean=preset.mean,
-                              std=preset.std)
+    train_set = DefectDataset(
+        root=root, samples=normals, image_size=model_cfg.image_size, mean=preset.mean, std=preset.std
+    )
     fitted = predict(model, eval_loader(train_set, batch_size=16), device=torch.device("cpu"))
     head = predictions.scores if predictions.head_scores is None else predictions.head_scores
     train_head = fitted.scores if fitted.head_scores is None else fitted.head_scores
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, maps=predictions.maps.astype(np.float16), labels=predictions.labels,
-                        head=head, train_maps=fitted.maps.astype(np.float16), train_head=train_head)
+    np.savez_compressed(
+        path,
+        maps=predictions.maps.astype(np.float16),
+        labels=predictions.labels,
+        head=head,
+        train_maps=fitted.maps.astype(np.float16),
+        train_head=train_head,
+    )
 
 
 def summarise(runs: list[dict[str, Any]], keys: list[str]) -> dict[str, tuple[float, float]]:
@@ -313,32 +381,53 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--epochs", type=int, default=None, help="override every protocol's epoch count")
-    parser.add_argument("--train-limit", type=int, default=None,
-                        help="train on N of the protocol's training images, a seeded random choice (limit_train)")
-    parser.add_argument("--train-first", action="store_true",
-                        help="with --train-limit: the first N images instead (the rows made before 2026-12-03)")
+    parser.add_argument(
+        "--train-limit",
+        type=int,
+        default=None,
+        help="train on N of the protocol's training images, a seeded random choice (limit_train)",
+    )
+    parser.add_argument(
+        "--train-first",
+        action="store_true",
+        help="with --train-limit: the first N images instead (the rows made before 2026-12-03)",
+    )
     parser.add_argument("--quick", action="store_true", help="one seed")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--cache", type=Path, default=REPO / ".bench-cache")
     parser.add_argument("--out", type=Path, default=REPO / "bench_results" / "quality.json")
-    parser.add_argument("--save-predictions", type=Path, default=None, metavar="DIR",
-                        help="write each run's test maps and its normal training images' maps to "
-                             "DIR/<dataset>-<setting>-<seed>.npz (for bench/bench_scores.py)")
+    parser.add_argument(
+        "--save-predictions",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write each run's test maps and its normal training images' maps to "
+        "DIR/<dataset>-<setting>-<seed>.npz (for bench/bench_scores.py)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     seeds = args.seeds[:1] if args.quick else args.seeds
     settings = [parse_setting(text) for text in args.settings]
     report: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "python": platform.python_version(),
-                    "torch": torch.__version__, "processor": platform.processor() or platform.machine()},
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv), "runs": [],
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "processor": platform.processor() or platform.machine(),
+        },
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": " ".join(sys.argv),
+        "runs": [],
         "summary": {},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    keys = [f"image_auroc_{s}" for s in IMAGE_SCORES] + [f"ap_det_{s}" for s in IMAGE_SCORES] + [
-        "pixel_auroc", "aupro", "ap_loc"]
+    keys = (
+        [f"image_auroc_{s}" for s in IMAGE_SCORES]
+        + [f"ap_det_{s}" for s in IMAGE_SCORES]
+        + ["pixel_auroc", "aupro", "ap_loc"]
+    )
     rows = []
     for name in args.datasets:
         protocol = PROTOCOLS[name]
@@ -347,23 +436,45 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for setting, raw in settings:
             runs = []
             for seed in seeds:
-                model_cfg, train_cfg = build_configs(protocol, setting, raw, seed=seed, epochs=epochs,
-                                                     backbone=args.backbone)
-                save = (args.save_predictions / f"{name}-{setting}-{seed}.npz"
-                        if args.save_predictions and setting != "anomalib" else None)
-                run = run_once(name, protocol, root, model_cfg, train_cfg, train_limit=args.train_limit,
-                               train_first=args.train_first, anomalib=setting == "anomalib", save=save)
-                run.update(setting=setting, seed=seed, epochs=epochs,
-                           train_subset=None if not args.train_limit else "first" if args.train_first else "random")
+                model_cfg, train_cfg = build_configs(
+                    protocol, setting, raw, seed=seed, epochs=epochs, backbone=args.backbone
+                )
+                save = (
+                    args.save_predictions / f"{name}-{setting}-{seed}.npz"
+                    if args.save_predictions and setting != "anomalib"
+                    else None
+                )
+                run = run_once(
+                    name,
+                    protocol,
+                    root,
+                    model_cfg,
+                    train_cfg,
+                    train_limit=args.train_limit,
+                    train_first=args.train_first,
+                    anomalib=setting == "anomalib",
+                    save=save,
+                )
+                run.update(
+                    setting=setting,
+                    seed=seed,
+                    epochs=epochs,
+                    train_subset=None if not args.train_limit else "first" if args.train_first else "random",
+                )
                 runs.append(run)
                 report["runs"].append(run)
                 aurocs = ", ".join(f"{s} {run['metrics'][f'image_auroc_{s}']:.3f}" for s in IMAGE_SCORES)
-                print(f"  {name} {setting} seed {seed}: image AUROC {aurocs} ({run['train_seconds']:.0f} s)",
-                      flush=True)
+                print(
+                    f"  {name} {setting} seed {seed}: image AUROC {aurocs} ({run['train_seconds']:.0f} s)", flush=True
+                )
                 args.out.write_text(json.dumps(report, indent=1, default=float))
             summary = summarise(runs, keys)
-            report["summary"][f"{name}/{setting}"] = {"epochs": epochs, "seeds": seeds, "train_images":
-                                                      runs[0]["train_images"], **summary}
+            report["summary"][f"{name}/{setting}"] = {
+                "epochs": epochs,
+                "seeds": seeds,
+                "train_images": runs[0]["train_images"],
+                **summary,
+            }
             rows.append((name, setting, epochs, len(seeds), summary))
             args.out.write_text(json.dumps(report, indent=1, default=float))
     print()

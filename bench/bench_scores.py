@@ -49,8 +49,12 @@ Stats = dict[str, np.ndarray]
 def train_statistics(train_maps: np.ndarray, train_head: np.ndarray) -> Stats:
     maps = train_maps.astype(np.float64)
     std = maps.std(axis=0)
-    return {"mean": maps.mean(axis=0), "std": np.maximum(std, np.median(std)) + 1e-6,
-            "map_max": maps.reshape(len(maps), -1).max(axis=1), "head": train_head.astype(np.float64)}
+    return {
+        "mean": maps.mean(axis=0),
+        "std": np.maximum(std, np.median(std)) + 1e-6,
+        "map_max": maps.reshape(len(maps), -1).max(axis=1),
+        "head": train_head.astype(np.float64),
+    }
 
 
 def _top(fraction: float) -> Callable[[np.ndarray, np.ndarray, Stats], np.ndarray]:
@@ -58,6 +62,7 @@ def _top(fraction: float) -> Callable[[np.ndarray, np.ndarray, Stats], np.ndarra
         flat = maps.reshape(len(maps), -1)
         k = max(1, int(round(fraction * flat.shape[1])))
         return np.sort(flat, axis=1)[:, -k:].mean(axis=1)
+
     return score
 
 
@@ -119,8 +124,10 @@ def main(argv: list[str] | None = None) -> dict:
             for name in SCORES:
                 values = np.array([r[name][metric] for _, r in runs])
                 report["groups"].setdefault(group, {}).setdefault(name, {})[metric] = {
-                    "mean": float(values.mean()), "std": float(values.std()),
-                    "per_seed": {seed: r[name][metric] for seed, r in runs}}
+                    "mean": float(values.mean()),
+                    "std": float(values.std()),
+                    "per_seed": {seed: r[name][metric] for seed, r in runs},
+                }
                 means[name].append(values.mean())
                 cells.append(f"{values.mean():.3f} ± {values.std():.3f}")
             print(f"| {group} | {len(runs)} | " + " | ".join(cells) + " |")

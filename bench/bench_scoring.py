@@ -52,7 +52,7 @@ def fast_path(product: str, bodies: list[bytes], *, threads: int, batch_size: in
     limits = {"max_pixels": ServeSettings().max_pixels, "max_side": ServeSettings().max_side}
     started = time.perf_counter()
     for start in range(0, len(bodies), batch_size):
-        run_items([(loaded, decode_image(body, **limits)[0]) for body in bodies[start:start + batch_size]])
+        run_items([(loaded, decode_image(body, **limits)[0]) for body in bodies[start : start + batch_size]])
     return len(bodies) / (time.perf_counter() - started)
 
 
@@ -61,8 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--product", default="bench-demo", help="product (bench-demo: registered if missing)")
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--configs", nargs="+", default=["1x1", "1x2", "2x1"],
-                        help="job configurations AxC: A actors of C CPUs (fast path with A*C threads beside each)")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=["1x1", "1x2", "2x1"],
+        help="job configurations AxC: A actors of C CPUs (fast path with A*C threads beside each)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench_results" / "scoring.json")
     args = parser.parse_args(argv)
 
@@ -89,36 +93,63 @@ def main(argv: list[str] | None = None) -> int:
         fast = fast_path(args.product, bodies, threads=cores, batch_size=args.batch_size)
         seconds = {}
         for count in (args.images // 2, args.images):  # marginal rate: start-up (actors, model load) cancels out
-            settings = ScoreSettings(product=args.product, input=f"s3://{BUCKET}/{prefix}/", actors=actors,
-                                     cpus_per_actor=cpus, batch_size=args.batch_size, limit=count,
-                                     output=f"s3://{BUCKET}/out-{uuid.uuid4().hex[:6]}")
+            settings = ScoreSettings(
+                product=args.product,
+                input=f"s3://{BUCKET}/{prefix}/",
+                actors=actors,
+                cpus_per_actor=cpus,
+                batch_size=args.batch_size,
+                limit=count,
+                output=f"s3://{BUCKET}/out-{uuid.uuid4().hex[:6]}",
+            )
             summary = score_images_job(settings, progress=False)
             if summary.scored != count:
                 raise SystemExit(f"{config}: the job scored {summary.scored} of {count} images")
             seconds[count] = summary.seconds
         whole = args.images / seconds[args.images]
         steady = (args.images - args.images // 2) / (seconds[args.images] - seconds[args.images // 2])
-        row = {"config": config, "actors": actors, "cpus_per_actor": cpus, "cores": cores,
-               "fast_img_s": round(fast, 2), "job_img_s": round(whole, 2), "job_steady_img_s": round(steady, 2),
-               "fast_per_core": round(fast / cores, 2), "job_steady_per_core": round(steady / cores, 2),
-               "job_seconds": seconds, "ratio": round(whole / fast, 3), "steady_ratio": round(steady / fast, 3)}
+        row = {
+            "config": config,
+            "actors": actors,
+            "cpus_per_actor": cpus,
+            "cores": cores,
+            "fast_img_s": round(fast, 2),
+            "job_img_s": round(whole, 2),
+            "job_steady_img_s": round(steady, 2),
+            "fast_per_core": round(fast / cores, 2),
+            "job_steady_per_core": round(steady / cores, 2),
+            "job_seconds": seconds,
+            "ratio": round(whole / fast, 3),
+            "steady_ratio": round(steady / fast, 3),
+        }
         rows.append(row)
-        print(f"{config}: fast {row['fast_img_s']} img/s, job {row['job_img_s']} img/s whole, "
-              f"{row['job_steady_img_s']} steady ({row['steady_ratio']:.0%})", file=sys.stderr)
+        print(
+            f"{config}: fast {row['fast_img_s']} img/s, job {row['job_img_s']} img/s whole, "
+            f"{row['job_steady_img_s']} steady ({row['steady_ratio']:.0%})",
+            file=sys.stderr,
+        )
 
-    header = (f"{'config':<8}{'cores':>6}{'fast img/s':>12}{'job whole':>11}{'job steady':>12}{'fast/core':>11}"
-              f"{'steady/core':>13}{'steady/fast':>13}")
+    header = (
+        f"{'config':<8}{'cores':>6}{'fast img/s':>12}{'job whole':>11}{'job steady':>12}{'fast/core':>11}"
+        f"{'steady/core':>13}{'steady/fast':>13}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['config']:<8}{r['cores']:>6}{r['fast_img_s']:>12.2f}{r['job_img_s']:>11.2f}"
-              f"{r['job_steady_img_s']:>12.2f}{r['fast_per_core']:>11.2f}{r['job_steady_per_core']:>13.2f}"
-              f"{r['steady_ratio']:>13.1%}")
-    payload = {"benchmark": "scoring", "product": args.product, "images": args.images, "batch_size": args.batch_size,
-               "image": "battery_weld test PNGs (256 x 120), model input 256 x 128 (EfficientNet-Lite0), fp32",
-               "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
-                           "platform": _stdlib_platform.platform()},
-               "results": rows}
+        print(
+            f"{r['config']:<8}{r['cores']:>6}{r['fast_img_s']:>12.2f}{r['job_img_s']:>11.2f}"
+            f"{r['job_steady_img_s']:>12.2f}{r['fast_per_core']:>11.2f}{r['job_steady_per_core']:>13.2f}"
+            f"{r['steady_ratio']:>13.1%}"
+        )
+    payload = {
+        "benchmark": "scoring",
+        "product": args.product,
+        "images": args.images,
+        "batch_size": args.batch_size,
+        "image": "battery_weld test PNGs (256 x 120), model input 256 x 128 (EfficientNet-Lite0), fp32",
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": _stdlib_platform.platform()},
+        "results": rows,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2))
     print(f"wrote {args.out}", file=sys.stderr)

@@ -75,15 +75,26 @@ def ensure_demo_product() -> str:
     with torch.no_grad():
         model.classification_head.fc.weight.mul_(0.05)
     model.eval()
-    job = build_job_config({"product": DEMO, "dataset": "s3://ssn/datasets/battery-weld/latest",
-                            "model": to_dict(config), "scaling": {"num_workers": 1}})
+    job = build_job_config(
+        {
+            "product": DEMO,
+            "dataset": "s3://ssn/datasets/battery-weld/latest",
+            "model": to_dict(config),
+            "scaling": {"num_workers": 1},
+        }
+    )
     run = client.create_run(experiment_id(client, job.experiment_name), run_name="bench-demo")
     version = log_and_register(job, model, run_id=run.info.run_id, metrics={}, provenance="bench: random heads")
     client.set_terminated(run.info.run_id)
     normal = sorted((WELD / "train" / "good").iterdir())
     scores, _ = predict_images(model, [Image.open(p) for p in normal])
-    threshold = calibrate(np.asarray(scores), np.zeros(len(normal)), method="false_alarm", false_alarm_rate=0.01,
-                          split="train (normal images; demo product)")
+    threshold = calibrate(
+        np.asarray(scores),
+        np.zeros(len(normal)),
+        method="false_alarm",
+        false_alarm_rate=0.01,
+        split="train (normal images; demo product)",
+    )
     record_threshold(DEMO, version, threshold, run_id=run.info.run_id)
     client.set_registered_model_alias(name, "champion", version)  # a demo product: no promotion policy
     return version
@@ -92,8 +103,14 @@ def ensure_demo_product() -> str:
 STAGES = ("read", "model_lookup", "decode", "queue", "model", "post", "outside")
 
 
-def model_throughput(product: str, bodies: list[bytes], batch_sizes: list[int], torch_threads: int,
-                     precision: str = "fp32", seconds: float = 10.0) -> list[dict]:
+def model_throughput(
+    product: str,
+    bodies: list[bytes],
+    batch_sizes: list[int],
+    torch_threads: int,
+    precision: str = "fp32",
+    seconds: float = 10.0,
+) -> list[dict]:
     """The champion's own img/s through `predict_images` (decoded arrays, no HTTP), per batch size."""
     import torch
 
@@ -177,9 +194,14 @@ def run_clients(url: str, bodies: list[bytes], *, clients: int, total: int, max_
         thread.join()
     wall = time.perf_counter() - started
     return {
-        "clients": clients, "completed": len(latencies), "errors": len(errors), "error_kinds": sorted(set(errors)),
-        "seconds": round(wall, 3), "requests_per_s": round(len(latencies) / wall, 2) if wall else 0.0,
-        "p50_ms": round(1000 * percentile(latencies, 50), 1), "p95_ms": round(1000 * percentile(latencies, 95), 1),
+        "clients": clients,
+        "completed": len(latencies),
+        "errors": len(errors),
+        "error_kinds": sorted(set(errors)),
+        "seconds": round(wall, 3),
+        "requests_per_s": round(len(latencies) / wall, 2) if wall else 0.0,
+        "p50_ms": round(1000 * percentile(latencies, 50), 1),
+        "p95_ms": round(1000 * percentile(latencies, 95), 1),
         "p99_ms": round(1000 * percentile(latencies, 99), 1),
         "mean_ms": round(1000 * sum(latencies) / max(1, len(latencies)), 1),
         "mean_batch": round(sum(batches) / len(batches), 2) if batches else None,
@@ -202,10 +224,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench_results" / "serving.json")
     parser.add_argument("--keep", action="store_true", help="leave the bench application running")
     parser.add_argument("--batching", choices=["both", "on", "off"], default="both")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                        help="the replica's and the model-alone run's precision (ServeSettings.precision)")
-    parser.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=None,
-                        help="Serve's access log of the replica (default: ServeSettings' default)")
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="the replica's and the model-alone run's precision (ServeSettings.precision)",
+    )
+    parser.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Serve's access log of the replica (default: ServeSettings' default)",
+    )
     args = parser.parse_args(argv)
 
     from ray import serve
@@ -217,13 +247,17 @@ def main(argv: list[str] | None = None) -> int:
     version = ensure_demo_product() if args.product == DEMO else None
     images = sorted((WELD / "test" / "good").iterdir())[:8] + sorted((WELD / "test" / "defective").iterdir())[:8]
     bodies = [p.read_bytes() for p in images]
-    base_settings = {"torch_threads": args.torch_threads, "max_batch_size": args.max_batch_size,
-                     "batch_wait_timeout_s": args.batch_wait_ms / 1000.0, "max_ongoing_requests": 64,
-                     "refresh_s": 30.0, "precision": args.precision}
+    base_settings = {
+        "torch_threads": args.torch_threads,
+        "max_batch_size": args.max_batch_size,
+        "batch_wait_timeout_s": args.batch_wait_ms / 1000.0,
+        "max_ongoing_requests": 64,
+        "refresh_s": 30.0,
+        "precision": args.precision,
+    }
     if args.access_log is not None:
         base_settings["access_log"] = args.access_log
-    model = model_throughput(args.product, bodies, sorted({1, args.max_batch_size}), args.torch_threads,
-                             args.precision)
+    model = model_throughput(args.product, bodies, sorted({1, args.max_batch_size}), args.torch_threads, args.precision)
     for row in model:
         print(f"model alone, batch {row['batch']}: {row['images_per_s']} img/s", file=sys.stderr)
     results = []
@@ -242,9 +276,12 @@ def main(argv: list[str] | None = None) -> int:
                 row = run_clients(url, bodies, clients=clients, total=args.requests, max_seconds=args.max_seconds)
                 row["batching"] = batching
                 results.append(row)
-                print(f"batching={'on' if batching else 'off'} clients={clients}: {row['requests_per_s']} req/s, "
-                      f"p50 {row['p50_ms']} ms, p95 {row['p95_ms']} ms, p99 {row['p99_ms']} ms, "
-                      f"errors {row['errors']}", file=sys.stderr)
+                print(
+                    f"batching={'on' if batching else 'off'} clients={clients}: {row['requests_per_s']} req/s, "
+                    f"p50 {row['p50_ms']} ms, p95 {row['p95_ms']} ms, p99 {row['p99_ms']} ms, "
+                    f"errors {row['errors']}",
+                    file=sys.stderr,
+                )
     finally:
         if not args.keep:
             try:
@@ -252,27 +289,39 @@ def main(argv: list[str] | None = None) -> int:
             except Exception:  # noqa: BLE001 - best effort
                 pass
 
-    header = (f"{'batching':<9}{'clients':>8}{'answers':>9}{'errors':>8}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}"
-              f"{'p99 ms':>9}")
+    header = (
+        f"{'batching':<9}{'clients':>8}{'answers':>9}{'errors':>8}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
+    )
     print(header)
     print("-" * len(header))
     for row in results:
-        print(f"{'on' if row['batching'] else 'off':<9}{row['clients']:>8}{row['completed']:>9}{row['errors']:>8}"
-              f"{row['requests_per_s']:>9.2f}{row['p50_ms']:>9.1f}{row['p95_ms']:>9.1f}{row['p99_ms']:>9.1f}")
+        print(
+            f"{'on' if row['batching'] else 'off':<9}{row['clients']:>8}{row['completed']:>9}{row['errors']:>8}"
+            f"{row['requests_per_s']:>9.2f}{row['p50_ms']:>9.1f}{row['p95_ms']:>9.1f}{row['p99_ms']:>9.1f}"
+        )
     print("\nmedian ms per stage (Server-Timing; outside = client latency - replica total)")
     print(f"{'batching':<9}{'clients':>8}" + "".join(f"{stage:>13}" for stage in STAGES) + f"{'mean batch':>12}")
     for row in results:
-        print(f"{'on' if row['batching'] else 'off':<9}{row['clients']:>8}"
-              + "".join(f"{row['stage_p50_ms'].get(stage, float('nan')):>13.1f}" for stage in STAGES)
-              + f"{row['mean_batch'] or float('nan'):>12.2f}")
-    print("\nmodel alone (predict_images, decoded images): "
-          + ", ".join(f"batch {row['batch']} {row['images_per_s']} img/s" for row in model))
+        print(
+            f"{'on' if row['batching'] else 'off':<9}{row['clients']:>8}"
+            + "".join(f"{row['stage_p50_ms'].get(stage, float('nan')):>13.1f}" for stage in STAGES)
+            + f"{row['mean_batch'] or float('nan'):>12.2f}"
+        )
+    print(
+        "\nmodel alone (predict_images, decoded images): "
+        + ", ".join(f"batch {row['batch']} {row['images_per_s']} img/s" for row in model)
+    )
     payload = {
-        "benchmark": "serving", "product": args.product, "version": version,
+        "benchmark": "serving",
+        "product": args.product,
+        "version": version,
         "image": "battery_weld test PNGs (256 x 120), model input 256 x 128 (EfficientNet-Lite0)",
-        "settings": base_settings, "requests_per_run": args.requests, "max_seconds": args.max_seconds,
+        "settings": base_settings,
+        "requests_per_run": args.requests,
+        "max_seconds": args.max_seconds,
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": _stdlib_platform.platform()},
-        "results": results, "model_alone": model,
+        "results": results,
+        "model_alone": model,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2))

@@ -71,7 +71,7 @@ class PrivateS3:
         out = subprocess.run([self.stack, "env"], env=self.env, check=True, capture_output=True, text=True).stdout
         env = {}
         for line in out.splitlines():
-            name, _, value = line[len("export "):].partition("=")
+            name, _, value = line[len("export ") :].partition("=")
             env[name] = value
         return env
 
@@ -97,12 +97,14 @@ def bench_dataset(name: str, root: Path, layout: str, settings, client, workers:
     product = name.split("/")[0]
     try:
         t0 = time.perf_counter()
-        res = ingest(root, product=product, layout=layout, bucket=bucket, settings=settings, workers=workers,
-                     progress=False)
+        res = ingest(
+            root, product=product, layout=layout, bucket=bucket, settings=settings, workers=workers, progress=False
+        )
         t_ingest = time.perf_counter() - t0
         t0 = time.perf_counter()
-        again = ingest(root, product=product, layout=layout, bucket=bucket, settings=settings, workers=workers,
-                       progress=False)
+        again = ingest(
+            root, product=product, layout=layout, bucket=bucket, settings=settings, workers=workers, progress=False
+        )
         t_reingest = time.perf_counter() - t0
         assert again.uploaded == 0, again
 
@@ -179,20 +181,21 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         for phase in ("ingest", "reingest_noop", "cold_read", "warm_read"):
             m = r[phase]
-            print(f"{r['dataset']:<24}{r['objects']:>7}{r['bytes'] / 1e6:>8.1f}  {phase:<15}{m['seconds']:>8.2f}"
-                  f"{m['MB_per_s']:>9.1f}{m['files_per_s']:>9.0f}")
+            print(
+                f"{r['dataset']:<24}{r['objects']:>7}{r['bytes'] / 1e6:>8.1f}  {phase:<15}{m['seconds']:>8.2f}"
+                f"{m['MB_per_s']:>9.1f}{m['files_per_s']:>9.0f}"
+            )
     result = {
         "benchmark": "storage",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
-                    "system": _stdlib_platform.platform()},
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "system": _stdlib_platform.platform()},
         "endpoint": settings.endpoint_label,
         "server": "SeaweedFS (private, infra/local/stack)" if private else "from the environment",
         "workers": args.workers,
         "repeats": args.repeats,
         "notes": "MB = 1e6 bytes over all objects of the dataset (duplicates included); cold read = empty cache "
-                 "(download, sha256 verify, hard-link view); warm read = cached (sha256 verify + view check); "
-                 "ingest includes validation (PIL) and hashing.",
+        "(download, sha256 verify, hard-link view); warm read = cached (sha256 verify + view check); "
+        "ingest includes validation (PIL) and hashing.",
         "results": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -69,10 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     net = fast_module.FastSuperSimpleNet.from_model(model, dtype=dtype)
     images = torch.randn(args.batch, 3, *args.size).contiguous(memory_format=torch.channels_last)
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    peak = max(2 * 2048 ** 3 / timed(lambda: a @ b, 10) for _ in range(3))
+    peak = max(2 * 2048**3 / timed(lambda: a @ b, 10) for _ in range(3))
     if dtype == torch.bfloat16:
         a16, b16 = a.bfloat16(), b.bfloat16()
-        peak = max(2 * 2048 ** 3 / timed(lambda: a16 @ b16, 10) for _ in range(3))
+        peak = max(2 * 2048**3 / timed(lambda: a16 @ b16, 10) for _ in range(3))
 
     rows: list[dict] = []
     with torch.inference_mode():
@@ -88,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         }
         if net.heads == "folded":
             height, width = levels[0].shape[-2:]
-            up = [F.interpolate(level, size=(2 * height, 2 * width), mode="bilinear", align_corners=True)
-                  for level in levels]
+            up = [
+                F.interpolate(level, size=(2 * height, 2 * width), mode="bilinear", align_corners=True)
+                for level in levels
+            ]
             features = F.avg_pool2d(torch.cat(up, 1), 3, 1, 1).contiguous(memory_format=torch.channels_last)
             if net.adaptor is not None:
                 features = net.adaptor(features)
@@ -114,11 +116,19 @@ def main(argv: list[str] | None = None) -> int:
         for name, fn in stages.items():
             seconds = timed(fn, args.repeats)
             count = flops(fn)
-            rows.append({"stage": name, "ms": seconds * 1000, "gflop_per_image": count / args.batch / 1e9,
-                         "percent_of_peak": 100 * count / seconds / peak})
+            rows.append(
+                {
+                    "stage": name,
+                    "ms": seconds * 1000,
+                    "gflop_per_image": count / args.batch / 1e9,
+                    "percent_of_peak": 100 * count / seconds / peak,
+                }
+            )
 
-    title = f"{args.backbone} {args.dtype} batch {args.batch} at {args.size[0]}x{args.size[1]}, " \
-            f"{torch.get_num_threads()} threads, matmul peak {peak / 1e9:.0f} GFLOP/s"
+    title = (
+        f"{args.backbone} {args.dtype} batch {args.batch} at {args.size[0]}x{args.size[1]}, "
+        f"{torch.get_num_threads()} threads, matmul peak {peak / 1e9:.0f} GFLOP/s"
+    )
     print(title)
     print("| stage | ms (median) | GFLOP/img | % of peak |")
     print("|---|---|---|---|")

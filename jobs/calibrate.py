@@ -30,8 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", required=True, help="registered model version")
     parser.add_argument("--data", default=None, help="dataset URI (default: the version's dataset tag)")
     parser.add_argument("--split", default="val", help="dataset split to calibrate on (default: val)")
-    parser.add_argument("--method", default="auto", choices=("auto", "false_alarm", "f1", "recall"),
-                        help="auto: f1 with labelled defects, else false_alarm")
+    parser.add_argument(
+        "--method",
+        default="auto",
+        choices=("auto", "false_alarm", "f1", "recall"),
+        help="auto: f1 with labelled defects, else false_alarm",
+    )
     parser.add_argument("--false-alarm-rate", type=float, default=0.01, help="false_alarm: target rate")
     parser.add_argument("--target-recall", type=float, default=0.95, help="recall: target recall")
     args = parser.parse_args(argv)
@@ -46,15 +50,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():  # printed below, with the result
             warnings.simplefilter("ignore", TooFewImagesWarning)
-            threshold = calibrate_version(args.product, args.version, data_uri=args.data, split=args.split,
-                                          method=args.method, false_alarm_rate=args.false_alarm_rate,
-                                          target_recall=args.target_recall)
+            threshold = calibrate_version(
+                args.product,
+                args.version,
+                data_uri=args.data,
+                split=args.split,
+                method=args.method,
+                false_alarm_rate=args.false_alarm_rate,
+                target_recall=args.target_recall,
+            )
     except (PlatformError, StorageError, CheckpointError, MlflowException, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"{args.product} v{args.version}: threshold {threshold.value:.6g} ({threshold.method}, "
-          f"{threshold.n_normal} normal / {threshold.n_defective} defective {threshold.split} images; "
-          f"{threshold.interval_text()})", file=sys.stderr)
+    print(
+        f"{args.product} v{args.version}: threshold {threshold.value:.6g} ({threshold.method}, "
+        f"{threshold.n_normal} normal / {threshold.n_defective} defective {threshold.split} images; "
+        f"{threshold.interval_text()})",
+        file=sys.stderr,
+    )
     if threshold.warning:
         print(f"warning: {threshold.warning}", file=sys.stderr)
     print(json.dumps({"product": args.product, "version": str(args.version), **threshold.to_dict()}))

@@ -45,8 +45,14 @@ def load_settings(path: Path, overrides: list[str]) -> tuple[dict, dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="Serve config file (its args are used)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one setting of ssn_platform.serving.settings.ServeSettings")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one setting of ssn_platform.serving.settings.ServeSettings",
+    )
     parser.add_argument(
         "--address", default=None, help="Ray cluster (GCS) address; default SSN_RAY_ADDRESS, else RAY_ADDRESS"
     )
@@ -56,8 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--route-prefix", default=None, help="route prefix (default: the config's, else /)")
     parser.add_argument("--delete", action="store_true", help="remove the application instead")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for /readyz")
-    parser.add_argument("--smoke-test", action="store_true",
-                        help="deploy the config as application ssn-smoke under /smoke, wait for /readyz, remove it")
+    parser.add_argument(
+        "--smoke-test",
+        action="store_true",
+        help="deploy the config as application ssn-smoke under /smoke, wait for /readyz, remove it",
+    )
     args = parser.parse_args(argv)
 
     from ssn_platform.serving.deployment import deploy, wait_ready
@@ -78,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"deleted": name}))
             return 0
         ServeSettings.from_dict(settings)  # fail before touching the cluster
-        url = deploy(settings, address=args.address, name=name, route_prefix=prefix, host=args.host,
-                     port=args.port)
+        url = deploy(settings, address=args.address, name=name, route_prefix=prefix, host=args.host, port=args.port)
         ready = wait_ready(url, timeout=args.timeout)
         if args.smoke_test:
             from ray import serve
@@ -88,8 +96,17 @@ def main(argv: list[str] | None = None) -> int:
     except (PlatformError, ValueError, OSError, TimeoutError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(json.dumps({"app": name, "url": url, "inspect": f"{url}/v1/products/{{product}}/inspect",
-                      "docs": f"{url}/docs", "registry": ready.get("registry")}))
+    print(
+        json.dumps(
+            {
+                "app": name,
+                "url": url,
+                "inspect": f"{url}/v1/products/{{product}}/inspect",
+                "docs": f"{url}/docs",
+                "registry": ready.get("registry"),
+            }
+        )
+    )
     return 0
 
 

@@ -33,9 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table", help="the batch job's table, s3://.../scores/<product>/v<version>/table")
     parser.add_argument("--window-prefix", default=None, help="window: rows whose image URI starts with this")
     parser.add_argument("--since", default=None, help="window: rows scored at or after this ISO time (UTC)")
-    parser.add_argument("--reference-prefix", default=None,
-                        help="reference: rows of the table whose image URI starts with this (default: the "
-                             "version's calibration scores of normal images)")
+    parser.add_argument(
+        "--reference-prefix",
+        default=None,
+        help="reference: rows of the table whose image URI starts with this (default: the "
+        "version's calibration scores of normal images)",
+    )
     parser.add_argument("--psi-limit", type=float, default=0.25)
     parser.add_argument("--ks-alpha", type=float, default=0.01)
     parser.add_argument("--min-window", type=int, default=30)
@@ -56,20 +59,33 @@ def main(argv: list[str] | None = None) -> int:
             from ssn_platform.scoring import ScoreSettings, score_images_job
 
             dataset, args.version = _smoke_version(None)
-            summary = score_images_job(ScoreSettings(product="smoke", version=args.version, input=dataset,
-                                                     dataset=True), progress=False)
+            summary = score_images_job(
+                ScoreSettings(product="smoke", version=args.version, input=dataset, dataset=True), progress=False
+            )
             args.product, args.table, args.min_window = "smoke", summary.table, 2
             args.window_prefix = args.reference_prefix = "s3://"
         if not args.product or not args.table or not (args.window_prefix or args.since):
             parser.error("--product, --table and --window-prefix or --since are required (or --smoke-test)")
-        result = check_drift(args.product, args.table, version=args.version, window_prefix=args.window_prefix,
-                             since=args.since, reference_prefix=args.reference_prefix, psi_limit=args.psi_limit,
-                             ks_alpha=args.ks_alpha, min_window=args.min_window, record=not args.dry_run)
+        result = check_drift(
+            args.product,
+            args.table,
+            version=args.version,
+            window_prefix=args.window_prefix,
+            since=args.since,
+            reference_prefix=args.reference_prefix,
+            psi_limit=args.psi_limit,
+            ks_alpha=args.ks_alpha,
+            min_window=args.min_window,
+            record=not args.dry_run,
+        )
     except (ValueError, PlatformError, StorageError, MlflowException) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"{result.product} v{result.version}: {result.status} (PSI {result.psi:.3f}, KS p {result.ks_pvalue:.3g}; "
-          f"{result.window_size} scores against {result.reference_size} of {result.reference})", file=sys.stderr)
+    print(
+        f"{result.product} v{result.version}: {result.status} (PSI {result.psi:.3f}, KS p {result.ks_pvalue:.3g}; "
+        f"{result.window_size} scores against {result.reference_size} of {result.reference})",
+        file=sys.stderr,
+    )
     print(json.dumps(result.to_dict()))
     return EXIT[result.status]
 

@@ -57,8 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", help="version: MLflow experiment (default: the training run's)")
     parser.add_argument("--batch-size", type=int, default=16, help="version: inference batch size")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: SSN_RAY_ADDRESS or auto)")
-    parser.add_argument("--tuned", default=None,
-                        help="seeds: tuned settings written by jobs/tune.py (s3:// URI or file); overrides still win")
+    parser.add_argument(
+        "--tuned",
+        default=None,
+        help="seeds: tuned settings written by jobs/tune.py (s3:// URI or file); overrides still win",
+    )
     parser.add_argument("--smoke-test", action="store_true", help="2 seeds of a tiny run on a generated dataset")
     parser.add_argument("overrides", nargs="*", help="seeds: key=value overrides of the config")
     args = parser.parse_args(argv)
@@ -75,11 +78,19 @@ def main(argv: list[str] | None = None) -> int:
     by_version = bool(args.product or args.version or args.model_uri)
     try:
         if by_version and (args.config or args.smoke_test or seeds is not None or overrides or args.tuned):
-            raise PlatformError("give either --config/--smoke-test with --seeds and overrides, or a version "
-                                "(--product/--version or --model-uri), not both")
+            raise PlatformError(
+                "give either --config/--smoke-test with --seeds and overrides, or a version "
+                "(--product/--version or --model-uri), not both"
+            )
         if by_version:
-            report = evaluate_version(product=args.product, version=args.version, model_uri=args.model_uri,
-                                      dataset=args.dataset, experiment=args.experiment, batch_size=args.batch_size)
+            report = evaluate_version(
+                product=args.product,
+                version=args.version,
+                model_uri=args.model_uri,
+                dataset=args.dataset,
+                experiment=args.experiment,
+                batch_size=args.batch_size,
+            )
         else:
             config = args.config
             if args.smoke_test:

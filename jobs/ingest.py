@@ -65,7 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from supersimplenet.samples import EMPTY_MASK_POLICIES  # light: no torch
 
     p = argparse.ArgumentParser(
-        prog="jobs/ingest.py", description=__doc__.split("\n\n")[0],
+        prog="jobs/ingest.py",
+        description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--source", type=Path, help="local dataset folder")
@@ -75,16 +76,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--split-file", type=Path, help="file of '<split> <image>' lines (any layout)")
     p.add_argument("--labels-file", type=Path, help="labels CSV (folder layout)")
     p.add_argument("--fold", type=int, help="SensumSODF fold (0, 1, 2)")
-    p.add_argument("--empty-masks", choices=EMPTY_MASK_POLICIES, default="error",
-                   help="defective images whose mask is empty: refuse the dataset (default), keep them as defective "
-                        "images without a mask (label-only), or leave them out (drop)")
+    p.add_argument(
+        "--empty-masks",
+        choices=EMPTY_MASK_POLICIES,
+        default="error",
+        help="defective images whose mask is empty: refuse the dataset (default), keep them as defective "
+        "images without a mask (label-only), or leave them out (drop)",
+    )
     p.add_argument("--bucket", default="ssn")
     p.add_argument("--workers", type=int, default=8, help="parallel uploads (default 8)")
     p.add_argument("--no-latest", action="store_true", help="do not move datasets/<product>/latest")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the full result as JSON instead of the URI")
-    p.add_argument("--smoke-test", action="store_true",
-                   help="ingest a tiny generated dataset (product 'smoke' unless --product is given)")
+    p.add_argument(
+        "--smoke-test",
+        action="store_true",
+        help="ingest a tiny generated dataset (product 'smoke' unless --product is given)",
+    )
     args = p.parse_args(argv)
     if args.smoke_test:
         if args.source is not None:
@@ -139,8 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     if result.empty_mask_images:
         what = "left out" if result.empty_masks == "drop" else "kept as defective without a mask"
-        print(f"ingest: {len(result.empty_mask_images)} defective image(s) with an empty mask {what} "
-              f"(--empty-masks {result.empty_masks})", file=sys.stderr)
+        print(
+            f"ingest: {len(result.empty_mask_images)} defective image(s) with an empty mask {what} "
+            f"(--empty-masks {result.empty_masks})",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps(dataclasses.asdict(result), indent=1))
     else:

@@ -37,9 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metric", default=None, help="primary metric (default: the product's, else image_auroc)")
     parser.add_argument("--data", default=None, help="dataset URI (default: the candidate's dataset tag)")
     parser.add_argument("--split", default="test", help="evaluation split (default: test)")
-    parser.add_argument("--require-seeds", type=int, default=0, metavar="N",
-                        help="also require a multi-seed evaluation (jobs/evaluate.py) of the version's recipe over "
-                             ">= N seeds whose mean clears --floor (default 0: not required)")
+    parser.add_argument(
+        "--require-seeds",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also require a multi-seed evaluation (jobs/evaluate.py) of the version's recipe over "
+        ">= N seeds whose mean clears --floor (default 0: not required)",
+    )
     args = parser.parse_args(argv)
     if args.rollback == (args.version is not None):
         parser.error("give either --version V or --rollback")
@@ -54,14 +59,32 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.rollback:
             result = rollback(args.product)
-            print(f"{result.registered_model}: champion is v{result.champion_version} again "
-                  f"(previous: v{result.previous_version})", file=sys.stderr)
+            print(
+                f"{result.registered_model}: champion is v{result.champion_version} again "
+                f"(previous: v{result.previous_version})",
+                file=sys.stderr,
+            )
             print(json.dumps({"rollback": True, **result.__dict__}))
             return 0
-        decision = promote(args.product, args.version, margin=args.margin, floor=args.floor, metric=args.metric,
-                           data_uri=args.data, split=args.split, require_seeds=args.require_seeds)
-    except (PromotionError, PlatformError, StorageError, CheckpointError, MlflowException, ValueError,
-            OSError) as error:
+        decision = promote(
+            args.product,
+            args.version,
+            margin=args.margin,
+            floor=args.floor,
+            metric=args.metric,
+            data_uri=args.data,
+            split=args.split,
+            require_seeds=args.require_seeds,
+        )
+    except (
+        PromotionError,
+        PlatformError,
+        StorageError,
+        CheckpointError,
+        MlflowException,
+        ValueError,
+        OSError,
+    ) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     word = "PROMOTED" if decision.promoted else "REFUSED"

@@ -21,8 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke-test", action="store_true", help="fewer trials and epochs")
     parser.add_argument("--trials", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--seeds", type=int, default=None,
-                        help="also train the recipe over N seeds and print their test mean +- std (N >= 2)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="also train the recipe over N seeds and print their test mean +- std (N >= 2)",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides for the search and training jobs")
     args = parser.parse_args(argv)
 
@@ -32,13 +36,23 @@ def main(argv: list[str] | None = None) -> int:
     settings = QuickstartSettings(overrides=tuple(args.overrides))
     if args.smoke_test:
         # smoke-sized models are near chance: the floor is off so the run still exercises promotion and serving
-        settings = QuickstartSettings(trials=2, trial_epochs=1, epochs=2, held_back=6, floor=0.0,
-                                      overrides=("model.image_size=[96,96]", *args.overrides))
+        settings = QuickstartSettings(
+            trials=2,
+            trial_epochs=1,
+            epochs=2,
+            held_back=6,
+            floor=0.0,
+            overrides=("model.image_size=[96,96]", *args.overrides),
+        )
     if args.seeds is not None and args.seeds < 2:
         parser.error("--seeds: at least 2 (a mean +- std needs several seeds)")
     if args.trials is not None or args.epochs is not None or args.seeds is not None:
-        settings = replace(settings, trials=args.trials or settings.trials, epochs=args.epochs or settings.epochs,
-                           seeds=args.seeds or settings.seeds)
+        settings = replace(
+            settings,
+            trials=args.trials or settings.trials,
+            epochs=args.epochs or settings.epochs,
+            seeds=args.seeds or settings.seeds,
+        )
     try:
         run(settings)
     except PlatformError as error:

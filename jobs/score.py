@@ -37,8 +37,9 @@ def _smoke_version(address: str | None) -> tuple[str, str]:
 
     with tempfile.TemporaryDirectory() as directory:
         dataset = ingest(make_smoke_dataset(Path(directory) / "smoke"), product="smoke", progress=False).uri
-    job = load_tuned_job_config(str(Path(__file__).with_name("configs") / "smoke.yaml"),
-                                [*SMOKE_OVERRIDES, f"dataset={dataset}"], None)
+    job = load_tuned_job_config(
+        str(Path(__file__).with_name("configs") / "smoke.yaml"), [*SMOKE_OVERRIDES, f"dataset={dataset}"], None
+    )
     version = run_training(job, address=address).model_version
     calibrate_version("smoke", version, split="test", method="false_alarm", false_alarm_rate=0.5)
     return dataset, version
@@ -54,8 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default=None, help="--data: only this split (default: every image)")
     parser.add_argument("--output", default=None, help="results prefix (default: s3://<input bucket>/scores)")
     parser.add_argument("--masks", action="store_true", help="also write each image's defect mask as a PNG")
-    parser.add_argument("--resolution", default="model", choices=("model", "original"),
-                        help="grid of the masks, defect area and regions: the model's input size or the image's")
+    parser.add_argument(
+        "--resolution",
+        default="model",
+        choices=("model", "original"),
+        help="grid of the masks, defect area and regions: the model's input size or the image's",
+    )
     parser.add_argument("--actors", type=int, default=1, help="scoring actors (default 1)")
     parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (and torch threads) per actor")
     parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (> 0: score on CUDA)")
@@ -83,10 +88,21 @@ def main(argv: list[str] | None = None) -> int:
         elif not args.product or not (args.input or args.data):
             parser.error("--product and --input or --data are required (or --smoke-test)")
         settings = ScoreSettings(
-            product=args.product, input=args.input or args.data, version=args.version, dataset=bool(args.data),
-            split=args.split, output=args.output, masks=args.masks, resolution=args.resolution, actors=args.actors,
-            cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size,
-            precision=args.precision, limit=args.limit)
+            product=args.product,
+            input=args.input or args.data,
+            version=args.version,
+            dataset=bool(args.data),
+            split=args.split,
+            output=args.output,
+            masks=args.masks,
+            resolution=args.resolution,
+            actors=args.actors,
+            cpus_per_actor=args.cpus_per_actor,
+            gpus_per_actor=args.gpus_per_actor,
+            batch_size=args.batch_size,
+            precision=args.precision,
+            limit=args.limit,
+        )
         summary = score_images_job(settings, address=args.address, progress=not args.no_progress)
         if args.smoke_test:  # a second pass finds everything scored: the resume path
             again = score_images_job(settings, address=args.address, progress=False)
@@ -95,9 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, PlatformError, StorageError, CheckpointError, MlflowException) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"{summary.registered_model} v{summary.version}: {summary.scored} scored ({summary.anomalous} anomalous), "
-          f"{summary.errors} errors, {summary.skipped} already scored; {summary.images_per_s:.1f} images/s; "
-          f"table {summary.table}", file=sys.stderr)
+    print(
+        f"{summary.registered_model} v{summary.version}: {summary.scored} scored ({summary.anomalous} anomalous), "
+        f"{summary.errors} errors, {summary.skipped} already scored; {summary.images_per_s:.1f} images/s; "
+        f"table {summary.table}",
+        file=sys.stderr,
+    )
     print(json.dumps(summary.to_dict()))
     return 0
 

@@ -21,8 +21,13 @@ from pathlib import Path
 import _bootstrap  # noqa: F401  (puts model/ and platform/ on sys.path for plain checkouts)
 
 SMOKE_OVERRIDES = [
-    "train.epochs=1", "train.batch_size=4", "model.image_size=[96,96]", "scaling.num_workers=2",
-    "checkpoint_every=1", "register=true", "overlays=2",
+    "train.epochs=1",
+    "train.batch_size=4",
+    "model.image_size=[96,96]",
+    "scaling.num_workers=2",
+    "checkpoint_every=1",
+    "register=true",
+    "overlays=2",
 ]
 
 
@@ -31,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML job config (jobs/configs/*.yaml)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: SSN_RAY_ADDRESS or auto)")
     parser.add_argument("--smoke-test", action="store_true", help="tiny end-to-end run on a generated dataset")
-    parser.add_argument("--tuned", default=None,
-                        help="tuned settings written by jobs/tune.py (s3:// URI or file); overrides still win")
+    parser.add_argument(
+        "--tuned", default=None, help="tuned settings written by jobs/tune.py (s3:// URI or file); overrides still win"
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args(argv)
 
@@ -59,9 +65,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, PlatformError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(json.dumps({"run_name": result.run_name, "mlflow_run_id": result.mlflow_run_id,
-                      "model_version": result.model_version, "resumed": result.resumed,
-                      "test_metrics": result.metrics}))
+    print(
+        json.dumps(
+            {
+                "run_name": result.run_name,
+                "mlflow_run_id": result.mlflow_run_id,
+                "model_version": result.model_version,
+                "resumed": result.resumed,
+                "test_metrics": result.metrics,
+            }
+        )
+    )
     return 0
 
 

@@ -34,8 +34,12 @@ from ssn_platform.tuned import DEFAULT_MIN_MARGIN  # light: no Ray, MLflow or to
 
 DEFAULT_SPACE = Path(__file__).with_name("configs") / "search_space.yaml"
 SMOKE_OVERRIDES = [
-    "train.epochs=2", "train.batch_size=4", "model.image_size=[96,96]", "scaling.num_workers=1",
-    "checkpoint_every=2", "overlays=0",
+    "train.epochs=2",
+    "train.batch_size=4",
+    "model.image_size=[96,96]",
+    "scaling.num_workers=1",
+    "checkpoint_every=2",
+    "overlays=0",
 ]
 
 
@@ -47,8 +51,7 @@ def _smoke_dataset(directory: Path) -> str:
     root = make_smoke_dataset(directory / "smoke")
     split_file = directory / "split.txt"
     split_file.write_text("val test/good/000.png\nval test/scratch/000.png\n")
-    result = ingest(root, product="smoke", options={"split_file": str(split_file)}, progress=False,
-                    update_latest=False)
+    result = ingest(root, product="smoke", options={"split_file": str(split_file)}, progress=False, update_latest=False)
     return result.uri
 
 
@@ -56,20 +59,33 @@ def _summary(result) -> dict:
     """The search's outcome as the one JSON line the command prints (the quickstart reads it)."""
     decision = result.decision
     summary = {
-        "study": result.study_name, "search": result.search_name, "parent_run_id": result.parent_run_id,
-        "validation": result.validation, "metric": result.metric, "best_trial": result.best_trial,
+        "study": result.study_name,
+        "search": result.search_name,
+        "parent_run_id": result.parent_run_id,
+        "validation": result.validation,
+        "metric": result.metric,
+        "best_trial": result.best_trial,
         "best_params": result.best_params,
-        f"best_{result.metric}": result.best_value, "decision": decision.decision,
-        "baseline_trial": decision.baseline_trial, f"baseline_{result.metric}": decision.baseline_value,
-        "margin": decision.margin, "reason": decision.reason, "tuned_params": result.tuned_params,
+        f"best_{result.metric}": result.best_value,
+        "decision": decision.decision,
+        "baseline_trial": decision.baseline_trial,
+        f"baseline_{result.metric}": decision.baseline_value,
+        "margin": decision.margin,
+        "reason": decision.reason,
+        "tuned_params": result.tuned_params,
         "tuned_settings": result.tuned_uri,
-        "trials_in_study": len(result.trials), "trials_this_run": len(result.session_trials),
-        "stopped_early": result.stopped_early, "max_concurrent": result.max_concurrent,
+        "trials_in_study": len(result.trials),
+        "trials_this_run": len(result.session_trials),
+        "stopped_early": result.stopped_early,
+        "max_concurrent": result.max_concurrent,
         "wall_seconds": round(result.wall_seconds, 1),
     }
     if result.retrain is not None:
-        summary.update(retrain_run_id=result.retrain.mlflow_run_id, model_version=result.retrain.model_version,
-                       retrain_test_metrics=result.retrain.metrics)
+        summary.update(
+            retrain_run_id=result.retrain.mlflow_run_id,
+            model_version=result.retrain.model_version,
+            retrain_test_metrics=result.retrain.metrics,
+        )
     return summary
 
 
@@ -79,27 +95,53 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=8, help="trials to add to the study in this run (default 8)")
     parser.add_argument("--space", default=str(DEFAULT_SPACE), help="search space YAML (default: %(default)s)")
     parser.add_argument("--study", default=None, help="Optuna study name (default ssn-<product>-<backbone>)")
-    parser.add_argument("--storage", default=None, help="Optuna storage URL (default: SSN_OPTUNA_STORAGE or "
-                                                         "sqlite next to the stack's MLflow db)")
-    parser.add_argument("--metric", default="auto",
-                        help="per-epoch objective (default %(default)s: val_image_auroc on real labelled val images, "
-                             "val_image_auroc_combined on synthetic defects; ssn_platform.tuning.OBJECTIVES)")
-    parser.add_argument("--max-concurrent", type=int, default=None,
-                        help="trials at once (default: cluster CPUs or GPUs / one trial's workers)")
-    parser.add_argument("--grace-period", type=int, default=None,
-                        help="ASHA: epochs before a trial can be stopped (default: a quarter of train.epochs, >= 1)")
+    parser.add_argument(
+        "--storage",
+        default=None,
+        help="Optuna storage URL (default: SSN_OPTUNA_STORAGE or sqlite next to the stack's MLflow db)",
+    )
+    parser.add_argument(
+        "--metric",
+        default="auto",
+        help="per-epoch objective (default %(default)s: val_image_auroc on real labelled val images, "
+        "val_image_auroc_combined on synthetic defects; ssn_platform.tuning.OBJECTIVES)",
+    )
+    parser.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="trials at once (default: cluster CPUs or GPUs / one trial's workers)",
+    )
+    parser.add_argument(
+        "--grace-period",
+        type=int,
+        default=None,
+        help="ASHA: epochs before a trial can be stopped (default: a quarter of train.epochs, >= 1)",
+    )
     parser.add_argument("--reduction-factor", type=int, default=2, help="ASHA reduction factor (default 2)")
     parser.add_argument("--time-budget", type=float, default=None, help="stop starting trials after MINUTES")
-    parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
-                        help="evaluate the config's own values of the searched keys first, unless the study has "
-                             "them already (default); --no-baseline: no such trial, and the best trial is written "
-                             "without a comparison when the study has none")
-    parser.add_argument("--min-margin", type=float, default=DEFAULT_MIN_MARGIN,
-                        help="the best trial replaces the config's values only when it beats the baseline by more "
-                             "than max(this, the spread between nearly identical trials); in the metric's units "
-                             "(default %(default)s AUROC)")
-    parser.add_argument("--retrain", action="store_true", help="retrain and register the tuned settings (the best "
-                        "configuration, or the config's own values when the search kept them)")
+    parser.add_argument(
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="evaluate the config's own values of the searched keys first, unless the study has "
+        "them already (default); --no-baseline: no such trial, and the best trial is written "
+        "without a comparison when the study has none",
+    )
+    parser.add_argument(
+        "--min-margin",
+        type=float,
+        default=DEFAULT_MIN_MARGIN,
+        help="the best trial replaces the config's values only when it beats the baseline by more "
+        "than max(this, the spread between nearly identical trials); in the metric's units "
+        "(default %(default)s AUROC)",
+    )
+    parser.add_argument(
+        "--retrain",
+        action="store_true",
+        help="retrain and register the tuned settings (the best "
+        "configuration, or the config's own values when the search kept them)",
+    )
     parser.add_argument("--address", default=None, help="Ray cluster address (default: SSN_RAY_ADDRESS or auto)")
     parser.add_argument("--smoke-test", action="store_true", help="tiny search on a generated dataset")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the base job")
@@ -128,10 +170,19 @@ def main(argv: list[str] | None = None) -> int:
         job = load_job_config(config, overrides)
         space = SearchSpace.load(args.space)
         result = run_search(
-            job, space=space, num_trials=trials, max_concurrent=args.max_concurrent, study_name=study,
-            storage=args.storage, metric=args.metric, grace_period=args.grace_period,
-            reduction_factor=args.reduction_factor, retrain=args.retrain, baseline=args.baseline,
-            min_margin=args.min_margin, time_budget_s=args.time_budget * 60 if args.time_budget else None,
+            job,
+            space=space,
+            num_trials=trials,
+            max_concurrent=args.max_concurrent,
+            study_name=study,
+            storage=args.storage,
+            metric=args.metric,
+            grace_period=args.grace_period,
+            reduction_factor=args.reduction_factor,
+            retrain=args.retrain,
+            baseline=args.baseline,
+            min_margin=args.min_margin,
+            time_budget_s=args.time_budget * 60 if args.time_budget else None,
             address=args.address,
         )
     except (ConfigError, PlatformError) as error:

@@ -88,5 +88,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     import sys
 
     if "ray" in sys.modules and session.items:
-        raise pytest.UsageError("a test module imported ray at collection time (directly or through an "
-                                "ssn_platform module): import it inside the test or fixture instead")
+        raise pytest.UsageError(
+            "a test module imported ray at collection time (directly or through an "
+            "ssn_platform module): import it inside the test or fixture instead"
+        )

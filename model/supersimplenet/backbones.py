@@ -137,8 +137,11 @@ def build_feature_extractor(name: str, out_indices: tuple[int, int] | None = Non
         out_indices = preset.out_indices
     else:
         out_indices = tuple(out_indices)
-        if len(out_indices) != 2 or not all(isinstance(i, int) for i in out_indices) or \
-                not 0 <= out_indices[0] < out_indices[1]:
+        if (
+            len(out_indices) != 2
+            or not all(isinstance(i, int) for i in out_indices)
+            or not 0 <= out_indices[0] < out_indices[1]
+        ):
             raise ValueError(f"out_indices of {name!r} must be two increasing feature levels, got {out_indices!r}")
     try:
         model = timm.create_model(preset.timm_name, pretrained=False, features_only=True, out_indices=out_indices)
@@ -236,8 +239,11 @@ def load_backbone_weights(extractor: nn.Module, name: str, weights: str | Path |
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     if missing:
         raise WeightsError(f"{path}: does not fit backbone {name!r}; first missing keys: {missing[:5]}")
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in own.items()
-             if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
     if wrong:
         raise WeightsError(f"{path}: shapes do not match backbone {name!r}; first mismatches: {wrong[:5]}")
     # Extra keys (layer4, fc, a classifier head) are expected: the extractor stops at stride 16.

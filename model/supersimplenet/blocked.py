@@ -49,10 +49,18 @@ def applies(features: torch.Tensor, norm: nn.Module) -> bool:
     """Whether the blocked training path computes this head: CPU eager training with a plain BatchNorm2d."""
     # Thin features only: the covariance costs C^2 per position and the backward recomputes blocks; measured on 2
     # Zen 4 cores (fp32, 2B x 64 x 64): C 152 3.6x faster, C 432 1.8x, C 1536 (WRN50) 1.4x slower than the layers.
-    return (features.device.type == "cpu" and features.dim() == 4 and type(norm) is nn.BatchNorm2d
-            and 2 * features.shape[1] <= norm.num_features
-            and norm.training and norm.affine and norm.track_running_stats and norm.momentum is not None
-            and not torch.jit.is_tracing() and not torch.jit.is_scripting())
+    return (
+        features.device.type == "cpu"
+        and features.dim() == 4
+        and type(norm) is nn.BatchNorm2d
+        and 2 * features.shape[1] <= norm.num_features
+        and norm.training
+        and norm.affine
+        and norm.track_running_stats
+        and norm.momentum is not None
+        and not torch.jit.is_tracing()
+        and not torch.jit.is_scripting()
+    )
 
 
 def _blocks(count: int, positions: int):
@@ -86,9 +94,9 @@ class _BlockedHead(torch.autograd.Function):
             out = torch.empty(n, positions, dtype=dtype)
             hidden = torch.empty(a.shape[0], min(BLOCK_POSITIONS, positions), dtype=dtype)
             for image, start, stop in _blocks(n, positions):
-                block = torch.addmm(c, a, xd[image, :, start:stop], out=hidden[:, :stop - start])
+                block = torch.addmm(c, a, xd[image, :, start:stop], out=hidden[:, : stop - start])
                 nn.functional.leaky_relu_(block, slope)
-                torch.mm(out_w, block, out=out[image:image + 1, start:stop])
+                torch.mm(out_w, block, out=out[image : image + 1, start:stop])
         ctx.save_for_backward(x, w1, gamma, beta, w2, inv_std, shift)
         ctx.slope, ctx.dtype, ctx.has_bias = slope, dtype, b1 is not None
         ctx.mark_non_differentiable(var, shift)
@@ -107,15 +115,17 @@ class _BlockedHead(torch.autograd.Function):
         scale32 = gamma * inv_std
         scale, beta_col, neg_shift = scale32.to(dtype)[:, None], beta.to(dtype)[:, None], (-shift).to(dtype)[:, None]
         width_blk = min(BLOCK_POSITIONS, positions)
-        z_buf, h_buf = torch.empty(hidden_channels, width_blk, dtype=dtype), torch.empty(hidden_channels, width_blk,
-                                                                                          dtype=dtype)
+        z_buf, h_buf = (
+            torch.empty(hidden_channels, width_blk, dtype=dtype),
+            torch.empty(hidden_channels, width_blk, dtype=dtype),
+        )
 
         def block_z_u(image: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
             """z = W1 (x - m) of a block and u = g_y * leaky'(h) with h = s z + beta."""
-            z = torch.addmm(neg_shift, w1d, xd[image, :, start:stop], out=z_buf[:, :stop - start])
-            h = torch.mul(z, scale, out=h_buf[:, :stop - start]).add_(beta_col)  # 2-5x faster than addcmul
+            z = torch.addmm(neg_shift, w1d, xd[image, :, start:stop], out=z_buf[:, : stop - start])
+            h = torch.mul(z, scale, out=h_buf[:, : stop - start]).add_(beta_col)  # 2-5x faster than addcmul
             # one fused kernel over a broadcast view of g_y
-            u = torch.ops.aten.leaky_relu_backward(grad[image:image + 1, start:stop].expand_as(h), h, slope, False)
+            u = torch.ops.aten.leaky_relu_backward(grad[image : image + 1, start:stop].expand_as(h), h, slope, False)
             return z, u
 
         # Pass 1: sum_n u and sum_n u * z per hidden channel (g_h = w2 * u).
@@ -139,7 +149,7 @@ class _BlockedHead(torch.autograd.Function):
         t_buf = torch.empty(hidden_channels, width_blk, dtype=dtype)
         for image, start, stop in _blocks(n, positions):
             z, u = block_z_u(image, start, stop)
-            gz = torch.mul(z, neg_slope_z, out=t_buf[:, :stop - start]).add_(neg_mean).add_(u.mul_(coef_u))
+            gz = torch.mul(z, neg_slope_z, out=t_buf[:, : stop - start]).add_(neg_mean).add_(u.mul_(coef_u))
             block_x = xd[image, :, start:stop]
             if dtype == acc:
                 grad_w1.addmm_(gz, block_x.t())
@@ -149,19 +159,36 @@ class _BlockedHead(torch.autograd.Function):
         # b1 cancels in training-mode BatchNorm: its gradient is exactly zero (returned as zeros, not None, so the
         # optimiser treats it as the reference step does, weight decay included).
         grad_b1 = torch.zeros(hidden_channels, dtype=w1.dtype) if ctx.has_bias else None
-        return (grad_x.to(x.dtype).view(n, channels, height, width), grad_w1.to(w1.dtype), grad_b1,
-                grad_gamma.to(gamma.dtype), grad_beta.to(beta.dtype), grad_w2.to(w2.dtype), None, None, None)
+        return (
+            grad_x.to(x.dtype).view(n, channels, height, width),
+            grad_w1.to(w1.dtype),
+            grad_b1,
+            grad_gamma.to(gamma.dtype),
+            grad_beta.to(beta.dtype),
+            grad_w2.to(w2.dtype),
+            None,
+            None,
+            None,
+        )
 
 
-def blocked_segmentation_head(features: torch.Tensor, conv1: nn.Conv2d, norm: nn.BatchNorm2d, slope: float,
-                              conv2: nn.Conv2d) -> torch.Tensor:
+def blocked_segmentation_head(
+    features: torch.Tensor, conv1: nn.Conv2d, norm: nn.BatchNorm2d, slope: float, conv2: nn.Conv2d
+) -> torch.Tensor:
     """conv2(LeakyReLU(norm(conv1(features)))) in training mode, in blocks; updates `norm`'s running statistics
     as BatchNorm does (momentum, unbiased variance, `num_batches_tracked`)."""
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else conv1.weight.dtype
     with torch.autocast("cpu", enabled=False):
         y, var, shift = _BlockedHead.apply(
-            features, conv1.weight.flatten(1), conv1.bias, norm.weight, norm.bias, conv2.weight.flatten(),
-            norm.eps, slope, dtype,
+            features,
+            conv1.weight.flatten(1),
+            conv1.bias,
+            norm.weight,
+            norm.bias,
+            conv2.weight.flatten(),
+            norm.eps,
+            slope,
+            dtype,
         )
         with torch.no_grad():
             count = features.numel() // features.shape[1]

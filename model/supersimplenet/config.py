@@ -108,8 +108,10 @@ class ModelConfig:
         # Feature maps are H/4 x W/4 and the Perlin lattice needs at least 17 cells per side (docs/design.md §3.7).
         _check(min(self.image_size) >= 68, f"model.image_size must be at least 68 px per side, got {self.image_size}")
         _check(self.noise_std >= 0, f"model.noise_std must be >= 0, got {self.noise_std}")
-        _check(self.noise_std_mode in NOISE_STD_MODES,
-               f"model.noise_std_mode must be one of {NOISE_STD_MODES}, got {self.noise_std_mode!r}")
+        _check(
+            self.noise_std_mode in NOISE_STD_MODES,
+            f"model.noise_std_mode must be one of {NOISE_STD_MODES}, got {self.noise_std_mode!r}",
+        )
         _check(0.0 <= self.perlin_threshold, f"model.perlin_threshold must be >= 0, got {self.perlin_threshold}")
         _check(self.blur_sigma > 0, f"model.blur_sigma must be > 0, got {self.blur_sigma}")
         _check(self.seg_hidden > 0 and self.cls_hidden > 0, "model.seg_hidden and model.cls_hidden must be > 0")
@@ -121,23 +123,32 @@ class ModelConfig:
                 except ValueError:
                     levels = (levels,)
             levels = tuple(levels)
-            _check(len(levels) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in levels)
-                   and 0 <= levels[0] < levels[1],
-                   f"model.feature_levels must be two increasing feature levels (e.g. [2, 3]), got {levels!r}")
+            _check(
+                len(levels) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in levels)
+                and 0 <= levels[0] < levels[1],
+                f"model.feature_levels must be two increasing feature levels (e.g. [2, 3]), got {levels!r}",
+            )
             available = PRESETS[self.backbone].num_levels
-            _check(levels[1] < available, f"model.feature_levels: {self.backbone} has levels 0-{available - 1}, "
-                   f"got {levels!r}")
+            _check(
+                levels[1] < available,
+                f"model.feature_levels: {self.backbone} has levels 0-{available - 1}, got {levels!r}",
+            )
             object.__setattr__(self, "feature_levels", levels)
-        _check(self.image_score in IMAGE_SCORES,
-               f"model.image_score must be one of {IMAGE_SCORES}, got {self.image_score!r}")
+        _check(
+            self.image_score in IMAGE_SCORES,
+            f"model.image_score must be one of {IMAGE_SCORES}, got {self.image_score!r}",
+        )
 
     def _resolve_backbone_defaults(self, preset: Any) -> None:
         """Fills the fields left None from the backbone preset, the one home of the per-backbone defaults."""
         mode = self.noise_std_mode if self.noise_std_mode is not None else preset.noise_std_mode
         if self.noise_std is None:
-            _check(mode == preset.noise_std_mode,
-                   f"model.noise_std is required with model.noise_std_mode {mode!r}: {self.backbone}'s default "
-                   f"sigma is {preset.noise_std} in mode {preset.noise_std_mode!r}")
+            _check(
+                mode == preset.noise_std_mode,
+                f"model.noise_std is required with model.noise_std_mode {mode!r}: {self.backbone}'s default "
+                f"sigma is {preset.noise_std} in mode {preset.noise_std_mode!r}",
+            )
             object.__setattr__(self, "noise_std", preset.noise_std)
         object.__setattr__(self, "noise_std_mode", mode)
         if self.perlin_threshold is None:
@@ -196,19 +207,25 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
         _check(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
-        _check(self.supervision in SUPERVISION_REGIMES,
-               f"train.supervision must be one of {SUPERVISION_REGIMES}, got {self.supervision!r}")
+        _check(
+            self.supervision in SUPERVISION_REGIMES,
+            f"train.supervision must be one of {SUPERVISION_REGIMES}, got {self.supervision!r}",
+        )
         _check(0.0 <= self.mask_ratio <= 1.0, f"train.mask_ratio must be in [0, 1], got {self.mask_ratio}")
         _check(self.lr_adaptor > 0 and self.lr_heads > 0, "train.lr_adaptor and train.lr_heads must be > 0")
         object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
         _check(
             all(0 < m <= 1 for m in self.milestones), f"train.milestones are fractions in (0, 1], got {self.milestones}"
         )
-        _check(self.dilate is None or (self.dilate >= 1 and self.dilate % 2 == 1),
-               f"train.dilate must be an odd kernel size, got {self.dilate}")
+        _check(
+            self.dilate is None or (self.dilate >= 1 and self.dilate % 2 == 1),
+            f"train.dilate must be an odd kernel size, got {self.dilate}",
+        )
         _check(self.num_workers >= 0, f"train.num_workers must be >= 0, got {self.num_workers}")
-        _check(self.precision in TRAIN_PRECISIONS,
-               f"train.precision must be one of {TRAIN_PRECISIONS}, got {self.precision!r}")
+        _check(
+            self.precision in TRAIN_PRECISIONS,
+            f"train.precision must be one of {TRAIN_PRECISIONS}, got {self.precision!r}",
+        )
 
     @property
     def supervised(self) -> bool:
@@ -252,10 +269,12 @@ def from_dict(cls: type[T], values: Mapping[str, Any] | None, *, section: str = 
 
 def to_dict(config: Any) -> dict[str, Any]:
     """Plain, YAML- and JSON-friendly dict of a config dataclass (tuples become lists)."""
+
     def plain(value: Any) -> Any:
         if isinstance(value, tuple):
             return [plain(v) for v in value]
         return value
+
     return {k: plain(v) for k, v in dataclasses.asdict(config).items()}
 
 
@@ -269,17 +288,29 @@ def recommended_model_config(backbone: str, *, supervision: str = "unsupervised"
 
     `overrides` whose value is None are ignored, so optional command-line flags can be passed straight through.
     """
-    return ModelConfig(backbone=backbone, **{**regime_model_defaults(supervision),
-                                             **{k: v for k, v in overrides.items() if v is not None}})
+    return ModelConfig(
+        backbone=backbone,
+        **{**regime_model_defaults(supervision), **{k: v for k, v in overrides.items() if v is not None}},
+    )
 
 
 def regime_model_defaults(supervision: str) -> dict[str, Any]:
     """The `ModelConfig` fields a supervision regime decides (stop_grad and, when supervised, the head's score)."""
-    _check(supervision in SUPERVISION_REGIMES, f"train.supervision must be one of {SUPERVISION_REGIMES}, "
-           f"got {supervision!r}")
+    _check(
+        supervision in SUPERVISION_REGIMES,
+        f"train.supervision must be one of {SUPERVISION_REGIMES}, got {supervision!r}",
+    )
     supervised = supervision != "unsupervised"
     return {"stop_grad": not supervised, **({"image_score": "head"} if supervised else {})}
 
 
-__all__ = ["ConfigError", "ModelConfig", "TrainConfig", "SUPERVISION_REGIMES", "from_dict", "recommended_model_config",
-           "regime_model_defaults", "to_dict"]
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "TrainConfig",
+    "SUPERVISION_REGIMES",
+    "from_dict",
+    "recommended_model_config",
+    "regime_model_defaults",
+    "to_dict",
+]

@@ -57,8 +57,9 @@ def export_elpv(out_dir: str | Path, *, split_file: str | Path) -> Path:
     return out_dir
 
 
-def make_split_file(path: str | Path, *, train: int, val: int, test: int, seed: int = 2624,
-                    title: str = "ELPV quickstart split") -> None:
+def make_split_file(
+    path: str | Path, *, train: int, val: int, test: int, seed: int = 2624, title: str = "ELPV quickstart split"
+) -> None:
     """The recipe of the committed split files: seeded choice of normal and defective cells."""
     _, probabilities = load_elpv()
     rng = np.random.default_rng(seed)
@@ -66,8 +67,8 @@ def make_split_file(path: str | Path, *, train: int, val: int, test: int, seed: 
     defective = rng.permutation(np.flatnonzero(probabilities == 1.0))
     lines = [f"# {title}: make_split_file(train={train}, val={val}, test={test}, seed={seed})"]
     lines += [f"train train/good/cell_{i:04d}.png" for i in sorted(normal[:train])]
-    lines += [f"val test/good/cell_{i:04d}.png" for i in sorted(normal[train:train + val])]
+    lines += [f"val test/good/cell_{i:04d}.png" for i in sorted(normal[train : train + val])]
     lines += [f"val test/defective/cell_{i:04d}.png" for i in sorted(defective[:val])]
-    lines += [f"test test/good/cell_{i:04d}.png" for i in sorted(normal[train + val:train + val + test])]
-    lines += [f"test test/defective/cell_{i:04d}.png" for i in sorted(defective[val:val + test])]
+    lines += [f"test test/good/cell_{i:04d}.png" for i in sorted(normal[train + val : train + val + test])]
+    lines += [f"test test/defective/cell_{i:04d}.png" for i in sorted(defective[val : val + test])]
     Path(path).write_text("\n".join(lines) + "\n")

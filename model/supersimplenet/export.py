@@ -93,8 +93,13 @@ def export_onnx(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about shape-derived constants (sizes are fixed)
             torch.onnx.export(
-                wrapper, (example,), str(path), dynamo=False, opset_version=opset,
-                input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                wrapper,
+                (example,),
+                str(path),
+                dynamo=False,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
                 dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAMES[0]: {0: "batch"}, OUTPUT_NAMES[1]: {0: "batch"}},
                 do_constant_folding=True,
             )
@@ -121,7 +126,11 @@ def run_onnx(session: Any, images: torch.Tensor | np.ndarray) -> tuple[np.ndarra
 
 
 def check_onnx(
-    path: str | Path, model: SuperSimpleNet | FastSuperSimpleNet, images: torch.Tensor, *, atol: float = 1e-4,
+    path: str | Path,
+    model: SuperSimpleNet | FastSuperSimpleNet,
+    images: torch.Tensor,
+    *,
+    atol: float = 1e-4,
 ) -> dict[str, float]:
     """Runs the ONNX file with onnxruntime and compares with PyTorch on the same normalised images.
 

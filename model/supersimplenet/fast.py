@@ -105,10 +105,18 @@ def _fold_heads(model: SuperSimpleNet, channels: int, *, icpr: bool) -> dict:
         bias_kernel = torch.einsum("ocyx,c->oyx", w_cls_feat, b_ad).unsqueeze(1)  # [O, 1, k, k]
         w_cls_feat = torch.einsum("ocyx,cd->odyx", w_cls_feat, w_ad)
     return {
-        "negative_slope": float(seg_act.negative_slope), "kernel": int(w_cls.shape[-1]),
-        "w_seg": w_seg, "b_seg": b_seg, "seg_w": w_seg @ w_ad, "seg_b": w_seg @ b_ad + b_seg,
+        "negative_slope": float(seg_act.negative_slope),
+        "kernel": int(w_cls.shape[-1]),
+        "w_seg": w_seg,
+        "b_seg": b_seg,
+        "seg_w": w_seg @ w_ad,
+        "seg_b": w_seg @ b_ad + b_seg,
         "seg_out_w": seg_out.weight.double().flatten(1),  # [1, S]
-        "w_cls": w_cls, "b_cls": b_cls, "w_cls_feat": w_cls_feat, "w_cls_map": w_cls_map, "bias_kernel": bias_kernel,
+        "w_cls": w_cls,
+        "b_cls": b_cls,
+        "w_cls_feat": w_cls_feat,
+        "w_cls_map": w_cls_map,
+        "bias_kernel": bias_kernel,
     }
 
 
@@ -242,8 +250,9 @@ class FastSuperSimpleNet(nn.Module):
 
     # -- helpers -----------------------------------------------------------------------------------------------
 
-    def _spatial_operators(self, sizes: tuple[tuple[int, int], ...], target: tuple[int, int],
-                           device: torch.device) -> tuple[torch.Tensor, ...]:
+    def _spatial_operators(
+        self, sizes: tuple[tuple[int, int], ...], target: tuple[int, int], device: torch.device
+    ) -> tuple[torch.Tensor, ...]:
         """Per level: the classification head's H and W operators [T, n * k] (cached per shape)."""
         key = (sizes, target, device.type, device.index)
         if key not in self._spatial:
@@ -265,8 +274,9 @@ class FastSuperSimpleNet(nn.Module):
             self._spatial[key] = (bias.to(self.dtype).contiguous(),)
         return self._spatial[key][0]
 
-    def _map_operators(self, source: tuple[int, int], size: tuple[int, int],
-                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _map_operators(
+        self, source: tuple[int, int], size: tuple[int, int], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_h [H, h], A_w^T [w, W]): upsampling + blur per axis, float32 (cached per shape)."""
         key = ("map", source, size, device.type, device.index)
         if key not in self._spatial:
@@ -275,21 +285,27 @@ class FastSuperSimpleNet(nn.Module):
             self._spatial[key] = (rows.to(device, torch.float32), cols.t().contiguous().to(device, torch.float32))
         return self._spatial[key]
 
-    def _postprocess(self, map_logits: torch.Tensor, score_logits: torch.Tensor,
-                     size: tuple[int, int]) -> InferenceOutput:
+    def _postprocess(
+        self, map_logits: torch.Tensor, score_logits: torch.Tensor, size: tuple[int, int]
+    ) -> InferenceOutput:
         """Upsample, separable Gaussian blur (reflect padding), sigmoid, in float32 as in the reference; the first
         two as the matrices A_h @ M @ A_w^T (see 5. above)."""
         source = (int(map_logits.shape[-2]), int(map_logits.shape[-1]))
         rows, cols = self._map_operators(source, size, map_logits.device)
         maps = torch.sigmoid(torch.matmul(torch.matmul(rows, map_logits.float()), cols))
         head = torch.sigmoid(score_logits.float())
-        return InferenceOutput(anomaly_map=maps, score=image_score(self.config.image_score, head, maps),
-                               head_score=head)
+        return InferenceOutput(
+            anomaly_map=maps, score=image_score(self.config.image_score, head, maps), head_score=head
+        )
 
     def _score(self, hidden_max: torch.Tensor, hidden_mean: torch.Tensor, map_logits: torch.Tensor) -> torch.Tensor:
         pooled = torch.cat(
-            (hidden_max.float(), hidden_mean.float(), map_logits.float().amax(dim=(2, 3)),
-             map_logits.float().mean(dim=(2, 3))),
+            (
+                hidden_max.float(),
+                hidden_mean.float(),
+                map_logits.float().amax(dim=(2, 3)),
+                map_logits.float().mean(dim=(2, 3)),
+            ),
             dim=1,
         )
         return F.linear(pooled, self.fc_weight, self.fc_bias).reshape(-1)
@@ -341,7 +357,7 @@ class FastSuperSimpleNet(nn.Module):
         seg = cls = None
         for index, level in enumerate(levels):
             n_h, n_w = sizes[index]
-            cls_h, cls_w = ops[2 * index: 2 * index + 2]
+            cls_h, cls_w = ops[2 * index : 2 * index + 2]
             rows = level.permute(0, 2, 3, 1).reshape(-1, level.shape[1])  # [(b, i, j), C_l], free for NHWC
             # Segmentation: project to S channels at the level's resolution (NHWC), then upscale as the
             # reference upscales F; the 3x3 pool follows once both levels are summed.
@@ -396,13 +412,17 @@ class FastSuperSimpleNet(nn.Module):
         block = rows.new_empty(min(SEG_CHUNK_ROWS, count), self.seg_bias.shape[0])
         weight, out_weight = self.seg_weight.flatten(1).t(), self.seg_out_weight.flatten(1).t()  # views [C, S], [S, 1]
         for start in range(0, count, SEG_CHUNK_ROWS):
-            part = rows[start:start + SEG_CHUNK_ROWS]
-            hidden = torch.addmm(self.seg_bias, part, weight, out=block[:part.shape[0]])
+            part = rows[start : start + SEG_CHUNK_ROWS]
+            hidden = torch.addmm(self.seg_bias, part, weight, out=block[: part.shape[0]])
             F.leaky_relu_(hidden, self.negative_slope)
-            torch.mm(hidden, out_weight, out=out[start:start + part.shape[0]])
+            torch.mm(hidden, out_weight, out=out[start : start + part.shape[0]])
         return out.view(batch, height, width, 1).permute(0, 3, 1, 2)
 
 
 __all__ = [
-    "BACKBONE_MICRO_BATCH", "BF16_BACKBONES", "SEG_CHUNK_ROWS", "SEPARABLE_MIN_CHANNELS", "FastSuperSimpleNet",
+    "BACKBONE_MICRO_BATCH",
+    "BF16_BACKBONES",
+    "SEG_CHUNK_ROWS",
+    "SEPARABLE_MIN_CHANNELS",
+    "FastSuperSimpleNet",
 ]

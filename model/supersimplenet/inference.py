@@ -70,8 +70,10 @@ def preprocess(model: InferenceModel, images: Sequence[Image.Image | np.ndarray]
 
 
 @torch.inference_mode()
-def predict_images(model: InferenceModel, images: Sequence[Image.Image | np.ndarray] | np.ndarray,
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def predict_images(
+    model: InferenceModel,
+    images: Sequence[Image.Image | np.ndarray] | np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
     """Scores [N] and anomaly maps [N, H, W] (model resolution) of decoded images, through `inference_model`."""
     if isinstance(images, np.ndarray) and images.ndim == 3 and images.shape[-1] not in (1, 3):
         images = [images]  # one grayscale image

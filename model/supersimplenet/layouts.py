@@ -181,8 +181,7 @@ def read_layout(
     unknown = set(options) - _LAYOUT_OPTIONS[layout]
     if unknown:
         raise DataError(
-            f"unknown option(s) {sorted(unknown)} for layout {layout!r} "
-            f"(allowed: {sorted(_LAYOUT_OPTIONS[layout])})"
+            f"unknown option(s) {sorted(unknown)} for layout {layout!r} (allowed: {sorted(_LAYOUT_OPTIONS[layout])})"
         )
 
     if layout == "mvtec":

@@ -103,8 +103,9 @@ def resize_image(arr: np.ndarray, *, size: tuple[int, int]) -> torch.Tensor:
     height, width = _check_size(size)
     image = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).permute(2, 0, 1).contiguous()
     if image.shape[1:] != (height, width):
-        image = F.interpolate(image[None], size=(height, width), mode="bilinear", align_corners=False,
-                              antialias=False)[0]
+        image = F.interpolate(image[None], size=(height, width), mode="bilinear", align_corners=False, antialias=False)[
+            0
+        ]
     return image
 
 

@@ -25,7 +25,10 @@ def _weighted_mean(values: torch.Tensor, weights: torch.Tensor | None, select: t
 
 
 def truncated_l1(
-    map_logits: torch.Tensor, masks: torch.Tensor, *, weights: torch.Tensor | None = None,
+    map_logits: torch.Tensor,
+    masks: torch.Tensor,
+    *,
+    weights: torch.Tensor | None = None,
     sample_select: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pushes normal pixels below -0.5 and anomalous ones above +0.5; the two means are taken apart.
@@ -45,8 +48,12 @@ def truncated_l1(
 
 
 def focal_loss(
-    logits: torch.Tensor, targets: torch.Tensor, *, weights: torch.Tensor | None = None,
-    sample_select: torch.Tensor | None = None, gamma: float = FOCAL_GAMMA,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    weights: torch.Tensor | None = None,
+    sample_select: torch.Tensor | None = None,
+    gamma: float = FOCAL_GAMMA,
 ) -> torch.Tensor:
     """Focal loss on logits (alpha disabled), mean over the selected elements."""
     per_element = sigmoid_focal_loss(logits, targets.float(), alpha=-1, gamma=gamma, reduction="none")
@@ -58,8 +65,13 @@ def focal_loss(
 
 
 def supersimplenet_loss(
-    map_logits: torch.Tensor, score_logits: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor, *,
-    segmented: torch.Tensor | None = None, pixel_weights: torch.Tensor | None = None,
+    map_logits: torch.Tensor,
+    score_logits: torch.Tensor,
+    masks: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    segmented: torch.Tensor | None = None,
+    pixel_weights: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Total loss and its terms. All weights are 1, as in the paper.
 
@@ -99,7 +111,11 @@ def distance_weights(mask: np.ndarray, *, weight: float = 3.0, power: float = 2.
 
 
 def distance_weight_maps(
-    masks: torch.Tensor, size: tuple[int, int], *, weight: float = 3.0, power: float = 2.0,
+    masks: torch.Tensor,
+    size: tuple[int, int],
+    *,
+    weight: float = 3.0,
+    power: float = 2.0,
 ) -> torch.Tensor:
     """Distance-transform weights of image-resolution masks [B,1,H,W], resized to the feature size."""
     maps = np.stack([distance_weights(m[0].cpu().numpy(), weight=weight, power=power) for m in masks])

@@ -319,8 +319,9 @@ def _check_aupro_args(fpr_limit: Any, num_thresholds: Any) -> float:
     return float(fpr_limit)
 
 
-def _binned_pro_curve(values: np.ndarray, flat_regions: np.ndarray, inv: np.ndarray, n_background: int,
-                      num_thresholds: int) -> tuple[np.ndarray, np.ndarray]:
+def _binned_pro_curve(
+    values: np.ndarray, flat_regions: np.ndarray, inv: np.ndarray, n_background: int, num_thresholds: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(FPR, PRO) at `num_thresholds` evenly spaced thresholds, no full sort: pixel i is selected at threshold
     t_j (ascending, t_0 = min, t_{T-1} = max) iff its bin >= j."""
     thresholds = np.linspace(float(values.min()), float(values.max()), num_thresholds)
@@ -363,7 +364,7 @@ def image_scores(head_scores: Any, maps: Any) -> dict[str, np.ndarray]:
     flat = m.reshape(m.shape[0], -1)
     map_max = flat.max(axis=1)
     k = top_count(flat.shape[1])
-    top = np.partition(flat, flat.shape[1] - k, axis=1)[:, flat.shape[1] - k:].mean(axis=1)
+    top = np.partition(flat, flat.shape[1] - k, axis=1)[:, flat.shape[1] - k :].mean(axis=1)
     return {"head": head, "map_max": map_max, "combined": 0.5 * (head + map_max), "map_top1": top}
 
 

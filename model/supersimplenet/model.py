@@ -48,8 +48,9 @@ class FeatureExtractor(nn.Module):
         # Float32 also inside a bf16 training step's autocast: the frozen backbone is a small share of a step's
         # time, and Lite0's depthwise stack loses accuracy in bf16 (supersimplenet.fast, BF16_BACKBONES).
         # `autocast_backbone = True` lets an enclosing autocast reach it (tests compare against that).
-        precision = contextlib.nullcontext() if self.autocast_backbone else torch.autocast(images.device.type,
-                                                                                           enabled=False)
+        precision = (
+            contextlib.nullcontext() if self.autocast_backbone else torch.autocast(images.device.type, enabled=False)
+        )
         with torch.no_grad(), precision:
             levels = self.backbone(images if self.autocast_backbone else images.float())
             height, width = levels[0].shape[-2:]
@@ -216,7 +217,11 @@ class SuperSimpleNet(nn.Module):
         return map_logits, self.classification_head(cls_features, head_map)
 
     def add_synthetic_anomalies(
-        self, adapted: torch.Tensor, raw: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
+        self,
+        adapted: torch.Tensor,
+        raw: torch.Tensor,
+        masks: torch.Tensor,
+        labels: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Duplicates the batch and adds Gaussian noise inside Perlin masks (docs/design.md §3).
 
@@ -238,7 +243,10 @@ class SuperSimpleNet(nn.Module):
         if not cfg.overlap:
             noise_mask = noise_mask * (1 - masks)
         perlin = perlin_masks(
-            masks.shape[0], tuple(masks.shape[-2:]), threshold=cfg.perlin_threshold, fallback=cfg.perlin_fallback,
+            masks.shape[0],
+            tuple(masks.shape[-2:]),
+            threshold=cfg.perlin_threshold,
+            fallback=cfg.perlin_fallback,
             device=masks.device,
         )
         noise_mask = noise_mask * perlin
@@ -249,7 +257,10 @@ class SuperSimpleNet(nn.Module):
         return adapted + noise, raw + noise, final_masks, final_labels
 
     def forward(
-        self, images: torch.Tensor, masks: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+        self,
+        images: torch.Tensor,
+        masks: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
     ) -> TrainOutput | InferenceOutput:
         """Train mode: `images` [B,3,H,W] normalised, `masks` [B,1,H,W] and `labels` [B] -> TrainOutput.
 
@@ -269,7 +280,10 @@ class SuperSimpleNet(nn.Module):
         return TrainOutput(map_logits=map_logits, score_logits=score_logits, masks=final_masks, labels=final_labels)
 
     def postprocess(
-        self, map_logits: torch.Tensor, score_logits: torch.Tensor, size: tuple[int, int],
+        self,
+        map_logits: torch.Tensor,
+        score_logits: torch.Tensor,
+        size: tuple[int, int],
     ) -> InferenceOutput:
         upsampled = F.interpolate(map_logits, size=size, mode="bilinear", align_corners=False)
         anomaly_map = torch.sigmoid(self.blur(upsampled))

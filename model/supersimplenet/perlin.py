@@ -20,7 +20,10 @@ def _fade(t: torch.Tensor) -> torch.Tensor:
 
 
 def perlin_noise(
-    size: tuple[int, int], scales: tuple[int, int], *, generator: torch.Generator | None = None,
+    size: tuple[int, int],
+    scales: tuple[int, int],
+    *,
+    generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Gradient (Perlin) noise on a `size` grid with `scales` lattice cells along (height, width).
@@ -52,8 +55,13 @@ def perlin_noise(
 
 
 def perlin_masks(
-    count: int, size: tuple[int, int], *, threshold: float, fallback: bool = False,
-    generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+    count: int,
+    size: tuple[int, int],
+    *,
+    threshold: float,
+    fallback: bool = False,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Binary Perlin masks [count, 1, h, w], about half of them empty by construction.
 

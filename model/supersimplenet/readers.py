@@ -169,28 +169,31 @@ def _read_mvtec(root: Path, category: str | None) -> list[Sample]:
     for cls_dir in test_classes:
         normal = cls_dir.name == "good"
         images = _list_images(cls_dir)
-        masks = _by_stem(_list_images(gt_dir / cls_dir.name), gt_dir / cls_dir.name) \
-            if (gt_dir / cls_dir.name).is_dir() else {}
+        masks = (
+            _by_stem(_list_images(gt_dir / cls_dir.name), gt_dir / cls_dir.name)
+            if (gt_dir / cls_dir.name).is_dir()
+            else {}
+        )
         used: set[str] = set()
         for img in images:
             # MVTec names masks <stem>_mask.png; the battery-weld set (and others) reuse the image name.
             hits = [s for s in (f"{img.stem}_mask", img.stem) if s in masks]
             if len(hits) == 2:
-                problems.append(
-                    f"two candidate masks for {img}: {masks[hits[0]]} and {masks[hits[1]]}"
-                )
+                problems.append(f"two candidate masks for {img}: {masks[hits[0]]} and {masks[hits[1]]}")
                 continue
             mask = masks[hits[0]] if hits else None
             if mask is not None:
                 used.add(mask.stem)
-            samples.append(Sample(
-                image=_rel(img, root),
-                mask=_rel(mask, root) if mask is not None else None,
-                label=0 if normal else 1,
-                split="test",
-                segmented=normal or mask is not None,
-                defect_type="" if normal else cls_dir.name,
-            ))
+            samples.append(
+                Sample(
+                    image=_rel(img, root),
+                    mask=_rel(mask, root) if mask is not None else None,
+                    label=0 if normal else 1,
+                    split="test",
+                    segmented=normal or mask is not None,
+                    defect_type="" if normal else cls_dir.name,
+                )
+            )
         for stem, mask in masks.items():
             if stem not in used:
                 problems.append(f"mask without image: {mask} (no matching image in {cls_dir})")
@@ -293,13 +296,15 @@ def _read_sensum(root: Path, category: str | None, fold: int) -> list[Sample]:
             mask = annotations.get(img.stem)
             if mask is not None:
                 used.add(img.stem)
-            samples.append(Sample(
-                image=_rel(img, root),
-                mask=_rel(mask, root) if mask is not None else None,
-                label=label,
-                split="test" if i % 3 == int(fold) else "train",
-                segmented=label == 0 or mask is not None,
-            ))
+            samples.append(
+                Sample(
+                    image=_rel(img, root),
+                    mask=_rel(mask, root) if mask is not None else None,
+                    label=label,
+                    split="test" if i % 3 == int(fold) else "train",
+                    segmented=label == 0 or mask is not None,
+                )
+            )
         for stem, mask in annotations.items():
             if stem not in used:
                 problems.append(f"mask without image: {mask} (no {stem}.* in {data_dir})")
@@ -371,9 +376,7 @@ def _read_folder(root: Path, category: str | None, labels_file: PathLike | None)
                     problems.append(str(exc))
                     continue
                 if listed == 0 and label == 1:
-                    problems.append(
-                        f"label {listed} in the labels file contradicts mask {mask} for {img}"
-                    )
+                    problems.append(f"label {listed} in the labels file contradicts mask {mask} for {img}")
                     continue
                 if listed == 1:
                     # a defective image with an empty mask: the dataset check's empty-mask policy decides
@@ -383,8 +386,9 @@ def _read_folder(root: Path, category: str | None, labels_file: PathLike | None)
                 # A normal image is segmented by definition (all-zero mask); a defective one is weak.
                 samples.append(Sample(rel, None, listed, split, listed == 0))
             else:
-                problems.append(f"image with neither mask nor label: {img} (no mask in {mask_dir}, "
-                                f"no entry in a labels file)")
+                problems.append(
+                    f"image with neither mask nor label: {img} (no mask in {mask_dir}, no entry in a labels file)"
+                )
         for stem, mask in masks.items():
             if stem not in used:
                 problems.append(f"mask without image: {mask}")

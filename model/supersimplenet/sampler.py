@@ -14,6 +14,7 @@ import torch
 
 from supersimplenet.samples import DataError
 
+
 class BalancedSampler(torch.utils.data.Sampler[int]):
     """Balanced epochs for supervised training (docs/design.md §6.3), deterministic and sharded over ranks.
 
@@ -50,8 +51,9 @@ class BalancedSampler(torch.utils.data.Sampler[int]):
         if labels_arr.size and not np.isin(labels_arr, (0, 1)).all():
             raise ValueError("labels must be 0 or 1")
         if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need world_size >= 1 and 0 <= rank < world_size, got rank={rank}, "
-                             f"world_size={world_size}")
+            raise ValueError(
+                f"need world_size >= 1 and 0 <= rank < world_size, got rank={rank}, world_size={world_size}"
+            )
         self._n = int(labels_arr.size)
         self._pos = np.flatnonzero(labels_arr == 1)
         self._neg = np.flatnonzero(labels_arr == 0)
@@ -125,7 +127,7 @@ class BalancedSampler(torch.utils.data.Sampler[int]):
         padded = len(self) * self.world_size
         # Wrap around (repeatedly, should world_size exceed the epoch) so every rank gets len(self) items.
         indices = (indices * -(-padded // len(indices)))[:padded]
-        return iter(indices[self.rank::self.world_size])
+        return iter(indices[self.rank :: self.world_size])
 
 
 __all__ = [

@@ -85,7 +85,9 @@ def defect_region(size: tuple[int, int], generator: torch.Generator) -> torch.Te
 
 
 def synthesize_defect(
-    image: torch.Tensor, donor: torch.Tensor, generator: torch.Generator,
+    image: torch.Tensor,
+    donor: torch.Tensor,
+    generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(defective image [3, H, W] in [0, 1], mask [1, H, W] of 0/1) from a normal image and a donor image."""
     _, height, width = image.shape
@@ -114,8 +116,9 @@ def synthesize_defect(
 
 
 def _coordinates(height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
-                            indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32), indexing="ij"
+    )
     return ys, xs
 
 
@@ -125,7 +128,7 @@ def _polyline_distance(points: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor)
     best = torch.full(ys.shape, float("inf"))
     for start, end in zip(points[:-1], points[1:]):
         direction = end - start
-        length = max(float((direction ** 2).sum()), 1e-6)
+        length = max(float((direction**2).sum()), 1e-6)
         t = (((pixels - start) * direction).sum(-1) / length).clamp(0.0, 1.0)
         nearest = start + t[..., None] * direction
         best = torch.minimum(best, ((pixels - nearest) ** 2).sum(-1).sqrt())
@@ -166,7 +169,7 @@ def structural_defect(image: torch.Tensor, kind: str, generator: torch.Generator
             branch = branch - branch[0] + points[int(torch.randint(1, len(points), (), generator=generator))]
             distance = torch.minimum(distance, _polyline_distance(branch[: max(2, len(branch) // 2)], ys, xs))
         half_width = _uniform(generator, 0.5, 2.0) * scale
-        alpha = (1.0 - (distance - half_width).clamp(0.0, 1.0))  # anti-aliased edge, one pixel wide
+        alpha = 1.0 - (distance - half_width).clamp(0.0, 1.0)  # anti-aliased edge, one pixel wide
         region = (distance <= half_width + 0.5).float()
         content = _shade(image, generator)
     elif kind == "holes":
@@ -201,8 +204,9 @@ def structural_defect(image: torch.Tensor, kind: str, generator: torch.Generator
             base = torch.stack((xs / max(width - 1, 1), ys / max(height - 1, 1)), dim=-1) * 2 - 1
             pixel = torch.tensor([2 / max(width - 1, 1), 2 / max(height - 1, 1)])  # one pixel in grid units
             offset = field[0].permute(1, 2, 0) * amplitude * pixel
-            content = torch.nn.functional.grid_sample(image[None], (base + offset)[None], mode="bilinear",
-                                                      padding_mode="border", align_corners=True)[0]
+            content = torch.nn.functional.grid_sample(
+                image[None], (base + offset)[None], mode="bilinear", padding_mode="border", align_corners=True
+            )[0]
         alpha = region
     else:
         raise ValueError(f"unknown structural defect kind {kind!r}; known: {STRUCTURAL_KINDS}")
@@ -274,8 +278,9 @@ class SyntheticDefectDataset(torch.utils.data.Dataset):
         else:
             generator = item_generator(self.seed, position)
             # the donor is another image of the set (the image itself when the set holds only one)
-            donor_position = (position + 1 + int(torch.randint(max(1, n - 1), (), generator=generator))) % n \
-                if n > 1 else position
+            donor_position = (
+                (position + 1 + int(torch.randint(max(1, n - 1), (), generator=generator))) % n if n > 1 else position
+            )
             kinds = {"blend": ("blend",), "structural": STRUCTURAL_KINDS, "mixed": ("blend", *STRUCTURAL_KINDS)}
             options = kinds[self.recipe]
             kind = options[int(torch.randint(len(options), (), generator=generator))] if len(options) > 1 else "blend"
@@ -293,5 +298,13 @@ class SyntheticDefectDataset(torch.utils.data.Dataset):
         }
 
 
-__all__ = ["DEFAULT_RECIPE", "STRUCTURAL_KINDS", "SYNTHETIC_RECIPES", "SyntheticDefectDataset", "defect_region",
-           "item_generator", "structural_defect", "synthesize_defect"]
+__all__ = [
+    "DEFAULT_RECIPE",
+    "STRUCTURAL_KINDS",
+    "SYNTHETIC_RECIPES",
+    "SyntheticDefectDataset",
+    "defect_region",
+    "item_generator",
+    "structural_defect",
+    "synthesize_defect",
+]

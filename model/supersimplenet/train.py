@@ -29,7 +29,12 @@ from tqdm.auto import tqdm
 from supersimplenet.backbones import get_preset, load_backbone_weights
 from supersimplenet.checkpoint import save_checkpoint
 from supersimplenet.config import (
-    IMAGE_SCORES, TRAIN_PRECISIONS, ModelConfig, TrainConfig, recommended_model_config, to_dict,
+    IMAGE_SCORES,
+    TRAIN_PRECISIONS,
+    ModelConfig,
+    TrainConfig,
+    recommended_model_config,
+    to_dict,
 )
 from supersimplenet.inference import inference_model
 from supersimplenet.layouts import read_layout
@@ -62,12 +67,24 @@ def build_optimizer(model: SuperSimpleNet, cfg: TrainConfig) -> torch.optim.Adam
     """AdamW with the paper's groups: adaptor (lr 1e-4, wd 0.01) and the two heads (lr 2e-4, wd 1e-5)."""
     return torch.optim.AdamW(
         [
-            {"params": list(model.adaptor.parameters()), "lr": cfg.lr_adaptor,
-             "weight_decay": cfg.weight_decay_adaptor, "name": "adaptor"},
-            {"params": list(model.segmentation_head.parameters()), "lr": cfg.lr_heads,
-             "weight_decay": cfg.weight_decay_heads, "name": "segmentation_head"},
-            {"params": list(model.classification_head.parameters()), "lr": cfg.lr_heads,
-             "weight_decay": cfg.weight_decay_heads, "name": "classification_head"},
+            {
+                "params": list(model.adaptor.parameters()),
+                "lr": cfg.lr_adaptor,
+                "weight_decay": cfg.weight_decay_adaptor,
+                "name": "adaptor",
+            },
+            {
+                "params": list(model.segmentation_head.parameters()),
+                "lr": cfg.lr_heads,
+                "weight_decay": cfg.weight_decay_heads,
+                "name": "segmentation_head",
+            },
+            {
+                "params": list(model.classification_head.parameters()),
+                "lr": cfg.lr_heads,
+                "weight_decay": cfg.weight_decay_heads,
+                "name": "classification_head",
+            },
         ]
     )
 
@@ -78,7 +95,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch
 
 
 def build_train_loader(
-    dataset: DefectDataset, samples: Sequence[Sample], cfg: TrainConfig, *, rank: int = 0, world_size: int = 1,
+    dataset: DefectDataset,
+    samples: Sequence[Sample],
+    cfg: TrainConfig,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
     batch_size: int | None = None,
 ) -> tuple[DataLoader, Any]:
     """Loader over this rank's share of an epoch; call `sampler.set_epoch(epoch)` before each epoch.
@@ -88,22 +110,31 @@ def build_train_loader(
     """
     if cfg.supervised:
         sampler = BalancedSampler(
-            labels=[s.label for s in samples], flips=cfg.resolved_flips, seed=cfg.seed, rank=rank,
+            labels=[s.label for s in samples],
+            flips=cfg.resolved_flips,
+            seed=cfg.seed,
+            rank=rank,
             world_size=world_size,
         )
     else:
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed + rank)
     loader = DataLoader(
-        dataset, batch_size=batch_size or cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-        drop_last=False, generator=generator, persistent_workers=cfg.num_workers > 0,
+        dataset,
+        batch_size=batch_size or cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        drop_last=False,
+        generator=generator,
+        persistent_workers=cfg.num_workers > 0,
     )
     return loader, sampler
 
 
 @torch.no_grad()
-def measure_feature_scale(model: SuperSimpleNet, loader: DataLoader, *, device: torch.device,
-                          max_batches: int = 8) -> float:
+def measure_feature_scale(
+    model: SuperSimpleNet, loader: DataLoader, *, device: torch.device, max_batches: int = 8
+) -> float:
     """Median per-channel standard deviation of the pooled backbone features F over training images.
 
     With `noise_std_mode="relative"` the synthetic noise is `noise_std` times this scale, so one sigma transfers
@@ -117,7 +148,7 @@ def measure_feature_scale(model: SuperSimpleNet, loader: DataLoader, *, device: 
         raw = model.feature_extractor(batch["image"].to(device)).double()
         per_channel = raw.transpose(0, 1).flatten(1)
         total = per_channel.sum(1) if total is None else total + per_channel.sum(1)
-        total_sq = (per_channel ** 2).sum(1) if total_sq is None else total_sq + (per_channel ** 2).sum(1)
+        total_sq = (per_channel**2).sum(1) if total_sq is None else total_sq + (per_channel**2).sum(1)
         count += per_channel.shape[1]
     if not count:
         raise ValueError("cannot measure the feature scale: the training loader is empty")
@@ -125,8 +156,14 @@ def measure_feature_scale(model: SuperSimpleNet, loader: DataLoader, *, device: 
     return float(variance.sqrt().median())
 
 
-def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-               cfg: TrainConfig, *, device: torch.device) -> dict[str, float]:
+def train_step(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    *,
+    device: torch.device,
+) -> dict[str, float]:
     """One optimisation step on a batch of B images (2B samples after duplication)."""
     net = unwrap(model)
     images = batch["image"].to(device, non_blocking=True)
@@ -144,11 +181,16 @@ def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torc
         out = model(images, masks, labels)
     out = dataclasses.replace(out, map_logits=out.map_logits.float(), score_logits=out.score_logits.float())
     if pixel_weights is not None and pixel_weights.shape[-2:] != out.map_logits.shape[-2:]:
-        pixel_weights = nn.functional.interpolate(pixel_weights, size=out.map_logits.shape[-2:], mode="bilinear",
-                                                  align_corners=True)
+        pixel_weights = nn.functional.interpolate(
+            pixel_weights, size=out.map_logits.shape[-2:], mode="bilinear", align_corners=True
+        )
     losses = supersimplenet_loss(
-        out.map_logits, out.score_logits, out.masks, out.labels,
-        segmented=torch.cat((segmented, segmented)), pixel_weights=pixel_weights,
+        out.map_logits,
+        out.score_logits,
+        out.masks,
+        out.labels,
+        segmented=torch.cat((segmented, segmented)),
+        pixel_weights=pixel_weights,
     )
     optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()
@@ -159,8 +201,16 @@ def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torc
     return {name: float(value.detach()) for name, value in losses.items()}
 
 
-def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, cfg: TrainConfig, *,
-                device: torch.device, progress: bool = True, description: str = "train") -> dict[str, float]:
+def train_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    *,
+    device: torch.device,
+    progress: bool = True,
+    description: str = "train",
+) -> dict[str, float]:
     """Trains one epoch; returns the mean of each loss term over its steps."""
     model.train()
     sums: dict[str, float] = {}
@@ -208,8 +258,11 @@ def predict(model: nn.Module, loader: DataLoader, *, device: torch.device, progr
         masks.append(batch["mask"][:, 0].numpy())
         indices.append(np.asarray(batch["index"]))
     return Predictions(
-        scores=np.concatenate(scores), labels=np.concatenate(labels).astype(np.int64),
-        maps=np.concatenate(maps), masks=np.concatenate(masks).astype(np.uint8), indices=np.concatenate(indices),
+        scores=np.concatenate(scores),
+        labels=np.concatenate(labels).astype(np.int64),
+        maps=np.concatenate(maps),
+        masks=np.concatenate(masks).astype(np.uint8),
+        indices=np.concatenate(indices),
         head_scores=np.concatenate(heads),
     )
 
@@ -217,8 +270,9 @@ def predict(model: nn.Module, loader: DataLoader, *, device: torch.device, progr
 def evaluate(model: nn.Module, loader: DataLoader, *, device: torch.device) -> dict[str, float]:
     """All metrics of docs/design.md §7 on a loader's samples."""
     predictions = predict(model, loader, device=device)
-    return compute_metrics(scores=predictions.scores, labels=predictions.labels, maps=predictions.maps,
-                           masks=predictions.masks)
+    return compute_metrics(
+        scores=predictions.scores, labels=predictions.labels, maps=predictions.maps, masks=predictions.masks
+    )
 
 
 def eval_loader(dataset: DefectDataset, *, batch_size: int, num_workers: int = 0) -> DataLoader:
@@ -234,8 +288,14 @@ class FitResult:
 
 
 def fit(
-    *, data_root: str | Path, samples: Sequence[Sample], model_config: ModelConfig, train_config: TrainConfig,
-    weights: str | Path | None = "default", device: str | torch.device = "cpu", progress: bool = True,
+    *,
+    data_root: str | Path,
+    samples: Sequence[Sample],
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    weights: str | Path | None = "default",
+    device: str | torch.device = "cpu",
+    progress: bool = True,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> FitResult:
     """Trains on the train split and scores the test split of `samples` in one process."""
@@ -266,18 +326,32 @@ def fit(
         started = time.perf_counter()
         sampler.set_epoch(epoch)
         row: dict[str, Any] = {"epoch": epoch}
-        row.update(train_epoch(model, loader, optimizer, cfg, device=device, progress=progress,
-                               description=f"epoch {epoch + 1}/{cfg.epochs}"))
+        row.update(
+            train_epoch(
+                model,
+                loader,
+                optimizer,
+                cfg,
+                device=device,
+                progress=progress,
+                description=f"epoch {epoch + 1}/{cfg.epochs}",
+            )
+        )
         row.update({f"lr_{group['name']}": group["lr"] for group in optimizer.param_groups})
         scheduler.step()
         if test_set is not None and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
-            row.update({f"test_{k}": v for k, v in evaluate(model, eval_loader(test_set, batch_size=cfg.batch_size),
-                                                             device=device).items()})
+            row.update(
+                {
+                    f"test_{k}": v
+                    for k, v in evaluate(model, eval_loader(test_set, batch_size=cfg.batch_size), device=device).items()
+                }
+            )
         row["seconds"] = time.perf_counter() - started
         history.append(row)
         if progress:
-            log.info("epoch %d/%d loss %.4f (%.1fs)", epoch + 1, cfg.epochs, row.get("loss", float("nan")),
-                     row["seconds"])
+            log.info(
+                "epoch %d/%d loss %.4f (%.1fs)", epoch + 1, cfg.epochs, row.get("loss", float("nan")), row["seconds"]
+            )
         if on_epoch is not None:
             on_epoch(epoch, row)
     test_metrics = {}
@@ -303,15 +377,23 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--noise-std-mode", choices=["absolute", "relative"], default=None)
     parser.add_argument("--perlin-threshold", type=float, default=None)
     parser.add_argument("--icpr", action="store_true", help="ICPR variant: classification head on adapted features")
-    parser.add_argument("--image-score", default=None, choices=list(IMAGE_SCORES),
-                        help="image score (default: the recommended one for the backbone and supervision)")
+    parser.add_argument(
+        "--image-score",
+        default=None,
+        choices=list(IMAGE_SCORES),
+        help="image score (default: the recommended one for the backbone and supervision)",
+    )
     parser.add_argument("--epochs", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--eval-every", type=int, default=0)
     parser.add_argument("--num-workers", type=int, default=0)
-    parser.add_argument("--precision", default="fp32", choices=list(TRAIN_PRECISIONS),
-                        help="compute precision of the trainable layers (TrainConfig.precision)")
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=list(TRAIN_PRECISIONS),
+        help="compute precision of the trainable layers (TrainConfig.precision)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", required=True, help="output folder for model.pt and metrics.json")
     return parser.parse_args(argv)
@@ -322,9 +404,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = _parse(argv)
     supervised = args.supervision != "unsupervised"
     model_config = recommended_model_config(
-        args.backbone, supervision=args.supervision, image_size=tuple(args.image_size), noise_std=args.noise_std,
-        noise_std_mode=args.noise_std_mode, perlin_threshold=args.perlin_threshold,
-        adapt_cls_features=True if args.icpr else None, image_score=args.image_score, overlap=False,
+        args.backbone,
+        supervision=args.supervision,
+        image_size=tuple(args.image_size),
+        noise_std=args.noise_std,
+        noise_std_mode=args.noise_std_mode,
+        perlin_threshold=args.perlin_threshold,
+        adapt_cls_features=True if args.icpr else None,
+        image_score=args.image_score,
+        overlap=False,
     )
     train_config = TrainConfig(
         epochs=args.epochs,
@@ -338,15 +426,31 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     options = {"split_file": args.split_file} if args.split_file else {}
     samples = read_layout(args.data, args.layout, category=args.category, **options)
-    result = fit(data_root=args.data, samples=samples, model_config=model_config, train_config=train_config,
-                 weights=args.weights, device=args.device)
+    result = fit(
+        data_root=args.data,
+        samples=samples,
+        model_config=model_config,
+        train_config=train_config,
+        weights=args.weights,
+        device=args.device,
+    )
     out = Path(args.out)
-    save_checkpoint(out / "model.pt", result.model, metadata={
-        "train_config": to_dict(train_config), "test_metrics": result.test_metrics,
-        "backbone_weights": result.weights_provenance, "data": os.fspath(args.data),
-    })
-    summary = {"test_metrics": result.test_metrics, "history": result.history,
-               "model_config": to_dict(model_config), "train_config": to_dict(train_config)}
+    save_checkpoint(
+        out / "model.pt",
+        result.model,
+        metadata={
+            "train_config": to_dict(train_config),
+            "test_metrics": result.test_metrics,
+            "backbone_weights": result.weights_provenance,
+            "data": os.fspath(args.data),
+        },
+    )
+    summary = {
+        "test_metrics": result.test_metrics,
+        "history": result.history,
+        "model_config": to_dict(model_config),
+        "train_config": to_dict(train_config),
+    }
     (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
     print(json.dumps(result.test_metrics, indent=2, default=float))
     return summary

@@ -82,8 +82,7 @@ def decode_file(path: Path, what: str) -> DecodedFile:
         raise
     except Exception as exc:  # noqa: BLE001 - conversions of exotic modes
         raise DataError(f"unreadable {what}: {path} ({type(exc).__name__}: {exc})") from None
-    return DecodedFile(size=img.size, sha256=hashlib.sha256(data).hexdigest(), nbytes=len(data),
-                       has_defect=has_defect)
+    return DecodedFile(size=img.size, sha256=hashlib.sha256(data).hexdigest(), nbytes=len(data), has_defect=has_defect)
 
 
 def decode_workers(workers: int | None = None) -> int:
@@ -95,8 +94,9 @@ def decode_workers(workers: int | None = None) -> int:
     return max(1, min(cpus, workers if workers is not None else cpus))
 
 
-def check_samples(root: PathLike, samples: Sequence[Sample], *, empty_masks: str = "error",
-                  workers: int | None = None) -> CheckedSamples:
+def check_samples(
+    root: PathLike, samples: Sequence[Sample], *, empty_masks: str = "error", workers: int | None = None
+) -> CheckedSamples:
     """Decode every image and mask of `samples` and check the list as a whole; apply the empty-mask policy.
 
     Checks: every image and listed mask exists, passes PIL's ``verify()`` and decodes fully (a truncated file is an
@@ -165,8 +165,9 @@ def check_samples(root: PathLike, samples: Sequence[Sample], *, empty_masks: str
                 entry = decoded[rel]
                 assert isinstance(entry, DecodedFile)
                 files[rel] = (entry.sha256, entry.nbytes)
-    return CheckedSamples(samples=tuple(kept), empty_masks=tuple(sorted(s.image for s in empty)),
-                          policy=empty_masks, files=files)
+    return CheckedSamples(
+        samples=tuple(kept), empty_masks=tuple(sorted(s.image for s in empty)), policy=empty_masks, files=files
+    )
 
 
 def _decode_all(root: Path, wanted: Mapping[str, str], workers: int | None) -> dict[str, DecodedFile | DataError]:
@@ -194,8 +195,9 @@ def _apply_policy(samples: Sequence[Sample], empty: Sequence[Sample], policy: st
     return list(samples)
 
 
-def validate_samples(root: PathLike, samples: Sequence[Sample], *, empty_masks: str = "error",
-                     workers: int | None = None) -> list[Sample]:
+def validate_samples(
+    root: PathLike, samples: Sequence[Sample], *, empty_masks: str = "error", workers: int | None = None
+) -> list[Sample]:
     """`check_samples` for callers that need only the resulting sample list."""
     return list(check_samples(root, samples, empty_masks=empty_masks, workers=workers).samples)
 

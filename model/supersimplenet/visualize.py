@@ -17,8 +17,9 @@ def colorize(values: np.ndarray) -> np.ndarray:
     return ((1 - t) * _ANCHORS[low] + t * _ANCHORS[low + 1]).astype(np.uint8)
 
 
-def overlay(image: Image.Image, anomaly_map: np.ndarray, *, alpha: float = 0.5,
-            mask: np.ndarray | None = None) -> Image.Image:
+def overlay(
+    image: Image.Image, anomaly_map: np.ndarray, *, alpha: float = 0.5, mask: np.ndarray | None = None
+) -> Image.Image:
     """Blends the coloured map over the image (resized to the map's size); outlines `mask` in white if given."""
     height, width = anomaly_map.shape
     base = np.asarray(image.convert("RGB").resize((width, height), Image.BILINEAR), dtype=np.float32)

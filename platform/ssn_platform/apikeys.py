@@ -73,7 +73,7 @@ def client_headers() -> dict[str, str]:
     """The `Authorization` header of a local client: the key in the file `SSN_SERVE_API_KEY_FILE` names."""
     path = os.environ.get(KEY_FILE_ENV)
     if not path:
-        raise RuntimeError(f"{KEY_FILE_ENV} is not set: eval \"$(infra/local/stack env)\" names the local stack's key")
+        raise RuntimeError(f'{KEY_FILE_ENV} is not set: eval "$(infra/local/stack env)" names the local stack\'s key')
     return {"Authorization": "Bearer " + Path(path).read_text().strip()}
 
 

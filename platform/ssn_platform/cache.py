@@ -206,11 +206,23 @@ def prune_cache(cache_dir: str | os.PathLike[str], max_bytes: int) -> PruneStats
     finally:
         os.close(fd)
     if stats.objects_deleted or stats.views_deleted:
-        log.info("dataset cache %s: deleted %d views and %d objects, %d -> %d bytes (bound %d)", cache,
-                 stats.views_deleted, stats.objects_deleted, stats.bytes_before, stats.bytes_after, max_bytes)
+        log.info(
+            "dataset cache %s: deleted %d views and %d objects, %d -> %d bytes (bound %d)",
+            cache,
+            stats.views_deleted,
+            stats.objects_deleted,
+            stats.bytes_before,
+            stats.bytes_after,
+            max_bytes,
+        )
     if stats.bytes_after > max_bytes:
-        log.warning("dataset cache %s holds %d bytes, above its bound of %d: %d views past their turn are in use",
-                    cache, stats.bytes_after, max_bytes, stats.views_in_use)
+        log.warning(
+            "dataset cache %s holds %d bytes, above its bound of %d: %d views past their turn are in use",
+            cache,
+            stats.bytes_after,
+            max_bytes,
+            stats.views_in_use,
+        )
     return stats
 
 
@@ -226,8 +238,9 @@ def _delete_view(cache: Path, marker: Path) -> bool:
         return False
     if view.exists():
         _make_writable(view)
-        shutil.rmtree(view, onerror=lambda _fn, path, exc: log.warning(
-            "dataset cache: could not delete %s: %s", path, exc[1]))
+        shutil.rmtree(
+            view, onerror=lambda _fn, path, exc: log.warning("dataset cache: could not delete %s: %s", path, exc[1])
+        )
     if view.exists():
         return False  # partly deleted: the marker stays, so a later prune tries again
     for parent in view.parents:  # the empty product/bucket folders above it

@@ -26,17 +26,40 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ssn_platform import storage
-from ssn_platform.cache import (PruneStats, _cache_lock, _file_lock, _hold_view, _view_lock_path, cache_limit_bytes,
-                                default_cache_dir, prune_cache)
-from ssn_platform.manifest import (_SHA_RE, _VERSION_RE, DATASETS_ROOT, LATEST_NAME, MANIFEST_NAME, OBJECTS_DIR,
-                                   DatasetError, Manifest)
+from ssn_platform.cache import (
+    PruneStats,
+    _cache_lock,
+    _file_lock,
+    _hold_view,
+    _view_lock_path,
+    cache_limit_bytes,
+    default_cache_dir,
+    prune_cache,
+)
+from ssn_platform.manifest import (
+    _SHA_RE,
+    _VERSION_RE,
+    DATASETS_ROOT,
+    LATEST_NAME,
+    MANIFEST_NAME,
+    OBJECTS_DIR,
+    DatasetError,
+    Manifest,
+)
 from ssn_platform.s3keys import format_s3_uri, join_key, parse_s3_uri
 from ssn_platform.storage import ObjectNotFoundError, S3Settings, make_client
 
 
 def _progress(total: int, desc: str, enabled: bool | None, unit: str = "B") -> Any:
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", unit_divisor=1024,
-                disable=(None if enabled is None else not enabled), leave=False)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        unit_scale=unit == "B",
+        unit_divisor=1024,
+        disable=(None if enabled is None else not enabled),
+        leave=False,
+    )
 
 
 @dataclasses.dataclass
@@ -262,6 +285,7 @@ class DatasetReader:
         total = sum(size for _, size in by_sha.values())
         paths: dict[str, Path] = {}
         with _progress(total, f"fetch {self.manifest.product}@{self.version}", self.progress) as bar:
+
             def _one(item: tuple[str, tuple[str, int]]) -> None:
                 sha, (rel_key, size) = item
                 paths[sha] = self._ensure_object(rel_key, sha, size)
@@ -315,7 +339,7 @@ class DatasetReader:
             _hold_view(self.cache_dir, view)  # before building: a half-built view is prunable after a crash
             with _file_lock(view_lock):
                 for rel_key, (sha, size) in sorted(self.manifest.objects().items()):
-                    rel_path = rel_key[len(OBJECTS_DIR) + 1:]
+                    rel_path = rel_key[len(OBJECTS_DIR) + 1 :]
                     dest = view.joinpath(*rel_path.split("/"))
                     if not dest.resolve().is_relative_to(view.resolve()):  # belt and braces: keys are validated
                         raise DatasetError(f"{rel_path!r} escapes the dataset view")

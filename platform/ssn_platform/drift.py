@@ -67,8 +67,9 @@ class DriftResult:
         return dataclasses.asdict(self)
 
 
-def population_stability_index(reference: np.ndarray, window: np.ndarray, *, bins: int = 10,
-                               floor: float = 1e-4) -> float:
+def population_stability_index(
+    reference: np.ndarray, window: np.ndarray, *, bins: int = 10, floor: float = 1e-4
+) -> float:
     """PSI of `window` against `reference` over `bins` bins at the reference's quantiles (module docstring)."""
     edges = np.unique(np.quantile(reference, np.linspace(0.0, 1.0, bins + 1)[1:-1]))
     ref = np.bincount(np.searchsorted(edges, reference, side="right"), minlength=len(edges) + 1) / len(reference)
@@ -77,8 +78,9 @@ def population_stability_index(reference: np.ndarray, window: np.ndarray, *, bin
     return float(np.sum((win - ref) * np.log(win / ref)))
 
 
-def table_scores(table_uri: str, version: str, *, image_prefix: str | None = None,
-                 since: str | None = None) -> np.ndarray:
+def table_scores(
+    table_uri: str, version: str, *, image_prefix: str | None = None, since: str | None = None
+) -> np.ndarray:
     """Scores of the batch job's table rows of `version` (status ok), filtered by image prefix and time."""
     import pyarrow.dataset as pads  # noqa: PLC0415 (pyarrow.dataset: kept off the Serve app's import)
 
@@ -104,21 +106,26 @@ def calibration_scores(product: str, version: str) -> np.ndarray:
     client = MlflowClient()
     run_id = client.get_model_version(registered_model_name(product), str(version)).run_id
     if not run_id:
-        raise PlatformError(f"{registered_model_name(product)} version {version} has no run holding calibration "
-                            "scores; pass a reference prefix")
+        raise PlatformError(
+            f"{registered_model_name(product)} version {version} has no run holding calibration "
+            "scores; pass a reference prefix"
+        )
     with tempfile.TemporaryDirectory() as directory:
         try:
             local = client.download_artifacts(run_id, f"calibration/v{version}/scores.json", directory)
         except Exception as error:  # noqa: BLE001 - MLflow raises several types for a missing artifact
-            raise PlatformError(f"{registered_model_name(product)} version {version} has no calibration scores "
-                                f"({type(error).__name__}); run jobs/calibrate.py or pass a reference prefix") from None
+            raise PlatformError(
+                f"{registered_model_name(product)} version {version} has no calibration scores "
+                f"({type(error).__name__}); run jobs/calibrate.py or pass a reference prefix"
+            ) from None
         record = json.loads(Path(local).read_text())
     labels, scores = np.asarray(record["labels"]), np.asarray(record["scores"], dtype=np.float64)
     return scores[labels == 0]
 
 
-def judge(reference: np.ndarray, window: np.ndarray, *, psi_limit: float, ks_alpha: float,
-          min_window: int) -> tuple[str, float, float, float]:
+def judge(
+    reference: np.ndarray, window: np.ndarray, *, psi_limit: float, ks_alpha: float, min_window: int
+) -> tuple[str, float, float, float]:
     """(status, psi, ks statistic, ks p-value) of a window against its reference."""
     from scipy.stats import ks_2samp  # noqa: PLC0415 (scipy: kept off the Serve app's import)
 
@@ -130,14 +137,26 @@ def judge(reference: np.ndarray, window: np.ndarray, *, psi_limit: float, ks_alp
     return ("drifting" if drifting else "stable"), psi, float(ks.statistic), float(ks.pvalue)
 
 
-def check_drift(product: str, table_uri: str, *, version: str | None = None, window_prefix: str | None = None,
-                since: str | None = None, reference_prefix: str | None = None, psi_limit: float = 0.25,
-                ks_alpha: float = 0.01, min_window: int = 30, record: bool = True) -> DriftResult:
+def check_drift(
+    product: str,
+    table_uri: str,
+    *,
+    version: str | None = None,
+    window_prefix: str | None = None,
+    since: str | None = None,
+    reference_prefix: str | None = None,
+    psi_limit: float = 0.25,
+    ks_alpha: float = 0.01,
+    min_window: int = 30,
+    record: bool = True,
+) -> DriftResult:
     """Compares the window with the reference (module docstring); records the result unless `record` is False."""
 
     if not (0 < ks_alpha < 1) or psi_limit <= 0 or min_window < 2:
-        raise PlatformError(f"drift limits: need psi_limit > 0, 0 < ks_alpha < 1, min_window >= 2; got "
-                            f"{psi_limit}, {ks_alpha}, {min_window}")
+        raise PlatformError(
+            f"drift limits: need psi_limit > 0, 0 < ks_alpha < 1, min_window >= 2; got "
+            f"{psi_limit}, {ks_alpha}, {min_window}"
+        )
     check_mlflow()
     _, version, _, threshold = pin_version(product, version)
     window = table_scores(table_uri, version, image_prefix=window_prefix, since=since)
@@ -145,16 +164,27 @@ def check_drift(product: str, table_uri: str, *, version: str | None = None, win
         reference, source = table_scores(table_uri, version, image_prefix=reference_prefix), reference_prefix
     else:
         reference, source = calibration_scores(product, version), f"calibration/v{version} (normal images)"
-    status, psi, ks_statistic, ks_pvalue = judge(reference, window, psi_limit=psi_limit, ks_alpha=ks_alpha,
-                                                 min_window=min_window)
+    status, psi, ks_statistic, ks_pvalue = judge(
+        reference, window, psi_limit=psi_limit, ks_alpha=ks_alpha, min_window=min_window
+    )
     result = DriftResult(
-        product=product, version=version, status=status, psi=psi, ks_statistic=ks_statistic, ks_pvalue=ks_pvalue,
-        window_size=len(window), reference_size=len(reference), reference=source,
+        product=product,
+        version=version,
+        status=status,
+        psi=psi,
+        ks_statistic=ks_statistic,
+        ks_pvalue=ks_pvalue,
+        window_size=len(window),
+        reference_size=len(reference),
+        reference=source,
         window_mean=float(window.mean()) if len(window) else float("nan"),
         reference_mean=float(reference.mean()) if len(reference) else float("nan"),
         window_anomalous_rate=float((window >= threshold).mean()) if len(window) else float("nan"),
-        threshold=threshold, psi_limit=psi_limit, ks_alpha=ks_alpha,
-        checked_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        threshold=threshold,
+        psi_limit=psi_limit,
+        ks_alpha=ks_alpha,
+        checked_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
     return _record(result, table_uri, window_prefix, since) if record else result
 
 
@@ -165,21 +195,50 @@ def _record(result: DriftResult, table_uri: str, window_prefix: str | None, sinc
 
     client = MlflowClient()
     name = registered_model_name(result.product)
-    run = client.create_run(experiment_id(client, f"{name}-drift"), run_name=f"drift-v{result.version}",
-                            tags={f"{DRIFT_TAG}.status": result.status, "ssn.product": result.product})
+    run = client.create_run(
+        experiment_id(client, f"{name}-drift"),
+        run_name=f"drift-v{result.version}",
+        tags={f"{DRIFT_TAG}.status": result.status, "ssn.product": result.product},
+    )
     now = int(time.time() * 1000)
-    metrics = {k: getattr(result, k) for k in ("psi", "ks_statistic", "ks_pvalue", "window_size", "reference_size",
-                                                 "window_mean", "reference_mean", "window_anomalous_rate")}
-    params = {"version": result.version, "table": table_uri, "window_prefix": window_prefix or "",
-              "since": since or "", "reference": result.reference, "psi_limit": result.psi_limit,
-              "ks_alpha": result.ks_alpha}
-    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()],
-                     metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if np.isfinite(v)])
+    metrics = {
+        k: getattr(result, k)
+        for k in (
+            "psi",
+            "ks_statistic",
+            "ks_pvalue",
+            "window_size",
+            "reference_size",
+            "window_mean",
+            "reference_mean",
+            "window_anomalous_rate",
+        )
+    }
+    params = {
+        "version": result.version,
+        "table": table_uri,
+        "window_prefix": window_prefix or "",
+        "since": since or "",
+        "reference": result.reference,
+        "psi_limit": result.psi_limit,
+        "ks_alpha": result.ks_alpha,
+    }
+    client.log_batch(
+        run.info.run_id,
+        params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+        metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if np.isfinite(v)],
+    )
     client.set_terminated(run.info.run_id)
     result = dataclasses.replace(result, mlflow_run_id=run.info.run_id)
-    for key, value in {"psi": result.psi, "ks_pvalue": result.ks_pvalue, "window": result.window_size,
-                       "version": result.version, "checked_at": result.checked_at, "run_id": run.info.run_id,
-                       "status": result.status}.items():
+    for key, value in {
+        "psi": result.psi,
+        "ks_pvalue": result.ks_pvalue,
+        "window": result.window_size,
+        "version": result.version,
+        "checked_at": result.checked_at,
+        "run_id": run.info.run_id,
+        "status": result.status,
+    }.items():
         client.set_registered_model_tag(name, f"{DRIFT_TAG}.{key}", str(value))
     return result
 
@@ -196,9 +255,22 @@ def drift_of(tags: dict[str, str]) -> dict[str, Any] | None:
         except (KeyError, ValueError):
             return None
 
-    return {"status": status, "psi": number("psi"), "ks_pvalue": number("ks_pvalue"),
-            "version": tags.get(f"{DRIFT_TAG}.version"), "checked_at": tags.get(f"{DRIFT_TAG}.checked_at")}
+    return {
+        "status": status,
+        "psi": number("psi"),
+        "ks_pvalue": number("ks_pvalue"),
+        "version": tags.get(f"{DRIFT_TAG}.version"),
+        "checked_at": tags.get(f"{DRIFT_TAG}.checked_at"),
+    }
 
 
-__all__ = ["DRIFT_TAG", "DriftResult", "calibration_scores", "check_drift", "drift_of", "judge",
-           "population_stability_index", "table_scores"]
+__all__ = [
+    "DRIFT_TAG",
+    "DriftResult",
+    "calibration_scores",
+    "check_drift",
+    "drift_of",
+    "judge",
+    "population_stability_index",
+    "table_scores",
+]

@@ -117,8 +117,11 @@ def per_class_metrics(scores: Any, labels: Any, defect_types: Sequence[str]) -> 
     for name in sorted({t for t, label in zip(types, y) if label == 1 and t}):
         keep = (y == 0) | ((y == 1) & (types == name))
         metrics = compute_metrics(scores=s[keep], labels=y[keep])
-        out[name] = {"image_auroc": metrics["image_auroc"], "ap_det": metrics["ap_det"],
-                     "n_defective": int(((y == 1) & (types == name)).sum())}
+        out[name] = {
+            "image_auroc": metrics["image_auroc"],
+            "ap_det": metrics["ap_det"],
+            "n_defective": int(((y == 1) & (types == name)).sum()),
+        }
     return out
 
 
@@ -133,18 +136,28 @@ def summarize(predictions, samples: Sequence, *, image_score: str, overall: bool
     metrics: dict[str, float] = {}
     if overall:
         has_masks = any(getattr(s, "mask", None) for s in samples)
-        metrics.update(compute_metrics(scores=predictions.scores, labels=labels,
-                                       maps=predictions.maps if has_masks else None,
-                                       masks=predictions.masks if has_masks else None))
+        metrics.update(
+            compute_metrics(
+                scores=predictions.scores,
+                labels=labels,
+                maps=predictions.maps if has_masks else None,
+                masks=predictions.masks if has_masks else None,
+            )
+        )
     metrics.update(predictions.score_metrics())
     classes = per_class_metrics(predictions.scores, labels, [s.defect_type for s in samples])
     for name, values in classes.items():
         metrics[f"class.{metric_key(name)}.image_auroc"] = values["image_auroc"]
         metrics[f"class.{metric_key(name)}.ap_det"] = values["ap_det"]
-    return {"image_score": image_score, "n_images": int(labels.size), "n_normal": int((labels == 0).sum()),
-            "n_defective": int((labels == 1).sum()), "metrics": metrics,
-            "classes": {name: values["n_defective"] for name, values in classes.items()},
-            "histogram": score_histogram(predictions.scores, labels)}
+    return {
+        "image_score": image_score,
+        "n_images": int(labels.size),
+        "n_normal": int((labels == 0).sum()),
+        "n_defective": int((labels == 1).sum()),
+        "metrics": metrics,
+        "classes": {name: values["n_defective"] for name, values in classes.items()},
+        "histogram": score_histogram(predictions.scores, labels),
+    }
 
 
 def aggregate(per_run: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
@@ -156,20 +169,26 @@ def aggregate(per_run: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float
     out = {}
     for key in keys:
         values = np.asarray([float(m[key]) for m in per_run if _finite(m.get(key))], dtype=np.float64)
-        out[key] = {"mean": float(np.mean(values)) if values.size else math.nan,
-                    "std": float(np.std(values)) if values.size else math.nan, "n": int(values.size)}
+        out[key] = {
+            "mean": float(np.mean(values)) if values.size else math.nan,
+            "std": float(np.std(values)) if values.size else math.nan,
+            "n": int(values.size),
+        }
     return out
 
 
 def sum_histograms(histograms: Sequence[Mapping[str, Any]]) -> dict[str, list]:
     """Bin-wise sum of `score_histogram`s (the seeds' test images pooled)."""
-    return {"edges": list(histograms[0]["edges"]),
-            "normal": np.sum([h["normal"] for h in histograms], axis=0).astype(int).tolist(),
-            "defective": np.sum([h["defective"] for h in histograms], axis=0).astype(int).tolist()}
+    return {
+        "edges": list(histograms[0]["edges"]),
+        "normal": np.sum([h["normal"] for h in histograms], axis=0).astype(int).tolist(),
+        "defective": np.sum([h["defective"] for h in histograms], axis=0).astype(int).tolist(),
+    }
 
 
 def ordered(keys: Iterable[str]) -> list[str]:
     """Overall metrics in `compute_metrics` order, then other plain names, score variants, defect classes."""
+
     def rank(key: str) -> tuple:
         if key in OVERALL:
             return (0, OVERALL.index(key), key)
@@ -202,8 +221,13 @@ def markdown(report: Mapping[str, Any]) -> str:
     histogram = report.get("histogram")
     if histogram:
         pooled = " (test images of all seeds pooled)" if report["mode"] == "seeds" else ""
-        lines += ["", f"Reported image score ({report.get('image_score')}) of normal and defective test images"
-                  f"{pooled}:", "", "| score | normal | defective |", "|---|---|---|"]
+        lines += [
+            "",
+            f"Reported image score ({report.get('image_score')}) of normal and defective test images{pooled}:",
+            "",
+            "| score | normal | defective |",
+            "|---|---|---|",
+        ]
         edges = histogram["edges"]
         for i, (normal, defective) in enumerate(zip(histogram["normal"], histogram["defective"])):
             close = "]" if i == len(edges) - 2 else ")"
@@ -232,8 +256,9 @@ def score_samples(model, root: Path, samples: Sequence, *, batch_size: int = 16)
     """`summarize_dataset` of a model on `samples`, scored as the training job's test step scores."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preset = get_preset(model.config.backbone)
-    dataset = DefectDataset(root=root, samples=samples, image_size=model.config.image_size, mean=preset.mean,
-                            std=preset.std)
+    dataset = DefectDataset(
+        root=root, samples=samples, image_size=model.config.image_size, mean=preset.mean, std=preset.std
+    )
     predictions = predict(model.to(device), eval_loader(dataset, batch_size=batch_size), device=device)
     return summarize_dataset(model, dataset, predictions)
 
@@ -243,8 +268,10 @@ def require_test_split(samples: Sequence, where: str) -> list:
     split = [s for s in samples if (s.get("split") if isinstance(s, Mapping) else s.split) == "test"]
     if not split:
         present = sorted({s.get("split") if isinstance(s, Mapping) else s.split for s in samples})
-        raise PlatformError(f"{where} has no 'test' split to evaluate on (splits present: {present}); ingest it "
-                            "with test images or pass another dataset")
+        raise PlatformError(
+            f"{where} has no 'test' split to evaluate on (splits present: {present}); ingest it "
+            "with test images or pass another dataset"
+        )
     return split
 
 
@@ -275,8 +302,15 @@ class EvaluationReport:
 
     def summary(self) -> dict[str, Any]:
         """The job's last output line."""
-        return jsonable({"mode": self.mode, "evaluation_run_id": self.parent_run_id, "experiment": self.experiment,
-                         "runs": [r["run_id"] for r in self.runs], "metrics": self.metrics})
+        return jsonable(
+            {
+                "mode": self.mode,
+                "evaluation_run_id": self.parent_run_id,
+                "experiment": self.experiment,
+                "runs": [r["run_id"] for r in self.runs],
+                "metrics": self.metrics,
+            }
+        )
 
 
 @contextlib.contextmanager
@@ -295,7 +329,7 @@ def _log_report(client, report: EvaluationReport) -> None:
     now = int(time.time() * 1000)
     metrics = [Metric(k, float(v), now, 0) for k, v in report.metrics.items() if _finite(v)]
     for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
-        client.log_batch(report.parent_run_id, metrics=metrics[start:start + 1000])
+        client.log_batch(report.parent_run_id, metrics=metrics[start : start + 1000])
     with tempfile.TemporaryDirectory() as directory:
         (Path(directory) / "evaluation.md").write_text(report.markdown(), encoding="utf-8")
         (Path(directory) / "evaluation.json").write_text(json.dumps(jsonable(report.to_dict()), indent=2))
@@ -310,12 +344,17 @@ def _seed_run(client, seed: int, result) -> tuple[dict[str, Any], dict[str, Any]
     breakdown = None
     if BREAKDOWN_ARTIFACT in {a.path for a in client.list_artifacts(result.mlflow_run_id, "evaluation")}:
         with tempfile.TemporaryDirectory() as directory:
-            path = mlflow.artifacts.download_artifacts(run_id=result.mlflow_run_id, artifact_path=BREAKDOWN_ARTIFACT,
-                                                       dst_path=directory)
+            path = mlflow.artifacts.download_artifacts(
+                run_id=result.mlflow_run_id, artifact_path=BREAKDOWN_ARTIFACT, dst_path=directory
+            )
             breakdown = json.loads(Path(path).read_text())
     metrics = {k: (math.nan if v is None else v) for k, v in (breakdown or {}).get("metrics", {}).items()}
-    return {"seed": seed, "run_name": result.run_name, "run_id": result.mlflow_run_id,
-            "metrics": {**metrics, **result.metrics}}, breakdown
+    return {
+        "seed": seed,
+        "run_name": result.run_name,
+        "run_id": result.mlflow_run_id,
+        "metrics": {**metrics, **result.metrics},
+    }, breakdown
 
 
 def train_seeds(jobs: Sequence, *, parallel: int, train: Callable[[Any], Any]) -> list:
@@ -333,14 +372,18 @@ def train_seeds(jobs: Sequence, *, parallel: int, train: Callable[[Any], Any]) -
             raise
 
 
-def evaluate_seeds(job, seeds: Iterable[Any], *, parallel: int = 1, address: str | None = None,
-                   config_path: str | None = None) -> EvaluationReport:
+def evaluate_seeds(
+    job, seeds: Iterable[Any], *, parallel: int = 1, address: str | None = None, config_path: str | None = None
+) -> EvaluationReport:
     """Trains `job` once per seed (run `<base>-seed<k>`, not registered), each run a child of one MLflow parent
     run in the job's experiment, and logs the seeds' mean and population std of every test metric on it.
 
     `base` is `job.run_name` or a fresh name; evaluating the same base again reuses the seeds' finished runs."""
     from ssn_platform.training import (  # noqa: PLC0415 (import cycle: training imports this module)
-        _open_mlflow_run, lineage_tags, run_training)
+        _open_mlflow_run,
+        lineage_tags,
+        run_training,
+    )
 
     seeds = check_seeds(seeds)
     if parallel < 1:
@@ -349,13 +392,25 @@ def evaluate_seeds(job, seeds: Iterable[Any], *, parallel: int = 1, address: str
     reader = DatasetReader(job.dataset)
     n_test = len(require_test_split(reader.manifest.records, f"{job.dataset} (dataset version {reader.version})"))
     base = job.run_name or f"{job.product}-eval-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    jobs = [dataclasses.replace(job, run_name=f"{base}-seed{seed}", register=False,
-                                train=dataclasses.replace(job.train, seed=seed)) for seed in seeds]
+    jobs = [
+        dataclasses.replace(
+            job, run_name=f"{base}-seed{seed}", register=False, train=dataclasses.replace(job.train, seed=seed)
+        )
+        for seed in seeds
+    ]
     client = MlflowClient()
-    tags = {"ssn.product": job.product, f"{TAG}mode": "seeds", f"{TAG}seeds": " ".join(map(str, seeds)),
-            f"{TAG}base_run_name": base, f"{TAG}config": config_path or "", f"{TAG}parallel": str(parallel),
-            f"{TAG}dataset": job.dataset, f"{TAG}dataset_version": reader.version,
-            f"{TAG}n_test_images": str(n_test), **lineage_tags(job)}
+    tags = {
+        "ssn.product": job.product,
+        f"{TAG}mode": "seeds",
+        f"{TAG}seeds": " ".join(map(str, seeds)),
+        f"{TAG}base_run_name": base,
+        f"{TAG}config": config_path or "",
+        f"{TAG}parallel": str(parallel),
+        f"{TAG}dataset": job.dataset,
+        f"{TAG}dataset_version": reader.version,
+        f"{TAG}n_test_images": str(n_test),
+        **lineage_tags(job),
+    }
     with _parent_run(client, _experiment_id(client, job.experiment_name), base, tags) as parent_id:
         for seed, seed_job in zip(seeds, jobs):  # created (or found) first: nested under the parent while training
             child_id, _ = _open_mlflow_run(seed_job, seed_job.run_name)
@@ -367,15 +422,20 @@ def evaluate_seeds(job, seeds: Iterable[Any], *, parallel: int = 1, address: str
             connect_ray(address)  # once, before the threads race to initialise Ray
             need = min(parallel, len(jobs)) * job.scaling.num_workers * job.scaling.cpus_per_worker
             if need > ray.cluster_resources().get("CPU", 0):
-                log.warning("--parallel %d: the runs need %g CPUs at once, more than the cluster has now; they wait "
-                            "for room (or an autoscaler)", parallel, need)
+                log.warning(
+                    "--parallel %d: the runs need %g CPUs at once, more than the cluster has now; they wait "
+                    "for room (or an autoscaler)",
+                    parallel,
+                    need,
+                )
         results = train_seeds(jobs, parallel=parallel, train=lambda j: run_training(j, address=address))
         runs, breakdowns = zip(*(_seed_run(client, seed, result) for seed, result in zip(seeds, results)))
         missing = [run["run_name"] for run, breakdown in zip(runs, breakdowns) if breakdown is None]
         breakdowns = [b for b in breakdowns if b is not None]
         if missing:
-            log.warning("runs without %s (trained before the training job wrote it): %s", BREAKDOWN_ARTIFACT,
-                        ", ".join(missing))
+            log.warning(
+                "runs without %s (trained before the training job wrote it): %s", BREAKDOWN_ARTIFACT, ", ".join(missing)
+            )
             client.set_tag(parent_id, f"{TAG}breakdown_missing", " ".join(missing))
         client.set_tag(parent_id, f"{TAG}runs", " ".join(r["run_id"] for r in runs))
         stats = aggregate([r["metrics"] for r in runs])
@@ -383,11 +443,21 @@ def evaluate_seeds(job, seeds: Iterable[Any], *, parallel: int = 1, address: str
         for key in ordered(stats):
             metrics[f"{key}_mean"], metrics[f"{key}_std"] = stats[key]["mean"], stats[key]["std"]
         report = EvaluationReport(
-            mode="seeds", title=f"{base} ({len(seeds)} seeds)", parent_run_id=parent_id,
-            experiment=job.experiment_name, metrics=metrics, runs=list(runs), aggregate=stats,
-            subject={"config": config_path, "dataset": job.dataset, "dataset_version": reader.version,
-                     "seeds": " ".join(map(str, seeds)), "test images per seed": n_test,
-                     "std": "population (numpy.std, ddof 0) over the seeds where the metric is defined"},
+            mode="seeds",
+            title=f"{base} ({len(seeds)} seeds)",
+            parent_run_id=parent_id,
+            experiment=job.experiment_name,
+            metrics=metrics,
+            runs=list(runs),
+            aggregate=stats,
+            subject={
+                "config": config_path,
+                "dataset": job.dataset,
+                "dataset_version": reader.version,
+                "seeds": " ".join(map(str, seeds)),
+                "test images per seed": n_test,
+                "std": "population (numpy.std, ddof 0) over the seeds where the metric is defined",
+            },
             image_score=breakdowns[0]["image_score"] if breakdowns else job.model.image_score,
             histogram=sum_histograms([b["histogram"] for b in breakdowns]) if breakdowns else None,
             classes=breakdowns[0].get("classes", {}) if breakdowns else {},
@@ -420,9 +490,15 @@ def _resolve_version(client, product: str | None, version: str | None, model_uri
         raise PlatformError(f"{name} {what} does not exist: {error.message}") from None
 
 
-def evaluate_version(*, product: str | None = None, version: str | None = None, model_uri: str | None = None,
-                     dataset: str | None = None, experiment: str | None = None,
-                     batch_size: int = 16) -> EvaluationReport:
+def evaluate_version(
+    *,
+    product: str | None = None,
+    version: str | None = None,
+    model_uri: str | None = None,
+    dataset: str | None = None,
+    experiment: str | None = None,
+    batch_size: int = 16,
+) -> EvaluationReport:
     """Scores the test split of `dataset` (default: the dataset version the model was trained on, tag
     ``ssn.dataset.manifest`` of its training run, else the version's ``dataset`` tag) with a registered version and
     logs the metrics on a parent run (experiment `experiment`, else the training run's, else ``ssn-<product>``)."""
@@ -430,16 +506,21 @@ def evaluate_version(*, product: str | None = None, version: str | None = None, 
     client = MlflowClient()
     name, model_version = _resolve_version(client, product, version, model_uri)
     version = str(model_version.version)
-    product = product or (name[len("ssn-"):] if name.startswith("ssn-") else name)
+    product = product or (name[len("ssn-") :] if name.startswith("ssn-") else name)
     try:
         source_run = client.get_run(model_version.run_id) if model_version.run_id else None
     except Exception:  # noqa: BLE001 - a deleted training run only loses the defaults it would give
         source_run = None
-    uri = dataset or (source_run.data.tags.get("ssn.dataset.manifest") if source_run else None) \
+    uri = (
+        dataset
+        or (source_run.data.tags.get("ssn.dataset.manifest") if source_run else None)
         or model_version.tags.get("dataset")
+    )
     if not uri:
-        raise PlatformError(f"{name} version {version} names no dataset (run tag 'ssn.dataset.manifest' or version "
-                            "tag 'dataset'); pass --dataset s3://...")
+        raise PlatformError(
+            f"{name} version {version} names no dataset (run tag 'ssn.dataset.manifest' or version "
+            "tag 'dataset'); pass --dataset s3://..."
+        )
     reader = DatasetReader(uri)
     where = f"{uri} (dataset version {reader.version})"
     require_test_split(reader.manifest.records, where)  # before downloading anything
@@ -447,22 +528,44 @@ def evaluate_version(*, product: str | None = None, version: str | None = None, 
     test = require_test_split(samples, where)
     model, _ = load_model(f"models:/{name}/{version}")
     summary = score_samples(model, root, test, batch_size=batch_size)
-    experiment_id = (_experiment_id(client, experiment) if experiment else source_run.info.experiment_id
-                     if source_run is not None else _experiment_id(client, registered_model_name(product)))
+    experiment_id = (
+        _experiment_id(client, experiment)
+        if experiment
+        else source_run.info.experiment_id
+        if source_run is not None
+        else _experiment_id(client, registered_model_name(product))
+    )
     model_uri = f"models:/{name}/{version}"
-    tags = {"ssn.product": product, f"{TAG}mode": "version", f"{TAG}model_uri": model_uri,
-            f"{TAG}registered_model": name, f"{TAG}model_version": version,
-            f"{TAG}source_run_id": model_version.run_id or "", f"{TAG}dataset": uri,
-            f"{TAG}dataset_version": reader.version, f"{TAG}n_test_images": str(len(test)),
-            f"{TAG}image_score": summary["image_score"]}
+    tags = {
+        "ssn.product": product,
+        f"{TAG}mode": "version",
+        f"{TAG}model_uri": model_uri,
+        f"{TAG}registered_model": name,
+        f"{TAG}model_version": version,
+        f"{TAG}source_run_id": model_version.run_id or "",
+        f"{TAG}dataset": uri,
+        f"{TAG}dataset_version": reader.version,
+        f"{TAG}n_test_images": str(len(test)),
+        f"{TAG}image_score": summary["image_score"],
+    }
     with _parent_run(client, experiment_id, f"{name}-v{version}-evaluation", tags) as parent_id:
         report = EvaluationReport(
-            mode="version", title=f"{name} version {version}", parent_run_id=parent_id,
-            experiment=client.get_experiment(experiment_id).name, metrics=summary["metrics"],
-            image_score=summary["image_score"], histogram=summary["histogram"], classes=summary["classes"],
-            subject={"model": model_uri, "training run": model_version.run_id, "dataset": uri,
-                     "dataset_version": reader.version, "test images": f"{summary['n_images']} "
-                     f"({summary['n_normal']} normal, {summary['n_defective']} defective)"},
+            mode="version",
+            title=f"{name} version {version}",
+            parent_run_id=parent_id,
+            experiment=client.get_experiment(experiment_id).name,
+            metrics=summary["metrics"],
+            image_score=summary["image_score"],
+            histogram=summary["histogram"],
+            classes=summary["classes"],
+            subject={
+                "model": model_uri,
+                "training run": model_version.run_id,
+                "dataset": uri,
+                "dataset_version": reader.version,
+                "test images": f"{summary['n_images']} "
+                f"({summary['n_normal']} normal, {summary['n_defective']} defective)",
+            },
         )
         _log_report(client, report)
     return report

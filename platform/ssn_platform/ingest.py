@@ -28,8 +28,17 @@ from typing import Any
 from supersimplenet.samples import EMPTY_MASK_POLICIES, DataError, Sample
 from ssn_platform import storage
 from ssn_platform.datasets import _progress
-from ssn_platform.manifest import (DATASETS_ROOT, LATEST_NAME, MANIFEST_NAME, OBJECTS_DIR, DatasetError, Manifest,
-                                   _check_product, dataset_prefix, empty_masks_entry)
+from ssn_platform.manifest import (
+    DATASETS_ROOT,
+    LATEST_NAME,
+    MANIFEST_NAME,
+    OBJECTS_DIR,
+    DatasetError,
+    Manifest,
+    _check_product,
+    dataset_prefix,
+    empty_masks_entry,
+)
 from ssn_platform.s3keys import format_s3_uri, join_key, validate_key
 from ssn_platform.storage import S3Settings, make_client
 
@@ -112,21 +121,45 @@ def ingest(
         "source": str(root),
         "options": {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in options.items()},
     }
-    return publish_checked(root, checked, product=product, layout_meta=layout_meta, bucket=bucket,
-                           settings=settings, client=client, workers=workers, progress=progress,
-                           update_latest=update_latest, empty_masks=empty_masks)
+    return publish_checked(
+        root,
+        checked,
+        product=product,
+        layout_meta=layout_meta,
+        bucket=bucket,
+        settings=settings,
+        client=client,
+        workers=workers,
+        progress=progress,
+        update_latest=update_latest,
+        empty_masks=empty_masks,
+    )
 
 
-def publish_checked(root: Path, checked: Any, *, product: str, layout_meta: Mapping[str, Any], bucket: str = "ssn",
-                    settings: S3Settings | None = None, client: Any = None, workers: int = 8,
-                    progress: bool | None = None, update_latest: bool = True,
-                    empty_masks: str = "error") -> IngestResult:
+def publish_checked(
+    root: Path,
+    checked: Any,
+    *,
+    product: str,
+    layout_meta: Mapping[str, Any],
+    bucket: str = "ssn",
+    settings: S3Settings | None = None,
+    client: Any = None,
+    workers: int = 8,
+    progress: bool | None = None,
+    update_latest: bool = True,
+    empty_masks: str = "error",
+) -> IngestResult:
     """The upload half of `ingest`: checked samples (`supersimplenet.validation.check_samples` of files under
     `root`) become a dataset version: objects uploaded, manifest written last, then ``latest``. The review loop
     (`ssn_platform.review`) publishes an existing version plus operator-labelled images through it."""
     records = _records(checked.samples, checked.files)
-    manifest = Manifest.build(product=product, records=records, layout=dict(layout_meta),
-                              empty_masks=empty_masks_entry(empty_masks, checked.empty_masks))
+    manifest = Manifest.build(
+        product=product,
+        records=records,
+        layout=dict(layout_meta),
+        empty_masks=empty_masks_entry(empty_masks, checked.empty_masks),
+    )
     prefix = dataset_prefix(product, manifest.version)
     manifest_key = join_key(prefix, MANIFEST_NAME)
     objects = manifest.objects()
@@ -134,8 +167,17 @@ def publish_checked(root: Path, checked: Any, *, product: str, layout_meta: Mapp
     client = client or make_client(settings or S3Settings.from_env())
     _check_bucket(client, bucket)
     total_bytes = sum(size for _, size in objects.values())
-    stats = _upload_objects(client, bucket, prefix, root, objects, total_bytes=total_bytes, workers=workers,
-                            desc=f"ingest {product}@{manifest.version}", progress=progress)
+    stats = _upload_objects(
+        client,
+        bucket,
+        prefix,
+        root,
+        objects,
+        total_bytes=total_bytes,
+        workers=workers,
+        desc=f"ingest {product}@{manifest.version}",
+        progress=progress,
+    )
 
     # the manifest last: the version becomes visible only now, and only complete
     manifest_written = _write_manifest(client, bucket, manifest_key, manifest)
@@ -158,8 +200,9 @@ def publish_checked(root: Path, checked: Any, *, product: str, layout_meta: Mapp
     )
 
 
-def _read_local(root: Path, layout: str | None, category: str | None, options: Mapping[str, Any],
-                empty_masks: str) -> tuple[str, Any]:
+def _read_local(
+    root: Path, layout: str | None, category: str | None, options: Mapping[str, Any], empty_masks: str
+) -> tuple[str, Any]:
     """The layout name and the checked samples (`supersimplenet.validation.CheckedSamples`) of a local dataset
     folder, every file decoded; a `DataError` listing every problem if invalid."""
     # imported here: the layout readers pull in torch, which `--help` and the manifest helpers do not need
@@ -175,13 +218,16 @@ def _read_local(root: Path, layout: str | None, category: str | None, options: M
     except DataError as exc:
         problems.append(str(exc))
     if problems or checked is None:
-        raise DataError(
-            f"dataset at {root} is invalid; nothing was uploaded:\n" + "\n".join(problems)
-        )
+        raise DataError(f"dataset at {root} is invalid; nothing was uploaded:\n" + "\n".join(problems))
     if checked.empty_masks:
         verb = "dropped" if empty_masks == "drop" else "kept without their masks (label-only)"
-        log.warning("ingest %s: %d defective image(s) with an empty mask %s: %s", root, len(checked.empty_masks),
-                    verb, ", ".join(checked.empty_masks))
+        log.warning(
+            "ingest %s: %d defective image(s) with an empty mask %s: %s",
+            root,
+            len(checked.empty_masks),
+            verb,
+            ", ".join(checked.empty_masks),
+        )
     return layout_name, checked
 
 
@@ -207,8 +253,18 @@ def _records(samples: Sequence[Sample], hashed: Mapping[str, tuple[str, int]]) -
     return records
 
 
-def _upload_objects(client: Any, bucket: str, prefix: str, root: Path, objects: Mapping[str, tuple[str, int]], *,
-                    total_bytes: int, workers: int, desc: str, progress: bool | None) -> dict[str, int]:
+def _upload_objects(
+    client: Any,
+    bucket: str,
+    prefix: str,
+    root: Path,
+    objects: Mapping[str, tuple[str, int]],
+    *,
+    total_bytes: int,
+    workers: int,
+    desc: str,
+    progress: bool | None,
+) -> dict[str, int]:
     """Uploads the objects in parallel, skipping those already stored with the same sha256; returns the counts.
     A file that changed since it was hashed fails the ingest before anything is published."""
     lock = threading.Lock()
@@ -218,21 +274,28 @@ def _upload_objects(client: Any, bucket: str, prefix: str, root: Path, objects: 
         rel_key, (sha, size) = item
         key = join_key(prefix, rel_key)
         head = storage.head_object(client, bucket, key)
-        if head is not None and head.get("Metadata", {}).get(storage.SHA256_METADATA_KEY) == sha \
-                and head.get("ContentLength") == size:
+        if (
+            head is not None
+            and head.get("Metadata", {}).get(storage.SHA256_METADATA_KEY) == sha
+            and head.get("ContentLength") == size
+        ):
             with lock:
                 stats["skipped"] += 1
             bar.update(size)
             return
-        local = root / rel_key[len(OBJECTS_DIR) + 1:]
+        local = root / rel_key[len(OBJECTS_DIR) + 1 :]
         body = local.read_bytes()
         if len(body) != size or hashlib.sha256(body).hexdigest() != sha:
             raise DataError(f"file changed while it was being ingested: {local}; nothing was published")
         ctype = mimetypes.guess_type(local.name)[0] or "application/octet-stream"
         storage.call_with_retries(
-            lambda: client.put_object(Bucket=bucket, Key=key, Body=body, ContentType=ctype,
-                                      Metadata={storage.SHA256_METADATA_KEY: sha}),
-            client=client, bucket=bucket, key=key, action="upload",
+            lambda: client.put_object(
+                Bucket=bucket, Key=key, Body=body, ContentType=ctype, Metadata={storage.SHA256_METADATA_KEY: sha}
+            ),
+            client=client,
+            bucket=bucket,
+            key=key,
+            action="upload",
         )
         with lock:
             stats["uploaded"] += 1
@@ -265,9 +328,11 @@ def _update_latest(client: Any, bucket: str, product: str, version: str) -> None
     """Points the product's ``latest`` at `version` (no write when it already does)."""
     latest_key = join_key(DATASETS_ROOT, product, LATEST_NAME)
     current = storage.head_object(client, bucket, latest_key)
-    if current is None or current.get("Metadata", {}).get(storage.SHA256_METADATA_KEY) != hashlib.sha256(
-        (version + "\n").encode()
-    ).hexdigest():
+    if (
+        current is None
+        or current.get("Metadata", {}).get(storage.SHA256_METADATA_KEY)
+        != hashlib.sha256((version + "\n").encode()).hexdigest()
+    ):
         storage.put_bytes(client, bucket, latest_key, (version + "\n").encode(), content_type="text/plain")
 
 
@@ -279,7 +344,9 @@ def _check_bucket(client: Any, bucket: str) -> None:
     """
     storage.call_with_retries(
         lambda: client.list_objects_v2(Bucket=bucket, MaxKeys=1, Prefix=DATASETS_ROOT + "/"),
-        client=client, bucket=bucket, action="access the bucket",
+        client=client,
+        bucket=bucket,
+        action="access the bucket",
     )
 
 

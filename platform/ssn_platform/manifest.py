@@ -156,13 +156,25 @@ class Manifest:
     empty_masks: Mapping[str, Any] = dataclasses.field(default_factory=lambda: empty_masks_entry("error"))
 
     @classmethod
-    def build(cls, *, product: str, records: Sequence[Mapping[str, Any]], layout: Mapping[str, Any],
-              empty_masks: Mapping[str, Any] | None = None) -> Manifest:
+    def build(
+        cls,
+        *,
+        product: str,
+        records: Sequence[Mapping[str, Any]],
+        layout: Mapping[str, Any],
+        empty_masks: Mapping[str, Any] | None = None,
+    ) -> Manifest:
         ordered = tuple(sorted((dict(r) for r in records), key=lambda r: r["image"]))
         created = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
         entry = _check_empty_masks(empty_masks or empty_masks_entry("error"), "empty_masks")
-        return cls(product=_check_product(product), version=compute_version(ordered, entry), records=ordered,
-                   layout=dict(layout), created_at=created, empty_masks=entry)
+        return cls(
+            product=_check_product(product),
+            version=compute_version(ordered, entry),
+            records=ordered,
+            layout=dict(layout),
+            created_at=created,
+            empty_masks=entry,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         counts: dict[str, dict[str, int]] = {}
@@ -219,8 +231,18 @@ class Manifest:
                 f"{where}: records hash to version {version} but the manifest says {doc.get('version')!r} "
                 "(corrupt or edited manifest)"
             )
-        known = {"schema", "schema_version", "product", "version", "created_at", "layout", "empty_masks",
-                 "object_layout", "counts", "records"}
+        known = {
+            "schema",
+            "schema_version",
+            "product",
+            "version",
+            "created_at",
+            "layout",
+            "empty_masks",
+            "object_layout",
+            "counts",
+            "records",
+        }
         return cls(
             product=_check_product(str(doc.get("product"))),
             version=version,

@@ -56,8 +56,9 @@ def read_credentials(path: str | os.PathLike) -> tuple[str, str]:
         parser.read_string(text)
         user, password = parser[_SECTION][_USER_KEY].strip(), parser[_SECTION][_PASSWORD_KEY].strip()
     except (configparser.Error, KeyError):
-        raise CredentialsError(f"MLflow credentials file {path}: needs a [{_SECTION}] section with "
-                               f"{_USER_KEY} and {_PASSWORD_KEY}") from None
+        raise CredentialsError(
+            f"MLflow credentials file {path}: needs a [{_SECTION}] section with {_USER_KEY} and {_PASSWORD_KEY}"
+        ) from None
     if not user or not password:
         raise CredentialsError(f"MLflow credentials file {path}: {_USER_KEY} and {_PASSWORD_KEY} must not be empty")
     return user, password
@@ -86,8 +87,10 @@ class CredentialsFileAuthProvider:
     def get_auth(self) -> requests.auth.HTTPBasicAuth:
         path = os.environ.get(CREDENTIALS_FILE_ENV)
         if not path:
-            raise CredentialsError(f"MLFLOW_TRACKING_AUTH={PROVIDER_NAME} needs {CREDENTIALS_FILE_ENV}, the path of "
-                                   "an MLflow credentials file")
+            raise CredentialsError(
+                f"MLFLOW_TRACKING_AUTH={PROVIDER_NAME} needs {CREDENTIALS_FILE_ENV}, the path of "
+                "an MLflow credentials file"
+            )
         return requests.auth.HTTPBasicAuth(*read_credentials(path))
 
 
@@ -96,10 +99,12 @@ def server_config(*, admin_file: Path, database_uri: str) -> str:
     (used only when the user store is created), verified passwords cached for 60 s (one worker: no staleness
     between workers; PBKDF2 on every request would cost more than the request)."""
     user, password = read_credentials(admin_file)
-    return (f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {database_uri}\nadmin_username = {user}\n"
-            f"admin_password = {password}\n"
-            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-            "auth_cache_ttl_seconds = 60\n")
+    return (
+        f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {database_uri}\nadmin_username = {user}\n"
+        f"admin_password = {password}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        "auth_cache_ttl_seconds = 60\n"
+    )
 
 
 def ensure_user(uri: str, *, admin_file: Path, user_file: Path, timeout: float = 30.0) -> str:
@@ -108,17 +113,20 @@ def ensure_user(uri: str, *, admin_file: Path, user_file: Path, timeout: float =
     admin = read_credentials(admin_file)
     user, password = read_credentials(user_file)
     base = uri.rstrip("/") + "/api/2.0/mlflow/users"
-    response = requests.post(f"{base}/create", json={"username": user, "password": password}, auth=admin,
-                             timeout=timeout)
+    response = requests.post(
+        f"{base}/create", json={"username": user, "password": password}, auth=admin, timeout=timeout
+    )
     if response.ok:
         return "created"
     if response.status_code == 400 and "RESOURCE_ALREADY_EXISTS" in response.text:
-        response = requests.patch(f"{base}/update-password", json={"username": user, "password": password},
-                                  auth=admin, timeout=timeout)
+        response = requests.patch(
+            f"{base}/update-password", json={"username": user, "password": password}, auth=admin, timeout=timeout
+        )
         if response.ok:
             return "updated"
-    raise CredentialsError(f"could not create or update MLflow user {user!r} on {uri}: HTTP {response.status_code} "
-                           f"{response.text[:200]}")
+    raise CredentialsError(
+        f"could not create or update MLflow user {user!r} on {uri}: HTTP {response.status_code} {response.text[:200]}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,8 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "server-config":
             write_private(args.out, server_config(admin_file=args.admin, database_uri=args.database))
         else:
-            print(f"MLflow user {read_credentials(args.user)[0]}: "
-                  f"{ensure_user(args.uri, admin_file=args.admin, user_file=args.user)}")
+            print(
+                f"MLflow user {read_credentials(args.user)[0]}: "
+                f"{ensure_user(args.uri, admin_file=args.admin, user_file=args.user)}"
+            )
     except (CredentialsError, requests.RequestException) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -54,69 +54,99 @@ def _json(text: str | None) -> dict[str, Any]:
 def _origin(params: dict[str, str]) -> str:
     """Where sigma and the Perlin threshold came from: the backbone preset's recommendation, or the job."""
     try:
-        recommended = recommended_model_config(params.get("model.backbone", ""),
-                                               supervision=params.get("train.supervision", "unsupervised"))
+        recommended = recommended_model_config(
+            params.get("model.backbone", ""), supervision=params.get("train.supervision", "unsupervised")
+        )
     except Exception:  # noqa: BLE001 - an unknown or user-supplied backbone has no recommendation
         return "set by the job config (no preset recommendation for this backbone)"
-    same = (str(recommended.noise_std) == params.get("model.noise_std")
-            and recommended.noise_std_mode == params.get("model.noise_std_mode")
-            and str(recommended.perlin_threshold) == params.get("model.perlin_threshold"))
-    return ("the backbone preset's recommended defaults (docs/backbones.md)" if same else
-            "set by the job config or a tuned-settings file of jobs/tune.py (differs from the preset's defaults "
-            f"sigma {recommended.noise_std} {recommended.noise_std_mode}, threshold {recommended.perlin_threshold})")
+    same = (
+        str(recommended.noise_std) == params.get("model.noise_std")
+        and recommended.noise_std_mode == params.get("model.noise_std_mode")
+        and str(recommended.perlin_threshold) == params.get("model.perlin_threshold")
+    )
+    return (
+        "the backbone preset's recommended defaults (docs/backbones.md)"
+        if same
+        else "set by the job config or a tuned-settings file of jobs/tune.py (differs from the preset's defaults "
+        f"sigma {recommended.noise_std} {recommended.noise_std_mode}, threshold {recommended.perlin_threshold})"
+    )
 
 
 def render_model_card(facts: dict[str, Any]) -> str:
     """The card's Markdown from `facts` (what `gather` returns): pure, so it is tested without services."""
     tags, params, metrics = facts["version_tags"], facts["params"], facts["metrics"]
     counts = facts.get("counts") or {}
-    lines = [f"# Model card: {facts['registered_model']} version {facts['version']}", "",
-             f"Product `{facts['product']}`; run `{facts['run_id']}`; code `{facts.get('git_sha') or 'unknown'}`; "
-             f"recipe `{facts.get('recipe') or 'n/a'}`; card written {facts['written_at']}.", "", "## Data", ""]
-    lines.append(f"Dataset `{tags.get('dataset', 'unknown')}` (version `{facts.get('dataset_version') or 'unknown'}`), "
-                 f"{counts.get('samples', 'n/a')} images:")
+    lines = [
+        f"# Model card: {facts['registered_model']} version {facts['version']}",
+        "",
+        f"Product `{facts['product']}`; run `{facts['run_id']}`; code `{facts.get('git_sha') or 'unknown'}`; "
+        f"recipe `{facts.get('recipe') or 'n/a'}`; card written {facts['written_at']}.",
+        "",
+        "## Data",
+        "",
+    ]
+    lines.append(
+        f"Dataset `{tags.get('dataset', 'unknown')}` (version `{facts.get('dataset_version') or 'unknown'}`), "
+        f"{counts.get('samples', 'n/a')} images:"
+    )
     lines += ["", "| split | normal | defective | with masks |", "|---|---|---|---|"]
     for split, c in sorted((counts.get("splits") or {}).items()):
         lines.append(f"| {split} | {c['normal']} | {c['defective']} | {c['segmented']} |")
-    lines += ["", "## Model", "",
-              f"- backbone `{tags.get('backbone')}`, weights `{tags.get('backbone_weights', 'not recorded')}`",
-              f"- image size {params.get('model.image_size', 'n/a')}, feature levels "
-              f"{params.get('model.feature_levels', 'n/a')}, image score `{params.get('model.image_score', 'n/a')}`",
-              f"- sigma {tags.get('noise_std')} ({tags.get('noise_std_mode')}; effective "
-              f"{tags.get('effective_noise_std', 'n/a')}), Perlin threshold {tags.get('perlin_threshold')}, "
-              f"supervision `{tags.get('supervision')}`: {_origin(params)}",
-              f"- training: {params.get('train.epochs', 'n/a')} epochs, batch {params.get('train.batch_size', 'n/a')}, "
-              f"seed {params.get('train.seed', 'n/a')}, precision {params.get('train.precision', 'fp32')}",
-              "", "## Quality on the test split", "", "| metric | value |", "|---|---|"]
+    lines += [
+        "",
+        "## Model",
+        "",
+        f"- backbone `{tags.get('backbone')}`, weights `{tags.get('backbone_weights', 'not recorded')}`",
+        f"- image size {params.get('model.image_size', 'n/a')}, feature levels "
+        f"{params.get('model.feature_levels', 'n/a')}, image score `{params.get('model.image_score', 'n/a')}`",
+        f"- sigma {tags.get('noise_std')} ({tags.get('noise_std_mode')}; effective "
+        f"{tags.get('effective_noise_std', 'n/a')}), Perlin threshold {tags.get('perlin_threshold')}, "
+        f"supervision `{tags.get('supervision')}`: {_origin(params)}",
+        f"- training: {params.get('train.epochs', 'n/a')} epochs, batch {params.get('train.batch_size', 'n/a')}, "
+        f"seed {params.get('train.seed', 'n/a')}, precision {params.get('train.precision', 'fp32')}",
+        "",
+        "## Quality on the test split",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {_fmt(metrics[f'test_{k}'])} |" for k in HEADLINE if f"test_{k}" in metrics]
     classes = (facts.get("breakdown") or {}).get("metrics") or {}
     per_class = sorted({k.split(".")[1] for k in classes if k.startswith("class.")})
     if per_class:
         lines += ["", "| defect class | image AUROC | AP |", "|---|---|---|"]
-        lines += [f"| {c} | {_fmt(classes.get(f'class.{c}.image_auroc'))} | {_fmt(classes.get(f'class.{c}.ap_det'))} |"
-                  for c in per_class]
+        lines += [
+            f"| {c} | {_fmt(classes.get(f'class.{c}.image_auroc'))} | {_fmt(classes.get(f'class.{c}.ap_det'))} |"
+            for c in per_class
+        ]
     lines += ["", "## Decision threshold", ""]
     if tags.get("threshold"):
         threshold_params = _json(tags.get("threshold_params"))
         intervals = _json(tags.get("threshold_intervals"))
-        lines += [f"- threshold {float(tags['threshold']):.6g}, method `{tags.get('threshold_method')}`, on split "
-                  f"`{tags.get('threshold_split')}` of `{tags.get('threshold_dataset')}` "
-                  f"({threshold_params.get('n_normal', '?')} normal, {threshold_params.get('n_defective', '?')} "
-                  f"defective images)",
-                  f"- promised: {json.dumps({k: v for k, v in threshold_params.items() if k in ('false_alarm_rate', 'target_recall', 'achieved')}, default=str)}",  # noqa: E501
-                  f"- 95 % intervals: {json.dumps(intervals) if intervals else 'n/a'}"]
+        lines += [
+            f"- threshold {float(tags['threshold']):.6g}, method `{tags.get('threshold_method')}`, on split "
+            f"`{tags.get('threshold_split')}` of `{tags.get('threshold_dataset')}` "
+            f"({threshold_params.get('n_normal', '?')} normal, {threshold_params.get('n_defective', '?')} "
+            f"defective images)",
+            f"- promised: {json.dumps({k: v for k, v in threshold_params.items() if k in ('false_alarm_rate', 'target_recall', 'achieved')}, default=str)}",  # noqa: E501
+            f"- 95 % intervals: {json.dumps(intervals) if intervals else 'n/a'}",
+        ]
         if tags.get("threshold_warning"):
             lines.append(f"- **warning**: {tags['threshold_warning']}")
     else:
         lines.append("Not calibrated yet: run `jobs/calibrate.py`; the endpoint refuses a version without one.")
-    lines += ["", "## Known limits", "",
-              "- The figures are one training run on one test split; seed-to-seed spread is in QUALITY.md and "
-              "`jobs/evaluate.py --seeds` measures it for this recipe.",
-              "- Images unlike the training data (other lighting, optics, product variant) are outside what the "
-              "test split measures; watch them with `jobs/drift.py`.",
-              "- The map (and regions) are at the model's input size unless `map_resolution=original` is asked for.",
-              "- The false-alarm rate holds for images like the calibration split; its interval widens as that split "
-              "shrinks."]
+    lines += [
+        "",
+        "## Known limits",
+        "",
+        "- The figures are one training run on one test split; seed-to-seed spread is in QUALITY.md and "
+        "`jobs/evaluate.py --seeds` measures it for this recipe.",
+        "- Images unlike the training data (other lighting, optics, product variant) are outside what the "
+        "test split measures; watch them with `jobs/drift.py`.",
+        "- The map (and regions) are at the model's input size unless `map_resolution=original` is asked for.",
+        "- The false-alarm rate holds for images like the calibration split; its interval widens as that split "
+        "shrinks.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -129,10 +159,16 @@ def gather(product: str, version: str) -> dict[str, Any]:
     model_version = client.get_model_version(name, str(version))
     run = client.get_run(model_version.run_id)
     facts: dict[str, Any] = {
-        "product": product, "registered_model": name, "version": str(version), "run_id": model_version.run_id,
-        "version_tags": dict(model_version.tags or {}), "params": dict(run.data.params),
-        "metrics": dict(run.data.metrics), "git_sha": run.data.tags.get("ssn.git_sha"),
-        "recipe": run.data.tags.get("ssn.recipe"), "dataset_version": run.data.tags.get("ssn.dataset.version"),
+        "product": product,
+        "registered_model": name,
+        "version": str(version),
+        "run_id": model_version.run_id,
+        "version_tags": dict(model_version.tags or {}),
+        "params": dict(run.data.params),
+        "metrics": dict(run.data.metrics),
+        "git_sha": run.data.tags.get("ssn.git_sha"),
+        "recipe": run.data.tags.get("ssn.recipe"),
+        "dataset_version": run.data.tags.get("ssn.dataset.version"),
         "written_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     with tempfile.TemporaryDirectory() as directory:
@@ -161,8 +197,14 @@ def write_model_card(product: str, version: str) -> str:
         path = Path(directory) / "model_card.md"
         path.write_text(card, encoding="utf-8")
         client.log_artifact(facts["run_id"], str(path), artifact_path=f"{ARTIFACT_DIR}/v{version}")
-    description = card if len(card) <= DESCRIPTION_LIMIT else (
-        card[:DESCRIPTION_LIMIT] + f"\n\n(cut; the whole card: run artifact {ARTIFACT_DIR}/v{version}/model_card.md)")
+    description = (
+        card
+        if len(card) <= DESCRIPTION_LIMIT
+        else (
+            card[:DESCRIPTION_LIMIT]
+            + f"\n\n(cut; the whole card: run artifact {ARTIFACT_DIR}/v{version}/model_card.md)"
+        )
+    )
     client.update_model_version(facts["registered_model"], str(version), description=description)
     return card
 

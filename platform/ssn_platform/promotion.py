@@ -164,16 +164,19 @@ def primary_metric(product: str, metric: str | None = None) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # Evaluation: one code path for candidate and champion
 # ---------------------------------------------------------------------------------------------------------
-def evaluate_model(model, root: Path, samples: list, *, threshold: float | None = None,
-                   batch_size: int = 16) -> dict[str, float]:
+def evaluate_model(
+    model, root: Path, samples: list, *, threshold: float | None = None, batch_size: int = 16
+) -> dict[str, float]:
     """compute_metrics on `samples` (plus the rates at `threshold` when given), as the training job's test step."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preset = get_preset(model.config.backbone)
-    dataset = DefectDataset(root=root, samples=samples, image_size=model.config.image_size, mean=preset.mean,
-                            std=preset.std)
+    dataset = DefectDataset(
+        root=root, samples=samples, image_size=model.config.image_size, mean=preset.mean, std=preset.std
+    )
     predictions = predict(model.to(device), eval_loader(dataset, batch_size=batch_size), device=device)
-    metrics = compute_metrics(scores=predictions.scores, labels=predictions.labels, maps=predictions.maps,
-                              masks=predictions.masks)
+    metrics = compute_metrics(
+        scores=predictions.scores, labels=predictions.labels, maps=predictions.maps, masks=predictions.masks
+    )
     if threshold is not None:
         rates = rates_at(threshold, predictions.scores, predictions.labels)
         metrics.update({f"{k}_at_threshold": v for k, v in rates.items()})
@@ -190,49 +193,76 @@ def find_seed_evaluation(client, run_id: str, metric: str, require_seeds: int) -
     run = client.get_run(run_id)
     recipe = run.data.tags.get("ssn.recipe")
     if not recipe:
-        return None, (f"its training run {run_id} has no recipe tag (ssn.recipe; trained before recipes were "
-                      "recorded), so no multi-seed evaluation can be matched to it")
+        return None, (
+            f"its training run {run_id} has no recipe tag (ssn.recipe; trained before recipes were "
+            "recorded), so no multi-seed evaluation can be matched to it"
+        )
     found = client.search_runs(
-        [run.info.experiment_id], order_by=["attributes.start_time DESC"], max_results=200,
+        [run.info.experiment_id],
+        order_by=["attributes.start_time DESC"],
+        max_results=200,
         filter_string=f"tags.`ssn.recipe` = '{recipe}' and tags.`ssn.evaluate.mode` = 'seeds' "
-                      "and attributes.status = 'FINISHED'")
+        "and attributes.status = 'FINISHED'",
+    )
     counts = []
     for evaluation in found:
         seeds = evaluation.data.tags.get("ssn.evaluate.seeds", "").split()
         counts.append(len(seeds))
         mean = evaluation.data.metrics.get(f"{metric}_mean")
         if len(seeds) >= require_seeds and _finite(mean):
-            return {"run_id": evaluation.info.run_id, "seeds": [int(x) for x in seeds], "mean": float(mean),
-                    "std": float(evaluation.data.metrics.get(f"{metric}_std", math.nan))}, ""
+            return {
+                "run_id": evaluation.info.run_id,
+                "seeds": [int(x) for x in seeds],
+                "mean": float(mean),
+                "std": float(evaluation.data.metrics.get(f"{metric}_std", math.nan)),
+            }, ""
     seen = f" (found evaluations over {sorted(set(counts))} seeds)" if counts else ""
-    return None, (f"its recipe {recipe} has no finished multi-seed evaluation over >= {require_seeds} seeds reporting "
-                  f"{metric}{seen}; run jobs/evaluate.py with the version's config and --seeds (at least "
-                  f"{require_seeds})")
+    return None, (
+        f"its recipe {recipe} has no finished multi-seed evaluation over >= {require_seeds} seeds reporting "
+        f"{metric}{seen}; run jobs/evaluate.py with the version's config and --seeds (at least "
+        f"{require_seeds})"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Recording
 # ---------------------------------------------------------------------------------------------------------
 def _record(client, decision: Decision) -> str:
-    run = client.create_run(experiment_id(client, promotions_experiment(decision.product)),
-                            run_name=f"v{decision.candidate_version}-{'promoted' if decision.promoted else 'refused'}",
-                            tags={"ssn.product": decision.product, "ssn.decision": _decision_word(decision),
-                                  "ssn.reason": decision.reason[:4900],
-                                  "ssn.candidate_version": decision.candidate_version,
-                                  "ssn.champion_version": decision.champion_version or ""})
+    run = client.create_run(
+        experiment_id(client, promotions_experiment(decision.product)),
+        run_name=f"v{decision.candidate_version}-{'promoted' if decision.promoted else 'refused'}",
+        tags={
+            "ssn.product": decision.product,
+            "ssn.decision": _decision_word(decision),
+            "ssn.reason": decision.reason[:4900],
+            "ssn.candidate_version": decision.candidate_version,
+            "ssn.champion_version": decision.champion_version or "",
+        },
+    )
     run_id = run.info.run_id
-    params = {"product": decision.product, "registered_model": decision.registered_model,
-              "candidate_version": decision.candidate_version, "champion_version": decision.champion_version or "none",
-              "metric": decision.metric, "margin": decision.margin, "floor": decision.floor,
-              "data_uri": decision.data_uri or "", "dataset_version": decision.dataset_version or "",
-              "split": decision.split or "", "n_images": decision.n_images}
+    params = {
+        "product": decision.product,
+        "registered_model": decision.registered_model,
+        "candidate_version": decision.candidate_version,
+        "champion_version": decision.champion_version or "none",
+        "metric": decision.metric,
+        "margin": decision.margin,
+        "floor": decision.floor,
+        "data_uri": decision.data_uri or "",
+        "dataset_version": decision.dataset_version or "",
+        "split": decision.split or "",
+        "n_images": decision.n_images,
+    }
     now = int(_dt.datetime.now().timestamp() * 1000)
     metrics = [Metric(f"candidate_{k}", v, now, 0) for k, v in decision.candidate_metrics.items() if _finite(v)]
     metrics += [Metric(f"champion_{k}", v, now, 0) for k, v in decision.champion_metrics.items() if _finite(v)]
     metrics.append(Metric("promoted", 1.0 if decision.promoted else 0.0, now, 0))
     if decision.seeds_evaluation:
-        metrics += [Metric(f"seeds_{decision.metric}_{k}", decision.seeds_evaluation[k], now, 0)
-                    for k in ("mean", "std") if _finite(decision.seeds_evaluation[k])]
+        metrics += [
+            Metric(f"seeds_{decision.metric}_{k}", decision.seeds_evaluation[k], now, 0)
+            for k in ("mean", "std")
+            if _finite(decision.seeds_evaluation[k])
+        ]
         params["seeds_evaluation_run_id"] = decision.seeds_evaluation["run_id"]
     params["require_seeds"] = decision.require_seeds
     client.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
@@ -274,17 +304,31 @@ def _finish(client, decision: Decision) -> Decision:
     decision.decided_at = decision.decided_at or _now()
     _record(client, decision)
     _tag_candidate(client, decision)
-    log.info("%s v%s: %s (%s)", decision.registered_model, decision.candidate_version, _decision_word(decision),
-             decision.reason)
+    log.info(
+        "%s v%s: %s (%s)",
+        decision.registered_model,
+        decision.candidate_version,
+        _decision_word(decision),
+        decision.reason,
+    )
     return decision
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Promotion and rollback
 # ---------------------------------------------------------------------------------------------------------
-def promote(product: str, version: str | int, *, margin: float = 0.005, floor: float = 0.6, metric: str | None = None,
-            data_uri: str | None = None, split: str = "test", batch_size: int = 16,
-            require_seeds: int = 0) -> Decision:
+def promote(
+    product: str,
+    version: str | int,
+    *,
+    margin: float = 0.005,
+    floor: float = 0.6,
+    metric: str | None = None,
+    data_uri: str | None = None,
+    split: str = "test",
+    batch_size: int = 16,
+    require_seeds: int = 0,
+) -> Decision:
     """Evaluates candidate `version` against the champion and moves the ``champion`` alias when it qualifies.
 
     `require_seeds` > 0 also requires a multi-seed evaluation of the candidate's recipe over that many seeds whose
@@ -307,9 +351,19 @@ def promote(product: str, version: str | int, *, margin: float = 0.005, floor: f
     metric = primary_metric(product, metric)
     repair_aliases(client, name)
     champion = _aliases(client, name).get(CHAMPION)
-    decision = Decision(product=product, registered_model=name, candidate_version=version, champion_version=champion,
-                        metric=metric, margin=float(margin), floor=float(floor), promoted=False, reason="",
-                        split=split, require_seeds=int(require_seeds))
+    decision = Decision(
+        product=product,
+        registered_model=name,
+        candidate_version=version,
+        champion_version=champion,
+        metric=metric,
+        margin=float(margin),
+        floor=float(floor),
+        promoted=False,
+        reason="",
+        split=split,
+        require_seeds=int(require_seeds),
+    )
     refusal = _refusal_before_evaluation(client, decision, candidate)
     if refusal:
         decision.reason = refusal
@@ -320,8 +374,7 @@ def promote(product: str, version: str | int, *, margin: float = 0.005, floor: f
         current = _aliases(client, name).get(CHAMPION)
         if current != champion:
             decision.promoted = False
-            decision.reason = (f"the champion moved from v{champion} to v{current} during the evaluation; "
-                               "promote again")
+            decision.reason = f"the champion moved from v{champion} to v{current} during the evaluation; promote again"
         else:
             _move_champion(client, name, version, champion)
     return _finish(client, decision)
@@ -333,28 +386,34 @@ def _refusal_before_evaluation(client, decision: Decision, candidate) -> str:
     mean clears the floor (that evaluation is recorded in the decision)."""
     version, product, metric = decision.candidate_version, decision.product, decision.metric
     if threshold_from_tags(candidate.tags) is None:
-        return (f"version {version} has no calibrated threshold (tag 'threshold'); run "
-                f"jobs/calibrate.py --product {product} --version {version} first")
+        return (
+            f"version {version} has no calibrated threshold (tag 'threshold'); run "
+            f"jobs/calibrate.py --product {product} --version {version} first"
+        )
     if not any(key.startswith("test_") for key in candidate.tags):
-        return (f"version {version} was never evaluated (no 'test_*' metric tags from its training job); "
-                "only versions with a test evaluation can be promoted")
+        return (
+            f"version {version} was never evaluated (no 'test_*' metric tags from its training job); "
+            "only versions with a test evaluation can be promoted"
+        )
     if decision.champion_version == version:
         return f"version {version} is already the champion"
     if decision.require_seeds:
-        decision.seeds_evaluation, why = find_seed_evaluation(client, candidate.run_id, metric,
-                                                              decision.require_seeds)
+        decision.seeds_evaluation, why = find_seed_evaluation(client, candidate.run_id, metric, decision.require_seeds)
         seeds = decision.seeds_evaluation
         if seeds is None:
             return f"version {version}: {why}"
         if seeds["mean"] < decision.floor:
-            return (f"the multi-seed mean of version {version}'s recipe, {metric} {seeds['mean']:.4f} +- "
-                    f"{seeds['std']:.4f} over {len(seeds['seeds'])} seeds (evaluation run {seeds['run_id']}), is "
-                    f"below the floor {decision.floor:.4f}")
+            return (
+                f"the multi-seed mean of version {version}'s recipe, {metric} {seeds['mean']:.4f} +- "
+                f"{seeds['std']:.4f} over {len(seeds['seeds'])} seeds (evaluation run {seeds['run_id']}), is "
+                f"below the floor {decision.floor:.4f}"
+            )
     return ""
 
 
-def _evaluate_candidate_and_champion(client, decision: Decision, candidate, *, data_uri: str | None,
-                                     batch_size: int) -> None:
+def _evaluate_candidate_and_champion(
+    client, decision: Decision, candidate, *, data_uri: str | None, batch_size: int
+) -> None:
     """Scores the candidate and the champion (if any) with the same code on the same images: the `split` of
     `data_uri` (default: the candidate's dataset tag), each at its own calibrated threshold."""
     name, version, split = decision.registered_model, decision.candidate_version, decision.split
@@ -368,14 +427,16 @@ def _evaluate_candidate_and_champion(client, decision: Decision, candidate, *, d
         raise PromotionError(f"{uri} (dataset version {reader.version}) has no {split!r} split to evaluate on")
     decision.data_uri, decision.dataset_version, decision.n_images = uri, reader.version, len(chosen)
     model, _ = load_model(f"models:/{name}/{version}")
-    decision.candidate_metrics = evaluate_model(model, root, chosen, threshold=threshold_from_tags(candidate.tags),
-                                                batch_size=batch_size)
+    decision.candidate_metrics = evaluate_model(
+        model, root, chosen, threshold=threshold_from_tags(candidate.tags), batch_size=batch_size
+    )
     del model
     if decision.champion_version is not None:
         champion_tags = client.get_model_version(name, decision.champion_version).tags
         model, _ = load_model(f"models:/{name}/{decision.champion_version}")
-        decision.champion_metrics = evaluate_model(model, root, chosen, threshold=threshold_from_tags(champion_tags),
-                                                   batch_size=batch_size)
+        decision.champion_metrics = evaluate_model(
+            model, root, chosen, threshold=threshold_from_tags(champion_tags), batch_size=batch_size
+        )
         del model
 
 
@@ -391,8 +452,10 @@ def _judge(decision: Decision) -> None:
     elif ours < floor:
         decision.reason = f"candidate {metric} {ours:.4f} is below the floor {floor:.4f} {where}"
     elif theirs is not None and _finite(theirs) and ours < theirs - margin:
-        decision.reason = (f"candidate {metric} {ours:.4f} is worse than champion v{champion} {theirs:.4f} by more "
-                           f"than the margin {margin:.4f} {where}")
+        decision.reason = (
+            f"candidate {metric} {ours:.4f} is worse than champion v{champion} {theirs:.4f} by more "
+            f"than the margin {margin:.4f} {where}"
+        )
     else:
         decision.promoted = True
         if theirs is None:
@@ -400,8 +463,10 @@ def _judge(decision: Decision) -> None:
         elif not _finite(theirs):
             decision.reason = f"champion v{champion} {metric} is undefined {where}; candidate {ours:.4f} >= floor"
         else:
-            decision.reason = (f"candidate {metric} {ours:.4f} >= champion v{champion} {theirs:.4f} - margin "
-                               f"{margin:.4f}, and >= floor {floor:.4f} {where}")
+            decision.reason = (
+                f"candidate {metric} {ours:.4f} >= champion v{champion} {theirs:.4f} - margin "
+                f"{margin:.4f}, and >= floor {floor:.4f} {where}"
+            )
 
 
 def rollback(product: str) -> Rollback:
@@ -424,13 +489,21 @@ def rollback(product: str) -> Rollback:
     else:
         client.set_registered_model_alias(name, CHAMPION, previous)
         client.delete_registered_model_alias(name, PREVIOUS)
-    result = Rollback(product=product, registered_model=name, champion_version=previous,
-                      previous_version=champion or "")
-    run = client.create_run(experiment_id(client, promotions_experiment(product)), run_name=f"rollback-to-v{previous}",
-                            tags={"ssn.product": product, "ssn.decision": "rollback",
-                                  "ssn.reason": f"rollback from v{champion} to v{previous}"})
-    client.log_batch(run.info.run_id, params=[Param("restored_version", previous),
-                                              Param("demoted_version", champion or "none")])
+    result = Rollback(
+        product=product, registered_model=name, champion_version=previous, previous_version=champion or ""
+    )
+    run = client.create_run(
+        experiment_id(client, promotions_experiment(product)),
+        run_name=f"rollback-to-v{previous}",
+        tags={
+            "ssn.product": product,
+            "ssn.decision": "rollback",
+            "ssn.reason": f"rollback from v{champion} to v{previous}",
+        },
+    )
+    client.log_batch(
+        run.info.run_id, params=[Param("restored_version", previous), Param("demoted_version", champion or "none")]
+    )
     client.set_terminated(run.info.run_id, status="FINISHED")
     result.run_id = run.info.run_id
     if champion is not None:

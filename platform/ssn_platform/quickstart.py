@@ -64,8 +64,19 @@ class QuickstartSettings:
 def _submit(entrypoint: list[str], *, env: dict[str, str], step: str) -> dict[str, Any]:
     """`ray job submit` of an entrypoint; returns the JSON summary line the job prints last."""
     runtime_env = {"env_vars": env}
-    command = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--working-dir", str(repo_root()),
-               "--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint]
+    command = [
+        sys.executable,
+        "-m",
+        "ray.scripts.scripts",
+        "job",
+        "submit",
+        "--working-dir",
+        str(repo_root()),
+        "--runtime-env-json",
+        json.dumps(runtime_env),
+        "--",
+        *entrypoint,
+    ]
     say(step, "ray job submit -- " + " ".join(shlex.quote(a) for a in entrypoint))
     process = subprocess.Popen(command, cwd=repo_root(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     summary = None
@@ -85,8 +96,9 @@ def _submit(entrypoint: list[str], *, env: dict[str, str], step: str) -> dict[st
 
 
 def _post_image(url: str, path: Path) -> dict[str, Any]:
-    request = urllib.request.Request(url, data=path.read_bytes(), method="POST",
-                                     headers={"Content-Type": "image/png", **client_headers()})
+    request = urllib.request.Request(
+        url, data=path.read_bytes(), method="POST", headers={"Content-Type": "image/png", **client_headers()}
+    )
     with urllib.request.urlopen(request, timeout=60) as response:
         return json.loads(response.read())
 
@@ -115,23 +127,40 @@ def run(settings: QuickstartSettings) -> dict[str, Any]:
         "Ray dashboard": os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS", ""),
         "Endpoint API docs": f"{url}/docs",
     }
-    report = write_report(state / "reports" / f"{PRODUCT}.html", product=PRODUCT,
-                          training_run_id=trained["mlflow_run_id"], model_version=version,
-                          search_run_id=search.get("parent_run_id"), served=served, links=links)
+    report = write_report(
+        state / "reports" / f"{PRODUCT}.html",
+        product=PRODUCT,
+        training_run_id=trained["mlflow_run_id"],
+        model_version=version,
+        search_run_id=search.get("parent_run_id"),
+        served=served,
+        links=links,
+    )
     links["Report"] = f"file://{report}"
     say("7/7 report", str(report))
     for name, link in links.items():
         print(f"  {name:18s} {link}")
     summary = {
-        "product": PRODUCT, "dataset": dataset.uri, "model_version": version, "promoted": decision.promoted,
-        "threshold": threshold.value, "test_metrics": trained["test_metrics"], "served": len(served),
-        "seeds": None if seeds is None else {"count": settings.seeds, "evaluation_run_id": seeds["evaluation_run_id"],
-                                             "metrics": seeds["metrics"]},
-        "report": str(report), "links": links, "seconds": round(time.monotonic() - started, 1),
+        "product": PRODUCT,
+        "dataset": dataset.uri,
+        "model_version": version,
+        "promoted": decision.promoted,
+        "threshold": threshold.value,
+        "test_metrics": trained["test_metrics"],
+        "served": len(served),
+        "seeds": None
+        if seeds is None
+        else {"count": settings.seeds, "evaluation_run_id": seeds["evaluation_run_id"], "metrics": seeds["metrics"]},
+        "report": str(report),
+        "links": links,
+        "seconds": round(time.monotonic() - started, 1),
     }
     (state / "reports" / "quickstart.json").write_text(json.dumps(summary, indent=2, default=str))
-    say("done", f"{summary['seconds']} s; MLflow login in {os.environ.get('SSN_MLFLOW_CREDENTIALS_FILE')}; the stack "
-                "keeps running: `make teardown` stops it and keeps its data, `make teardown PURGE=1` deletes it too")
+    say(
+        "done",
+        f"{summary['seconds']} s; MLflow login in {os.environ.get('SSN_MLFLOW_CREDENTIALS_FILE')}; the stack "
+        "keeps running: `make teardown` stops it and keeps its data, `make teardown PURGE=1` deletes it too",
+    )
     return summary
 
 
@@ -141,8 +170,7 @@ def _ingest(settings: QuickstartSettings, state: Path):
     split_file = repo_root() / settings.split_file
     say("3/7 ingest", "exporting the ELPV cells named by " + settings.split_file)
     local = export_elpv(state / "data" / "elpv", split_file=split_file)
-    dataset = ingest(local, product=PRODUCT, layout="mvtec", options={"split_file": str(split_file)},
-                     progress=False)
+    dataset = ingest(local, product=PRODUCT, layout="mvtec", options={"split_file": str(split_file)}, progress=False)
     say("3/7 ingest", f"{dataset.uri}")
     return local, dataset
 
@@ -154,15 +182,38 @@ def _search_train_and_seeds(settings: QuickstartSettings, dataset_uri: str, job_
     search_size = []
     if settings.search_image_size:
         search_size = ["model.image_size=[{},{}]".format(*settings.search_image_size)]
-    search = _submit(["python", "jobs/tune.py", "--config", settings.config, "--trials", str(settings.trials),
-                      f"train.epochs={settings.trial_epochs}", "scaling.num_workers=1", *search_size, *common],
-                     env=job_env, step="4/7 search")
+    search = _submit(
+        [
+            "python",
+            "jobs/tune.py",
+            "--config",
+            settings.config,
+            "--trials",
+            str(settings.trials),
+            f"train.epochs={settings.trial_epochs}",
+            "scaling.num_workers=1",
+            *search_size,
+            *common,
+        ],
+        env=job_env,
+        step="4/7 search",
+    )
     best = search.get(f"best_{search.get('metric')}")
-    say("4/7 search", f"best {search.get('best_params')} -> {search.get('metric')} "
-                      + (f"{best:.4f}" if isinstance(best, float) else str(best)))
+    say(
+        "4/7 search",
+        f"best {search.get('best_params')} -> {search.get('metric')} "
+        + (f"{best:.4f}" if isinstance(best, float) else str(best)),
+    )
     epochs = [] if settings.epochs is None else [f"train.epochs={settings.epochs}"]
-    train_args = ["python", "jobs/train.py", "--config", settings.config, *epochs,
-                  f"scaling.num_workers={settings.workers}", *common]
+    train_args = [
+        "python",
+        "jobs/train.py",
+        "--config",
+        settings.config,
+        *epochs,
+        f"scaling.num_workers={settings.workers}",
+        *common,
+    ]
     if search.get("tuned_settings"):
         train_args[4:4] = ["--tuned", search["tuned_settings"]]
     trained = _submit(train_args, env=job_env, step="4/7 train")
@@ -171,12 +222,14 @@ def _search_train_and_seeds(settings: QuickstartSettings, dataset_uri: str, job_
     seeds = None
     if settings.seeds >= 2:
         # the same recipe as the registered run (config, tuned settings, overrides), one run per seed
-        evaluate_args = ["python", "jobs/evaluate.py", *train_args[2:], "--seeds",
-                         *map(str, range(settings.seeds))]
+        evaluate_args = ["python", "jobs/evaluate.py", *train_args[2:], "--seeds", *map(str, range(settings.seeds))]
         seeds = _submit(evaluate_args, env=job_env, step="4/7 seeds")
         mean, std = (seeds["metrics"].get(f"image_auroc_{k}") for k in ("mean", "std"))
-        say("4/7 seeds", f"the recipe over {settings.seeds} seeds: test image AUROC {mean:.3f} +- {std:.3f} "
-                         f"(this version: {trained['test_metrics'].get('image_auroc', float('nan')):.3f})")
+        say(
+            "4/7 seeds",
+            f"the recipe over {settings.seeds} seeds: test image AUROC {mean:.3f} +- {std:.3f} "
+            f"(this version: {trained['test_metrics'].get('image_auroc', float('nan')):.3f})",
+        )
     return search, trained, seeds
 
 
@@ -188,13 +241,15 @@ def _calibrate_promote_deploy(settings: QuickstartSettings, version: str):
 
     with warnings.catch_warnings():  # a TooFewImagesWarning is said below, with the result
         warnings.simplefilter("ignore", thresholds.TooFewImagesWarning)
-        threshold = thresholds.calibrate_version(PRODUCT, version, split="val", method=settings.threshold_method,
-                                                 false_alarm_rate=settings.false_alarm_rate)
+        threshold = thresholds.calibrate_version(
+            PRODUCT, version, split="val", method=settings.threshold_method, false_alarm_rate=settings.false_alarm_rate
+        )
     say("5/7 calibrate", f"threshold {threshold.value:.4f} ({threshold.method}; {threshold.interval_text()})")
     if threshold.warning:
         say("5/7 calibrate", f"warning: {threshold.warning}")
-    decision = promotion.promote(PRODUCT, version, floor=settings.floor,
-                                 require_seeds=settings.seeds if settings.seeds >= 2 else 0)
+    decision = promotion.promote(
+        PRODUCT, version, floor=settings.floor, require_seeds=settings.seeds if settings.seeds >= 2 else 0
+    )
     say("5/7 promote", f"{'promoted' if decision.promoted else 'kept the champion'}: {decision.reason}")
     if not decision.promoted and decision.champion_version is None:
         raise PlatformError(f"version {version} was not promoted and there is no champion to serve: {decision.reason}")
@@ -215,6 +270,9 @@ def _inspect_held_back(settings: QuickstartSettings, local: Path, url: str) -> l
     for sample in normal + defective:
         answer = _post_image(f"{url}/v1/products/{PRODUCT}/inspect", local / sample.image)
         served.append({"image": sample.image, "label": sample.label, **answer})
-        say("6/7 inspect", f"{sample.image:40s} label {sample.label} score {answer['score']:.4f} "
-                           f"{'ANOMALOUS' if answer['is_anomalous'] else 'normal   '} {answer['latency_ms']:.1f} ms")
+        say(
+            "6/7 inspect",
+            f"{sample.image:40s} label {sample.label} score {answer['score']:.4f} "
+            f"{'ANOMALOUS' if answer['is_anomalous'] else 'normal   '} {answer['latency_ms']:.1f} ms",
+        )
     return served

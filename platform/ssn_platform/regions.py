@@ -31,12 +31,14 @@ def map_at(anomaly_map: np.ndarray, width: int, height: int) -> np.ndarray:
     if anomaly_map.shape == (height, width):
         return anomaly_map
     resized = Image.fromarray(np.ascontiguousarray(anomaly_map, dtype=np.float32), mode="F").resize(
-        (width, height), Image.Resampling.BILINEAR)
+        (width, height), Image.Resampling.BILINEAR
+    )
     return np.asarray(resized, dtype=np.float32)
 
 
-def defect_regions(anomaly_map: np.ndarray, threshold: float, width: int, height: int, *,
-                   max_regions: int = MAX_REGIONS) -> tuple[list[dict[str, Any]], int]:
+def defect_regions(
+    anomaly_map: np.ndarray, threshold: float, width: int, height: int, *, max_regions: int = MAX_REGIONS
+) -> tuple[list[dict[str, Any]], int]:
     """(regions, total number of regions) of ``anomaly_map >= threshold`` in image coordinates (module docstring)."""
     from scipy import ndimage  # noqa: PLC0415 (scipy: kept off the Serve app's import)
 
@@ -54,12 +56,18 @@ def defect_regions(anomaly_map: np.ndarray, threshold: float, width: int, height
     for i in np.argsort(-np.asarray(maxima), kind="stable")[:max_regions]:
         rows, cols = boxes[i]
         area = float(areas[i]) * sx * sy
-        regions.append({
-            "x0": int(np.floor(cols.start * sx)), "y0": int(np.floor(rows.start * sy)),
-            "x1": min(width, int(np.ceil(cols.stop * sx))), "y1": min(height, int(np.ceil(rows.stop * sy))),
-            "area_pixels": round(area, 2), "area_percent": round(100.0 * area / (width * height), 4),
-            "max_score": float(maxima[i]), "mean_score": float(means[i]),
-        })
+        regions.append(
+            {
+                "x0": int(np.floor(cols.start * sx)),
+                "y0": int(np.floor(rows.start * sy)),
+                "x1": min(width, int(np.ceil(cols.stop * sx))),
+                "y1": min(height, int(np.ceil(rows.stop * sy))),
+                "area_pixels": round(area, 2),
+                "area_percent": round(100.0 * area / (width * height), 4),
+                "max_score": float(maxima[i]),
+                "mean_score": float(means[i]),
+            }
+        )
     return regions, int(count)
 
 

@@ -93,14 +93,25 @@ def log_and_register(job, model, *, run_id: str, metrics: dict[str, float], prov
 
 def _log_and_register_new(job, model, *, run_id: str, metrics: dict[str, float], provenance: str) -> str:
     with tempfile.TemporaryDirectory() as directory:
-        path = save_checkpoint(Path(directory) / "model.pt", model, metadata={
-            "product": job.product, "train_config": to_dict(job.train), "test_metrics": metrics,
-            "backbone_weights": provenance, "dataset": job.dataset, "mlflow_run_id": run_id,
-        })
+        path = save_checkpoint(
+            Path(directory) / "model.pt",
+            model,
+            metadata={
+                "product": job.product,
+                "train_config": to_dict(job.train),
+                "test_metrics": metrics,
+                "backbone_weights": provenance,
+                "dataset": job.dataset,
+                "mlflow_run_id": run_id,
+            },
+        )
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
-                name="model", python_model=_pyfunc_class()(), artifacts={CHECKPOINT_ARTIFACT: str(path)},
-                code_paths=_code_paths(), pip_requirements=_pip_requirements(),
+                name="model",
+                python_model=_pyfunc_class()(),
+                artifacts={CHECKPOINT_ARTIFACT: str(path)},
+                code_paths=_code_paths(),
+                pip_requirements=_pip_requirements(),
                 registered_model_name=job.registered_model_name,
             )
     return str(info.registered_model_version)

@@ -13,8 +13,12 @@ import mlflow
 from mlflow import MlflowClient
 
 METRIC_LABELS = {
-    "image_auroc": "Image AUROC", "ap_det": "AP (detection)", "f1_max": "F1-max", "pixel_auroc": "Pixel AUROC",
-    "ap_loc": "AP (localisation)", "aupro": "AUPRO (FPR 0.3)",
+    "image_auroc": "Image AUROC",
+    "ap_det": "AP (detection)",
+    "f1_max": "F1-max",
+    "pixel_auroc": "Pixel AUROC",
+    "ap_loc": "AP (localisation)",
+    "aupro": "AUPRO (FPR 0.3)",
 }
 
 
@@ -37,13 +41,19 @@ def _artifacts(run_id: str, path: str, into: Path) -> Path | None:
 
 
 def write_report(
-    out: str | Path, *, product: str, training_run_id: str, model_version: str | None,
-    search_run_id: str | None = None, served: Sequence[dict[str, Any]] = (), links: dict[str, str] | None = None,
+    out: str | Path,
+    *,
+    product: str,
+    training_run_id: str,
+    model_version: str | None,
+    search_run_id: str | None = None,
+    served: Sequence[dict[str, Any]] = (),
+    links: dict[str, str] | None = None,
 ) -> Path:
     """Writes `out` (an HTML file with every picture embedded) and returns its path."""
     client = MlflowClient()
     run = client.get_run(training_run_id)
-    metrics = {k[len("test_"):]: v for k, v in run.data.metrics.items() if k.startswith("test_")}
+    metrics = {k[len("test_") :]: v for k, v in run.data.metrics.items() if k.startswith("test_")}
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>ssn-platform report: {html.escape(product)}</title>",
@@ -53,12 +63,20 @@ def write_report(
         f"<p>Model version {_fmt(model_version)} &middot; MLflow run <code>{html.escape(training_run_id)}</code></p>",
         "<h2>Test metrics</h2><table><tr><th>metric</th><th>value</th></tr>",
     ]
-    parts += [f"<tr><td>{METRIC_LABELS.get(k, k)}</td><td>{_fmt(metrics[k])}</td></tr>"
-              for k in METRIC_LABELS if k in metrics]
+    parts += [
+        f"<tr><td>{METRIC_LABELS.get(k, k)}</td><td>{_fmt(metrics[k])}</td></tr>" for k in METRIC_LABELS if k in metrics
+    ]
     parts.append("</table>")
     params = run.data.params
-    keys = ("model.backbone", "model.noise_std", "model.noise_std_mode", "model.perlin_threshold", "train.epochs",
-            "scaling.num_workers", "model.image_size")
+    keys = (
+        "model.backbone",
+        "model.noise_std",
+        "model.noise_std_mode",
+        "model.perlin_threshold",
+        "train.epochs",
+        "scaling.num_workers",
+        "model.image_size",
+    )
     parts.append("<h2>Configuration</h2><table>")
     parts += [f"<tr><td>{html.escape(k)}</td><td>{_fmt(params.get(k, ''))}</td></tr>" for k in keys if k in params]
     parts.append("</table>")
@@ -72,8 +90,11 @@ def write_report(
             overlays = sorted((evaluation / "overlays").glob("*.png")) if (evaluation / "overlays").is_dir() else []
             if overlays:
                 parts.append("<h2>Anomaly maps on test images</h2><p>score_name; white outline: ground truth</p>")
-                parts += [f"<figure style='display:inline-block'>{_img(p, width=200)}"
-                          f"<figcaption>{html.escape(p.stem)}</figcaption></figure>" for p in overlays]
+                parts += [
+                    f"<figure style='display:inline-block'>{_img(p, width=200)}"
+                    f"<figcaption>{html.escape(p.stem)}</figcaption></figure>"
+                    for p in overlays
+                ]
         if search_run_id:
             search = _artifacts(search_run_id, "search", tmp / "search")
             pictures = sorted(search.glob("*.png")) if search is not None else []
@@ -82,21 +103,34 @@ def write_report(
             tuned = client.get_run(search_run_id).data.tags
             rows = {k: v for k, v in tuned.items() if k.startswith("ssn.tuned.")}
             if rows:
-                parts.append("<table>" + "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>"
-                                                 for k, v in sorted(rows.items())) + "</table>")
+                parts.append(
+                    "<table>"
+                    + "".join(
+                        f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in sorted(rows.items())
+                    )
+                    + "</table>"
+                )
     if served:
-        parts.append("<h2>Endpoint answers for held-back test images</h2><table><tr><th>image</th><th>label</th>"
-                     "<th>score</th><th>threshold</th><th>decision</th><th>latency ms</th></tr>")
+        parts.append(
+            "<h2>Endpoint answers for held-back test images</h2><table><tr><th>image</th><th>label</th>"
+            "<th>score</th><th>threshold</th><th>decision</th><th>latency ms</th></tr>"
+        )
         for row in served:
             decision = "anomalous" if row.get("is_anomalous") else "normal"
-            parts.append(f"<tr><td>{_fmt(row.get('image'))}</td><td>{_fmt(row.get('label'))}</td>"
-                         f"<td>{_fmt(row.get('score'))}</td><td>{_fmt(row.get('threshold'))}</td>"
-                         f"<td>{decision}</td><td>{_fmt(row.get('latency_ms'))}</td></tr>")
+            parts.append(
+                f"<tr><td>{_fmt(row.get('image'))}</td><td>{_fmt(row.get('label'))}</td>"
+                f"<td>{_fmt(row.get('score'))}</td><td>{_fmt(row.get('threshold'))}</td>"
+                f"<td>{decision}</td><td>{_fmt(row.get('latency_ms'))}</td></tr>"
+            )
         parts.append("</table>")
     if links:
-        parts.append("<h2>Links</h2><ul>" + "".join(
-            f"<li>{html.escape(k)}: <a href='{html.escape(v)}'>{html.escape(v)}</a></li>" for k, v in links.items())
-            + "</ul>")
+        parts.append(
+            "<h2>Links</h2><ul>"
+            + "".join(
+                f"<li>{html.escape(k)}: <a href='{html.escape(v)}'>{html.escape(v)}</a></li>" for k, v in links.items()
+            )
+            + "</ul>"
+        )
     parts.append("</body></html>")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -90,7 +90,7 @@ class ReviewStore:
         base = join_key(self.prefix, under) + "/"
         keys = []
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
-            keys += [entry["Key"][len(base):] for entry in page.get("Contents", [])]
+            keys += [entry["Key"][len(base) :] for entry in page.get("Contents", [])]
         return keys
 
     # -- the endpoint's side --------------------------------------------------------------------------------------
@@ -108,7 +108,7 @@ class ReviewStore:
     def items(self, limit: int = 200) -> list[dict[str, Any]]:
         """Kept items, newest first, each with its label (None when not labelled yet)."""
         ids = sorted({k.split("/", 1)[0] for k in self._keys("items") if k.endswith("/item.json")}, reverse=True)
-        labels = {k[:-len(".json")] for k in self._keys("labels") if k.endswith(".json")}
+        labels = {k[: -len(".json")] for k in self._keys("labels") if k.endswith(".json")}
         out = []
         for item_id in ids[:limit]:
             record = json.loads(self._get(f"items/{item_id}/item.json"))
@@ -153,11 +153,18 @@ class ReviewStore:
             binary.save(buffer, format="PNG")
             mask_png = buffer.getvalue()
             if size != (record.get("image_width"), record.get("image_height")):
-                raise ReviewError(f"the mask is {size[0]}x{size[1]}; the image is "
-                                  f"{record.get('image_width')}x{record.get('image_height')}")
+                raise ReviewError(
+                    f"the mask is {size[0]}x{size[1]}; the image is "
+                    f"{record.get('image_width')}x{record.get('image_height')}"
+                )
             self._put(f"labels/{item_id}.mask.png", mask_png, "image/png")
-        entry = {"id": item_id, "label": label, "mask": mask_png is not None, "by": by,
-                 "at": _now().isoformat(timespec="seconds")}
+        entry = {
+            "id": item_id,
+            "label": label,
+            "mask": mask_png is not None,
+            "by": by,
+            "at": _now().isoformat(timespec="seconds"),
+        }
         self._put(f"labels/{item_id}.json", json.dumps(entry).encode(), "application/json")
         return entry
 

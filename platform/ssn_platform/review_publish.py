@@ -41,6 +41,7 @@ def _base_dataset(store: Any, dataset_bucket: str, base_uri: str | None) -> str:
 
 def _link_tree(source: Path, target: Path) -> None:
     """`target` as hard links to `source`'s files (copies where links fail: another file system)."""
+
     def link(src: str, dst: str) -> None:
         try:
             os.link(src, dst)
@@ -75,18 +76,48 @@ def publish_labels(store: Any, *, dataset_bucket: str, split: str, base_uri: str
             if item["label"].get("mask"):
                 mask = f"review/{item['id']}_mask.png"
                 (work / mask).write_bytes(store._get(f"labels/{item['id']}.mask.png"))
-            samples.append(Sample(image=image, mask=mask, label=int(defective), split=split,
-                                  segmented=(not defective) or mask is not None,
-                                  defect_type="review" if defective else ""))
+            samples.append(
+                Sample(
+                    image=image,
+                    mask=mask,
+                    label=int(defective),
+                    split=split,
+                    segmented=(not defective) or mask is not None,
+                    defect_type="review" if defective else "",
+                )
+            )
             added[item["label"]["label"]] += 1
         policy = reader.manifest.empty_masks.get("policy", "error")
         checked = check_samples(work, samples, empty_masks=policy)
-        result = publish_checked(work, checked, product=store.product, bucket=dataset_bucket, empty_masks=policy,
-                                 layout_meta={"name": "review", "base": base, "base_version": reader.version,
-                                              "review": format_s3_uri(store.bucket, store.prefix)})
+        result = publish_checked(
+            work,
+            checked,
+            product=store.product,
+            bucket=dataset_bucket,
+            empty_masks=policy,
+            layout_meta={
+                "name": "review",
+                "base": base,
+                "base_version": reader.version,
+                "review": format_s3_uri(store.bucket, store.prefix),
+            },
+        )
     ids = tuple(item["id"] for item in labelled)
-    store._put(f"published/{result.version}.json", json.dumps({
-        "version": result.version, "dataset": result.uri, "base": base, "base_version": reader.version,
-        "split": split, "added": added, "items": list(ids)}).encode(), "application/json")
-    return PublishResult(dataset_uri=result.uri, version=result.version, base_version=reader.version, added=added,
-                         items=ids, split=split)
+    store._put(
+        f"published/{result.version}.json",
+        json.dumps(
+            {
+                "version": result.version,
+                "dataset": result.uri,
+                "base": base,
+                "base_version": reader.version,
+                "split": split,
+                "added": added,
+                "items": list(ids),
+            }
+        ).encode(),
+        "application/json",
+    )
+    return PublishResult(
+        dataset_uri=result.uri, version=result.version, base_version=reader.version, added=added, items=ids, split=split
+    )

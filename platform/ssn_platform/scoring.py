@@ -60,9 +60,25 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 # The table's columns (besides the partition column `status`); `error` is null on status=ok rows, the score columns
 # are null on status=error rows.
-COLUMNS = ("image", "relative_path", "score", "is_anomalous", "threshold", "defect_area_percent", "regions",
-           "regions_total", "image_width", "image_height", "map_resolution", "mask", "registered_model",
-           "model_version", "error", "run", "scored_at")
+COLUMNS = (
+    "image",
+    "relative_path",
+    "score",
+    "is_anomalous",
+    "threshold",
+    "defect_area_percent",
+    "regions",
+    "regions_total",
+    "image_width",
+    "image_height",
+    "map_resolution",
+    "mask",
+    "registered_model",
+    "model_version",
+    "error",
+    "run",
+    "scored_at",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,8 +174,10 @@ def pin_version(product: str, version: str | None) -> tuple[str, str, dict[str, 
         raise PlatformError(f"{name} version {version}: {error.message}") from None
     threshold = threshold_from_tags(tags)
     if threshold is None:
-        raise PlatformError(f"{name} version {version} has no calibrated threshold; run jobs/calibrate.py "
-                            f"--product {product} --version {version}")
+        raise PlatformError(
+            f"{name} version {version} has no calibrated threshold; run jobs/calibrate.py "
+            f"--product {product} --version {version}"
+        )
     return name, str(version), tags, threshold
 
 
@@ -178,11 +196,16 @@ def list_inputs(settings: ScoreSettings, client: Any = None) -> list[tuple[str, 
     if settings.dataset:
         reader = DatasetReader(settings.input, client=client)
         bucket = reader.bucket
-        items = [(format_s3_uri(bucket, join_key(reader.prefix, r["image_key"])), r["image"])
-                 for r in reader.manifest.records if settings.split is None or r["split"] == settings.split]
+        items = [
+            (format_s3_uri(bucket, join_key(reader.prefix, r["image_key"])), r["image"])
+            for r in reader.manifest.records
+            if settings.split is None or r["split"] == settings.split
+        ]
         if not items:
-            raise PlatformError(f"{settings.input} (dataset version {reader.version}) has no images"
-                                + (f" in split {settings.split!r}" if settings.split else ""))
+            raise PlatformError(
+                f"{settings.input} (dataset version {reader.version}) has no images"
+                + (f" in split {settings.split!r}" if settings.split else "")
+            )
         return sorted(items)
     bucket, prefix = parse_s3_uri(settings.input)
     prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
@@ -192,7 +215,7 @@ def list_inputs(settings: ScoreSettings, client: Any = None) -> list[tuple[str, 
         for entry in page.get("Contents", []):
             key = entry["Key"]
             if key.lower().endswith(IMAGE_SUFFIXES):
-                items.append((format_s3_uri(bucket, key), key[len(prefix):]))
+                items.append((format_s3_uri(bucket, key), key[len(prefix) :]))
     if not items:
         raise PlatformError(f"no image objects ({', '.join(IMAGE_SUFFIXES)}) under {settings.input}")
     return sorted(items)
@@ -215,9 +238,21 @@ def already_scored(filesystem: Any, table_path: str) -> set[str]:
 class _Scorer:
     """A Ray Data actor: loads the pinned version once (the Serve replica's loader) and scores batches of images."""
 
-    def __init__(self, product: str, name: str, version: str, tags: dict[str, str], *, device: str,
-                 precision: str, threads: int, masks_prefix: tuple[str, str] | None, run: str,
-                 root: str, resolution: str = "model") -> None:
+    def __init__(
+        self,
+        product: str,
+        name: str,
+        version: str,
+        tags: dict[str, str],
+        *,
+        device: str,
+        precision: str,
+        threads: int,
+        masks_prefix: tuple[str, str] | None,
+        run: str,
+        root: str,
+        resolution: str = "model",
+    ) -> None:
         import torch  # noqa: PLC0415 (torch: kept off the Serve app's import)
 
         # import cycle: the ssn_platform.serving package imports the app, which imports this module (through drift)
@@ -264,10 +299,16 @@ class _Scorer:
         rows: dict[str, list[Any]] = {column: [] for column in (*COLUMNS, "status")}
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         for index, image in enumerate(images):
-            relative_path = image[len(self.root):] if image.startswith(self.root) else image.rsplit("/", 1)[-1]
+            relative_path = image[len(self.root) :] if image.startswith(self.root) else image.rsplit("/", 1)[-1]
             row: dict[str, Any] = dict.fromkeys(COLUMNS)
-            row.update(image=image, relative_path=relative_path, registered_model=loaded.registered_model,
-                       model_version=loaded.version, run=self.run, scored_at=now)
+            row.update(
+                image=image,
+                relative_path=relative_path,
+                registered_model=loaded.registered_model,
+                model_version=loaded.version,
+                run=self.run,
+                scored_at=now,
+            )
             result = results.get(index)
             if isinstance(result, BaseException):
                 errors[index] = f"inference_failed: {type(result).__name__}: {result}"
@@ -277,27 +318,59 @@ class _Scorer:
                 score, anomaly_map = result
                 width, height = sizes[index]
                 fields = decision(loaded, score, anomaly_map, width=width, height=height, resolution=self.resolution)
-                row.update(score=score, is_anomalous=fields["is_anomalous"], threshold=loaded.threshold,
-                           defect_area_percent=fields["defect_area_percent"], regions=fields["regions"],
-                           regions_total=fields["regions_total"], image_width=width, image_height=height,
-                           map_resolution=self.resolution, status="ok",
-                           mask=self._put_mask(relative_path, fields["mask"]) if self.masks_prefix else None)
+                row.update(
+                    score=score,
+                    is_anomalous=fields["is_anomalous"],
+                    threshold=loaded.threshold,
+                    defect_area_percent=fields["defect_area_percent"],
+                    regions=fields["regions"],
+                    regions_total=fields["regions_total"],
+                    image_width=width,
+                    image_height=height,
+                    map_resolution=self.resolution,
+                    status="ok",
+                    mask=self._put_mask(relative_path, fields["mask"]) if self.masks_prefix else None,
+                )
             for column in rows:
                 rows[column].append(row[column])
         return pa.table(rows, schema=TABLE_SCHEMA)
 
 
 def _table_schema():
-    region = pa.struct([("x0", pa.int32()), ("y0", pa.int32()), ("x1", pa.int32()), ("y1", pa.int32()),
-                        ("area_pixels", pa.float64()), ("area_percent", pa.float64()), ("max_score", pa.float64()),
-                        ("mean_score", pa.float64())])
-    return pa.schema([("image", pa.string()), ("relative_path", pa.string()), ("score", pa.float64()),
-                      ("is_anomalous", pa.bool_()), ("threshold", pa.float64()),
-                      ("defect_area_percent", pa.float64()), ("regions", pa.list_(region)),
-                      ("regions_total", pa.int32()), ("image_width", pa.int32()), ("image_height", pa.int32()),
-                      ("map_resolution", pa.string()), ("mask", pa.string()),
-                      ("registered_model", pa.string()), ("model_version", pa.string()), ("error", pa.string()),
-                      ("run", pa.string()), ("scored_at", pa.string()), ("status", pa.string())])
+    region = pa.struct(
+        [
+            ("x0", pa.int32()),
+            ("y0", pa.int32()),
+            ("x1", pa.int32()),
+            ("y1", pa.int32()),
+            ("area_pixels", pa.float64()),
+            ("area_percent", pa.float64()),
+            ("max_score", pa.float64()),
+            ("mean_score", pa.float64()),
+        ]
+    )
+    return pa.schema(
+        [
+            ("image", pa.string()),
+            ("relative_path", pa.string()),
+            ("score", pa.float64()),
+            ("is_anomalous", pa.bool_()),
+            ("threshold", pa.float64()),
+            ("defect_area_percent", pa.float64()),
+            ("regions", pa.list_(region)),
+            ("regions_total", pa.int32()),
+            ("image_width", pa.int32()),
+            ("image_height", pa.int32()),
+            ("map_resolution", pa.string()),
+            ("mask", pa.string()),
+            ("registered_model", pa.string()),
+            ("model_version", pa.string()),
+            ("error", pa.string()),
+            ("run", pa.string()),
+            ("scored_at", pa.string()),
+            ("status", pa.string()),
+        ]
+    )
 
 
 TABLE_SCHEMA = _table_schema()
@@ -319,35 +392,58 @@ def score_images_job(settings: ScoreSettings, *, address: str | None = None, pro
     done = already_scored(filesystem, table_path)
     todo = [(uri, rel) for uri, rel in listed if uri not in done]
     if settings.limit is not None:
-        todo = todo[:settings.limit]
+        todo = todo[: settings.limit]
     run = uuid.uuid4().hex[:12]
     started = time.monotonic()
     counts = {"ok": 0, "error": 0, "anomalous": 0}
     if todo:
         connect_ray(address, log_to_driver=progress)
         ray.data.DataContext.get_current().enable_progress_bars = progress
-        dataset = ray.data.read_binary_files([uri[len("s3://"):] for uri, _ in todo], include_paths=True,
-                                             filesystem=filesystem, num_cpus=0,
-                                             concurrency=max(2, settings.actors),
-                                             override_num_blocks=-(-len(todo) // READ_BLOCK))
+        dataset = ray.data.read_binary_files(
+            [uri[len("s3://") :] for uri, _ in todo],
+            include_paths=True,
+            filesystem=filesystem,
+            num_cpus=0,
+            concurrency=max(2, settings.actors),
+            override_num_blocks=-(-len(todo) // READ_BLOCK),
+        )
         device = "cuda" if settings.gpus_per_actor > 0 else "cpu"
         scored = dataset.map_batches(
-            _Scorer, batch_size=settings.batch_size, batch_format="numpy",
+            _Scorer,
+            batch_size=settings.batch_size,
+            batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=settings.actors),
-            num_cpus=settings.cpus_per_actor, num_gpus=settings.gpus_per_actor or None,
+            num_cpus=settings.cpus_per_actor,
+            num_gpus=settings.gpus_per_actor or None,
             fn_constructor_args=(settings.product, name, version, tags),
-            fn_constructor_kwargs={"device": device, "precision": settings.precision,
-                                   "threads": int(settings.cpus_per_actor), "run": run,
-                                   "masks_prefix": (bucket, join_key(prefix, "masks")) if settings.masks else None,
-                                   "root": input_root(settings), "resolution": settings.resolution})
-        scored.write_parquet(table_path, filesystem=filesystem, partition_cols=["status"],
-                             ray_remote_args={"num_cpus": 0})
+            fn_constructor_kwargs={
+                "device": device,
+                "precision": settings.precision,
+                "threads": int(settings.cpus_per_actor),
+                "run": run,
+                "masks_prefix": (bucket, join_key(prefix, "masks")) if settings.masks else None,
+                "root": input_root(settings),
+                "resolution": settings.resolution,
+            },
+        )
+        scored.write_parquet(
+            table_path, filesystem=filesystem, partition_cols=["status"], ray_remote_args={"num_cpus": 0}
+        )
         counts = _run_counts(filesystem, table_path, run)
-    summary = ScoreSummary(product=settings.product, registered_model=name, version=version, threshold=threshold,
-                           table=format_s3_uri(bucket, join_key(prefix, "table")), listed=len(listed),
-                           skipped=sum(uri in done for uri, _ in listed),
-                           scored=counts["ok"], errors=counts["error"], anomalous=counts["anomalous"],
-                           seconds=round(time.monotonic() - started, 3), run=run)
+    summary = ScoreSummary(
+        product=settings.product,
+        registered_model=name,
+        version=version,
+        threshold=threshold,
+        table=format_s3_uri(bucket, join_key(prefix, "table")),
+        listed=len(listed),
+        skipped=sum(uri in done for uri, _ in listed),
+        scored=counts["ok"],
+        errors=counts["error"],
+        anomalous=counts["anomalous"],
+        seconds=round(time.monotonic() - started, 3),
+        run=run,
+    )
     return dataclasses.replace(summary, mlflow_run_id=_log_summary(settings, summary))
 
 
@@ -356,11 +452,15 @@ def _run_counts(filesystem: Any, table_path: str, run: str) -> dict[str, int]:
     import pyarrow.dataset as pads  # noqa: PLC0415 (pyarrow.dataset: kept off the Serve app's import)
 
     table = pads.dataset(table_path, filesystem=filesystem, format="parquet", partitioning="hive").to_table(
-        columns=["status", "is_anomalous"], filter=pads.field("run") == run)
+        columns=["status", "is_anomalous"], filter=pads.field("run") == run
+    )
     status = table.column("status")
     ok = pc.equal(status, "ok")
-    return {"ok": int(pc.sum(ok).as_py() or 0), "error": int(pc.sum(pc.invert(ok)).as_py() or 0),
-            "anomalous": int(pc.sum(pc.and_(ok, pc.fill_null(table.column("is_anomalous"), False))).as_py() or 0)}
+    return {
+        "ok": int(pc.sum(ok).as_py() or 0),
+        "error": int(pc.sum(pc.invert(ok)).as_py() or 0),
+        "anomalous": int(pc.sum(pc.and_(ok, pc.fill_null(table.column("is_anomalous"), False))).as_py() or 0),
+    }
 
 
 def _log_summary(settings: ScoreSettings, summary: ScoreSummary) -> str:
@@ -369,26 +469,54 @@ def _log_summary(settings: ScoreSettings, summary: ScoreSummary) -> str:
     from mlflow.entities import Metric, Param  # noqa: PLC0415 (MLflow: kept off the Serve app's import)
 
     client = MlflowClient()
-    run = client.create_run(experiment_id(client, f"{registered_model_name(settings.product)}-scoring"),
-                            run_name=f"score-v{summary.version}-{summary.run}",
-                            tags={"ssn.score.registered_model": summary.registered_model,
-                                  "ssn.score.version": summary.version, "ssn.score.run": summary.run,
-                                  "ssn.score.table": summary.table})
-    params = {"input": settings.input, "split": settings.split or "", "version": summary.version,
-              "table": summary.table, "masks": settings.masks, "resolution": settings.resolution,
-              "actors": settings.actors,
-              "cpus_per_actor": settings.cpus_per_actor, "batch_size": settings.batch_size,
-              "precision": settings.precision}
-    metrics = {"listed": summary.listed, "skipped": summary.skipped, "scored": summary.scored,
-               "errors": summary.errors, "anomalous": summary.anomalous,
-               "anomalous_rate": summary.anomalous / summary.scored if summary.scored else 0.0,
-               "seconds": summary.seconds, "images_per_s": summary.images_per_s}
+    run = client.create_run(
+        experiment_id(client, f"{registered_model_name(settings.product)}-scoring"),
+        run_name=f"score-v{summary.version}-{summary.run}",
+        tags={
+            "ssn.score.registered_model": summary.registered_model,
+            "ssn.score.version": summary.version,
+            "ssn.score.run": summary.run,
+            "ssn.score.table": summary.table,
+        },
+    )
+    params = {
+        "input": settings.input,
+        "split": settings.split or "",
+        "version": summary.version,
+        "table": summary.table,
+        "masks": settings.masks,
+        "resolution": settings.resolution,
+        "actors": settings.actors,
+        "cpus_per_actor": settings.cpus_per_actor,
+        "batch_size": settings.batch_size,
+        "precision": settings.precision,
+    }
+    metrics = {
+        "listed": summary.listed,
+        "skipped": summary.skipped,
+        "scored": summary.scored,
+        "errors": summary.errors,
+        "anomalous": summary.anomalous,
+        "anomalous_rate": summary.anomalous / summary.scored if summary.scored else 0.0,
+        "seconds": summary.seconds,
+        "images_per_s": summary.images_per_s,
+    }
     now = int(time.time() * 1000)
-    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()],
-                     metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    client.log_batch(
+        run.info.run_id,
+        params=[Param(k, str(v)) for k, v in params.items()],
+        metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+    )
     client.set_terminated(run.info.run_id)
     return run.info.run_id
 
 
-__all__ = ["COLUMNS", "ScoreSettings", "ScoreSummary", "already_scored", "list_inputs", "pin_version",
-           "score_images_job"]
+__all__ = [
+    "COLUMNS",
+    "ScoreSettings",
+    "ScoreSummary",
+    "already_scored",
+    "list_inputs",
+    "pin_version",
+    "score_images_job",
+]

@@ -40,8 +40,9 @@ class ParamSpec:
         if not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_]\w*)+", self.key):
             raise ConfigError(f"search space: {self.key!r} is not a dotted config key such as model.noise_std")
         if self.distribution not in DISTRIBUTIONS:
-            raise ConfigError(f"search space: {self.key}: distribution must be one of {DISTRIBUTIONS}, "
-                              f"got {self.distribution!r}")
+            raise ConfigError(
+                f"search space: {self.key}: distribution must be one of {DISTRIBUTIONS}, got {self.distribution!r}"
+            )
         if self.distribution == "categorical":
             if not self.choices:
                 raise ConfigError(f"search space: {self.key}: categorical needs a non-empty `choices` list")
@@ -98,14 +99,21 @@ class SearchSpace:
         params = []
         for key, spec in (raw.get("params") or {}).items():
             if not isinstance(spec, Mapping):
-                raise ConfigError(f"search space: {key} must be a mapping such as "
-                                  "{distribution: log_uniform, low: 0.1, high: 8}")
+                raise ConfigError(
+                    f"search space: {key} must be a mapping such as {{distribution: log_uniform, low: 0.1, high: 8}}"
+                )
             extra = sorted(set(spec) - {"distribution", "low", "high", "choices"})
             if extra:
                 raise ConfigError(f"search space: {key}: unknown field(s) {extra}")
-            params.append(ParamSpec(key=str(key), distribution=str(spec.get("distribution", "")),
-                                    low=spec.get("low"), high=spec.get("high"),
-                                    choices=tuple(spec.get("choices") or ())))
+            params.append(
+                ParamSpec(
+                    key=str(key),
+                    distribution=str(spec.get("distribution", "")),
+                    low=spec.get("low"),
+                    high=spec.get("high"),
+                    choices=tuple(spec.get("choices") or ()),
+                )
+            )
         fixed = dict(raw.get("fixed") or {})
         return cls(params=tuple(params), fixed=fixed)
 
@@ -147,8 +155,9 @@ class SearchSpace:
         return tuple(next((p.choices for p in self.params if p.key == BACKBONE_KEY), ()))
 
 
-def apply_params(job: JobConfig, params: Mapping[str, Any], fixed: Mapping[str, Any] = (),
-                 **top_level: Any) -> JobConfig:
+def apply_params(
+    job: JobConfig, params: Mapping[str, Any], fixed: Mapping[str, Any] = (), **top_level: Any
+) -> JobConfig:
     """The job with `fixed` and `params` applied as dotted overrides (`train.lr_scale` scales both learning
     rates), plus top-level fields (validation, run_name, ...). Validated like any job config."""
     tree = job.to_dict()

@@ -23,8 +23,16 @@ from ssn_platform.storage import S3Settings
 # Secrets are not among them: Ray writes runtime_env into its logs. S3 credentials reach workers from their nodes'
 # environment (the local stack's Ray head: AWS_SHARED_CREDENTIALS_FILE, a 0600 file; clusters: Secrets, IAM roles).
 WORKER_ENV = (
-    "SSN_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "SSN_S3_ADDRESSING_STYLE",
-    "MLFLOW_TRACKING_URI", "MLFLOW_DISABLE_TELEMETRY", "SSN_CACHE_DIR", "SSN_CACHE_MAX_GB", "SSN_GIT_SHA",
+    "SSN_S3_ENDPOINT",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "SSN_S3_ADDRESSING_STYLE",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_DISABLE_TELEMETRY",
+    "SSN_CACHE_DIR",
+    "SSN_CACHE_MAX_GB",
+    "SSN_GIT_SHA",
 )
 
 
@@ -35,7 +43,7 @@ class PlatformError(RuntimeError):
 def tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
-        raise PlatformError("MLFLOW_TRACKING_URI is not set (for the local stack: eval \"$(infra/local/stack env)\")")
+        raise PlatformError('MLFLOW_TRACKING_URI is not set (for the local stack: eval "$(infra/local/stack env)")')
     return uri
 
 
@@ -74,8 +82,13 @@ def git_sha() -> str:
     if os.environ.get("SSN_GIT_SHA"):
         return os.environ["SSN_GIT_SHA"]
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        )
         return out.stdout.strip() if out.returncode == 0 else "unknown"
     except OSError:
         return "unknown"
@@ -96,6 +109,7 @@ def connect_ray(address: str | None = None, *, log_to_driver: bool = True) -> No
     the State API, which gives up when several Ray clusters run on one machine; the CPUs would stay reserved.
     """
     import ray  # noqa: PLC0415 (Ray reads its settings on first import)
+
     # Tune copies a driver's AWS keys into trials' runtime_env (logged)
     from ray.tune.execution import class_cache  # noqa: PLC0415 (Ray reads its settings on first import)
 
@@ -110,10 +124,14 @@ def connect_ray(address: str | None = None, *, log_to_driver: bool = True) -> No
     if cluster and address != "local":
         env["RAY_ADDRESS"] = cluster
     job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {}) or {}
-    for key in (job_env.get("env_vars") or {}):
+    for key in job_env.get("env_vars") or {}:
         env.pop(key, None)  # ray refuses to merge a key the submitted job already sets
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
     if address == "local":
         kwargs["num_cpus"] = int(os.environ.get("SSN_LOCAL_CPUS", os.cpu_count() or 2))
-    ray.init(address=address, log_to_driver=log_to_driver,
-             logging_level=logging.INFO if log_to_driver else logging.WARNING, **kwargs)
+    ray.init(
+        address=address,
+        log_to_driver=log_to_driver,
+        logging_level=logging.INFO if log_to_driver else logging.WARNING,
+        **kwargs,
+    )

@@ -37,9 +37,7 @@ def stack_env(
     run_env = dict(os.environ if env is None else env)
     if state_dir is not None:
         run_env["SSN_STACK_DIR"] = str(state_dir)
-    out = subprocess.run(
-        [str(stack_script()), "env"], env=run_env, check=True, capture_output=True, text=True
-    ).stdout
+    out = subprocess.run([str(stack_script()), "env"], env=run_env, check=True, capture_output=True, text=True).stdout
     result: dict[str, str] = {}
     for line in out.splitlines():
         if not line.startswith("export "):

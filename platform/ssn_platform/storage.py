@@ -148,9 +148,11 @@ class S3Settings:
             addressing_style=style,
         )
         if env is not os.environ:  # a mapping of its own: no SDK chain sees its keys
-            values.update(access_key_id=_env(env, "AWS_ACCESS_KEY_ID"),
-                          secret_access_key=_env(env, "AWS_SECRET_ACCESS_KEY"),
-                          session_token=_env(env, "AWS_SESSION_TOKEN"))
+            values.update(
+                access_key_id=_env(env, "AWS_ACCESS_KEY_ID"),
+                secret_access_key=_env(env, "AWS_SECRET_ACCESS_KEY"),
+                session_token=_env(env, "AWS_SESSION_TOKEN"),
+            )
         if _env(env, "SSN_S3_MAX_ATTEMPTS"):
             values["max_attempts"] = int(env["SSN_S3_MAX_ATTEMPTS"])
         if _env(env, "SSN_S3_RETRY_MODE"):
@@ -172,8 +174,10 @@ class S3Settings:
 
     def __getstate__(self) -> dict[str, Any]:
         if self.access_key_id or self.secret_access_key or self.session_token:
-            raise TypeError("S3Settings with explicit credentials cannot be pickled (nor copied): the pickle would "
-                            "carry the secret; build them with S3Settings.from_env() where they are used")
+            raise TypeError(
+                "S3Settings with explicit credentials cannot be pickled (nor copied): the pickle would "
+                "carry the secret; build them with S3Settings.from_env() where they are used"
+            )
         return dict(self.__dict__)
 
 
@@ -267,7 +271,7 @@ def translate_error(
     if isinstance(exc, bexc.NoCredentialsError):
         return CredentialsError(
             f"no S3 credentials found{doing} {target}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or "
-            f"AWS_SHARED_CREDENTIALS_FILE (for the local stack: eval \"$(infra/local/stack env)\")"
+            f'AWS_SHARED_CREDENTIALS_FILE (for the local stack: eval "$(infra/local/stack env)")'
         )
     if isinstance(exc, bexc.ClientError):
         code, status = _client_error_code(exc)
@@ -453,8 +457,9 @@ def download_to(
         return digest, size
 
     try:
-        return call_with_retries(_download, client=client, bucket=bucket, key=key, action="read", attempts=attempts,
-                                 server_errors=True)
+        return call_with_retries(
+            _download, client=client, bucket=bucket, key=key, action="read", attempts=attempts, server_errors=True
+        )
     except IntegrityError as exc:
         raise IntegrityError(f"{exc} (after {attempts} attempts: the stored object is corrupt)") from exc
 

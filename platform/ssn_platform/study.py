@@ -65,7 +65,7 @@ def redact_url(url: str) -> str:
 
 def open_storage(url: str):
     if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
     return optuna.storages.RDBStorage(url)
 
@@ -94,8 +94,9 @@ def _prepare_study(storage_url: str, study_name: str, job: JobConfig, *, metric:
     for key, value in expected.items():
         if key in attrs and attrs[key] != value:
             hint = f" or --metric {attrs[key]}" if key == "ssn.metric" else ""
-            raise ConfigError(f"study {study_name!r} has {key}={attrs[key]!r}, this search {value!r}; "
-                              f"use another --study name{hint}")
+            raise ConfigError(
+                f"study {study_name!r} has {key}={attrs[key]!r}, this search {value!r}; use another --study name{hint}"
+            )
         if key not in attrs:
             study.set_user_attr(key, value)
     if study.direction != getattr(optuna.study.StudyDirection, direction.upper()):
@@ -105,11 +106,13 @@ def _prepare_study(storage_url: str, study_name: str, job: JobConfig, *, metric:
         owner = trial.user_attrs.get("search")
         beat = attrs.get(f"{LEASE_PREFIX}{owner}") if owner else None
         if isinstance(beat, (int, float)) and now - beat < LEASE_GRACE_S:
-            log.info("study %s: trial %d belongs to search %s, which is running; left alone", study_name,
-                     trial.number, owner)
+            log.info(
+                "study %s: trial %d belongs to search %s, which is running; left alone", study_name, trial.number, owner
+            )
             continue
-        log.warning("study %s: trial %d was left running by an earlier search; marking it FAIL",
-                    study_name, trial.number)
+        log.warning(
+            "study %s: trial %d was left running by an earlier search; marking it FAIL", study_name, trial.number
+        )
         study.tell(trial.number, state=TrialState.FAIL)
     return storage, study
 
@@ -151,8 +154,15 @@ def _make_searcher_class():
     from ray.tune.search.optuna import OptunaSearch  # noqa: PLC0415 (Ray reads its settings on first import)
 
     class StudySearch(OptunaSearch):
-        def __init__(self, *args: Any, max_t: int, search_name: str, baseline: Mapping[str, Any] | None = None,
-                     points: Sequence[Mapping[str, Any]] = (), **kwargs: Any) -> None:
+        def __init__(
+            self,
+            *args: Any,
+            max_t: int,
+            search_name: str,
+            baseline: Mapping[str, Any] | None = None,
+            points: Sequence[Mapping[str, Any]] = (),
+            **kwargs: Any,
+        ) -> None:
             self._max_t = int(max_t)
             self._search_name = search_name
             self._last_step: dict[str, int] = {}
@@ -169,8 +179,11 @@ def _make_searcher_class():
                 ot_trial.set_user_attr("tune_trial_id", trial_id)
                 ot_trial.set_user_attr("search", self._search_name)
                 ot_trial.set_user_attr("max_t", self._max_t)
-                config = {**config, STUDY_TRIAL_KEY: ot_trial.number,
-                          **({BASELINE_KEY: True} if ot_trial.user_attrs.get(BASELINE_ATTR) else {})}
+                config = {
+                    **config,
+                    STUDY_TRIAL_KEY: ot_trial.number,
+                    **({BASELINE_KEY: True} if ot_trial.user_attrs.get(BASELINE_ATTR) else {}),
+                }
             return config
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -207,8 +220,11 @@ def seed_asha_rungs(scheduler, study, *, max_t: int, mode: str) -> int:
     resumed search stops poor trials against the whole study's record, not only against its own first trials.
     Returns how many values were seeded (0 when this Ray version's ASHA internals differ: no seeding then)."""
     sign = 1.0 if mode == "max" else -1.0
-    trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-              if t.user_attrs.get("max_t") == max_t]
+    trials = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        if t.user_attrs.get("max_t") == max_t
+    ]
     count = 0
     try:
         for bracket in scheduler._brackets:
@@ -246,20 +262,29 @@ def _summaries(study, child_runs: Mapping[str, str]) -> list[TrialSummary]:
     for trial in study.get_trials(deepcopy=False):
         attrs = trial.user_attrs
         duration = trial.duration.total_seconds() if trial.duration is not None else None
-        out.append(TrialSummary(
-            number=trial.number, state=trial.state.name, value=trial.value, params=dict(trial.params),
-            epochs_reached=attrs.get("epochs_reached"), stopped_early=bool(attrs.get("stopped_early", False)),
-            search=attrs.get("search"), mlflow_run_id=child_runs.get(attrs.get("tune_trial_id", "")),
-            duration_s=duration, baseline=bool(attrs.get(BASELINE_ATTR, False)),
-        ))
+        out.append(
+            TrialSummary(
+                number=trial.number,
+                state=trial.state.name,
+                value=trial.value,
+                params=dict(trial.params),
+                epochs_reached=attrs.get("epochs_reached"),
+                stopped_early=bool(attrs.get("stopped_early", False)),
+                search=attrs.get("search"),
+                mlflow_run_id=child_runs.get(attrs.get("tune_trial_id", "")),
+                duration_s=duration,
+                baseline=bool(attrs.get(BASELINE_ATTR, False)),
+            )
+        )
     return out
 
 
 def _best_trial(study):
     """The best COMPLETE trial (full schedule); the best PRUNED one only when none completed."""
     for states in ((TrialState.COMPLETE,), (TrialState.PRUNED,)):
-        trials = [t for t in study.get_trials(deepcopy=False, states=states)
-                  if t.value is not None and math.isfinite(t.value)]
+        trials = [
+            t for t in study.get_trials(deepcopy=False, states=states) if t.value is not None and math.isfinite(t.value)
+        ]
         if trials:
             pick = max if study.direction.name == "MAXIMIZE" else min
             return pick(trials, key=lambda t: t.value)
@@ -271,13 +296,36 @@ def write_trials_csv(summaries: Sequence[TrialSummary], space: SearchSpace, path
     extra = sorted({k for t in summaries for k in t.params} - set(keys))
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["number", "state", "value", *keys, *extra, "epochs_reached", "stopped_early", "duration_s",
-                     "search", "mlflow_run_id", "baseline"])
+    writer.writerow(
+        [
+            "number",
+            "state",
+            "value",
+            *keys,
+            *extra,
+            "epochs_reached",
+            "stopped_early",
+            "duration_s",
+            "search",
+            "mlflow_run_id",
+            "baseline",
+        ]
+    )
     for t in summaries:
-        writer.writerow([t.number, t.state, "" if t.value is None else t.value,
-                         *[t.params.get(k, "") for k in [*keys, *extra]], t.epochs_reached or "",
-                         t.stopped_early, "" if t.duration_s is None else f"{t.duration_s:.1f}", t.search or "",
-                         t.mlflow_run_id or "", t.baseline])
+        writer.writerow(
+            [
+                t.number,
+                t.state,
+                "" if t.value is None else t.value,
+                *[t.params.get(k, "") for k in [*keys, *extra]],
+                t.epochs_reached or "",
+                t.stopped_early,
+                "" if t.duration_s is None else f"{t.duration_s:.1f}",
+                t.search or "",
+                t.mlflow_run_id or "",
+                t.baseline,
+            ]
+        )
     path.write_text(buffer.getvalue())
     return path
 

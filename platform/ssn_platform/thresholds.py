@@ -111,22 +111,35 @@ class Threshold:
 
     def interval_text(self) -> str:
         """The intervals on one line, e.g. ``false_alarm_rate 0/50, 95% CI [0, 0.0711]``; empty in old records."""
-        return "; ".join(f"{rate} {i['k']}/{i['n']}, {self.confidence:.0%} CI [{i['low']:.3g}, {i['high']:.3g}]"
-                         for rate, i in self.intervals.items())
+        return "; ".join(
+            f"{rate} {i['k']}/{i['n']}, {self.confidence:.0%} CI [{i['low']:.3g}, {i['high']:.3g}]"
+            for rate, i in self.intervals.items()
+        )
 
     def tags(self) -> dict[str, str]:
         """The model-version tags of this threshold (``repr`` keeps the float exact)."""
-        params = {**self.parameters, "n_normal": self.n_normal, "n_defective": self.n_defective,
-                  "achieved": self.achieved, "computed_on": self.computed_on,
-                  "dataset_version": self.dataset_version}
+        params = {
+            **self.parameters,
+            "n_normal": self.n_normal,
+            "n_defective": self.n_defective,
+            "achieved": self.achieved,
+            "computed_on": self.computed_on,
+            "dataset_version": self.dataset_version,
+        }
         return {
             TAG_VALUE: repr(float(self.value)),
             TAG_METHOD: self.method,
             TAG_PARAMS: json.dumps(params, sort_keys=True, separators=(",", ":"), default=_json_default)[:4900],
             TAG_SPLIT: self.split or "",
             TAG_DATASET: self.dataset or "",
-            TAG_INTERVALS: json.dumps({"confidence": self.confidence, **self.intervals}, sort_keys=True,
-                                      separators=(",", ":"), default=_json_default) if self.intervals else "",
+            TAG_INTERVALS: json.dumps(
+                {"confidence": self.confidence, **self.intervals},
+                sort_keys=True,
+                separators=(",", ":"),
+                default=_json_default,
+            )
+            if self.intervals
+            else "",
             TAG_WARNING: self.warning or "",  # always set: a recalibration clears an earlier warning
         }
 
@@ -167,8 +180,11 @@ def rates_at(value: float, scores: Any, labels: Any) -> dict[str, float]:
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     precision = tp / (tp + fp) if tp + fp else math.nan
     recall = tp / n_pos if n_pos else math.nan
-    f1 = (2 * precision * recall / (precision + recall)
-          if n_pos and tp + fp and (precision + recall) > 0 else (0.0 if n_pos else math.nan))
+    f1 = (
+        2 * precision * recall / (precision + recall)
+        if n_pos and tp + fp and (precision + recall) > 0
+        else (0.0 if n_pos else math.nan)
+    )
     far = fp / n_neg if n_neg else math.nan
     return {"precision": precision, "recall": recall, "f1": f1, "false_alarm_rate": far}
 
@@ -227,16 +243,30 @@ def _too_few(n: int, requested: float, *, recall: bool = False) -> str | None:
     if needed is not None and n >= needed:
         return None
     images, what = ("defective", "recall") if recall else ("normal", "false-alarm rate")
-    bound = (f"even with no miss the 95 % lower bound is about 1 - 3/{n} = {max(1 - 3 / n, 0):.3g}" if recall
-             else f"even with no false alarm the 95 % upper bound is about 3/{n} = {min(3 / n, 1):.3g}")
-    need = (f"{requested:g} needs at least {needed} {images} images" if needed is not None
-            else f"no number of images can show {requested:g}")
+    bound = (
+        f"even with no miss the 95 % lower bound is about 1 - 3/{n} = {max(1 - 3 / n, 0):.3g}"
+        if recall
+        else f"even with no false alarm the 95 % upper bound is about 3/{n} = {min(3 / n, 1):.3g}"
+    )
+    need = (
+        f"{requested:g} needs at least {needed} {images} images"
+        if needed is not None
+        else f"no number of images can show {requested:g}"
+    )
     return f"{n} {images} images cannot show a {what} of {requested:g}: {bound} (rule of three); {need}"
 
 
-def calibrate(scores: Any, labels: Any, *, method: str = "auto", false_alarm_rate: float = 0.01,
-              target_recall: float = 0.95, split: str | None = None, dataset: str | None = None,
-              dataset_version: str | None = None) -> Threshold:
+def calibrate(
+    scores: Any,
+    labels: Any,
+    *,
+    method: str = "auto",
+    false_alarm_rate: float = 0.01,
+    target_recall: float = 0.95,
+    split: str | None = None,
+    dataset: str | None = None,
+    dataset_version: str | None = None,
+) -> Threshold:
     """A threshold for image scores (labels: 0 normal, 1 defective) by `method` (see the module docstring),
     with the confidence intervals of its rates; warns (`TooFewImagesWarning`) when the images are too few for
     the requested false-alarm rate or recall."""
@@ -278,10 +308,21 @@ def calibrate(scores: Any, labels: Any, *, method: str = "auto", false_alarm_rat
             intervals[rate] = {"k": k, "n": n, "low": low, "high": high}
     if warning:
         warnings.warn(warning, TooFewImagesWarning, stacklevel=2)
-    return Threshold(value=float(value), method=resolved, parameters=params, n_normal=n_normal,
-                     n_defective=n_defective, achieved=achieved, computed_on=_now(), split=split,
-                     dataset=dataset, dataset_version=dataset_version, confidence=CONFIDENCE,
-                     intervals=intervals, warning=warning)
+    return Threshold(
+        value=float(value),
+        method=resolved,
+        parameters=params,
+        n_normal=n_normal,
+        n_defective=n_defective,
+        achieved=achieved,
+        computed_on=_now(),
+        split=split,
+        dataset=dataset,
+        dataset_version=dataset_version,
+        confidence=CONFIDENCE,
+        intervals=intervals,
+        warning=warning,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -302,13 +343,15 @@ def threshold_from_tags(tags: dict[str, str]) -> float | None:
 def score_images(model, paths: Sequence[Path], *, batch_size: int = 16) -> np.ndarray:
     """Scores of image files through the serving path: decode with PIL, then `predict_images`."""
     from supersimplenet.inference import (  # noqa: PLC0415 (torch: kept off the Serve app's import)
-        inference_model, predict_images)
+        inference_model,
+        predict_images,
+    )
 
     model = inference_model(model)  # fold once, not per batch
     scores: list[np.ndarray] = []
     for start in range(0, len(paths), batch_size):
         images = []
-        for path in paths[start:start + batch_size]:
+        for path in paths[start : start + batch_size]:
             with Image.open(path) as image:
                 image.load()
                 images.append(image.copy())
@@ -317,8 +360,9 @@ def score_images(model, paths: Sequence[Path], *, batch_size: int = 16) -> np.nd
     return np.concatenate(scores) if scores else np.zeros(0)
 
 
-def record_threshold(product: str, version: str, threshold: Threshold, *, scores: dict[str, Any] | None = None,
-                     run_id: str | None = None) -> None:
+def record_threshold(
+    product: str, version: str, threshold: Threshold, *, scores: dict[str, Any] | None = None, run_id: str | None = None
+) -> None:
     """Stores `threshold` on version `version` of ``ssn-<product>``: tags plus ``calibration/v<version>``
     artifacts on the version's run (when it has one)."""
     from mlflow import MlflowClient  # noqa: PLC0415 (MLflow: kept off the Serve app's import)
@@ -330,9 +374,13 @@ def record_threshold(product: str, version: str, threshold: Threshold, *, scores
     if run_id:
         with tempfile.TemporaryDirectory() as directory:
             out = Path(directory)
-            (out / "threshold.json").write_text(json.dumps(
-                {"product": product, "registered_model": name, "version": str(version), **threshold.to_dict()},
-                indent=2, default=_json_default))
+            (out / "threshold.json").write_text(
+                json.dumps(
+                    {"product": product, "registered_model": name, "version": str(version), **threshold.to_dict()},
+                    indent=2,
+                    default=_json_default,
+                )
+            )
             if scores is not None:
                 (out / "scores.json").write_text(json.dumps(scores, default=_json_default))
             for path in sorted(out.iterdir()):
@@ -343,9 +391,17 @@ def record_threshold(product: str, version: str, threshold: Threshold, *, scores
     refresh_model_card(product, str(version))  # the card now states the threshold
 
 
-def calibrate_version(product: str, version: str | int, *, data_uri: str | None = None, split: str = "val",
-                      method: str = "auto", false_alarm_rate: float = 0.01, target_recall: float = 0.95,
-                      batch_size: int = 16) -> Threshold:
+def calibrate_version(
+    product: str,
+    version: str | int,
+    *,
+    data_uri: str | None = None,
+    split: str = "val",
+    method: str = "auto",
+    false_alarm_rate: float = 0.01,
+    target_recall: float = 0.95,
+    batch_size: int = 16,
+) -> Threshold:
     """Scores the `split` of the version's dataset (or `data_uri`) with the registered model and stores the
     calibrated threshold on the version. Never falls back to another split."""
     from mlflow import MlflowClient  # noqa: PLC0415 (MLflow: kept off the Serve app's import)
@@ -379,11 +435,27 @@ def calibrate_version(product: str, version: str | int, *, data_uri: str | None 
     scores = score_images(model, [root / s.image for s in chosen], batch_size=batch_size)
     labels = np.asarray([s.label for s in chosen], dtype=np.int64)
     try:
-        threshold = calibrate(scores, labels, method=method, false_alarm_rate=false_alarm_rate,
-                              target_recall=target_recall, split=split, dataset=uri, dataset_version=reader.version)
+        threshold = calibrate(
+            scores,
+            labels,
+            method=method,
+            false_alarm_rate=false_alarm_rate,
+            target_recall=target_recall,
+            split=split,
+            dataset=uri,
+            dataset_version=reader.version,
+        )
     except ThresholdError as error:
         raise PlatformError(f"{name} version {version} on {uri} ({split}): {error}") from None
-    record_threshold(product, version, threshold, run_id=model_version.run_id or None, scores={
-        "images": [s.image for s in chosen], "labels": labels.tolist(), "scores": scores.tolist(),
-    })
+    record_threshold(
+        product,
+        version,
+        threshold,
+        run_id=model_version.run_id or None,
+        scores={
+            "images": [s.image for s in chosen],
+            "labels": labels.tolist(),
+            "scores": scores.tolist(),
+        },
+    )
     return threshold

@@ -66,14 +66,22 @@ def _start_store(world_size: int, timeout_s: int) -> tuple[str, int]:
     listener.bind((address, 0))
     listener.listen(max(128, world_size))
     port = listener.getsockname()[1]
-    store = dist.TCPStore(address, port, world_size, True, datetime.timedelta(seconds=timeout_s),
-                          wait_for_workers=False, master_listen_fd=listener.fileno())
+    store = dist.TCPStore(
+        address,
+        port,
+        world_size,
+        True,
+        datetime.timedelta(seconds=timeout_s),
+        wait_for_workers=False,
+        master_listen_fd=listener.fileno(),
+    )
     _MASTER_STORE = (store, listener)
     return address, port
 
 
-def _join_process_group(backend: str, world_rank: int, world_size: int, address: str, port: int,
-                        timeout_s: int) -> None:
+def _join_process_group(
+    backend: str, world_rank: int, world_size: int, address: str, port: int, timeout_s: int
+) -> None:
     """Every rank: pins Gloo/NCCL to the node's interface and joins the process group through the store."""
     interface = interface_for(ray.util.get_node_ip_address())
     if interface is not None:
@@ -100,16 +108,26 @@ class _NodeBoundTorchBackend(_TorchBackend):
         else:
             backend = "nccl" if worker_group.get_resources_per_worker().get("GPU", 0) > 0 else "gloo"
         world_size = len(worker_group)
-        address, port = worker_group.execute_single(0, _start_store, world_size=world_size,
-                                                    timeout_s=backend_config.timeout_s)
+        address, port = worker_group.execute_single(
+            0, _start_store, world_size=world_size, timeout_s=backend_config.timeout_s
+        )
         # LOCAL_RANK, RANK, WORLD_SIZE, ...: what Ray's start sets before joining (Train V2 sets them here)
         worker_group.execute(_set_torch_distributed_env_vars)
-        ray.get([
-            worker_group.execute_single_async(rank, _join_process_group, backend=backend, world_rank=rank,
-                                              world_size=world_size, address=address, port=port,
-                                              timeout_s=backend_config.timeout_s)
-            for rank in range(world_size)
-        ])
+        ray.get(
+            [
+                worker_group.execute_single_async(
+                    rank,
+                    _join_process_group,
+                    backend=backend,
+                    world_rank=rank,
+                    world_size=world_size,
+                    address=address,
+                    port=port,
+                    timeout_s=backend_config.timeout_s,
+                )
+                for rank in range(world_size)
+            ]
+        )
 
 
 class NodeBoundTorchConfig(TorchConfig):
@@ -120,8 +138,16 @@ class NodeBoundTorchConfig(TorchConfig):
         return _NodeBoundTorchBackend
 
 
-def build_trainer(job: JobConfig, train_loop, *, mlflow_run_id: str, name: str, storage_path: str,
-                  num_to_keep: int, callbacks: Sequence[Any] = ()) -> TorchTrainer:
+def build_trainer(
+    job: JobConfig,
+    train_loop,
+    *,
+    mlflow_run_id: str,
+    name: str,
+    storage_path: str,
+    num_to_keep: int,
+    callbacks: Sequence[Any] = (),
+) -> TorchTrainer:
     """The `TorchTrainer` of one training run (train job or Tune trial): `job`'s scaling and failure budget,
     checkpoints under `storage_path` on the platform's S3 filesystem, the node-bound process group."""
     scaling = job.scaling
@@ -130,11 +156,14 @@ def build_trainer(job: JobConfig, train_loop, *, mlflow_run_id: str, name: str, 
         train_loop_config={"job": job.to_dict(), "mlflow_run_id": mlflow_run_id},
         torch_config=NodeBoundTorchConfig(),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
             resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
         ),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage_path, storage_filesystem=storage_filesystem(),
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem(),
             failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep),
             callbacks=list(callbacks),

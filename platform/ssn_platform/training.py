@@ -37,7 +37,13 @@ from supersimplenet.supervision import apply_supervision
 from supersimplenet.model import build_model
 from supersimplenet.synthetic import SyntheticDefectDataset
 from supersimplenet.train import (
-    build_optimizer, build_scheduler, build_train_loader, eval_loader, measure_feature_scale, predict, train_epoch,
+    build_optimizer,
+    build_scheduler,
+    build_train_loader,
+    eval_loader,
+    measure_feature_scale,
+    predict,
+    train_epoch,
     unwrap,
 )
 from supersimplenet.metrics import compute_metrics, pixel_auroc
@@ -45,9 +51,17 @@ from ssn_platform import evaluation, plots, registry, resume, s3keys
 from ssn_platform.cache import default_cache_dir
 from ssn_platform.datasets import DatasetReader
 from ssn_platform.jobconfig import JobConfig, build_job_config
+
 # the shared services, re-exported for the modules that import them from here
 from ssn_platform.services import (  # noqa: F401
-    WORKER_ENV, PlatformError, check_mlflow, connect_ray, experiment_id, git_sha, storage_filesystem, tracking_uri,
+    WORKER_ENV,
+    PlatformError,
+    check_mlflow,
+    connect_ray,
+    experiment_id,
+    git_sha,
+    storage_filesystem,
+    tracking_uri,
     worker_env,
 )
 from ssn_platform.storage import S3Settings, download_to, make_client
@@ -135,13 +149,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     root, train_samples, val_samples, test_samples = load_job_data(job)
     preset = get_preset(job.model.backbone)
-    train_set = DefectDataset(root=root, samples=train_samples, image_size=job.model.image_size, mean=preset.mean,
-                              std=preset.std, flips=cfg.resolved_flips)
+    train_set = DefectDataset(
+        root=root,
+        samples=train_samples,
+        image_size=job.model.image_size,
+        mean=preset.mean,
+        std=preset.std,
+        flips=cfg.resolved_flips,
+    )
     val_set = build_validation_set(job, root, val_samples) if rank == 0 else None
 
     model, provenance = _build_worker_model(job, device)
-    loader, sampler = build_train_loader(train_set, train_samples, cfg, rank=rank, world_size=world_size,
-                                         batch_size=job.per_worker_batch_size)
+    loader, sampler = build_train_loader(
+        train_set, train_samples, cfg, rank=rank, world_size=world_size, batch_size=job.per_worker_batch_size
+    )
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     start_epoch = _restore_or_measure_scale(model, optimizer, scheduler, sampler, train_set, job, rank, device)
@@ -161,8 +182,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # RNG of each epoch derives from (seed, epoch, rank): a resumed run continues exactly as it would have.
         torch.manual_seed(cfg.seed * 100_003 + epoch * 1_009 + rank)
         sampler.set_epoch(epoch)
-        stats = _all_reduce_mean(train_epoch(ddp_model, loader, optimizer, cfg, device=device, progress=False),
-                                 device)
+        stats = _all_reduce_mean(train_epoch(ddp_model, loader, optimizer, cfg, device=device, progress=False), device)
         lrs = {f"lr_{group['name']}": group["lr"] for group in optimizer.param_groups}
         scheduler.step()
         metrics = {**stats, **lrs, "epoch": epoch, "epoch_seconds": time.perf_counter() - started}
@@ -171,18 +191,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
         if epoch + 1 == cfg.epochs or (epoch + 1) % job.checkpoint_every == 0:
-            _report_with_checkpoint(metrics, epoch, rank, job, {
-                "model": lambda: checkpoint_dict(_plain_model(unwrap(ddp_model), job)),
-                "optimizer": optimizer.state_dict, "scheduler": scheduler.state_dict,
-                "sampler": lambda e=epoch: sampler.state_dict() if hasattr(sampler, "state_dict") else {"epoch": e},
-                "rng": torch.get_rng_state, "weights_provenance": lambda: provenance,
-            })
+            _report_with_checkpoint(
+                metrics,
+                epoch,
+                rank,
+                job,
+                {
+                    "model": lambda: checkpoint_dict(_plain_model(unwrap(ddp_model), job)),
+                    "optimizer": optimizer.state_dict,
+                    "scheduler": scheduler.state_dict,
+                    "sampler": lambda e=epoch: sampler.state_dict() if hasattr(sampler, "state_dict") else {"epoch": e},
+                    "rng": torch.get_rng_state,
+                    "weights_provenance": lambda: provenance,
+                },
+            )
         else:
             ray.train.report(metrics)
 
     if tracker is not None:
-        finalize_run(job, _plain_model(unwrap(ddp_model), job), root=root, test_samples=test_samples, device=device,
-                     tracker=tracker, provenance=provenance)
+        finalize_run(
+            job,
+            _plain_model(unwrap(ddp_model), job),
+            root=root,
+            test_samples=test_samples,
+            device=device,
+            tracker=tracker,
+            provenance=provenance,
+        )
 
 
 def _build_worker_model(job: JobConfig, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -190,13 +225,15 @@ def _build_worker_model(job: JobConfig, device: torch.device) -> tuple[torch.nn.
     rank starts from identical heads (DDP also broadcasts rank 0's)."""
     torch.manual_seed(job.train.seed)
     model = build_model(job.model)
-    provenance = load_backbone_weights(model.feature_extractor.backbone, job.model.backbone,
-                                       _resolve_weights(job.weights, default_cache_dir()))
+    provenance = load_backbone_weights(
+        model.feature_extractor.backbone, job.model.backbone, _resolve_weights(job.weights, default_cache_dir())
+    )
     return model.to(device), provenance
 
 
-def _restore_or_measure_scale(model, optimizer, scheduler, sampler, train_set, job: JobConfig, rank: int,
-                              device: torch.device) -> int:
+def _restore_or_measure_scale(
+    model, optimizer, scheduler, sampler, train_set, job: JobConfig, rank: int, device: torch.device
+) -> int:
     """The epoch to start from: after the newest stored checkpoint's (model, optimizer, scheduler and sampler
     restored from it), or 0 for a new run, whose relative noise scale rank 0 measures and broadcasts."""
     state = _resume_state(rank, device)
@@ -229,8 +266,9 @@ def _validation_metrics(net, val_set, job: JobConfig, device: torch.device) -> d
     return metrics
 
 
-def _report_with_checkpoint(metrics: dict[str, Any], epoch: int, rank: int, job: JobConfig,
-                            state: dict[str, Any]) -> None:
+def _report_with_checkpoint(
+    metrics: dict[str, Any], epoch: int, rank: int, job: JobConfig, state: dict[str, Any]
+) -> None:
     """Reports the epoch with a checkpoint: rank 0 writes `state` (each value a callable, evaluated on rank 0
     only) to a temporary directory that Ray Train uploads; the other ranks report the same checkpoint name."""
     import ray.train  # noqa: PLC0415 (Ray reads its settings on first import)
@@ -238,8 +276,11 @@ def _report_with_checkpoint(metrics: dict[str, Any], epoch: int, rank: int, job:
     with tempfile.TemporaryDirectory() as directory:
         if rank == 0:
             resume.write_checkpoint(directory, {"epoch": epoch, **{key: make() for key, make in state.items()}})
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                             checkpoint_dir_name=resume.checkpoint_dir_name(epoch))
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(directory),
+                checkpoint_dir_name=resume.checkpoint_dir_name(epoch),
+            )
         else:
             ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=resume.checkpoint_dir_name(epoch))
 
@@ -263,16 +304,22 @@ def _resume_state(rank: int, device: torch.device) -> dict[str, Any] | None:
             (stored, state), epoch = found, found[0].epoch
             handed_name = Path(handed.path).name if handed is not None else None
             if handed_name != Path(stored.path).name:
-                log.warning("resuming from %s, the newest complete checkpoint in run storage (Ray handed %s: "
-                            "a worker died before the controller registered the newer one)", stored.path, handed_name)
+                log.warning(
+                    "resuming from %s, the newest complete checkpoint in run storage (Ray handed %s: "
+                    "a worker died before the controller registered the newer one)",
+                    stored.path,
+                    handed_name,
+                )
     epoch = int(_broadcast_scalar(float(epoch), device))
     if epoch < 0:
         return None
     if state is None:
         state = resume.load_verified(fs, f"{run_dir.rstrip('/')}/{resume.checkpoint_dir_name(epoch)}")
         if state is None:
-            raise PlatformError(f"rank {rank}: checkpoint {resume.checkpoint_dir_name(epoch)} of {run_dir} that rank 0 "
-                                "verified is incomplete here")
+            raise PlatformError(
+                f"rank {rank}: checkpoint {resume.checkpoint_dir_name(epoch)} of {run_dir} that rank 0 "
+                "verified is incomplete here"
+            )
     if int(state["epoch"]) != epoch:
         raise PlatformError(f"{run_dir}/{resume.checkpoint_dir_name(epoch)} holds epoch {state['epoch']}")
     return state
@@ -299,9 +346,9 @@ class _RankZeroTracker:
         if not self.run_id:
             return
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[
-            Metric(key=k, value=float(v), timestamp=now, step=step) for k, v in metrics.items()
-        ])
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(key=k, value=float(v), timestamp=now, step=step) for k, v in metrics.items()]
+        )
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.run_id:
@@ -309,34 +356,50 @@ class _RankZeroTracker:
                 self.client.set_tag(self.run_id, key, value)
 
 
-def finalize_run(job: JobConfig, model, *, root: Path, test_samples: list, device: torch.device,
-                 tracker: _RankZeroTracker, provenance: str) -> dict[str, float]:
+def finalize_run(
+    job: JobConfig,
+    model,
+    *,
+    root: Path,
+    test_samples: list,
+    device: torch.device,
+    tracker: _RankZeroTracker,
+    provenance: str,
+) -> dict[str, float]:
     """Test metrics, artifacts, the logged model and its registration; once per job."""
     preset = get_preset(job.model.backbone)
     metrics: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as directory:
         out = Path(directory)
         if test_samples:
-            test_set = DefectDataset(root=root, samples=test_samples, image_size=job.model.image_size,
-                                     mean=preset.mean, std=preset.std)
+            test_set = DefectDataset(
+                root=root, samples=test_samples, image_size=job.model.image_size, mean=preset.mean, std=preset.std
+            )
             predictions = predict(model, eval_loader(test_set, batch_size=job.per_worker_batch_size), device=device)
-            metrics = compute_metrics(scores=predictions.scores, labels=predictions.labels, maps=predictions.maps,
-                                      masks=predictions.masks)
+            metrics = compute_metrics(
+                scores=predictions.scores, labels=predictions.labels, maps=predictions.maps, masks=predictions.masks
+            )
             metrics.update(predictions.score_metrics())  # every image score, for evaluation and the search
             tracker.log_metrics({f"test_{k}": v for k, v in metrics.items()}, step=job.train.epochs)
             (out / "test_metrics.json").write_text(json.dumps(metrics, indent=2))
             evaluation.write_breakdown(out, model, test_set, predictions)  # per image score and defect class
             plots.write_curves(predictions.scores, predictions.labels, out)
             plots.write_overlays(root, test_samples, predictions, out / "overlays", count=job.overlays)
-            (out / "test_predictions.json").write_text(json.dumps({
-                "images": [test_samples[i].image for i in predictions.indices],
-                "scores": predictions.scores.tolist(), "labels": predictions.labels.tolist(),
-            }))
+            (out / "test_predictions.json").write_text(
+                json.dumps(
+                    {
+                        "images": [test_samples[i].image for i in predictions.indices],
+                        "scores": predictions.scores.tolist(),
+                        "labels": predictions.labels.tolist(),
+                    }
+                )
+            )
         if tracker.run_id:
             tracker.client.log_artifacts(tracker.run_id, str(out), artifact_path="evaluation")
             if job.register:
-                registry.log_and_register(job, model.cpu(), run_id=tracker.run_id, metrics=metrics,
-                                          provenance=provenance)
+                registry.log_and_register(
+                    job, model.cpu(), run_id=tracker.run_id, metrics=metrics, provenance=provenance
+                )
     return metrics
 
 
@@ -354,18 +417,34 @@ class TrainingResult:
 
 # What a resubmitted run_name may change: how it runs (workers, retries, loader processes, what it logs), never
 # what it trains (the data, the weights, the model and train sections, where its checkpoints are).
-RESUBMIT_MAY_CHANGE = ("scaling.", "max_failures", "train.num_workers", "train.eval_every", "register", "overlays",
-                       "experiment", "validation", "validate_every", "synthetic_recipe", "checkpoint_every")
+RESUBMIT_MAY_CHANGE = (
+    "scaling.",
+    "max_failures",
+    "train.num_workers",
+    "train.eval_every",
+    "register",
+    "overlays",
+    "experiment",
+    "validation",
+    "validate_every",
+    "synthetic_recipe",
+    "checkpoint_every",
+)
 
 
 def _check_resubmission(job: JobConfig, run_name: str, logged: dict[str, str]) -> None:
     """A run_name submitted again continues its run only with the settings it started with; otherwise a
     PlatformError names every differing key (the old and the new value)."""
-    differing = [f"{key}: {logged[key]!r} -> {value!r}" for key, value in sorted(job.logged_params().items())
-                 if key in logged and logged[key] != value and not key.startswith(RESUBMIT_MAY_CHANGE)]
+    differing = [
+        f"{key}: {logged[key]!r} -> {value!r}"
+        for key, value in sorted(job.logged_params().items())
+        if key in logged and logged[key] != value and not key.startswith(RESUBMIT_MAY_CHANGE)
+    ]
     if differing:
-        raise PlatformError(f"run_name {run_name!r} exists with other settings; resubmitting it continues that run, "
-                            "so these must not change (use another run_name for a new run): " + "; ".join(differing))
+        raise PlatformError(
+            f"run_name {run_name!r} exists with other settings; resubmitting it continues that run, "
+            "so these must not change (use another run_name for a new run): " + "; ".join(differing)
+        )
 
 
 def _open_mlflow_run(job: JobConfig, run_name: str) -> tuple[str, str]:
@@ -442,8 +521,14 @@ def run_training(job: JobConfig, *, address: str | None = None) -> TrainingResul
     connect_ray(address)
     client = MlflowClient()
     client.update_run(run_id, status="RUNNING")
-    trainer = build_trainer(job, train_loop_per_worker, mlflow_run_id=run_id, name=run_name,
-                            storage_path=job.storage[len("s3://"):].rstrip("/"), num_to_keep=2)
+    trainer = build_trainer(
+        job,
+        train_loop_per_worker,
+        mlflow_run_id=run_id,
+        name=run_name,
+        storage_path=job.storage[len("s3://") :].rstrip("/"),
+        num_to_keep=2,
+    )
     try:
         trainer.fit()
     except Exception:
@@ -455,7 +540,11 @@ def run_training(job: JobConfig, *, address: str | None = None) -> TrainingResul
 
 def _result_from_mlflow(run_name: str, run_id: str, *, resumed: bool) -> TrainingResult:
     run = MlflowClient().get_run(run_id)
-    metrics = {k[len("test_"):]: v for k, v in run.data.metrics.items() if k.startswith("test_")}
-    return TrainingResult(run_name=run_name, mlflow_run_id=run_id, metrics=metrics,
-                          model_version=run.data.tags.get("ssn.model_version"),
-                          resumed=resumed or run.data.tags.get("ssn.resumed") == "true")
+    metrics = {k[len("test_") :]: v for k, v in run.data.metrics.items() if k.startswith("test_")}
+    return TrainingResult(
+        run_name=run_name,
+        mlflow_run_id=run_id,
+        metrics=metrics,
+        model_version=run.data.tags.get("ssn.model_version"),
+        resumed=resumed or run.data.tags.get("ssn.resumed") == "true",
+    )

@@ -33,7 +33,8 @@ def trial_driver(config: dict[str, Any], settings: dict[str, Any]) -> None:
     """One trial: a Ray Train run of the trial's job, metrics forwarded to Tune, logged to a nested MLflow run."""
     import ray.tune  # noqa: PLC0415 (Ray reads its settings on first import)
     from ray.tune.integration.ray_train import (  # noqa: PLC0415 (Ray reads its settings on first import)
-        TuneReportCallback)
+        TuneReportCallback,
+    )
 
     from ssn_platform.trainer import build_trainer  # noqa: PLC0415 (trainer imports Ray at its top)
 
@@ -42,8 +43,17 @@ def trial_driver(config: dict[str, Any], settings: dict[str, Any]) -> None:
     params = {k: v for k, v in config.items() if k not in (STUDY_TRIAL_KEY, BASELINE_KEY)}
     run_name = trial_run_name(settings["search_name"], number, trial_id)
     base = build_job_config(settings["base_job"])
-    job = apply_params(base, params, settings["fixed"], validation=settings["validation"], validate_every=1,
-                       register=False, run_name=run_name, checkpoint_every=base.train.epochs, overlays=0)
+    job = apply_params(
+        base,
+        params,
+        settings["fixed"],
+        validation=settings["validation"],
+        validate_every=1,
+        register=False,
+        run_name=run_name,
+        checkpoint_every=base.train.epochs,
+        overlays=0,
+    )
 
     client = MlflowClient()
     tags = {
@@ -66,9 +76,15 @@ def trial_driver(config: dict[str, Any], settings: dict[str, Any]) -> None:
     logged.update({f"tune.{k}": str(v) for k, v in params.items()})
     client.log_batch(run_id, params=[Param(k, v) for k, v in logged.items()])
 
-    trainer = build_trainer(job, training.train_loop_per_worker, mlflow_run_id=run_id, name=run_name,
-                            storage_path=settings["train_storage_path"], num_to_keep=1,
-                            callbacks=[TuneReportCallback()])
+    trainer = build_trainer(
+        job,
+        training.train_loop_per_worker,
+        mlflow_run_id=run_id,
+        name=run_name,
+        storage_path=settings["train_storage_path"],
+        num_to_keep=1,
+        callbacks=[TuneReportCallback()],
+    )
     try:
         trainer.fit()
     except BaseException as error:
@@ -79,8 +95,9 @@ def trial_driver(config: dict[str, Any], settings: dict[str, Any]) -> None:
     client.set_terminated(run_id, status="FINISHED")
 
 
-def _close_child_runs(client, experiment_id: str, parent_id: str, results: Mapping[str, Any], *,
-                      max_t: int) -> dict[str, str]:
+def _close_child_runs(
+    client, experiment_id: str, parent_id: str, results: Mapping[str, Any], *, max_t: int
+) -> dict[str, str]:
     """Tags every child run with the epochs Tune judged (`ssn.tune.epochs_reached`) and `ssn.tune.stopped_early`
     when ASHA stopped it before max_t, and ends the runs that Tune stopped (a stop ends the trial actor, so the
     trial cannot end its own run): KILLED when stopped before max_t, FINISHED at max_t, FAILED on errors.
@@ -88,8 +105,9 @@ def _close_child_runs(client, experiment_id: str, parent_id: str, results: Mappi
     The workers do not wait for the scheduler's verdict on an epoch: a stopped trial's run may hold one more epoch
     of metrics than Tune judged, and one whose last epoch finished meanwhile may have ended itself as FINISHED.
     Returns {tune trial id: MLflow run id}."""
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
-                              max_results=5000)
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=5000
+    )
     out = {}
     for run in runs:
         trial_id = run.data.tags.get("ssn.tune.trial_id", "")

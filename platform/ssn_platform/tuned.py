@@ -61,24 +61,45 @@ class Decision:
         return self.decision == TUNED
 
     def document_fields(self) -> dict[str, Any]:
-        return {"decision": self.decision, "baseline_value": self.baseline_value, "best_value": self.best_value,
-                "margin": self.margin, "min_margin": self.min_margin, "noise": self.noise,
-                "noise_pairs": self.noise_pairs, "baseline_trial": self.baseline_trial,
-                "best_trial": self.best_trial, "reason": self.reason}
+        return {
+            "decision": self.decision,
+            "baseline_value": self.baseline_value,
+            "best_value": self.best_value,
+            "margin": self.margin,
+            "min_margin": self.min_margin,
+            "noise": self.noise,
+            "noise_pairs": self.noise_pairs,
+            "baseline_trial": self.baseline_trial,
+            "best_trial": self.best_trial,
+            "reason": self.reason,
+        }
 
     def tags(self) -> dict[str, str]:
         def text(value: Any) -> str:
             return "none" if value is None else f"{value:.6f}" if isinstance(value, float) else str(value)
 
-        return {"ssn.tuned.decision": self.decision, "ssn.tuned.baseline_value": text(self.baseline_value),
-                "ssn.tuned.best_value": text(self.best_value), "ssn.tuned.margin": text(self.margin),
-                "ssn.tuned.baseline_trial": text(self.baseline_trial), "ssn.tuned.best_trial": text(self.best_trial),
-                "ssn.tuned.reason": self.reason}
+        return {
+            "ssn.tuned.decision": self.decision,
+            "ssn.tuned.baseline_value": text(self.baseline_value),
+            "ssn.tuned.best_value": text(self.best_value),
+            "ssn.tuned.margin": text(self.margin),
+            "ssn.tuned.baseline_trial": text(self.baseline_trial),
+            "ssn.tuned.best_trial": text(self.best_trial),
+            "ssn.tuned.reason": self.reason,
+        }
 
 
-def decide(best_value: float, baseline_value: float | None, *, mode: str, min_margin: float = DEFAULT_MIN_MARGIN,
-           noise: float | None = None, noise_pairs: int = 0, best_trial: int | None = None,
-           baseline_trial: int | None = None) -> Decision:
+def decide(
+    best_value: float,
+    baseline_value: float | None,
+    *,
+    mode: str,
+    min_margin: float = DEFAULT_MIN_MARGIN,
+    noise: float | None = None,
+    noise_pairs: int = 0,
+    best_trial: int | None = None,
+    baseline_trial: int | None = None,
+) -> Decision:
     """The keep-the-defaults rule (module doc). Raises ValueError without a baseline value or on non-finite input."""
     if mode not in ("max", "min"):
         raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
@@ -92,14 +113,28 @@ def decide(best_value: float, baseline_value: float | None, *, mode: str, min_ma
     margin = max(float(min_margin), float(noise)) if noise is not None else float(min_margin)
     improvement = best_value - baseline_value if mode == "max" else baseline_value - best_value
     tuned = improvement - margin > 1e-9  # exactly the margin (up to float error) does not clear it
-    how = ("--min-margin" if noise is None or noise <= min_margin else
-           f"largest spread of {noise_pairs} nearly identical trial pair{'s' * (noise_pairs != 1)}")
-    reason = (f"best {best_value:.3f} vs defaults {baseline_value:.3f}: {best_value - baseline_value:+.3f}"
-              f"{' (lower is better)' if mode == 'min' else ''} {'clears' if tuned else 'does not clear'} the margin "
-              f"{margin:.3f} ({how}); " + ("using the best trial's settings" if tuned else "keeping the defaults"))
-    return Decision(TUNED if tuned else KEPT_DEFAULTS, float(best_value), float(baseline_value), margin, reason,
-                    float(min_margin), None if noise is None else float(noise), noise_pairs, best_trial,
-                    baseline_trial)
+    how = (
+        "--min-margin"
+        if noise is None or noise <= min_margin
+        else f"largest spread of {noise_pairs} nearly identical trial pair{'s' * (noise_pairs != 1)}"
+    )
+    reason = (
+        f"best {best_value:.3f} vs defaults {baseline_value:.3f}: {best_value - baseline_value:+.3f}"
+        f"{' (lower is better)' if mode == 'min' else ''} {'clears' if tuned else 'does not clear'} the margin "
+        f"{margin:.3f} ({how}); " + ("using the best trial's settings" if tuned else "keeping the defaults")
+    )
+    return Decision(
+        TUNED if tuned else KEPT_DEFAULTS,
+        float(best_value),
+        float(baseline_value),
+        margin,
+        reason,
+        float(min_margin),
+        None if noise is None else float(noise),
+        noise_pairs,
+        best_trial,
+        baseline_trial,
+    )
 
 
 def _same_value(a: Any, b: Any) -> bool:
@@ -110,16 +145,24 @@ def _same_value(a: Any, b: Any) -> bool:
 
 def find_baseline(trials: Sequence[Any], point: Mapping[str, Any], *, max_t: int, complete_only: bool = False):
     """The study's baseline trial for these values and max_t: the last COMPLETE one, else the last one (any state)."""
-    found = [t for t in trials if t.user_attrs.get(BASELINE_ATTR) and t.user_attrs.get("max_t") == max_t
-             and set(t.params) == set(point) and all(_same_value(t.params[k], v) for k, v in point.items())]
+    found = [
+        t
+        for t in trials
+        if t.user_attrs.get(BASELINE_ATTR)
+        and t.user_attrs.get("max_t") == max_t
+        and set(t.params) == set(point)
+        and all(_same_value(t.params[k], v) for k, v in point.items())
+    ]
     complete = [t for t in found if t.state.name == "COMPLETE"]
     return (complete or ([] if complete_only else found) or [None])[-1]
 
 
-def near_identical_spread(trials: Sequence[Any], params: Sequence[Any], *,
-                          fraction: float = NEAR_FRACTION) -> tuple[float | None, int]:
+def near_identical_spread(
+    trials: Sequence[Any], params: Sequence[Any], *, fraction: float = NEAR_FRACTION
+) -> tuple[float | None, int]:
     """(largest |value difference|, number of pairs) over pairs of trials whose every searched parameter (ParamSpec)
     lies within `fraction` of its range (log scale for log_uniform; categorical: equal); (None, 0) without a pair."""
+
     def close(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
         for spec in params:
             x, y = a.get(spec.key), b.get(spec.key)
@@ -138,8 +181,9 @@ def near_identical_spread(trials: Sequence[Any], params: Sequence[Any], *,
                 return False
         return True
 
-    spreads = [abs(a.value - b.value) for i, a in enumerate(trials) for b in trials[i + 1:]
-               if close(a.params, b.params)]
+    spreads = [
+        abs(a.value - b.value) for i, a in enumerate(trials) for b in trials[i + 1 :] if close(a.params, b.params)
+    ]
     return (max(spreads), len(spreads)) if spreads else (None, 0)
 
 
@@ -152,44 +196,71 @@ class Chosen:
     number: int | None
 
 
-def judge(study, params: Sequence[Any], best, point: Mapping[str, Any], *, max_t: int, mode: str,
-          min_margin: float, baseline_requested: bool) -> tuple[Decision, Chosen]:
+def judge(
+    study,
+    params: Sequence[Any],
+    best,
+    point: Mapping[str, Any],
+    *,
+    max_t: int,
+    mode: str,
+    min_margin: float,
+    baseline_requested: bool,
+) -> tuple[Decision, Chosen]:
     """The decision for a finished search and the settings to write (module doc: Missing baseline)."""
     trials = study.get_trials(deepcopy=False)
-    complete = [t for t in trials if t.state.name == "COMPLETE" and t.user_attrs.get("max_t") == max_t
-                and t.value is not None and math.isfinite(t.value)]
+    complete = [
+        t
+        for t in trials
+        if t.state.name == "COMPLETE"
+        and t.user_attrs.get("max_t") == max_t
+        and t.value is not None
+        and math.isfinite(t.value)
+    ]
     noise, pairs = near_identical_spread(complete, params)
     baseline = find_baseline(trials, point, max_t=max_t)
     best_chosen = Chosen(dict(best.params), float(best.value), best.number)
     common = dict(min_margin=float(min_margin), noise=noise, noise_pairs=pairs, best_trial=best.number)
     if baseline is not None and baseline.state.name == "COMPLETE":
         decision = decide(best.value, baseline.value, mode=mode, baseline_trial=baseline.number, **common)
-        return decision, best_chosen if decision.tuned else Chosen(dict(baseline.params), baseline.value,
-                                                                   baseline.number)
+        return decision, best_chosen if decision.tuned else Chosen(
+            dict(baseline.params), baseline.value, baseline.number
+        )
     margin = max(float(min_margin), noise or 0.0)
     if baseline is None and not baseline_requested:
-        reason = (f"best {best.value:.3f}; no baseline trial for the job's settings in the study (baseline "
-                  "disabled): using the best trial's settings without a comparison with the defaults")
+        reason = (
+            f"best {best.value:.3f}; no baseline trial for the job's settings in the study (baseline "
+            "disabled): using the best trial's settings without a comparison with the defaults"
+        )
         return Decision(TUNED, float(best.value), None, margin, reason, **common), best_chosen
     state = "did not run" if baseline is None else f"ended {baseline.state.name}"
-    reason = (f"best {best.value:.3f}; the baseline trial {state} before the full schedule, so the search cannot "
-              "show that it beats the defaults; keeping the defaults")
+    reason = (
+        f"best {best.value:.3f}; the baseline trial {state} before the full schedule, so the search cannot "
+        "show that it beats the defaults; keeping the defaults"
+    )
     number = None if baseline is None else baseline.number
-    return (Decision(KEPT_DEFAULTS, float(best.value), None, margin, reason, baseline_trial=number, **common),
-            Chosen(dict(point), None, number))
+    return (
+        Decision(KEPT_DEFAULTS, float(best.value), None, margin, reason, baseline_trial=number, **common),
+        Chosen(dict(point), None, number),
+    )
 
 
 def baseline_protecting_asha(**kwargs: Any):
     """ASHAScheduler(**kwargs) that records the baseline trial's results in its rungs but never stops it before
     max_t (the trial's Tune config carries BASELINE_KEY)."""
     from ray.tune.schedulers import (  # noqa: PLC0415 (Ray reads its settings on first import)
-        ASHAScheduler, TrialScheduler)
+        ASHAScheduler,
+        TrialScheduler,
+    )
 
     class BaselineProtectingASHA(ASHAScheduler):
         def on_trial_result(self, tune_controller, trial, result: dict) -> str:
             action = super().on_trial_result(tune_controller, trial, result)
-            if (action == TrialScheduler.STOP and (trial.config or {}).get(BASELINE_KEY)
-                    and int(result.get(self._time_attr) or 0) < self._max_t):
+            if (
+                action == TrialScheduler.STOP
+                and (trial.config or {}).get(BASELINE_KEY)
+                and int(result.get(self._time_attr) or 0) < self._max_t
+            ):
                 self._num_stopped -= 1
                 return TrialScheduler.CONTINUE
             return action
@@ -197,5 +268,17 @@ def baseline_protecting_asha(**kwargs: Any):
     return BaselineProtectingASHA(**kwargs)
 
 
-__all__ = ["BASELINE_ATTR", "BASELINE_KEY", "Chosen", "DEFAULT_MIN_MARGIN", "Decision", "KEPT_DEFAULTS", "TUNED",
-           "baseline_protecting_asha", "decide", "find_baseline", "judge", "near_identical_spread"]
+__all__ = [
+    "BASELINE_ATTR",
+    "BASELINE_KEY",
+    "Chosen",
+    "DEFAULT_MIN_MARGIN",
+    "Decision",
+    "KEPT_DEFAULTS",
+    "TUNED",
+    "baseline_protecting_asha",
+    "decide",
+    "find_baseline",
+    "judge",
+    "near_identical_spread",
+]

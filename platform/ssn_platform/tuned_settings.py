@@ -31,9 +31,20 @@ TUNED_PREFIX = "tuned"
 TUNED_SCHEMA = "ssn-tuned-settings"
 
 
-def tuned_settings_document(job: JobConfig, space: SearchSpace, best, *, metric: str, mode: str, study_name: str,
-                            validation: str, search_name: str, parent_run_id: str, best_run_id: str | None,
-                            decision: Decision | None = None) -> dict[str, Any]:
+def tuned_settings_document(
+    job: JobConfig,
+    space: SearchSpace,
+    best,
+    *,
+    metric: str,
+    mode: str,
+    study_name: str,
+    validation: str,
+    search_name: str,
+    parent_run_id: str,
+    best_run_id: str | None,
+    decision: Decision | None = None,
+) -> dict[str, Any]:
     """The settings of `best` (a trial or tuned.Chosen: the best trial's or, kept_defaults, the baseline's)."""
     tuned = apply_params(job, best.params, space.fixed)
     overrides = {**{k: v for k, v in space.fixed.items()}, **dict(best.params)}
@@ -109,8 +120,9 @@ def read_tuned_settings(path_or_uri: str | Path) -> dict[str, Any]:
     return dict(document)
 
 
-def tuned_settings_overrides(path_or_uri: str | Path, *, backbone: str | None = None,
-                             product: str | None = None) -> list[str]:
+def tuned_settings_overrides(
+    path_or_uri: str | Path, *, backbone: str | None = None, product: str | None = None
+) -> list[str]:
     """`key=value` overrides that apply tuned settings to a train job (put user overrides after them).
 
     With `backbone` / `product`, refuses settings tuned for another backbone or product (sigma does not transfer
@@ -135,8 +147,7 @@ def load_tuned_job_config(config: str | Path, overrides: Sequence[str], tuned: s
     train."""
     if tuned:
         base = load_job_config(config, overrides)
-        overrides = [*tuned_settings_overrides(tuned, backbone=base.model.backbone, product=base.product),
-                     *overrides]
+        overrides = [*tuned_settings_overrides(tuned, backbone=base.model.backbone, product=base.product), *overrides]
     return load_job_config(config, overrides)
 
 

@@ -73,9 +73,22 @@ from ssn_platform.datasets import DatasetReader
 from ssn_platform.jobconfig import JobConfig
 from ssn_platform.services import PlatformError, experiment_id
 from ssn_platform.search_space import SearchSpace, _value_of, apply_params
-from ssn_platform.study import (SearchLease, TrialSummary, _best_trial, _make_searcher_class, _prepare_study,
-                                _summaries, backbone_label, default_storage_url, default_study_name, open_storage,
-                                redact_url, seed_asha_rungs, write_study_plots, write_trials_csv)
+from ssn_platform.study import (
+    SearchLease,
+    TrialSummary,
+    _best_trial,
+    _make_searcher_class,
+    _prepare_study,
+    _summaries,
+    backbone_label,
+    default_storage_url,
+    default_study_name,
+    open_storage,
+    redact_url,
+    seed_asha_rungs,
+    write_study_plots,
+    write_trials_csv,
+)
 from ssn_platform.trial import _close_child_runs, trial_driver
 from ssn_platform.tuned import DEFAULT_MIN_MARGIN, Decision, baseline_protecting_asha, find_baseline, judge
 from ssn_platform.tuned_settings import tuned_settings_document, write_tuned_settings
@@ -218,9 +231,19 @@ def run_search(
     after the baseline trial (`baseline`; ssn_platform.tuned has it and the `min_margin` rule).
     """
     started = time.perf_counter()
-    session = _plan_session(job, space, num_trials=num_trials, study_name=study_name, storage=storage, metric=metric,
-                            mode=mode, grace_period=grace_period, reduction_factor=reduction_factor,
-                            min_margin=min_margin, baseline=baseline)
+    session = _plan_session(
+        job,
+        space,
+        num_trials=num_trials,
+        study_name=study_name,
+        storage=storage,
+        metric=metric,
+        mode=mode,
+        grace_period=grace_period,
+        reduction_factor=reduction_factor,
+        min_margin=min_margin,
+        baseline=baseline,
+    )
     training.check_mlflow()
     session.job = training.pin_dataset(session.job)  # `latest` resolved once here: every trial trains the same data
     session.validation = resolve_validation(session.job)
@@ -246,10 +269,20 @@ def run_search(
     return result
 
 
-def _plan_session(job: JobConfig, space: Mapping[str, Any] | SearchSpace | str | Path, *, num_trials: int,
-                  study_name: str | None, storage: str | None, metric: str, mode: str | None,
-                  grace_period: int | None,
-                  reduction_factor: int, min_margin: float, baseline: bool) -> _Session:
+def _plan_session(
+    job: JobConfig,
+    space: Mapping[str, Any] | SearchSpace | str | Path,
+    *,
+    num_trials: int,
+    study_name: str | None,
+    storage: str | None,
+    metric: str,
+    mode: str | None,
+    grace_period: int | None,
+    reduction_factor: int,
+    min_margin: float,
+    baseline: bool,
+) -> _Session:
     """Checks the arguments, and the space against the job, before anything starts."""
     if num_trials < 1:
         raise ConfigError(f"num_trials must be >= 1, got {num_trials}")
@@ -271,22 +304,44 @@ def _plan_session(job: JobConfig, space: Mapping[str, Any] | SearchSpace | str |
             apply_params(job, {p.key: value}, search_space.fixed)
     baseline_point = {key: _value_of(job, key) for key in search_space.keys}
     if baseline and any(_value_of(job, k) != v for k, v in search_space.fixed.items()):
-        log.warning("the baseline trial applies the space's fixed %s, which differ from the job's own values",
-                    dict(search_space.fixed))
-    return _Session(job=job, space=search_space, metric=metric, mode=mode, num_trials=num_trials,
-                    grace_period=grace_period, reduction_factor=reduction_factor, min_margin=min_margin,
-                    study_name=study_name or default_study_name(job, search_space),
-                    storage_url=storage or default_storage_url(), baseline_point=baseline_point)
+        log.warning(
+            "the baseline trial applies the space's fixed %s, which differ from the job's own values",
+            dict(search_space.fixed),
+        )
+    return _Session(
+        job=job,
+        space=search_space,
+        metric=metric,
+        mode=mode,
+        num_trials=num_trials,
+        grace_period=grace_period,
+        reduction_factor=reduction_factor,
+        min_margin=min_margin,
+        study_name=study_name or default_study_name(job, search_space),
+        storage_url=storage or default_storage_url(),
+        baseline_point=baseline_point,
+    )
 
 
 def _open_study(session: _Session, *, baseline: bool):
     """Creates or loads the study, decides whether this session runs the baseline trial, and names the session."""
     job, search_space = session.job, session.space
-    _, study = _prepare_study(session.storage_url, session.study_name, job, metric=session.metric, mode=session.mode,
-                              backbone=backbone_label(job, search_space))
+    _, study = _prepare_study(
+        session.storage_url,
+        session.study_name,
+        job,
+        metric=session.metric,
+        mode=session.mode,
+        backbone=backbone_label(job, search_space),
+    )
     session.existing = len(study.trials)
-    session.run_baseline = baseline and find_baseline(study.get_trials(deepcopy=False), session.baseline_point,
-                                                      max_t=session.epochs, complete_only=True) is None
+    session.run_baseline = (
+        baseline
+        and find_baseline(
+            study.get_trials(deepcopy=False), session.baseline_point, max_t=session.epochs, complete_only=True
+        )
+        is None
+    )
     stamp = time.strftime("%Y%m%d-%H%M%S")
     session.search_name = f"tune-{job.product}-{stamp}-{uuid.uuid4().hex[:6]}"
     return study
@@ -296,12 +351,22 @@ def _start_parent_run(client, session: _Session, study) -> None:
     """The session's MLflow parent run (every trial is a child run of it), recorded in the study's sessions."""
     job, search_space, search_name = session.job, session.space, session.search_name
     session.experiment_id = experiment_id(client, job.experiment_name)
-    parent = client.create_run(session.experiment_id, run_name=search_name, tags={
-        training.RUN_TAG: search_name, "ssn.product": job.product, "ssn.backbone": backbone_label(job, search_space),
-        "ssn.tune.study": session.study_name, "ssn.tune.storage": redact_url(session.storage_url),
-        "ssn.tune.metric": session.metric, "ssn.tune.mode": session.mode, "ssn.tune.validation": session.validation,
-        "ssn.tune.role": "search", "ssn.tune.trials_before": str(session.existing),
-    })
+    parent = client.create_run(
+        session.experiment_id,
+        run_name=search_name,
+        tags={
+            training.RUN_TAG: search_name,
+            "ssn.product": job.product,
+            "ssn.backbone": backbone_label(job, search_space),
+            "ssn.tune.study": session.study_name,
+            "ssn.tune.storage": redact_url(session.storage_url),
+            "ssn.tune.metric": session.metric,
+            "ssn.tune.mode": session.mode,
+            "ssn.tune.validation": session.validation,
+            "ssn.tune.role": "search",
+            "ssn.tune.trials_before": str(session.existing),
+        },
+    )
     session.parent_id = parent.info.run_id
     sessions = list(study.user_attrs.get("ssn.sessions", []))
     study.set_user_attr("ssn.sessions", [*sessions, session.parent_id])
@@ -312,18 +377,25 @@ def _log_parent_params(client, session: _Session) -> None:
     for key, value in training.lineage_tags(session.job).items():
         client.set_tag(session.parent_id, key, value)
     logged = session.job.logged_params()
-    logged.update({
-        "tune.num_trials": str(session.num_trials), "tune.max_concurrent": str(session.concurrency),
-        "tune.grace_period": str(session.grace_period), "tune.reduction_factor": str(session.reduction_factor),
-        "tune.space": json.dumps(session.space.to_dict(), sort_keys=True)[:6000],
-        "tune.validation": session.validation, "tune.metric": session.metric,
-        "tune.baseline": str(session.run_baseline), "tune.min_margin": str(session.min_margin),
-    })
+    logged.update(
+        {
+            "tune.num_trials": str(session.num_trials),
+            "tune.max_concurrent": str(session.concurrency),
+            "tune.grace_period": str(session.grace_period),
+            "tune.reduction_factor": str(session.reduction_factor),
+            "tune.space": json.dumps(session.space.to_dict(), sort_keys=True)[:6000],
+            "tune.validation": session.validation,
+            "tune.metric": session.metric,
+            "tune.baseline": str(session.run_baseline),
+            "tune.min_margin": str(session.min_margin),
+        }
+    )
     client.log_batch(session.parent_id, params=[Param(k, v) for k, v in logged.items()])
 
 
-def _run_trials(client, session: _Session, study, *, initial_points: Sequence[Mapping[str, Any]] | None,
-                time_budget_s: float | None):
+def _run_trials(
+    client, session: _Session, study, *, initial_points: Sequence[Mapping[str, Any]] | None, time_budget_s: float | None
+):
     """Runs the session's trials on Ray Tune: the seeded TPE searcher over the study, ASHA (its rungs seeded with the
     study's record), one `trial_driver` per trial. Returns Tune's result grid."""
     import ray.train  # noqa: PLC0415 (Ray reads its settings on first import)
@@ -338,32 +410,55 @@ def _run_trials(client, session: _Session, study, *, initial_points: Sequence[Ma
         if set(point) != set(search_space.keys):
             raise ConfigError(f"initial point {point} must give exactly the searched keys {search_space.keys}")
     searcher = _make_searcher_class()(
-        space=search_space.optuna_space(), metric=session.metric, mode=mode, sampler=sampler,
-        study_name=session.study_name, storage=open_storage(session.storage_url), points=points, max_t=epochs,
-        search_name=session.search_name, baseline=session.baseline_point if session.run_baseline else None,
+        space=search_space.optuna_space(),
+        metric=session.metric,
+        mode=mode,
+        sampler=sampler,
+        study_name=session.study_name,
+        storage=open_storage(session.storage_url),
+        points=points,
+        max_t=epochs,
+        search_name=session.search_name,
+        baseline=session.baseline_point if session.run_baseline else None,
     )
-    scheduler = baseline_protecting_asha(time_attr="training_iteration", grace_period=session.grace_period,
-                                         reduction_factor=session.reduction_factor, max_t=epochs)
+    scheduler = baseline_protecting_asha(
+        time_attr="training_iteration",
+        grace_period=session.grace_period,
+        reduction_factor=session.reduction_factor,
+        max_t=epochs,
+    )
     seeded = seed_asha_rungs(scheduler, study, max_t=epochs, mode=mode)
     client.set_tag(session.parent_id, "ssn.tune.asha_seeded_values", str(seeded))
-    storage_root = session.job.storage[len("s3://"):].rstrip("/")
+    storage_root = session.job.storage[len("s3://") :].rstrip("/")
     settings = {
-        "base_job": session.job.to_dict(), "fixed": dict(search_space.fixed), "validation": session.validation,
-        "search_name": session.search_name, "study_name": session.study_name, "parent_run_id": session.parent_id,
+        "base_job": session.job.to_dict(),
+        "fixed": dict(search_space.fixed),
+        "validation": session.validation,
+        "search_name": session.search_name,
+        "study_name": session.study_name,
+        "parent_run_id": session.parent_id,
         "experiment_id": session.experiment_id,
         "train_storage_path": f"{storage_root}/tune/{session.search_name}/trials",
     }
-    trainable = ray.tune.with_resources(ray.tune.with_parameters(trial_driver, settings=settings),
-                                        TRIAL_DRIVER_RESOURCES)
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(trial_driver, settings=settings), TRIAL_DRIVER_RESOURCES
+    )
     tuner = ray.tune.Tuner(
         trainable,
         tune_config=ray.tune.TuneConfig(
-            metric=session.metric, mode=mode, search_alg=searcher, scheduler=scheduler,
-            num_samples=session.num_trials, max_concurrent_trials=session.concurrency, reuse_actors=False,
-            time_budget_s=time_budget_s, trial_dirname_creator=_trial_dirname,
+            metric=session.metric,
+            mode=mode,
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=session.num_trials,
+            max_concurrent_trials=session.concurrency,
+            reuse_actors=False,
+            time_budget_s=time_budget_s,
+            trial_dirname_creator=_trial_dirname,
         ),
         run_config=ray.tune.RunConfig(
-            name=session.search_name, storage_path=f"{storage_root}/tune",
+            name=session.search_name,
+            storage_path=f"{storage_root}/tune",
             storage_filesystem=training.storage_filesystem(),
             failure_config=ray.tune.FailureConfig(max_failures=0),
         ),
@@ -378,31 +473,46 @@ def _collect_trials(client, session: _Session, grid) -> tuple[Any, list[TrialSum
     for result in grid:
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
         tune_results[trial_id] = result
-    child_runs = _close_child_runs(client, session.experiment_id, session.parent_id, tune_results,
-                                   max_t=session.epochs)
+    child_runs = _close_child_runs(client, session.experiment_id, session.parent_id, tune_results, max_t=session.epochs)
 
     study = optuna.load_study(study_name=session.study_name, storage=open_storage(session.storage_url))
     summaries = _summaries(study, child_runs)
     if not any(t.state in ("COMPLETE", "PRUNED") for t in summaries if t.search == session.search_name):
         errors = [str(r.error) for r in grid if r.error is not None]
-        raise training.PlatformError(f"search {session.search_name}: no trial finished; first error: "
-                                     f"{errors[0] if errors else 'unknown'}")
+        raise training.PlatformError(
+            f"search {session.search_name}: no trial finished; first error: {errors[0] if errors else 'unknown'}"
+        )
     return study, summaries
 
 
-def _record_outcome(client, session: _Session, study, summaries: list[TrialSummary], *,
-                    baseline: bool) -> SearchResult:
+def _record_outcome(client, session: _Session, study, summaries: list[TrialSummary], *, baseline: bool) -> SearchResult:
     """Judges the best trial against the baseline, writes the tuned settings (S3 and the parent run's artifacts)
     and tags the parent run. Returns the search's result (wall time and retraining still to fill in)."""
     job, search_space, metric, mode = session.job, session.space, session.metric, session.mode
     search_name, parent_id = session.search_name, session.parent_id
     best = _best_trial(study)
-    decision, chosen = judge(study, search_space.params, best, session.baseline_point, max_t=session.epochs,
-                             mode=mode, min_margin=session.min_margin, baseline_requested=baseline)
+    decision, chosen = judge(
+        study,
+        search_space.params,
+        best,
+        session.baseline_point,
+        max_t=session.epochs,
+        mode=mode,
+        min_margin=session.min_margin,
+        baseline_requested=baseline,
+    )
     log.info("search %s: %s: %s", search_name, decision.decision, decision.reason)
     settings_doc = tuned_settings_document(
-        job, search_space, chosen, metric=metric, mode=mode, study_name=session.study_name,
-        validation=session.validation, search_name=search_name, parent_run_id=parent_id, decision=decision,
+        job,
+        search_space,
+        chosen,
+        metric=metric,
+        mode=mode,
+        study_name=session.study_name,
+        validation=session.validation,
+        search_name=search_name,
+        parent_run_id=parent_id,
+        decision=decision,
         best_run_id=next((t.mlflow_run_id for t in summaries if t.number == chosen.number), None),
     )
     tuned_uri = write_tuned_settings(job, settings_doc)
@@ -410,9 +520,12 @@ def _record_outcome(client, session: _Session, study, summaries: list[TrialSumma
     session_trials = [t.number for t in summaries if t.search == search_name]
     stopped = [t.number for t in summaries if t.search == search_name and t.stopped_early]
     tags = {
-        "ssn.tuned.uri": tuned_uri, "ssn.tuned.value": "none" if chosen.value is None else f"{chosen.value:.6f}",
-        "ssn.tuned.study_trial": str(chosen.number), "ssn.tune.trials_total": str(len(summaries)),
-        "ssn.tune.trials_session": str(len(session_trials)), "ssn.tune.stopped_early": str(len(stopped)),
+        "ssn.tuned.uri": tuned_uri,
+        "ssn.tuned.value": "none" if chosen.value is None else f"{chosen.value:.6f}",
+        "ssn.tuned.study_trial": str(chosen.number),
+        "ssn.tune.trials_total": str(len(summaries)),
+        "ssn.tune.trials_session": str(len(session_trials)),
+        "ssn.tune.stopped_early": str(len(stopped)),
         "ssn.tune.max_concurrent": str(session.concurrency),
     }
     tags.update({f"ssn.tuned.{k}": str(v) for k, v in chosen.params.items()})
@@ -424,19 +537,34 @@ def _record_outcome(client, session: _Session, study, summaries: list[TrialSumma
     if decision.baseline_value is not None:
         client.log_metric(parent_id, f"baseline_{metric}", decision.baseline_value)
     return SearchResult(
-        search_name=search_name, study_name=session.study_name, storage=redact_url(session.storage_url),
-        parent_run_id=parent_id, metric=metric, mode=mode, validation=session.validation,
-        best_params=dict(best.params), best_value=best.value, best_trial=best.number, tuned_settings=settings_doc,
-        tuned_uri=tuned_uri, trials=summaries, session_trials=session_trials, stopped_early=stopped,
-        max_concurrent=session.concurrency, wall_seconds=0.0, decision=decision, tuned_params=dict(chosen.params),
+        search_name=search_name,
+        study_name=session.study_name,
+        storage=redact_url(session.storage_url),
+        parent_run_id=parent_id,
+        metric=metric,
+        mode=mode,
+        validation=session.validation,
+        best_params=dict(best.params),
+        best_value=best.value,
+        best_trial=best.number,
+        tuned_settings=settings_doc,
+        tuned_uri=tuned_uri,
+        trials=summaries,
+        session_trials=session_trials,
+        stopped_early=stopped,
+        max_concurrent=session.concurrency,
+        wall_seconds=0.0,
+        decision=decision,
+        tuned_params=dict(chosen.params),
     )
 
 
 def _retrain_best(client, session: _Session, params: Mapping[str, Any], *, address: str | None):
     """Trains the chosen settings with the full schedule through `training.run_training`, registered like any train
     job; the parent run is tagged with its run and model version."""
-    best_job = apply_params(session.job, params, session.space.fixed, validation="none",
-                            run_name=f"{session.search_name}-best")
+    best_job = apply_params(
+        session.job, params, session.space.fixed, validation="none", run_name=f"{session.search_name}-best"
+    )
     retrained = training.run_training(best_job, address=address)
     client.set_tag(session.parent_id, "ssn.tune.retrain_run_id", retrained.mlflow_run_id)
     if retrained.model_version:
@@ -448,8 +576,9 @@ def _trial_dirname(trial) -> str:
     return str(trial.trial_id)
 
 
-def _log_search_artifacts(client, run_id: str, study, summaries: Sequence[TrialSummary],
-                          settings_doc: Mapping[str, Any], space: SearchSpace) -> None:
+def _log_search_artifacts(
+    client, run_id: str, study, summaries: Sequence[TrialSummary], settings_doc: Mapping[str, Any], space: SearchSpace
+) -> None:
     with tempfile.TemporaryDirectory() as directory:
         out = Path(directory)
         (out / SETTINGS_ARTIFACT).write_text(yaml.safe_dump(dict(settings_doc), sort_keys=False))

@@ -51,14 +51,18 @@ def strict(schema: dict) -> dict:
 
     def walk(node):
         if isinstance(node, dict):
-            if "properties" in node and "additionalProperties" not in node \
-                    and not node.get("x-kubernetes-preserve-unknown-fields"):
+            if (
+                "properties" in node
+                and "additionalProperties" not in node
+                and not node.get("x-kubernetes-preserve-unknown-fields")
+            ):
                 node["additionalProperties"] = False
             for value in node.values():
                 walk(value)
         elif isinstance(node, list):
             for value in node:
                 walk(value)
+
     walk(schema)
     schema["properties"]["metadata"] = {"type": "object"}  # ObjectMeta: checked by the core schemas' rules below
     return schema
@@ -94,11 +98,14 @@ def test_every_object_of_every_overlay_matches_its_schema(rendered, crd_schemas)
             pytest.fail(f"{overlay}: {obj['kind']}/{obj['metadata']['name']}: {error.message}")
 
 
-@pytest.mark.parametrize("mutation, culprit", [
-    (lambda o: o["spec"]["headGroupSpec"].update(rayStartParam={}), "rayStartParam"),       # a misspelt field
-    (lambda o: o["spec"]["workerGroupSpecs"][0].update(minReplicas="1"), "'1'"),          # a wrong type
-    (lambda o: o["spec"]["workerGroupSpecs"][0].pop("groupName"), "groupName"),           # a missing field
-])
+@pytest.mark.parametrize(
+    "mutation, culprit",
+    [
+        (lambda o: o["spec"]["headGroupSpec"].update(rayStartParam={}), "rayStartParam"),  # a misspelt field
+        (lambda o: o["spec"]["workerGroupSpecs"][0].update(minReplicas="1"), "'1'"),  # a wrong type
+        (lambda o: o["spec"]["workerGroupSpecs"][0].pop("groupName"), "groupName"),  # a missing field
+    ],
+)
 def test_the_validation_rejects_unknown_fields_wrong_types_and_missing_required_ones(crd_schemas, mutation, culprit):
     cluster = next(o for o in render(K8S / "overlays" / "local-kind") if o["kind"] == "RayCluster")
     validate(cluster, crd_schemas)
@@ -114,8 +121,9 @@ def test_the_validation_rejects_unknown_fields_wrong_types_and_missing_required_
 def pod_specs(obj: dict) -> list[dict]:
     """Every pod template's spec in a Deployment or a Ray resource."""
     spec = obj.get("spec", {})
-    cluster = spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or (spec if obj["kind"] == "RayCluster"
-                                                                            else None)
+    cluster = (
+        spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or (spec if obj["kind"] == "RayCluster" else None)
+    )
     if cluster:
         groups = [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]
         return [g["template"]["spec"] for g in groups]
@@ -140,16 +148,23 @@ def test_cluster_conventions(rendered):
         for pod in cluster:
             for container in pod["containers"]:
                 image = container["image"]
-                assert re.fullmatch(r"[\w./-]+(@sha256:[0-9a-f]{64}|:(?!latest$)[\w.-]+)", image), \
+                assert re.fullmatch(r"[\w./-]+(@sha256:[0-9a-f]{64}|:(?!latest$)[\w.-]+)", image), (
                     f"{name}: image {image!r} is pinned by neither digest nor exact tag"
+                )
                 limits = container.get("resources", {}).get("limits", {})
                 if "nvidia.com/gpu" in limits:
                     assert container["resources"]["requests"]["nvidia.com/gpu"] == limits["nvidia.com/gpu"], name
-                    assert any(t.get("key") == "nvidia.com/gpu" for t in pod.get("tolerations", [])), \
+                    assert any(t.get("key") == "nvidia.com/gpu" for t in pod.get("tolerations", [])), (
                         f"{name}: a GPU pod without the GPU taint's toleration"
+                    )
             assert pod["securityContext"]["runAsNonRoot"] is True, name
-    gpus = [c for o in objects for p in pod_specs(o) for c in p["containers"]
-            if "nvidia.com/gpu" in c.get("resources", {}).get("limits", {})]
+    gpus = [
+        c
+        for o in objects
+        for p in pod_specs(o)
+        for c in p["containers"]
+        if "nvidia.com/gpu" in c.get("resources", {}).get("limits", {})
+    ]
     if overlay == "gpu-cluster":
         assert gpus, "the GPU overlay has no GPU pods"
         service = next(o for o in objects if o["kind"] == "RayService")
@@ -187,8 +202,11 @@ def reachable(policies: list[dict], pod: dict, port: int, *, namespace: str, sou
     """NetworkPolicy ingress semantics (networking.k8s.io/v1) for a pod of namespace ssn: isolated when a policy
     selects it, then allowed when some rule of a selecting policy matches the source (pod labels and namespace)
     and the port. `source` holds the source pod's labels."""
-    selecting = [p["spec"] for p in policies if _selects(p["spec"]["podSelector"], pod)
-                 and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+    selecting = [
+        p["spec"]
+        for p in policies
+        if _selects(p["spec"]["podSelector"], pod) and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+    ]
     if not selecting:
         return True
     for spec in selecting:
@@ -201,8 +219,11 @@ def reachable(policies: list[dict], pod: dict, port: int, *, namespace: str, sou
                 return True
             for peer in peers:
                 namespaces = peer.get("namespaceSelector")
-                in_namespace = (_selects(namespaces, {"kubernetes.io/metadata.name": namespace})
-                                if namespaces is not None else namespace == "ssn")
+                in_namespace = (
+                    _selects(namespaces, {"kubernetes.io/metadata.name": namespace})
+                    if namespaces is not None
+                    else namespace == "ssn"
+                )
                 if in_namespace and ("podSelector" not in peer or _selects(peer["podSelector"], source)):
                     return True
     return False
@@ -211,8 +232,9 @@ def reachable(policies: list[dict], pod: dict, port: int, *, namespace: str, sou
 def test_pod_ingress_is_closed_by_default_and_open_only_where_a_rule_says(rendered):
     overlay, objects = rendered
     policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
-    assert any(p["spec"]["podSelector"] == {} and not p["spec"].get("ingress") for p in policies), \
+    assert any(p["spec"]["podSelector"] == {} and not p["spec"].get("ingress") for p in policies), (
         f"{overlay}: no default-deny ingress policy"
+    )
     outside, operator = {"namespace": "factory", "source": {}}, {"namespace": "kuberay-system", "source": {}}
     submitter = {"namespace": "ssn", "source": {"job-name": "ssn-train"}}
     for pod in (RAY_HEAD, RAY_WORKER):  # the production line reaches the endpoint on every Ray node, nothing else
@@ -225,8 +247,9 @@ def test_pod_ingress_is_closed_by_default_and_open_only_where_a_rule_says(render
         assert not reachable(policies, pod, 6379, **submitter)
     assert reachable(policies, RAY_HEAD, 8265, **submitter) and reachable(policies, RAY_HEAD, 8265, **operator)
     assert not reachable(policies, RAY_WORKER, 8265, **operator)
-    assert reachable(policies, MLFLOW, 5000, **submitter) and reachable(policies, MLFLOW, 5000, namespace="ssn",
-                                                                       source=RAY_WORKER)
+    assert reachable(policies, MLFLOW, 5000, **submitter) and reachable(
+        policies, MLFLOW, 5000, namespace="ssn", source=RAY_WORKER
+    )
     assert not reachable(policies, MLFLOW, 5000, **outside) and not reachable(policies, MLFLOW, 5000, **operator)
 
 
@@ -241,8 +264,9 @@ def test_no_secret_value_in_any_manifest_or_runtime_env(rendered):
         for pod in pod_specs(obj):
             for container in pod["containers"]:
                 for env in container.get("env", []):
-                    assert "value" not in env or not SECRET_LIKE.search(env["name"]) or env["name"].endswith(
-                        "_PATH"), f"{name}: {env['name']} has an inline value"
+                    assert "value" not in env or not SECRET_LIKE.search(env["name"]) or env["name"].endswith("_PATH"), (
+                        f"{name}: {env['name']} has an inline value"
+                    )
         if obj["kind"] == "ConfigMap":
             for key, value in obj["data"].items():
                 assert not SECRET_LIKE.search(key) or key.endswith("_FILE"), f"{name}: {key} looks like a secret"
@@ -254,8 +278,11 @@ def test_no_secret_value_in_any_manifest_or_runtime_env(rendered):
                 assert not [k for k in env if SECRET_LIKE.search(k)], f"{name}: a secret in the runtime env"
         for key in ("redisPassword",):
             spec = obj.get("spec", {})
-            options = (spec.get("gcsFaultToleranceOptions")
-                       or (spec.get("rayClusterConfig") or {}).get("gcsFaultToleranceOptions") or {})
+            options = (
+                spec.get("gcsFaultToleranceOptions")
+                or (spec.get("rayClusterConfig") or {}).get("gcsFaultToleranceOptions")
+                or {}
+            )
             assert "value" not in options.get(key, {}), f"{name}: an inline Redis password"
 
 
@@ -267,20 +294,29 @@ def test_the_rayservice_is_generated_from_the_serve_config():
     cluster = kuberay.cluster_serve_config(local, "gpu")
     app, local_app = cluster["applications"][0], local["applications"][0]
     assert app["import_path"] == local_app["import_path"] and "http_options" not in cluster
-    assert {k: v for k, v in app["args"].items() if k not in kuberay.PROFILES["gpu"]} == \
-        {k: v for k, v in local_app["args"].items() if k not in kuberay.PROFILES["gpu"]}
+    assert {k: v for k, v in app["args"].items() if k not in kuberay.PROFILES["gpu"]} == {
+        k: v for k, v in local_app["args"].items() if k not in kuberay.PROFILES["gpu"]
+    }
     assert app["args"]["num_gpus"] == 1 and "MLFLOW_TRACKING_URI" not in str(app.get("runtime_env"))
     # Serve and the app accept what is generated. In a child process: importing Ray here, before the live stack's
     # fixture sets its address and auth mode, would break every later in-process Ray connection of the session
     # (tests/conftest.py, pytest_collection_finish).
     configs = [kuberay.cluster_serve_config(local, profile) for profile in kuberay.PROFILES]
-    check = ("import json, sys\n"
-             "from ray.serve.schema import ServeDeploySchema\n"
-             "from ssn_platform.serving.settings import ServeSettings\n"
-             "for config in json.load(sys.stdin):\n"
-             "    ServeDeploySchema.model_validate(config)\n"
-             "    ServeSettings(**config['applications'][0]['args'])\n")
-    out = subprocess.run([sys.executable, "-c", check], input=json.dumps(configs), capture_output=True, text=True,
-                         check=False, timeout=300)
+    check = (
+        "import json, sys\n"
+        "from ray.serve.schema import ServeDeploySchema\n"
+        "from ssn_platform.serving.settings import ServeSettings\n"
+        "for config in json.load(sys.stdin):\n"
+        "    ServeDeploySchema.model_validate(config)\n"
+        "    ServeSettings(**config['applications'][0]['args'])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", check],
+        input=json.dumps(configs),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ray" not in sys.modules or not _imported_here, "this test must not import Ray in the test process"

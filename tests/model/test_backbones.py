@@ -9,7 +9,12 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from supersimplenet.backbones import (
-    PRESETS, WeightsError, build_feature_extractor, classifier_state_dict, get_preset, load_backbone_weights,
+    PRESETS,
+    WeightsError,
+    build_feature_extractor,
+    classifier_state_dict,
+    get_preset,
+    load_backbone_weights,
 )
 
 DOG_CLASSES = range(151, 269)  # ImageNet-1k dog breeds
@@ -73,8 +78,10 @@ def test_default_levels_are_strides_8_and_16_with_timms_channels(name):
     assert tuple(extractor.feature_info.channels()) == DEFAULT_LEVEL_CHANNELS[name]
     with torch.no_grad():
         levels = extractor.eval()(torch.zeros(1, 3, 64, 64))
-    assert [tuple(level.shape[1:]) for level in levels] == [(DEFAULT_LEVEL_CHANNELS[name][0], 8, 8),
-                                                            (DEFAULT_LEVEL_CHANNELS[name][1], 4, 4)]
+    assert [tuple(level.shape[1:]) for level in levels] == [
+        (DEFAULT_LEVEL_CHANNELS[name][0], 8, 8),
+        (DEFAULT_LEVEL_CHANNELS[name][1], 4, 4),
+    ]
 
 
 def test_other_feature_levels_can_be_built_and_impossible_ones_are_refused():
@@ -95,6 +102,7 @@ def test_wrn50_requires_a_file_or_explicit_random():
 
 def test_wrn50_loads_a_torchvision_state_dict(tmp_path):
     import torchvision
+
     torch.manual_seed(0)
     reference = torchvision.models.wide_resnet50_2(weights=None)
     path = tmp_path / "wrn50.pth"

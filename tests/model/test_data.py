@@ -162,8 +162,9 @@ def test_sensum_layout_folds(tmp_path):
     root = tmp_path / "sensum"
     assert detect_layout(root) == "sensum"
     samples = read_layout(root, "sensum", fold=1)
-    neg = [Sample(f"capsule/negative/data/n{i}.png", None, 0, "test" if i % 3 == 1 else "train", True)
-           for i in range(6)]
+    neg = [
+        Sample(f"capsule/negative/data/n{i}.png", None, 0, "test" if i % 3 == 1 else "train", True) for i in range(6)
+    ]
     pos = [
         Sample("capsule/positive/data/p0.png", "capsule/positive/annotation/p0.png", 1, "train", True),
         Sample("capsule/positive/data/p1.png", "capsule/positive/annotation/p1.png", 1, "test", True),
@@ -171,8 +172,9 @@ def test_sensum_layout_folds(tmp_path):
     ]
     assert samples == neg + pos
     # The 3 folds partition every image into test exactly once.
-    tests = collections.Counter(s.image for f in range(3) for s in read_layout(root, "sensum", fold=f)
-                                if s.split == "test")
+    tests = collections.Counter(
+        s.image for f in range(3) for s in read_layout(root, "sensum", fold=f) if s.split == "test"
+    )
     assert len(tests) == 9 and set(tests.values()) == {1}
     # A second category makes `category` mandatory.
     _image(tmp_path / "sensum/softgel/negative/data/x.png")
@@ -215,8 +217,12 @@ def test_split_file(tmp_path):
     split_file.write_text("# fixed validation split\nval test/good/c.png\n\nval train/good/b.png\n")
     samples = read_layout(root, split_file=split_file)
     assert {s.image: s.split for s in samples} == {
-        "train/good/a.png": "train", "train/good/b.png": "val", "test/crack/d.png": "test",
-        "test/crack/e.png": "test", "test/crack/f.png": "test", "test/good/c.png": "val",
+        "train/good/a.png": "train",
+        "train/good/b.png": "val",
+        "test/crack/d.png": "test",
+        "test/crack/e.png": "test",
+        "test/crack/f.png": "test",
+        "test/good/c.png": "val",
     }
     split_file.write_text("val test/good/missing.png\n")
     with pytest.raises(DataError, match="test/good/missing.png"):
@@ -259,8 +265,14 @@ def test_mpdd_metal_plate_folder(shared_data):
     root = shared_data / "mpdd_metal_plate" / "data_supervised" / "metal_plate"
     samples = read_layout(root, "folder")
     counts = collections.Counter((s.split, s.label) for s in samples)
-    assert counts == {("train", 0): 41, ("train", 1): 53, ("val", 0): 13, ("val", 1): 7,
-                      ("test", 0): 26, ("test", 1): 21}
+    assert counts == {
+        ("train", 0): 41,
+        ("train", 1): 53,
+        ("val", 0): 13,
+        ("val", 1): 7,
+        ("test", 0): 26,
+        ("test", 1): 21,
+    }
     assert all(s.segmented and s.mask is not None for s in samples)
     validate_samples(root, samples)
 

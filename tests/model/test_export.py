@@ -48,10 +48,18 @@ def test_reference_graph_matches_pytorch_with_dynamic_batch(reference_export, we
     graph = onnx.load(str(path)).graph
     # The blur is in the graph: two reflect pads, each feeding a convolution with a 1-D kernel (25x1, then 1x25).
     weights = {i.name: tuple(i.dims) for i in graph.initializer}
-    weights.update({n.output[0]: tuple(onnx.numpy_helper.to_array(n.attribute[0].t).shape)
-                    for n in graph.node if n.op_type == "Constant" and n.attribute[0].name == "value"})
-    reflect = [n.output[0] for n in graph.node
-               if n.op_type == "Pad" and any(a.name == "mode" and a.s == b"reflect" for a in n.attribute)]
+    weights.update(
+        {
+            n.output[0]: tuple(onnx.numpy_helper.to_array(n.attribute[0].t).shape)
+            for n in graph.node
+            if n.op_type == "Constant" and n.attribute[0].name == "value"
+        }
+    )
+    reflect = [
+        n.output[0]
+        for n in graph.node
+        if n.op_type == "Pad" and any(a.name == "mode" and a.s == b"reflect" for a in n.attribute)
+    ]
     blur = [weights.get(n.input[1]) for n in graph.node if n.op_type == "Conv" and n.input[0] in reflect]
     assert blur == [(1, 1, 25, 1), (1, 1, 1, 25)]
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"

@@ -42,8 +42,12 @@ def make_trained_like(model, *, seed=0):
                     bn.running_var.copy_(0.5 + torch.rand(n, generator=generator))
                     bn.weight.copy_(0.5 + torch.rand(n, generator=generator))
                     bn.bias.copy_(0.2 * torch.randn(n, generator=generator))
-        for conv in (model.adaptor, model.segmentation_head.layers[0], model.classification_head.block[0],
-                     model.classification_head.fc):
+        for conv in (
+            model.adaptor,
+            model.segmentation_head.layers[0],
+            model.classification_head.block[0],
+            model.classification_head.fc,
+        ):
             conv.bias.copy_(0.1 * torch.randn(conv.bias.shape, generator=generator))
     return model.eval()
 
@@ -74,8 +78,9 @@ def centre_scores(model, images):
 def lite0_model(*, icpr, images, size=SIZE, seed=0):
     torch.manual_seed(seed)
     # The head's score: the spread assertions below are about the classification head (map_max follows the map).
-    model = build_model(ModelConfig(backbone="efficientnet_lite0", adapt_cls_features=icpr, image_size=size,
-                                    image_score="head"))
+    model = build_model(
+        ModelConfig(backbone="efficientnet_lite0", adapt_cls_features=icpr, image_size=size, image_score="head")
+    )
     load_backbone_weights(model.feature_extractor.backbone, "efficientnet_lite0", "default")
     return centre_scores(make_trained_like(model, seed=seed), images)
 
@@ -135,7 +140,7 @@ def test_micro_batches_and_partial_blocks_change_nothing(weld_root, icpr):
     out = fast(images)
     assert_close(out, ref, ATOL)
     for index in (0, 4, 6):  # first image, first of the second micro-batch, last
-        alone = fast(images[index:index + 1])
+        alone = fast(images[index : index + 1])
         assert float((alone.anomaly_map[0] - out.anomaly_map[index]).abs().max()) <= ATOL
         assert abs(float(alone.score[0] - out.score[index])) <= ATOL
 
@@ -230,7 +235,7 @@ def test_level_operator_is_upscale_pool_shift():
     pooled = torch.nn.functional.avg_pool2d(up, kernel_size=(1, 3), stride=1, padding=(0, 1))[0, 0, 0]
     ops = level_operators(7, 14, 5).view(14, 7, 5)
     for tap in range(5):
-        shifted = torch.nn.functional.pad(pooled, (2, 2))[tap: tap + 14]
+        shifted = torch.nn.functional.pad(pooled, (2, 2))[tap : tap + 14]
         assert torch.allclose(ops[:, :, tap] @ signal[0, 0, 0], shifted, atol=1e-12)
 
 

@@ -66,8 +66,13 @@ def test_predict_images_runs_the_fast_path_and_matches_the_reference(model, weld
 
 def test_train_predict_folds_once_and_leaves_the_model_as_it_was(model, weld_root, monkeypatch):
     samples = [s for s in read_layout(weld_root, layout="mvtec") if s.split == "test"][:10]
-    dataset = DefectDataset(root=weld_root, samples=samples, image_size=SIZE, mean=model.mean.flatten().tolist(),
-                            std=model.std.flatten().tolist())
+    dataset = DefectDataset(
+        root=weld_root,
+        samples=samples,
+        image_size=SIZE,
+        mean=model.mean.flatten().tolist(),
+        std=model.std.flatten().tolist(),
+    )
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     calls = count_folds(monkeypatch)

@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from supersimplenet.losses import (
-    dilate_masks, distance_weight_maps, distance_weights, focal_loss, supersimplenet_loss, truncated_l1,
+    dilate_masks,
+    distance_weight_maps,
+    distance_weights,
+    focal_loss,
+    supersimplenet_loss,
+    truncated_l1,
 )
 
 
@@ -29,8 +34,9 @@ def test_focal_at_zero_and_truncated_l1_all_normal():
 def test_map_terms_only_over_segmented_samples():
     logits = torch.tensor([[-1.0, 0.2, 0.8, 0.3], [5.0, 5.0, 5.0, 5.0]]).view(2, 1, 2, 2)
     masks = torch.tensor([[0.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]]).view(2, 1, 2, 2)
-    out = supersimplenet_loss(logits, torch.tensor([0.5, 0.5]), masks, torch.tensor([1.0, 1.0]),
-                              segmented=torch.tensor([True, False]))
+    out = supersimplenet_loss(
+        logits, torch.tensor([0.5, 0.5]), masks, torch.tensor([1.0, 1.0]), segmented=torch.tensor([True, False])
+    )
     assert float(out["truncated_l1"]) == pytest.approx(0.55, abs=1e-7)
     assert float(out["focal_map"]) == pytest.approx(0.0306653, abs=1e-7)
     # the weak sample still trains the classification head

@@ -160,9 +160,7 @@ def test_aupro_invariant_to_monotone_transforms():
 def test_aupro_matches_bruteforce_reference(seed, fpr_limit):
     rng = np.random.default_rng(seed)
     maps, masks = _random_case(rng)
-    assert aupro(maps, masks, fpr_limit=fpr_limit) == pytest.approx(
-        _reference_aupro(maps, masks, fpr_limit), abs=1e-12
-    )
+    assert aupro(maps, masks, fpr_limit=fpr_limit) == pytest.approx(_reference_aupro(maps, masks, fpr_limit), abs=1e-12)
 
 
 def test_aupro_num_thresholds():
@@ -256,8 +254,16 @@ def test_single_class_gives_nan_without_warnings():
         assert math.isnan(pixel_auroc(maps, np.ones((3, 4, 4))))
         assert math.isnan(ap_loc(maps, np.zeros((3, 4, 4))))
         out = compute_metrics(scores=scores, labels=[0, 0, 0], maps=maps, masks=np.zeros((3, 4, 4)))
-    assert set(out) == {"image_auroc", "ap_det", "f1_max", "f1_threshold", "pixel_auroc", "ap_loc", "aupro",
-                        "pixel_f1_max"}
+    assert set(out) == {
+        "image_auroc",
+        "ap_det",
+        "f1_max",
+        "f1_threshold",
+        "pixel_auroc",
+        "ap_loc",
+        "aupro",
+        "pixel_f1_max",
+    }
     assert all(math.isnan(v) for v in out.values())
     # only positives: AP / F1 are defined (trivially 1), AUROC is not
     assert ap_det(scores, [1, 1, 1]) == pytest.approx(1.0)
@@ -275,8 +281,16 @@ def test_compute_metrics_keys_and_values():
     assert set(out) == {"image_auroc", "ap_det", "f1_max", "f1_threshold"}
     maps, masks = _random_case(rng, n=6)
     out = compute_metrics(scores=scores, labels=labels, maps=maps, masks=masks)
-    assert set(out) == {"image_auroc", "ap_det", "f1_max", "f1_threshold", "pixel_auroc", "ap_loc", "aupro",
-                        "pixel_f1_max"}
+    assert set(out) == {
+        "image_auroc",
+        "ap_det",
+        "f1_max",
+        "f1_threshold",
+        "pixel_auroc",
+        "ap_loc",
+        "aupro",
+        "pixel_f1_max",
+    }
     assert all(type(v) is float for v in out.values())
     assert out["image_auroc"] == image_auroc(scores, labels)
     assert out["ap_det"] == ap_det(scores, labels)

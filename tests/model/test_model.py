@@ -55,8 +55,9 @@ def test_feature_sizes_for_other_inputs(lite0, size, feature):
 
 
 @pytest.mark.parametrize("levels, channels, feature", [((1, 2), 24 + 40, (64, 36)), ((3, 4), 112 + 320, (16, 10))])
-def test_other_feature_levels_change_channels_and_resolution_and_survive_a_checkpoint(tmp_path, levels, channels,
-                                                                                      feature):
+def test_other_feature_levels_change_channels_and_resolution_and_survive_a_checkpoint(
+    tmp_path, levels, channels, feature
+):
     from supersimplenet.checkpoint import load_checkpoint, save_checkpoint
     from supersimplenet.inference import inference_model
 
@@ -80,8 +81,9 @@ def test_feature_levels_may_be_written_as_a_string_for_a_search_spaces_categoric
     assert ModelConfig(feature_levels="3x4").feature_levels == (3, 4)
 
 
-@pytest.mark.parametrize("levels, message", [((3, 2), "increasing"), ((2, 5), "levels 0-4"), ((2,), "increasing"),
-                                             ("a,b", "increasing")])
+@pytest.mark.parametrize(
+    "levels, message", [((3, 2), "increasing"), ((2, 5), "levels 0-4"), ((2,), "increasing"), ("a,b", "increasing")]
+)
 def test_bad_feature_levels_are_refused_by_field_name(levels, message):
     with pytest.raises(ConfigError, match=f"model.feature_levels.*{message}"):
         ModelConfig(feature_levels=levels)
@@ -139,6 +141,7 @@ def test_blur_kernel_size_and_constant_map():
 
 def test_blur_matches_torchvision_gaussian_blur():
     from torchvision.transforms.functional import gaussian_blur
+
     x = torch.rand(2, 1, 64, 48)
     assert torch.allclose(GaussianBlur(sigma=4.0)(x), gaussian_blur(x, [25, 25], [4.0, 4.0]), atol=1e-6)
 
@@ -234,7 +237,11 @@ def test_a_config_naming_only_the_backbone_takes_the_presets_defaults():
     for name, preset in PRESETS.items():
         config = ModelConfig(backbone=name)
         assert (config.noise_std, config.noise_std_mode, config.perlin_threshold, config.image_score) == (
-            preset.noise_std, preset.noise_std_mode, preset.perlin_threshold, preset.unsupervised_image_score)
+            preset.noise_std,
+            preset.noise_std_mode,
+            preset.perlin_threshold,
+            preset.unsupervised_image_score,
+        )
         assert config == recommended_model_config(name)
     lite0, wrn50 = ModelConfig(backbone="efficientnet_lite0"), ModelConfig(backbone="wide_resnet50")
     assert (lite0.noise_std, lite0.noise_std_mode, lite0.image_score) == (4.0, "relative", "map_top1")
@@ -252,7 +259,12 @@ def test_a_sigma_mode_other_than_the_presets_needs_an_explicit_sigma():
 def test_a_stored_config_with_every_field_loads_unchanged():
     from supersimplenet.config import from_dict, to_dict
 
-    stored = {**to_dict(ModelConfig(backbone="efficientnet_lite0")), "noise_std": 0.015, "noise_std_mode": "absolute",
-              "image_score": "head", "perlin_threshold": 0.5}  # an older checkpoint's explicit paper settings
+    stored = {
+        **to_dict(ModelConfig(backbone="efficientnet_lite0")),
+        "noise_std": 0.015,
+        "noise_std_mode": "absolute",
+        "image_score": "head",
+        "perlin_threshold": 0.5,
+    }  # an older checkpoint's explicit paper settings
     config = from_dict(ModelConfig, stored, section="model")
     assert to_dict(config) == stored

@@ -40,6 +40,7 @@ def test_about_half_empty_and_area_falls_with_threshold():
 
 def test_scales_cover_one_to_thirtytwo(monkeypatch):
     import supersimplenet.perlin as perlin
+
     seen = set()
     original = perlin.perlin_noise
 

@@ -141,15 +141,17 @@ def test_each_structural_kind_changes_the_image_only_around_its_non_empty_mask(k
 def test_the_mixed_recipe_is_deterministic_and_the_blend_recipe_is_the_default(normal_set):
     root, samples = normal_set
     default = _dataset(root, samples)
-    blend = SyntheticDefectDataset(root=root, samples=samples, image_size=SIZE, mean=MEAN, std=STD, seed=3,
-                                   recipe="blend")
+    blend = SyntheticDefectDataset(
+        root=root, samples=samples, image_size=SIZE, mean=MEAN, std=STD, seed=3, recipe="blend"
+    )
     for index in range(len(samples), 2 * len(samples)):
         assert torch.equal(default[index]["image"], blend[index]["image"])
-    mixed = [SyntheticDefectDataset(root=root, samples=samples, image_size=SIZE, mean=MEAN, std=STD, seed=3,
-                                    recipe="mixed") for _ in range(2)]
+    mixed = [
+        SyntheticDefectDataset(root=root, samples=samples, image_size=SIZE, mean=MEAN, std=STD, seed=3, recipe="mixed")
+        for _ in range(2)
+    ]
     for index in range(len(samples), 2 * len(samples)):
         assert torch.equal(mixed[0][index]["image"], mixed[1][index]["image"])
         assert mixed[0][index]["mask"].sum() >= 1
     with pytest.raises(ValueError, match="unknown synthetic recipe 'cracks'"):
-        SyntheticDefectDataset(root=root, samples=samples, image_size=SIZE, mean=MEAN, std=STD, seed=3,
-                               recipe="cracks")
+        SyntheticDefectDataset(root=root, samples=samples, image_size=SIZE, mean=MEAN, std=STD, seed=3, recipe="cracks")

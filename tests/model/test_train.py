@@ -43,9 +43,11 @@ def _tiny_fit(weld_root, seed):
     train = [s for s in samples if s.split == "train"][:6]
     test = [s for s in samples if s.split == "test"][::12]
     return fit(
-        data_root=weld_root, samples=train + test,
+        data_root=weld_root,
+        samples=train + test,
         model_config=ModelConfig(image_size=(128, 128), noise_std_mode="relative", noise_std=0.5),
-        train_config=TrainConfig(epochs=2, batch_size=3, seed=seed), progress=False,
+        train_config=TrainConfig(epochs=2, batch_size=3, seed=seed),
+        progress=False,
     )
 
 
@@ -62,10 +64,23 @@ def test_unsupervised_run_on_battery_weld_learns(weld_root, tmp_path):
     """Real training through the CLI: the loss falls and the test split is scored well above chance."""
     from supersimplenet.checkpoint import load_checkpoint
 
-    summary = main([
-        "--data", str(weld_root), "--epochs", "10", "--batch-size", "16", "--image-size", "160", "80",
-        "--out", str(tmp_path), "--device", "cpu",
-    ])
+    summary = main(
+        [
+            "--data",
+            str(weld_root),
+            "--epochs",
+            "10",
+            "--batch-size",
+            "16",
+            "--image-size",
+            "160",
+            "80",
+            "--out",
+            str(tmp_path),
+            "--device",
+            "cpu",
+        ]
+    )
     losses = [row["loss"] for row in summary["history"]]
     assert losses[-1] < 0.3 * losses[0]
     metrics = summary["test_metrics"]
@@ -86,9 +101,11 @@ def test_supervised_run_on_mpdd_metal_plate_learns(mpdd_root):
     negatives = [s for s in train if s.label == 0][:16]
     test = [s for s in samples if s.split == "test"]
     result = fit(
-        data_root=mpdd_root, samples=positives + negatives + test,
-        model_config=ModelConfig(image_size=(128, 128), noise_std_mode="relative", noise_std=4.0,
-                                 perlin_threshold=0.6, stop_grad=False),
+        data_root=mpdd_root,
+        samples=positives + negatives + test,
+        model_config=ModelConfig(
+            image_size=(128, 128), noise_std_mode="relative", noise_std=4.0, perlin_threshold=0.6, stop_grad=False
+        ),
         train_config=TrainConfig(epochs=3, batch_size=16, seed=456654, supervision="supervised"),
         progress=False,
     )
@@ -112,8 +129,9 @@ def _one_step_gradients(weld_root, precision, *, blocked=True):
     load_backbone_weights(model.feature_extractor.backbone, config.backbone, "default")
     preset = get_preset(config.backbone)
     samples = [s for s in read_layout(weld_root) if s.split == "train"][:4]
-    dataset = DefectDataset(root=weld_root, samples=samples, image_size=config.image_size, mean=preset.mean,
-                            std=preset.std)
+    dataset = DefectDataset(
+        root=weld_root, samples=samples, image_size=config.image_size, mean=preset.mean, std=preset.std
+    )
     batch = torch.utils.data.default_collate([dataset[i] for i in range(4)])
     cfg = TrainConfig(batch_size=4, precision=precision)
     model.train()

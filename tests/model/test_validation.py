@@ -100,8 +100,7 @@ def test_an_unknown_empty_mask_policy_names_the_option(small_weld):
         check_samples(root, read_layout(root, "mvtec"), empty_masks="skip")
 
 
-def test_a_folder_layout_image_labelled_defective_with_an_empty_mask_follows_the_empty_mask_policy(weld_root,
-                                                                                                   tmp_path):
+def test_a_folder_layout_image_labelled_defective_with_an_empty_mask_follows_the_empty_mask_policy(weld_root, tmp_path):
     root = tmp_path / "folder"
     for split in ("train", "test"):
         (root / split / "images").mkdir(parents=True)

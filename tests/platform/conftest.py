@@ -102,9 +102,7 @@ class StackProcess:
         }
 
     def run(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            [str(STACK), *args], env=self.env, capture_output=True, text=True, timeout=timeout
-        )
+        proc = subprocess.run([str(STACK), *args], env=self.env, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(
                 f"stack {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
@@ -122,9 +120,11 @@ class StackProcess:
             proc = self.run("up", *services, check=False, timeout=timeout)
             if proc.returncode == 0:
                 return proc
-            logs = "".join(
-                f.read_text(errors="replace")[-4000:] for f in (self.state_dir / "logs").glob("*.log")
-            ) if (self.state_dir / "logs").is_dir() else ""
+            logs = (
+                "".join(f.read_text(errors="replace")[-4000:] for f in (self.state_dir / "logs").glob("*.log"))
+                if (self.state_dir / "logs").is_dir()
+                else ""
+            )
             port_clash = any(
                 text in proc.stderr + logs
                 for text in ("already in use", "not available", "address already in use", "Port allocation failed")
@@ -154,7 +154,7 @@ class StackProcess:
         env: dict[str, str] = {}
         for line in out.splitlines():
             assert line.startswith("export "), line
-            name, _, value = line[len("export "):].partition("=")
+            name, _, value = line[len("export ") :].partition("=")
             env[name] = value  # generated values need no shell quoting
         return env
 
@@ -293,8 +293,14 @@ def weld_val_dataset(live_stack: StackProcess, weld_root: Path) -> str:
     moving the product's ``latest`` pointer: its manifest URI."""
     from ssn_platform.ingest import ingest
 
-    return ingest(weld_root, product="battery-weld", bucket="ssn", options={"split_file": str(WELD_SPLIT)},
-                  progress=False, update_latest=False).uri
+    return ingest(
+        weld_root,
+        product="battery-weld",
+        bucket="ssn",
+        options={"split_file": str(WELD_SPLIT)},
+        progress=False,
+        update_latest=False,
+    ).uri
 
 
 def _random_head_model(seed: int, *, head_scale: float | None = 0.05):
@@ -308,8 +314,13 @@ def _random_head_model(seed: int, *, head_scale: float | None = 0.05):
     from supersimplenet.config import ModelConfig
     from supersimplenet.model import build_model
 
-    config = ModelConfig(backbone="efficientnet_lite0", image_size=REGISTRY_IMAGE_SIZE, noise_std=1.0,
-                         noise_std_mode="relative", image_score="head")
+    config = ModelConfig(
+        backbone="efficientnet_lite0",
+        image_size=REGISTRY_IMAGE_SIZE,
+        noise_std=1.0,
+        noise_std_mode="relative",
+        image_score="head",
+    )
     torch.manual_seed(seed)
     model = build_model(config)
     load_backbone_weights(model.feature_extractor.backbone, config.backbone, "default")
@@ -329,8 +340,15 @@ def _register(product: str, dataset_uri: str, model, metrics: dict[str, float]) 
     from ssn_platform.jobconfig import build_job_config
     from ssn_platform.registry import log_and_register
 
-    job = build_job_config({"product": product, "dataset": dataset_uri, "model": to_dict(model.config),
-                            "train": {"epochs": 1, "batch_size": 8}, "scaling": {"num_workers": 1}})
+    job = build_job_config(
+        {
+            "product": product,
+            "dataset": dataset_uri,
+            "model": to_dict(model.config),
+            "train": {"epochs": 1, "batch_size": 8},
+            "scaling": {"num_workers": 1},
+        }
+    )
     client = MlflowClient()
     experiment = client.get_experiment_by_name(job.experiment_name)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(job.experiment_name)
@@ -367,8 +385,9 @@ def served_champion(live_stack, dataset_uri: str, model, prefix: str, settings: 
 
     root, samples = DatasetReader(dataset_uri).materialize()
     product = f"{prefix}-{uuid.uuid4().hex[:6]}"
-    version = _register(product, dataset_uri, model,
-                        evaluate_model(model, root, [s for s in samples if s.split == "test"]))
+    version = _register(
+        product, dataset_uri, model, evaluate_model(model, root, [s for s in samples if s.split == "test"])
+    )
     calibrate_version(product, version)
     assert promote(product, version, margin=1.0, floor=0.0).promoted
     base = deploy(settings, address=ray_address(live_stack), port=int(os.environ["SSN_SERVE_PORT"]))

@@ -37,7 +37,7 @@ def _decode(hex_address: str) -> tuple[str, int]:
     host, port = hex_address.split(":")
     raw = bytes.fromhex(host)
     # the kernel prints the address as 32-bit words in host byte order (little-endian here)
-    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
     address = ipaddress.ip_address(words)
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped

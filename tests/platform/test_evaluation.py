@@ -22,8 +22,16 @@ import pytest
 from supersimplenet.samples import Sample
 from supersimplenet.metrics import compute_metrics
 from ssn_platform.evaluation import (
-    aggregate, check_seeds, markdown, parse_model_uri, per_class_metrics, require_test_split, score_histogram,
-    summarize, sum_histograms, train_seeds,
+    aggregate,
+    check_seeds,
+    markdown,
+    parse_model_uri,
+    per_class_metrics,
+    require_test_split,
+    score_histogram,
+    summarize,
+    sum_histograms,
+    train_seeds,
 )
 from ssn_platform.services import PlatformError
 
@@ -44,8 +52,9 @@ def _job_module(monkeypatch):
 # Without a stack
 # ---------------------------------------------------------------------------------------------------------
 def test_seed_metrics_aggregate_to_the_numpy_mean_and_population_std_of_the_seeds_that_define_them():
-    stats = aggregate([{"image_auroc": 0.8, "aupro": math.nan}, {"image_auroc": 0.9, "aupro": 0.5},
-                       {"image_auroc": 1.0}])
+    stats = aggregate(
+        [{"image_auroc": 0.8, "aupro": math.nan}, {"image_auroc": 0.9, "aupro": 0.5}, {"image_auroc": 1.0}]
+    )
     assert stats["image_auroc"]["mean"] == pytest.approx(0.9, abs=1e-12)
     assert stats["image_auroc"]["std"] == pytest.approx(math.sqrt(0.02 / 3), abs=1e-12)  # ddof 0, not 1
     assert stats["image_auroc"]["n"] == 3
@@ -70,8 +79,7 @@ def test_each_defect_class_is_scored_against_every_normal_image():
 
 
 def test_score_histogram_counts_normal_and_defective_scores_in_twenty_bins_over_zero_to_one():
-    histogram = score_histogram([0.0, 0.04, 0.051, 0.5, 1.0, -0.2, 0.72, 0.97, 0.999],
-                                [0, 0, 0, 0, 0, 0, 1, 1, 1])
+    histogram = score_histogram([0.0, 0.04, 0.051, 0.5, 1.0, -0.2, 0.72, 0.97, 0.999], [0, 0, 0, 0, 0, 0, 1, 1, 1])
     assert len(histogram["edges"]) == 21 and histogram["edges"][0] == 0.0 and histogram["edges"][-1] == 1.0
     normal, defective = np.array(histogram["normal"]), np.array(histogram["defective"])
     assert normal.sum() == 6 and defective.sum() == 3
@@ -85,17 +93,24 @@ def _predictions(head, maps, labels, masks=None):
     from supersimplenet.train import Predictions
 
     maps = np.asarray(maps, dtype=np.float32)
-    return Predictions(scores=np.asarray(head, dtype=np.float32), labels=np.asarray(labels), maps=maps,
-                       masks=np.zeros(maps.shape, np.uint8) if masks is None else np.asarray(masks, np.uint8),
-                       indices=np.arange(len(labels)), head_scores=np.asarray(head, dtype=np.float32))
+    return Predictions(
+        scores=np.asarray(head, dtype=np.float32),
+        labels=np.asarray(labels),
+        maps=maps,
+        masks=np.zeros(maps.shape, np.uint8) if masks is None else np.asarray(masks, np.uint8),
+        indices=np.arange(len(labels)),
+        head_scores=np.asarray(head, dtype=np.float32),
+    )
 
 
 def test_summary_has_every_image_score_and_pixel_metrics_only_where_masks_exist():
     maps = np.zeros((4, 4, 4))
     maps[0, 0, 0], maps[1, 1, 1], maps[2, 2, 2], maps[3, 3, 3] = 0.9, 0.1, 0.2, 0.8
     head, labels = [0.2, 0.1, 0.7, 0.9], [0, 0, 1, 1]
-    samples = [Sample(image=f"{i}.png", mask=None, label=y, split="test", segmented=y == 0,
-                      defect_type="dent" if y else "") for i, y in enumerate(labels)]
+    samples = [
+        Sample(image=f"{i}.png", mask=None, label=y, split="test", segmented=y == 0, defect_type="dent" if y else "")
+        for i, y in enumerate(labels)
+    ]
     summary = summarize(_predictions(head, maps, labels), samples, image_score="head")
     metrics = summary["metrics"]
     assert metrics["image_auroc"] == metrics["image_auroc_head"] == 1.0
@@ -106,11 +121,21 @@ def test_summary_has_every_image_score_and_pixel_metrics_only_where_masks_exist(
 
     masks = np.zeros((4, 4, 4))
     masks[2, 2, 2] = masks[3, 3, 3] = 1
-    masked = [Sample(image=s.image, mask=f"m{i}.png" if s.label else None, label=s.label, split="test",
-                     segmented=True, defect_type=s.defect_type) for i, s in enumerate(samples)]
+    masked = [
+        Sample(
+            image=s.image,
+            mask=f"m{i}.png" if s.label else None,
+            label=s.label,
+            split="test",
+            segmented=True,
+            defect_type=s.defect_type,
+        )
+        for i, s in enumerate(samples)
+    ]
     summary = summarize(_predictions(head, maps, labels, masks), masked, image_score="head")
     assert summary["metrics"]["pixel_auroc"] == pytest.approx(
-        compute_metrics(scores=head, labels=labels, maps=maps, masks=masks)["pixel_auroc"])
+        compute_metrics(scores=head, labels=labels, maps=maps, masks=masks)["pixel_auroc"]
+    )
 
 
 def test_predictions_of_a_model_reporting_another_score_still_carry_the_heads_scores(tmp_path):
@@ -154,9 +179,17 @@ def test_training_test_step_logs_a_breakdown_that_agrees_with_its_test_metrics(t
 
     root = make_smoke_dataset(tmp_path / "smoke")
     test = [s for s in read_layout(root, "mvtec") if s.split == "test"]
-    job = build_job_config({"product": "smoke", "dataset": "s3://ssn/datasets/smoke/latest", "register": False,
-                            "overlays": 1, "model": {"image_size": [96, 96], "image_score": "combined"},
-                            "scaling": {"num_workers": 1}, "train": {"batch_size": 2}})
+    job = build_job_config(
+        {
+            "product": "smoke",
+            "dataset": "s3://ssn/datasets/smoke/latest",
+            "register": False,
+            "overlays": 1,
+            "model": {"image_size": [96, 96], "image_score": "combined"},
+            "scaling": {"num_workers": 1},
+            "train": {"batch_size": 2},
+        }
+    )
     torch.manual_seed(0)
     logged = tmp_path / "logged"
 
@@ -165,8 +198,15 @@ def test_training_test_step_logs_a_breakdown_that_agrees_with_its_test_metrics(t
             shutil.copytree(local_dir, logged / artifact_path)
 
     tracker = SimpleNamespace(run_id="r", client=Client(), log_metrics=lambda metrics, step: None)
-    metrics = finalize_run(job, build_model(job.model).eval(), root=root, test_samples=test,
-                           device=torch.device("cpu"), tracker=tracker, provenance="random")
+    metrics = finalize_run(
+        job,
+        build_model(job.model).eval(),
+        root=root,
+        test_samples=test,
+        device=torch.device("cpu"),
+        tracker=tracker,
+        provenance="random",
+    )
     breakdown = json.loads((logged / "evaluation" / "breakdown.json").read_text())
     assert breakdown["image_score"] == "combined" and breakdown["classes"] == {"scratch": 2}
     assert "image_auroc" not in breakdown["metrics"]  # the run logs the overall metrics itself
@@ -178,11 +218,21 @@ def test_training_test_step_logs_a_breakdown_that_agrees_with_its_test_metrics(t
 
 
 def test_markdown_table_shows_mean_plus_minus_std_and_every_seed():
-    runs = [{"seed": s, "run_name": f"r-seed{s}", "run_id": str(s), "metrics": {"image_auroc": v}}
-            for s, v in ((0, 0.8), (1, 0.9), (2, 1.0))]
-    text = markdown({"mode": "seeds", "title": "r", "subject": {"dataset": "s3://ssn/d"}, "runs": runs,
-                     "aggregate": aggregate([r["metrics"] for r in runs]), "image_score": "head",
-                     "histogram": score_histogram([0.1, 1.0], [0, 1])})
+    runs = [
+        {"seed": s, "run_name": f"r-seed{s}", "run_id": str(s), "metrics": {"image_auroc": v}}
+        for s, v in ((0, 0.8), (1, 0.9), (2, 1.0))
+    ]
+    text = markdown(
+        {
+            "mode": "seeds",
+            "title": "r",
+            "subject": {"dataset": "s3://ssn/d"},
+            "runs": runs,
+            "aggregate": aggregate([r["metrics"] for r in runs]),
+            "image_score": "head",
+            "histogram": score_histogram([0.1, 1.0], [0, 1]),
+        }
+    )
     assert "| metric | mean ± std | n | seed 0 | seed 1 | seed 2 |" in text
     assert "| image_auroc | 0.9000 ± 0.0816 | 3 | 0.8000 | 0.9000 | 1.0000 |" in text
     assert "| [0.10, 0.15) | 1 | 0 |" in text and "| [0.95, 1.00] | 0 | 1 |" in text
@@ -256,7 +306,7 @@ def test_smoke_test_evaluates_two_seeds_of_the_train_jobs_smoke_run(monkeypatch,
 
     monkeypatch.setattr(ssn_platform.evaluation, "evaluate_seeds", evaluate_seeds)
     assert job_module.main(["--smoke-test"]) == 0
-    (job, seeds), = calls
+    ((job, seeds),) = calls
     assert seeds == [0, 1] and job.dataset == uri and job.product == "smoke"
     assert job.train.epochs == 1 and job.model.image_size == (96, 96) and job.scaling.num_workers == 2
     assert capsys.readouterr().out.splitlines()[-1] == '{"mode": "seeds"}'
@@ -268,7 +318,8 @@ def test_smoke_test_evaluates_two_seeds_of_the_train_jobs_smoke_run(monkeypatch,
 @pytest.mark.stack
 @pytest.mark.heavy
 def test_seed_runs_nest_under_a_parent_with_their_mean_and_std_and_a_version_reproduces_its_run(
-        live_stack, weld_dataset, monkeypatch, capsys, tmp_path):
+    live_stack, weld_dataset, monkeypatch, capsys, tmp_path
+):
     import os
 
     import mlflow
@@ -279,12 +330,40 @@ def test_seed_runs_nest_under_a_parent_with_their_mean_and_std_and_a_version_rep
     from ssn_platform.training import run_training
 
     product, base = f"weld-{uuid.uuid4().hex[:6]}", f"t-{uuid.uuid4().hex[:8]}"
-    overrides = [f"dataset={weld_dataset}", f"product={product}", f"run_name={base}", "train.epochs=1",
-                 "train.batch_size=8", "model.image_size=[96,96]", "scaling.num_workers=2", "overlays=1"]
+    overrides = [
+        f"dataset={weld_dataset}",
+        f"product={product}",
+        f"run_name={base}",
+        "train.epochs=1",
+        "train.batch_size=8",
+        "model.image_size=[96,96]",
+        "scaling.num_workers=2",
+        "overlays=1",
+    ]
     proc = subprocess.run(
-        [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--working-dir", str(REPO), "--",
-         "python", "jobs/evaluate.py", "--config", "jobs/configs/battery_weld.yaml", "--seeds", "0", "1", *overrides],
-        cwd=REPO, env={**os.environ, "SSN_GIT_SHA": "test"}, capture_output=True, text=True, timeout=1800,
+        [
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
+            "job",
+            "submit",
+            "--working-dir",
+            str(REPO),
+            "--",
+            "python",
+            "jobs/evaluate.py",
+            "--config",
+            "jobs/configs/battery_weld.yaml",
+            "--seeds",
+            "0",
+            "1",
+            *overrides,
+        ],
+        cwd=REPO,
+        env={**os.environ, "SSN_GIT_SHA": "test"},
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-4000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith('{"mode"')]
@@ -294,8 +373,9 @@ def test_seed_runs_nest_under_a_parent_with_their_mean_and_std_and_a_version_rep
     client = MlflowClient()
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["ssn.evaluate.mode"] == "seeds"
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'"
+    )
     assert sorted(c.info.run_name for c in children) == [f"{base}-seed0", f"{base}-seed1"]
     for child in children:
         assert child.info.status == "FINISHED" and child.data.params["register"] == "False"
@@ -309,8 +389,13 @@ def test_seed_runs_nest_under_a_parent_with_their_mean_and_std_and_a_version_rep
     assert metrics[f"image_auroc_{reported}_mean"] == pytest.approx(np.mean(aurocs), abs=1e-9)
     assert metrics["class.defective.image_auroc_mean"] == pytest.approx(np.mean(aurocs), abs=1e-9)
     assert {"evaluation.md", "evaluation.json"} <= {a.path for a in client.list_artifacts(parent_id)}
-    report = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=parent_id, artifact_path="evaluation.json",
-                                                                 dst_path=str(tmp_path))).read_text())
+    report = json.loads(
+        Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=parent_id, artifact_path="evaluation.json", dst_path=str(tmp_path)
+            )
+        ).read_text()
+    )
     n_test = int(parent.data.tags["ssn.evaluate.n_test_images"])
     assert sum(report["histogram"]["normal"]) + sum(report["histogram"]["defective"]) == 2 * n_test
     assert not client.search_model_versions(f"name = 'ssn-{product}'")  # seeds register nothing
@@ -324,8 +409,10 @@ def test_seed_runs_nest_under_a_parent_with_their_mean_and_std_and_a_version_rep
     assert summary["metrics"]["image_auroc"] == pytest.approx(trained.metrics["image_auroc"], abs=1e-6)
     run = client.get_run(summary["evaluation_run_id"])
     assert run.data.tags["ssn.evaluate.source_run_id"] == trained.mlflow_run_id
-    assert run.data.tags["ssn.evaluate.dataset_version"] == client.get_run(
-        trained.mlflow_run_id).data.tags["ssn.dataset.version"]  # the dataset it was trained on, by default
+    assert (
+        run.data.tags["ssn.evaluate.dataset_version"]
+        == client.get_run(trained.mlflow_run_id).data.tags["ssn.dataset.version"]
+    )  # the dataset it was trained on, by default
     assert run.data.metrics["image_auroc"] == pytest.approx(trained.metrics["image_auroc"], abs=1e-6)
     with pytest.raises(PlatformError, match=f"ssn-{product} version 99 does not exist"):
         evaluate_version(product=product, version="99")
@@ -343,8 +430,12 @@ def test_seed_runs_nest_under_a_parent_with_their_mean_and_std_and_a_version_rep
     assert below.seeds_evaluation["run_id"] == parent_id and not below.candidate_metrics  # refused before scoring
     promoted = promote(product, "1", floor=0.0, require_seeds=2)
     assert promoted.promoted, promoted.reason
-    assert promoted.seeds_evaluation == {"run_id": parent_id, "seeds": [0, 1], "mean": pytest.approx(np.mean(aurocs)),
-                                         "std": pytest.approx(np.std(aurocs))}
+    assert promoted.seeds_evaluation == {
+        "run_id": parent_id,
+        "seeds": [0, 1],
+        "mean": pytest.approx(np.mean(aurocs)),
+        "std": pytest.approx(np.std(aurocs)),
+    }
     recorded = client.get_run(promoted.run_id).data
     assert recorded.metrics["seeds_image_auroc_mean"] == pytest.approx(np.mean(aurocs))
     assert recorded.params["seeds_evaluation_run_id"] == parent_id and recorded.params["require_seeds"] == "2"

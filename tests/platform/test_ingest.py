@@ -34,8 +34,9 @@ def _manifest(client, bucket: str, uri: str) -> Manifest:
 
 
 @pytest.mark.stack
-def test_truncated_jpeg_bmp_and_png_are_all_named_and_the_bucket_gets_no_new_object(small_weld, damage, s3_settings,
-                                                                                    s3_client, bucket):
+def test_truncated_jpeg_bmp_and_png_are_all_named_and_the_bucket_gets_no_new_object(
+    small_weld, damage, s3_settings, s3_client, bucket
+):
     before = ingest(small_weld, product="weld", bucket=bucket, settings=s3_settings, progress=False)
     stored = _keys(s3_client, bucket)
     train = sorted((small_weld / "train/good").iterdir())
@@ -50,13 +51,15 @@ def test_truncated_jpeg_bmp_and_png_are_all_named_and_the_bucket_gets_no_new_obj
         assert f"unreadable image: {bad}" in message
     assert "image file is truncated" in message
     assert _keys(s3_client, bucket) == stored  # no object, manifest or latest pointer moved
-    assert s3_client.get_object(Bucket=bucket, Key="datasets/weld/latest")["Body"].read() == \
-        f"{before.version}\n".encode()
+    assert (
+        s3_client.get_object(Bucket=bucket, Key="datasets/weld/latest")["Body"].read() == f"{before.version}\n".encode()
+    )
 
 
 @pytest.mark.stack
-def test_an_empty_mask_is_refused_by_default_naming_the_files_and_the_option(small_weld, damage, s3_settings,
-                                                                             s3_client, bucket):
+def test_an_empty_mask_is_refused_by_default_naming_the_files_and_the_option(
+    small_weld, damage, s3_settings, s3_client, bucket
+):
     masks = [damage.blank_mask(m) for m in sorted((small_weld / "ground_truth/defective").iterdir())[:2]]
     with pytest.raises(DataError) as info:
         ingest(small_weld, product="weld", bucket=bucket, settings=s3_settings, progress=False)
@@ -68,12 +71,14 @@ def test_an_empty_mask_is_refused_by_default_naming_the_files_and_the_option(sma
 
 
 @pytest.mark.stack
-def test_label_only_publishes_the_images_without_their_masks_and_records_the_choice(small_weld, damage, s3_settings,
-                                                                                   s3_client, bucket, tmp_path):
+def test_label_only_publishes_the_images_without_their_masks_and_records_the_choice(
+    small_weld, damage, s3_settings, s3_client, bucket, tmp_path
+):
     mask = damage.blank_mask(sorted((small_weld / "ground_truth/defective").iterdir())[0])
     image = f"test/defective/{mask.name}"
-    result = ingest(small_weld, product="weld", bucket=bucket, settings=s3_settings, progress=False,
-                    empty_masks="label-only")
+    result = ingest(
+        small_weld, product="weld", bucket=bucket, settings=s3_settings, progress=False, empty_masks="label-only"
+    )
     assert (result.empty_masks, result.empty_mask_images) == ("label-only", (image,))
     manifest = _manifest(s3_client, bucket, result.uri)
     assert manifest.empty_masks == {"policy": "label-only", "images": [image]}
@@ -87,18 +92,21 @@ def test_label_only_publishes_the_images_without_their_masks_and_records_the_cho
 
 
 @pytest.mark.stack
-def test_drop_leaves_the_images_out_logs_how_many_and_is_another_version(small_weld, damage, s3_settings, s3_client,
-                                                                         bucket, caplog):
+def test_drop_leaves_the_images_out_logs_how_many_and_is_another_version(
+    small_weld, damage, s3_settings, s3_client, bucket, caplog
+):
     masks = [damage.blank_mask(m) for m in sorted((small_weld / "ground_truth/defective").iterdir())[1:]]
     with caplog.at_level(logging.WARNING, logger="ssn_platform.ingest"):
-        dropped = ingest(small_weld, product="weld", bucket=bucket, settings=s3_settings, progress=False,
-                         empty_masks="drop")
+        dropped = ingest(
+            small_weld, product="weld", bucket=bucket, settings=s3_settings, progress=False, empty_masks="drop"
+        )
     assert "2 defective image(s) with an empty mask dropped" in caplog.text
     manifest = _manifest(s3_client, bucket, dropped.uri)
     assert dropped.samples == 6 and len(manifest.records) == 6
     assert manifest.empty_masks == {"policy": "drop", "images": sorted(f"test/defective/{m.name}" for m in masks)}
-    label_only = ingest(small_weld, product="weld", bucket=bucket, settings=s3_settings, progress=False,
-                        empty_masks="label-only")
+    label_only = ingest(
+        small_weld, product="weld", bucket=bucket, settings=s3_settings, progress=False, empty_masks="label-only"
+    )
     assert label_only.version != dropped.version and label_only.samples == 8
 
 
@@ -107,14 +115,16 @@ def test_the_empty_mask_choice_is_part_of_the_dataset_version(small_weld, s3_set
     import hashlib
 
     default = ingest(small_weld, product="weld", bucket=bucket, settings=s3_settings, progress=False)
-    label_only = ingest(small_weld, product="weld", bucket=bucket, settings=s3_settings, progress=False,
-                        empty_masks="label-only")
+    label_only = ingest(
+        small_weld, product="weld", bucket=bucket, settings=s3_settings, progress=False, empty_masks="label-only"
+    )
     assert label_only.version != default.version  # same files, no empty mask: the choice alone differs
     # the default hashes the records alone, so versions ingested before the choice existed stay valid
     records = sorted(_manifest(s3_client, bucket, default.uri).records, key=lambda r: r["image"])
     assert default.version == hashlib.sha256(canonical_json(records)).hexdigest()[:16]
-    doc = json.loads(s3_client.get_object(Bucket=bucket, Key=default.uri.removeprefix(f"s3://{bucket}/"))["Body"]
-                     .read())
+    doc = json.loads(
+        s3_client.get_object(Bucket=bucket, Key=default.uri.removeprefix(f"s3://{bucket}/"))["Body"].read()
+    )
     del doc["empty_masks"]  # a manifest written before the field existed reads back as "error"
     assert Manifest.from_json(json.dumps(doc)).empty_masks == {"policy": "error", "images": []}
     with pytest.raises(ValueError, match="empty_masks must be one of"):
@@ -125,8 +135,17 @@ def test_the_empty_mask_choice_is_part_of_the_dataset_version(small_weld, s3_set
 def test_the_ingest_job_names_the_empty_mask_option_and_applies_it(small_weld, damage, s3_stack, s3_client, bucket):
     damage.blank_mask(sorted((small_weld / "ground_truth/defective").iterdir())[0])
     env = {**os.environ, **s3_stack.client_env()}
-    cmd = [sys.executable, str(JOB), "--source", str(small_weld), "--product", "weld", "--bucket", bucket,
-           "--no-progress"]
+    cmd = [
+        sys.executable,
+        str(JOB),
+        "--source",
+        str(small_weld),
+        "--product",
+        "weld",
+        "--bucket",
+        bucket,
+        "--no-progress",
+    ]
     refused = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "--empty-masks" in refused.stderr, refused.stderr
     assert _keys(s3_client, bucket) == {}

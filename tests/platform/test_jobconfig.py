@@ -17,29 +17,34 @@ def test_committed_configs_load(name):
 
 
 def test_overrides_apply_with_yaml_values():
-    job = load_job_config(REPO_CONFIGS / "battery_weld.yaml",
-                          ["train.epochs=3", "model.image_size=[128,96]", "scaling.num_workers=1", "run_name=r1"])
+    job = load_job_config(
+        REPO_CONFIGS / "battery_weld.yaml",
+        ["train.epochs=3", "model.image_size=[128,96]", "scaling.num_workers=1", "run_name=r1"],
+    )
     assert job.train.epochs == 3 and job.model.image_size == (128, 96)
     assert job.scaling.num_workers == 1 and job.run_name == "r1"
     assert job.per_worker_batch_size == job.train.batch_size
 
 
-@pytest.mark.parametrize("override, culprit", [
-    ("train.epochs=0", "train.epochs"),
-    ("model.backbone=resnet9000", "model.backbone"),
-    ("train.supervision=semi", "train.supervision"),
-    ("model.noise_std=-1", "model.noise_std"),
-    ("scaling.num_workers=0", "scaling.num_workers"),
-    ("train.learning_rate=1", "train.learning_rate"),
-    ("dataset=/local/path", "dataset"),
-    ("product=bad/name", "product"),
-    ("run_name=../escape", "run_name"),
-    ("train.batch_size=1", "train.batch_size"),
-    ("epochs", "key=value"),
-    ("train.precision=fp16", "train.precision"),
-    ("model.feature_levels=[3,2]", "model.feature_levels"),
-    ("synthetic_recipe=scratches", "synthetic_recipe"),
-])
+@pytest.mark.parametrize(
+    "override, culprit",
+    [
+        ("train.epochs=0", "train.epochs"),
+        ("model.backbone=resnet9000", "model.backbone"),
+        ("train.supervision=semi", "train.supervision"),
+        ("model.noise_std=-1", "model.noise_std"),
+        ("scaling.num_workers=0", "scaling.num_workers"),
+        ("train.learning_rate=1", "train.learning_rate"),
+        ("dataset=/local/path", "dataset"),
+        ("product=bad/name", "product"),
+        ("run_name=../escape", "run_name"),
+        ("train.batch_size=1", "train.batch_size"),
+        ("epochs", "key=value"),
+        ("train.precision=fp16", "train.precision"),
+        ("model.feature_levels=[3,2]", "model.feature_levels"),
+        ("synthetic_recipe=scratches", "synthetic_recipe"),
+    ],
+)
 def test_invalid_values_name_the_culprit(override, culprit):
     with pytest.raises(ConfigError, match=culprit.replace(".", r"\.")):
         load_job_config(REPO_CONFIGS / "battery_weld.yaml", [override])
@@ -49,13 +54,19 @@ def test_precision_feature_levels_and_the_synthetic_recipe_reach_the_job_and_its
     from supersimplenet.layouts import read_layout
     from ssn_platform.training import build_validation_set
 
-    job = load_job_config(REPO_CONFIGS / "battery_weld.yaml", [
-        "train.precision=bf16", "model.feature_levels=[1,2]", "validation=synthetic", "synthetic_recipe=mixed"])
+    job = load_job_config(
+        REPO_CONFIGS / "battery_weld.yaml",
+        ["train.precision=bf16", "model.feature_levels=[1,2]", "validation=synthetic", "synthetic_recipe=mixed"],
+    )
     assert job.train.precision == "bf16" and job.model.feature_levels == (1, 2)
     normal = [s for s in read_layout(weld_root) if s.label == 0][:3]
     assert build_validation_set(job, weld_root, normal).recipe == "mixed"
-    assert build_validation_set(load_job_config(REPO_CONFIGS / "battery_weld.yaml", ["validation=synthetic"]),
-                                weld_root, normal).recipe == "blend"
+    assert (
+        build_validation_set(
+            load_job_config(REPO_CONFIGS / "battery_weld.yaml", ["validation=synthetic"]), weld_root, normal
+        ).recipe
+        == "blend"
+    )
 
 
 def test_missing_and_malformed_files(tmp_path):
@@ -79,6 +90,7 @@ def test_unreachable_mlflow_is_a_clear_error(unused_tcp_port):
 @pytest.fixture
 def unused_tcp_port():
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

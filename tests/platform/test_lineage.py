@@ -13,10 +13,16 @@ pytestmark = [pytest.mark.stack, pytest.mark.heavy]
 def _job(dataset: str, *, model: dict | None = None, train: dict | None = None, **top):
     from ssn_platform.jobconfig import build_job_config
 
-    return build_job_config({
-        "product": "battery-weld", "dataset": dataset,
-        "model": {"backbone": "efficientnet_lite0", "image_size": [128, 72], **(model or {})},
-        "train": {"epochs": 1, "batch_size": 8, **(train or {})}, "scaling": {"num_workers": 1}, **top})
+    return build_job_config(
+        {
+            "product": "battery-weld",
+            "dataset": dataset,
+            "model": {"backbone": "efficientnet_lite0", "image_size": [128, 72], **(model or {})},
+            "train": {"epochs": 1, "batch_size": 8, **(train or {})},
+            "scaling": {"num_workers": 1},
+            **top,
+        }
+    )
 
 
 def test_latest_is_pinned_to_the_manifest_of_one_version_before_any_worker_sees_it(weld_dataset):

@@ -58,8 +58,12 @@ def test_written_credentials_are_owner_only_and_random(tmp_path: Path) -> None:
 def test_server_config_defaults_users_to_read_and_names_the_admin(tmp_path: Path) -> None:
     admin = _write(tmp_path / "admin", user="admin", password="admin-password-cdef")
     out = tmp_path / "basic_auth.ini"
-    assert mlflow_auth.main(["server-config", "--admin", str(admin), "--database", "sqlite:////x/auth.db",
-                             "--out", str(out)]) == 0
+    assert (
+        mlflow_auth.main(
+            ["server-config", "--admin", str(admin), "--database", "sqlite:////x/auth.db", "--out", str(out)]
+        )
+        == 0
+    )
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
     parser = configparser.ConfigParser(interpolation=None)
     parser.read(out)
@@ -78,13 +82,16 @@ def test_server_config_defaults_users_to_read_and_names_the_admin(tmp_path: Path
     assert config.admin_password == "admin-password-cdef" and config.auth_cache_ttl_seconds == 60
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "No such file"),
-    ("[other]\nx = 1\n", "needs a [mlflow] section"),
-    ("[mlflow]\nmlflow_tracking_username = u\n", "needs a [mlflow] section"),
-    ("[mlflow]\nmlflow_tracking_username = u\nmlflow_tracking_password =\n", "must not be empty"),
-    ("not an ini file", "needs a [mlflow] section"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "No such file"),
+        ("[other]\nx = 1\n", "needs a [mlflow] section"),
+        ("[mlflow]\nmlflow_tracking_username = u\n", "needs a [mlflow] section"),
+        ("[mlflow]\nmlflow_tracking_username = u\nmlflow_tracking_password =\n", "must not be empty"),
+        ("not an ini file", "needs a [mlflow] section"),
+    ],
+)
 def test_a_bad_credentials_file_is_named(tmp_path: Path, content: str | None, message: str) -> None:
     path = tmp_path / "creds"
     if content is not None:

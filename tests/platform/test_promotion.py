@@ -32,15 +32,21 @@ def setup(weld_val_dataset, random_head_model, register_version):
     good_metrics, bad_metrics = evaluate_model(good, root, test), evaluate_model(bad, root, test)
     assert bad_metrics[METRIC] >= FLOOR and good_metrics[METRIC] > bad_metrics[METRIC] + 0.05, (
         f"test premise: seed 0 must beat seed 1 clearly on {METRIC}, both above {FLOOR}: "
-        f"{good_metrics[METRIC]} vs {bad_metrics[METRIC]}")
+        f"{good_metrics[METRIC]} vs {bad_metrics[METRIC]}"
+    )
     product = f"weld-promo-{uuid.uuid4().hex[:6]}"
     versions = {
         "good": register_version(product, uri, good, good_metrics),
         "bad": register_version(product, uri, bad, bad_metrics),
         "unevaluated": register_version(product, uri, good, {}),
     }
-    return {"product": product, "name": f"ssn-{product}", "uri": uri, "versions": versions,
-            "metrics": {"good": good_metrics, "bad": bad_metrics}}
+    return {
+        "product": product,
+        "name": f"ssn-{product}",
+        "uri": uri,
+        "versions": versions,
+        "metrics": {"good": good_metrics, "bad": bad_metrics},
+    }
 
 
 def _aliases(name: str) -> dict[str, str]:
@@ -55,9 +61,11 @@ def _decision_runs(product: str, candidate: str) -> list:
     client = MlflowClient()
     experiment = client.get_experiment_by_name(f"ssn-{product}-promotions")
     assert experiment is not None, "no promotions experiment"
-    return client.search_runs([experiment.experiment_id],
-                              filter_string=f"tags.`ssn.candidate_version` = '{candidate}'",
-                              order_by=["attributes.start_time DESC"])
+    return client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`ssn.candidate_version` = '{candidate}'",
+        order_by=["attributes.start_time DESC"],
+    )
 
 
 def test_uncalibrated_or_unevaluated_versions_are_never_promoted(setup):
@@ -149,22 +157,50 @@ def test_promote_job(setup):
     assert before.get("champion") == versions["good"], "runs after test_promote_refuse_a_worse_version_and_roll_back"
 
     refused = subprocess.run(
-        [sys.executable, str(REPO / "jobs" / "promote.py"), "--product", product, "--version", versions["bad"],
-         "--metric", METRIC, "--floor", str(FLOOR), "--margin", "0.0"],
-        capture_output=True, text=True, timeout=600, cwd=REPO, env=env,
+        [
+            sys.executable,
+            str(REPO / "jobs" / "promote.py"),
+            "--product",
+            product,
+            "--version",
+            versions["bad"],
+            "--metric",
+            METRIC,
+            "--floor",
+            str(FLOOR),
+            "--margin",
+            "0.0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+        env=env,
     )
     assert refused.returncode == 1, refused.stderr[-3000:]
     decision = json.loads(refused.stdout.strip().splitlines()[-1])
     assert decision["promoted"] is False and "worse" in decision["reason"]
     assert _aliases(name) == before
 
-    rolled = subprocess.run([sys.executable, str(REPO / "jobs" / "promote.py"), "--product", product, "--rollback"],
-                            capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    rolled = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "promote.py"), "--product", product, "--rollback"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env=env,
+    )
     assert rolled.returncode == 0, rolled.stderr[-3000:]
     assert _aliases(name) == {"champion": versions["bad"], "previous": versions["good"]}
 
-    usage = subprocess.run([sys.executable, str(REPO / "jobs" / "promote.py"), "--product", product],
-                           capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    usage = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "promote.py"), "--product", product],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env=env,
+    )
     assert usage.returncode == 2 and "--version" in usage.stderr
 
 
@@ -200,9 +236,13 @@ def test_a_rollback_killed_between_alias_writes_is_finished_by_the_next_call(set
     client.set_registered_model_alias(name, "champion", v_new)
     client.set_registered_model_alias(name, "previous", v_old)
 
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(CRASH_AFTER_WRITES), product],
-                          env={**os.environ, "CRASH_AFTER": str(crash_after)}, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(CRASH_AFTER_WRITES), product],
+        env={**os.environ, "CRASH_AFTER": str(crash_after)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 17, proc.stderr[-3000:]
     crashed = _aliases(name)
     assert "champion" in crashed  # a reader never finds the product without a champion

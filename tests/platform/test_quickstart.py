@@ -14,9 +14,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_quickstart_smoke_end_to_end(live_stack):
-    proc = subprocess.run([sys.executable, "jobs/quickstart.py", "--smoke-test", "--seeds", "2"], cwd=REPO,
-                          env=dict(os.environ),
-                          capture_output=True, text=True, timeout=2400)
+    proc = subprocess.run(
+        [sys.executable, "jobs/quickstart.py", "--smoke-test", "--seeds", "2"],
+        cwd=REPO,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=2400,
+    )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
     state = Path(os.environ["SSN_STACK_DIR"])
     summary = json.loads((state / "reports" / "quickstart.json").read_text())
@@ -34,7 +39,8 @@ def test_quickstart_smoke_end_to_end(live_stack):
     assert champion.tags["threshold_method"] == "false_alarm"  # the quickstart budgets false alarms (10 %)
     decision_runs = MlflowClient().search_runs(
         [MlflowClient().get_experiment_by_name("ssn-elpv-promotions").experiment_id],
-        filter_string=f"tags.`ssn.candidate_version` = '{summary['model_version']}'")
+        filter_string=f"tags.`ssn.candidate_version` = '{summary['model_version']}'",
+    )
     assert decision_runs[0].data.params["seeds_evaluation_run_id"] == seeds["evaluation_run_id"]
     # one line per step: no replica request logs, no artifact progress bars, no Ray/Serve/MLflow chatter
     output = proc.stdout + proc.stderr

@@ -21,7 +21,9 @@ def test_regions_of_a_map_at_the_image_size_are_exact_and_sorted_by_their_maximu
     regions, total = defect_regions(two_blobs(), 0.5, 32, 16)
     assert total == 2
     assert [(r["x0"], r["y0"], r["x1"], r["y1"], r["area_pixels"]) for r in regions] == [
-        (4, 2, 8, 5, 12.0), (20, 10, 22, 12, 2.0)]
+        (4, 2, 8, 5, 12.0),
+        (20, 10, 22, 12, 2.0),
+    ]
     assert regions[0]["max_score"] == pytest.approx(0.95) and regions[1]["max_score"] == pytest.approx(0.6)
     assert regions[0]["mean_score"] == pytest.approx((11 * 0.9 + 0.95) / 12)
     assert regions[0]["area_percent"] == pytest.approx(100 * 12 / (32 * 16), abs=1e-4)

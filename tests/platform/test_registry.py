@@ -16,8 +16,15 @@ def test_a_retried_registration_of_a_run_finds_its_version_instead_of_adding_one
     from ssn_platform.registry import log_and_register
 
     model = random_head_model(3)
-    job = build_job_config({"product": "weld-idempotent", "dataset": weld_dataset, "model": to_dict(model.config),
-                            "train": {"epochs": 1, "batch_size": 8}, "scaling": {"num_workers": 1}})
+    job = build_job_config(
+        {
+            "product": "weld-idempotent",
+            "dataset": weld_dataset,
+            "model": to_dict(model.config),
+            "train": {"epochs": 1, "batch_size": 8},
+            "scaling": {"num_workers": 1},
+        }
+    )
     client = MlflowClient()
     experiment_id = client.create_experiment(f"{job.experiment_name}-registry-test")
     run_id = client.create_run(experiment_id).info.run_id

@@ -17,15 +17,27 @@ import requests
 pytestmark = [pytest.mark.stack, pytest.mark.heavy]
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="module")
 def reviewed(live_stack, weld_val_dataset, random_head_model, serve_champion):
     settings = {"torch_threads": 2, "refresh_s": 5.0, "review_bucket": "ssn", "review_band": 1.0, "review_sample": 1.0}
     with serve_champion(live_stack, weld_val_dataset, random_head_model(5), "review", settings) as (
-            product, _, base, samples):
+        product,
+        _,
+        base,
+        samples,
+    ):
         yield {"product": product, "base": base, "dataset": weld_val_dataset, "samples": samples}
 
 
@@ -37,11 +49,17 @@ def test_an_operator_labels_two_kept_images_in_chromium_and_the_next_dataset_ver
     from ssn_platform.review import ReviewStore
 
     product, base = reviewed["product"], reviewed["base"]
-    images = [*sorted((weld_root / "test" / "defective").iterdir())[:2],
-              *sorted((weld_root / "test" / "good").iterdir())[:1]]
+    images = [
+        *sorted((weld_root / "test" / "defective").iterdir())[:2],
+        *sorted((weld_root / "test" / "good").iterdir())[:1],
+    ]
     for path in images:
-        answer = requests.post(f"{base}/v1/products/{product}/inspect", data=path.read_bytes(), timeout=120,
-                               headers={"Content-Type": "image/png", **client_headers()})
+        answer = requests.post(
+            f"{base}/v1/products/{product}/inspect",
+            data=path.read_bytes(),
+            timeout=120,
+            headers={"Content-Type": "image/png", **client_headers()},
+        )
         assert answer.status_code == 200, answer.text
     store = ReviewStore("ssn", product)
     deadline = time.monotonic() + 120
@@ -52,8 +70,12 @@ def test_an_operator_labels_two_kept_images_in_chromium_and_the_next_dataset_ver
 
     # nobody reviews without the product's key
     assert requests.get(f"{base}/review/{product}", timeout=30).status_code == 401
-    assert requests.post(f"{base}/review/{product}/items/{kept[0]['id']}/label", json={"label": "normal"},
-                         timeout=30).status_code == 401
+    assert (
+        requests.post(
+            f"{base}/review/{product}/items/{kept[0]['id']}/label", json={"label": "normal"}, timeout=30
+        ).status_code
+        == 401
+    )
 
     key = client_headers()["Authorization"].split(" ", 1)[1]
     with sync_playwright() as playwright:
@@ -119,9 +141,25 @@ def test_ray_job_submit_runs_the_deploy_job_and_the_drift_job(reviewed):
     repo = Path(__file__).resolve().parents[2]
 
     def submit(*command: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--working-dir",
-                               str(repo), "--", "python", *command], cwd=repo, capture_output=True, text=True,
-                              timeout=900, env={**os.environ, "SSN_GIT_SHA": "test"})
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ray.scripts.scripts",
+                "job",
+                "submit",
+                "--working-dir",
+                str(repo),
+                "--",
+                "python",
+                *command,
+            ],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env={**os.environ, "SSN_GIT_SHA": "test"},
+        )
 
     port = os.environ["SSN_SERVE_PORT"]
     proc = submit("jobs/deploy.py", "--port", port, "--set", "review_bucket=ssn", "--set", "torch_threads=2")

@@ -64,8 +64,11 @@ def test_the_boto3_settings_and_client_hold_no_credentials_of_the_process_enviro
 
     settings = S3Settings.from_env()
     assert settings.endpoint_url == "http://127.0.0.1:9"
-    for blob, what in ((pickle.dumps(settings), "pickled S3Settings"), (repr(settings).encode(), "repr"),
-                       (json.dumps(settings.client_env()).encode(), "client_env()")):
+    for blob, what in (
+        (pickle.dumps(settings), "pickled S3Settings"),
+        (repr(settings).encode(), "repr"),
+        (json.dumps(settings.client_env()).encode(), "client_env()"),
+    ):
         _assert_no_secret(blob, what)
     client = make_client()
     _assert_no_secret(pickle.dumps(client.ssn_settings), "the client's settings")
@@ -81,8 +84,13 @@ def test_explicit_credentials_are_used_but_never_pickled(probe_env):
     sign requests, but a settings object holding them refuses to be pickled instead of carrying them along."""
     from ssn_platform.storage import S3Settings, make_client
 
-    settings = S3Settings.from_env({"SSN_S3_ENDPOINT": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "EXPLICITKEY",
-                                    "AWS_SECRET_ACCESS_KEY": "explicit-secret"})
+    settings = S3Settings.from_env(
+        {
+            "SSN_S3_ENDPOINT": "http://127.0.0.1:9",
+            "AWS_ACCESS_KEY_ID": "EXPLICITKEY",
+            "AWS_SECRET_ACCESS_KEY": "explicit-secret",
+        }
+    )
     credentials = make_client(settings)._request_signer._credentials.get_frozen_credentials()
     assert (credentials.access_key, credentials.secret_key) == ("EXPLICITKEY", "explicit-secret")
     with pytest.raises(TypeError, match="credentials"):
@@ -112,8 +120,13 @@ def test_ray_tune_hands_the_drivers_credentials_to_no_trial():
     """Ray Tune copies the driver's AWS keys into each trial's runtime_env, which Ray logs; connect_ray (which every
     job calls before Tune or Train) stops that.
     In a subprocess: Ray must not be imported in the test process (see tests/conftest.py)."""
-    proc = subprocess.run([sys.executable, "-c", TUNE_SCRIPT], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    proc = subprocess.run(
+        [sys.executable, "-c", TUNE_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "AWS_SECRET_ACCESS_KEY" in result["before"]  # what Ray does on its own (else this test proves nothing)
@@ -123,7 +136,8 @@ def test_ray_tune_hands_the_drivers_credentials_to_no_trial():
 @pytest.mark.stack
 @pytest.mark.parametrize("source", ["environment", "credentials file"])
 def test_keyless_clients_reach_s3_with_credentials_from_the_environment_or_a_credentials_file(
-        source, s3_stack, monkeypatch, tmp_path):
+    source, s3_stack, monkeypatch, tmp_path
+):
     """What the stack's Ray and MLflow processes rely on: boto3 and pyarrow built by our code find the keys in the
     process environment, or in a 0600 file named by AWS_SHARED_CREDENTIALS_FILE."""
     from ssn_platform.storage import S3Settings, make_client, put_bytes
@@ -140,8 +154,10 @@ def test_keyless_clients_reach_s3_with_credentials_from_the_environment_or_a_cre
         monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
     else:
         path = tmp_path / "aws_credentials"
-        path.write_text(f"[default]\naws_access_key_id = {env['AWS_ACCESS_KEY_ID']}\n"
-                        f"aws_secret_access_key = {env['AWS_SECRET_ACCESS_KEY']}\n")
+        path.write_text(
+            f"[default]\naws_access_key_id = {env['AWS_ACCESS_KEY_ID']}\n"
+            f"aws_secret_access_key = {env['AWS_SECRET_ACCESS_KEY']}\n"
+        )
         path.chmod(0o600)
         monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(path))
     put_bytes(make_client(S3Settings.from_env()), "ssn", f"probe/{source}.txt", b"written with boto3")
@@ -210,7 +226,7 @@ def _context(data: bytes, secrets: dict[str, bytes], width: int = 160) -> str:
     for secret in secrets.values():
         at = data.find(secret)
         if at >= 0:
-            text = data[max(0, at - width):at + len(secret) + width]
+            text = data[max(0, at - width) : at + len(secret) + width]
             for other, value in secrets.items():
                 text = text.replace(value, f"<{other}>".encode())
             return text.decode("utf-8", "replace")
@@ -235,8 +251,9 @@ def _scan_files(root: Path, secrets: dict[str, bytes]) -> tuple[dict[str, set[st
 
 
 def _run(*command: str) -> str:
-    proc = subprocess.run(command, cwd=REPO, env={**os.environ, "SSN_GIT_SHA": "test"}, capture_output=True,
-                          text=True, timeout=1200)
+    proc = subprocess.run(
+        command, cwd=REPO, env={**os.environ, "SSN_GIT_SHA": "test"}, capture_output=True, text=True, timeout=1200
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc.stdout + proc.stderr
 
@@ -247,12 +264,23 @@ def test_no_secret_in_buckets_mlflow_or_ray_session_after_a_search_and_a_trainin
     secrets = _stack_secrets(live_stack)
     outputs = {
         # a driver that holds the keys in its environment (a shell after `eval "$(infra/local/stack env)"`)
-        "`python jobs/tune.py`": _run(sys.executable, "jobs/tune.py", "--smoke-test",
-                                      "--storage", f"sqlite:///{tmp_path / 'optuna.db'}"),
+        "`python jobs/tune.py`": _run(
+            sys.executable, "jobs/tune.py", "--smoke-test", "--storage", f"sqlite:///{tmp_path / 'optuna.db'}"
+        ),
         # a driver inside the cluster, with the Ray head's environment
         "`ray job submit -- python jobs/train.py`": _run(
-            sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--working-dir", str(REPO), "--",
-            "python", "jobs/train.py", "--smoke-test"),
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
+            "job",
+            "submit",
+            "--working-dir",
+            str(REPO),
+            "--",
+            "python",
+            "jobs/train.py",
+            "--smoke-test",
+        ),
     }
 
     leaks: dict[str, set[str]] = {}
@@ -282,8 +310,9 @@ def test_no_secret_in_buckets_mlflow_or_ray_session_after_a_search_and_a_trainin
         if found := _found(b"\n".join(variables), secrets):
             leaks[f"the environment of pid {pid}"] = found
 
-    assert not leaks, "secrets found:\n" + "\n".join(f"{where}: {', '.join(sorted(what))}"
-                                                     for where, what in sorted(leaks.items()))
+    assert not leaks, "secrets found:\n" + "\n".join(
+        f"{where}: {', '.join(sorted(what))}" for where, what in sorted(leaks.items())
+    )
     assert stat.S_IMODE(credentials_file.stat().st_mode) == 0o600
     # Ray's Python workers set their process title (setproctitle), which overwrites the start of the memory that
     # /proc/<pid>/environ shows (empty entries); what is left was scanned above, but the file's variable can be among

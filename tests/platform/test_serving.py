@@ -29,9 +29,16 @@ pytestmark = [pytest.mark.stack, pytest.mark.heavy]
 
 REPO = Path(__file__).resolve().parents[2]
 SETTINGS = {
-    "refresh_s": 1.0, "max_bytes": 2 * 1024 * 1024, "max_pixels": 4_000_000, "max_side": 8192,
-    "max_models_per_replica": 2, "max_batch_size": 8, "batch_wait_timeout_s": 0.01, "negative_cache_s": 2.0,
-    "torch_threads": 2, "load_backoff_s": 4.0,
+    "refresh_s": 1.0,
+    "max_bytes": 2 * 1024 * 1024,
+    "max_pixels": 4_000_000,
+    "max_side": 8192,
+    "max_models_per_replica": 2,
+    "max_batch_size": 8,
+    "batch_wait_timeout_s": 0.01,
+    "negative_cache_s": 2.0,
+    "torch_threads": 2,
+    "load_backoff_s": 4.0,
 }
 LOAD_ALLOWANCE_S = 45.0  # a switch is served within refresh_s + one model load (download + build + warm-up)
 
@@ -47,8 +54,13 @@ def copy_as_champion(source_name: str, version: str, product: str, *, keep_thres
     source = client.get_model_version(source_name, version)
     tags = {k: v for k, v in source.tags.items() if keep_threshold or not k.startswith("threshold")}
     client.create_registered_model(f"ssn-{product}")
-    copy = client.create_model_version(f"ssn-{product}", source=source.source, run_id=source.run_id, tags=tags,
-                                       model_id=source.source.rsplit("/", 1)[-1])
+    copy = client.create_model_version(
+        f"ssn-{product}",
+        source=source.source,
+        run_id=source.run_id,
+        tags=tags,
+        model_id=source.source.rsplit("/", 1)[-1],
+    )
     client.set_registered_model_alias(f"ssn-{product}", "champion", copy.version)
 
 
@@ -75,8 +87,13 @@ def key_headers() -> dict[str, str]:
 
 
 def inspect(base: str, product: str, body: bytes, content_type: str = "image/png", **params) -> requests.Response:
-    return requests.post(f"{base}/v1/products/{product}/inspect", data=body, timeout=120, params=params,
-                         headers={"Content-Type": content_type, **key_headers()})
+    return requests.post(
+        f"{base}/v1/products/{product}/inspect",
+        data=body,
+        timeout=120,
+        params=params,
+        headers={"Content-Type": content_type, **key_headers()},
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -181,8 +198,12 @@ def test_served_scores_equal_offline_scores(served, weld_root):
         assert answer.status_code == 200, answer.text
         assert abs(answer.json()["score"] - expected) <= 1e-5, fmt
     octet = inspect(base, product, paths[1].read_bytes(), "application/octet-stream")
-    multipart = requests.post(f"{base}/v1/products/{product}/inspect", timeout=60, headers=key_headers(),
-                              files={"image": (paths[1].name, paths[1].read_bytes(), "image/png")})
+    multipart = requests.post(
+        f"{base}/v1/products/{product}/inspect",
+        timeout=60,
+        headers=key_headers(),
+        files={"image": (paths[1].name, paths[1].read_bytes(), "image/png")},
+    )
     for answer in (octet, multipart):
         assert answer.status_code == 200, answer.text
         assert abs(answer.json()["score"] - float(offline[paths[1]][0][0])) <= 1e-5
@@ -265,8 +286,12 @@ def test_products_health_and_docs_and_every_listener_on_loopback(served, weld_ro
     assert entry["champion_version"] == served["versions"][0] and entry["registered_model"] == served["name"]
     assert entry["loaded_version"] == served["versions"][0]
     # the replica serves the folded fast path (folded heads for Lite0's 152 channels), float32 by default
-    assert entry["inference"] == {"engine": "FastSuperSimpleNet", "heads": "folded", "precision": "fp32",
-                                  "device": "cpu"}
+    assert entry["inference"] == {
+        "engine": "FastSuperSimpleNet",
+        "heads": "folded",
+        "precision": "fp32",
+        "device": "cpu",
+    }
     assert f"{product}-idle" not in {p["product"] for p in listing}  # no champion: not served
     assert requests.get(f"{base}/healthz", timeout=30).json()["status"] == "ok"
     ready = requests.get(f"{base}/readyz", timeout=30)
@@ -315,8 +340,12 @@ def test_champion_switch_and_rollback_under_load(served, weld_root):
         while not stop.is_set():
             sent = time.monotonic()
             try:
-                answer = session.post(f"{base}/v1/products/{product}/inspect", data=images[i % len(images)],
-                                      headers={"Content-Type": "image/png", **key_headers()}, timeout=120)
+                answer = session.post(
+                    f"{base}/v1/products/{product}/inspect",
+                    data=images[i % len(images)],
+                    headers={"Content-Type": "image/png", **key_headers()},
+                    timeout=120,
+                )
                 version = answer.json().get("model_version") if answer.status_code == 200 else answer.text[:200]
                 log.append((sent, time.monotonic(), answer.status_code, version))
             except requests.RequestException as error:
@@ -327,8 +356,11 @@ def test_champion_switch_and_rollback_under_load(served, weld_root):
         """(sent, received) of the first request sent after `after` that `version` answered."""
         deadline = time.monotonic() + deadline_s
         while time.monotonic() < deadline:
-            hits = [(sent, received) for sent, received, status, v in list(log)
-                    if status == 200 and v == version and sent >= after]
+            hits = [
+                (sent, received)
+                for sent, received, status, v in list(log)
+                if status == 200 and v == version and sent >= after
+            ]
             if hits:
                 return min(hits)
             time.sleep(0.1)
@@ -394,8 +426,12 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 
 def png_claiming(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims width x height (valid CRCs, a few bytes of pixel data)."""
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + _chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + _chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + _chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + _chunk(b"IEND", b"")
+    )
 
 
 def bmp_claiming(width: int, height: int) -> bytes:
@@ -404,10 +440,23 @@ def bmp_claiming(width: int, height: int) -> bytes:
 
 
 def tiff_claiming(width: int, height: int) -> bytes:
-    entries = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
-               (273, 4, 1, 8), (277, 3, 1, 1), (278, 4, 1, height), (279, 4, 1, min(width * height, 2**32 - 1))]
-    packed = [struct.pack("<HHII", tag, kind, count, value) if kind == 4
-              else struct.pack("<HHIHH", tag, kind, count, value, 0) for tag, kind, count, value in entries]
+    entries = [
+        (256, 4, 1, width),
+        (257, 4, 1, height),
+        (258, 3, 1, 8),
+        (259, 3, 1, 1),
+        (262, 3, 1, 1),
+        (273, 4, 1, 8),
+        (277, 3, 1, 1),
+        (278, 4, 1, height),
+        (279, 4, 1, min(width * height, 2**32 - 1)),
+    ]
+    packed = [
+        struct.pack("<HHII", tag, kind, count, value)
+        if kind == 4
+        else struct.pack("<HHIHH", tag, kind, count, value, 0)
+        for tag, kind, count, value in entries
+    ]
     ifd = struct.pack("<H", len(entries)) + b"".join(packed) + struct.pack("<I", 0)
     return b"II*\x00" + struct.pack("<I", 8) + ifd + b"\x00" * 32
 
@@ -415,13 +464,17 @@ def tiff_claiming(width: int, height: int) -> bytes:
 def jpeg_claiming(jpeg: bytes, width: int, height: int) -> bytes:
     at = jpeg.find(b"\xff\xc0")
     assert at > 0, "no baseline SOF marker"
-    return jpeg[:at + 5] + struct.pack(">HH", height, width) + jpeg[at + 9:]
+    return jpeg[: at + 5] + struct.pack(">HH", height, width) + jpeg[at + 9 :]
 
 
 def multipart(parts: list[tuple[str, bytes]], boundary: str = "ssnfuzzboundary", *, close: bool = True) -> bytes:
     out = b"".join(
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"x.png\"\r\n"
-        f"Content-Type: image/png\r\n\r\n".encode() + data + b"\r\n" for name, data in parts)
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="x.png"\r\n'
+        f"Content-Type: image/png\r\n\r\n".encode()
+        + data
+        + b"\r\n"
+        for name, data in parts
+    )
     return out + (f"--{boundary}--\r\n".encode() if close else b"")
 
 
@@ -448,15 +501,18 @@ def bad_requests(
         out.append((category, method, url, dict(headers), body))
 
     for _ in range(90):
-        add("random_bytes", rng.randbytes(rng.randint(1, 5000)),
-            {"Content-Type": rng.choice(["image/png", "image/jpeg", "application/octet-stream", "image/tiff"])})
+        add(
+            "random_bytes",
+            rng.randbytes(rng.randint(1, 5000)),
+            {"Content-Type": rng.choice(["image/png", "image/jpeg", "application/octet-stream", "image/tiff"])},
+        )
     image_data_end = real_png.rfind(b"IEND") - 16  # cut inside the pixel data (a missing IEND alone still decodes)
     for _ in range(70):
-        add("truncated_png", real_png[:rng.randint(1, image_data_end)])
+        add("truncated_png", real_png[: rng.randint(1, image_data_end)])
     for fmt, content_type in (("JPEG", "image/jpeg"), ("BMP", "image/bmp"), ("TIFF", "image/tiff")):
         data = encoded[fmt]
         for _ in range(25):
-            add(f"truncated_{fmt.lower()}", data[:rng.randint(1, len(data) - 1)], {"Content-Type": content_type})
+            add(f"truncated_{fmt.lower()}", data[: rng.randint(1, len(data) - 1)], {"Content-Type": content_type})
     for _ in range(40):
         corrupt = bytearray(real_png)
         for _ in range(rng.randint(1, 20)):
@@ -469,23 +525,39 @@ def bad_requests(
         add("long_png_header", png_claiming(size, 1))
         add("huge_bmp_header", bmp_claiming(size, size), {"Content-Type": "image/bmp"})
         add("huge_tiff_header", tiff_claiming(size, size), {"Content-Type": "image/tiff"})
-        add("huge_jpeg_header", jpeg_claiming(encoded["JPEG"], min(size, 65_535), min(size, 65_535)),
-            {"Content-Type": "image/jpeg"})
+        add(
+            "huge_jpeg_header",
+            jpeg_claiming(encoded["JPEG"], min(size, 65_535), min(size, 65_535)),
+            {"Content-Type": "image/jpeg"},
+        )
     for _ in range(5):
         add("decompression_bomb", bomb.getvalue())
     for extra in (1, 1000, max_bytes // 2):
         add("oversized_body", rng.randbytes(max_bytes + extra))
-    add("oversized_multipart", multipart([("image", rng.randbytes(max_bytes + 100))]),
-        {"Content-Type": "multipart/form-data; boundary=ssnfuzzboundary"})
-    for content_type in ("text/plain", "application/json", "image/gif", "image/webp", "text/html; charset=utf-8",
-                         "application/x-www-form-urlencoded", "video/mp4", "image/svg+xml", "*/*", "garbage"):
+    add(
+        "oversized_multipart",
+        multipart([("image", rng.randbytes(max_bytes + 100))]),
+        {"Content-Type": "multipart/form-data; boundary=ssnfuzzboundary"},
+    )
+    for content_type in (
+        "text/plain",
+        "application/json",
+        "image/gif",
+        "image/webp",
+        "text/html; charset=utf-8",
+        "application/x-www-form-urlencoded",
+        "video/mp4",
+        "image/svg+xml",
+        "*/*",
+        "garbage",
+    ):
         add("wrong_content_type", real_png, {"Content-Type": content_type})
     for _ in range(10):
         add("missing_content_type", real_png, {})
     add("gif_as_png", encoded["GIF"])
     add("webp_as_png", encoded["WEBP"])
     for _ in range(10):
-        add("text_as_png", rng.choice([b"hello", b"<svg></svg>", b"{\"image\": 1}", b"GIF89a" + b"\x00" * 20]))
+        add("text_as_png", rng.choice([b"hello", b"<svg></svg>", b'{"image": 1}', b"GIF89a" + b"\x00" * 20]))
     for _ in range(90):
         alphabet = "abcdefghijklmnopqrstuvwxyz0123456789-_."
         name = rng.choice("abcdefghijklmnopqrstuvwxyz") + "".join(
@@ -505,14 +577,23 @@ def bad_requests(
         add("multipart_two_images", multipart([("image", real_png), ("image", real_png)]), boundary_header)
         add("multipart_empty_image", multipart([("image", b"")]), boundary_header)
         add("multipart_not_an_image", multipart([("image", rng.randbytes(300))]), boundary_header)
-        add("multipart_truncated", multipart([("image", real_png)])[:rng.randint(10, 400)], boundary_header)
+        add("multipart_truncated", multipart([("image", real_png)])[: rng.randint(10, 400)], boundary_header)
         add("multipart_garbage", rng.randbytes(500), boundary_header)
-        add("multipart_no_headers", b"--ssnfuzzboundary\r\n\r\n" + real_png + b"\r\n--ssnfuzzboundary--\r\n",
-            boundary_header)
-        add("multipart_bad_header", b"--ssnfuzzboundary\r\nno colon here\r\n\r\nxx\r\n--ssnfuzzboundary--\r\n",
-            boundary_header)
-        add("multipart_long_boundary", multipart([("image", real_png)], "b" * 300),
-            {"Content-Type": "multipart/form-data; boundary=" + "b" * 300})
+        add(
+            "multipart_no_headers",
+            b"--ssnfuzzboundary\r\n\r\n" + real_png + b"\r\n--ssnfuzzboundary--\r\n",
+            boundary_header,
+        )
+        add(
+            "multipart_bad_header",
+            b"--ssnfuzzboundary\r\nno colon here\r\n\r\nxx\r\n--ssnfuzzboundary--\r\n",
+            boundary_header,
+        )
+        add(
+            "multipart_long_boundary",
+            multipart([("image", real_png)], "b" * 300),
+            {"Content-Type": "multipart/form-data; boundary=" + "b" * 300},
+        )
     for value in ("maybe", "2", "", "yes please"):
         add("bad_query", real_png, url=f"{inspect_url}?return_map={value}")
         add("bad_query", real_png, url=f"{inspect_url}?return_mask={value}")
@@ -596,7 +677,8 @@ def _replica_log_count(live_stack, text: str) -> int:
 
 
 def test_a_champion_that_fails_to_load_is_answered_from_memory_until_its_back_off_ends(
-        served, live_stack, weld_root, weld_val_dataset, random_head_model, register_version):
+    served, live_stack, weld_root, weld_val_dataset, random_head_model, register_version
+):
     from mlflow import MlflowClient
 
     from ssn_platform.storage import get_bytes, make_client, put_bytes
@@ -629,8 +711,7 @@ def test_a_champion_that_fails_to_load_is_answered_from_memory_until_its_back_of
     assert answer.json()["model_version"] == version
 
 
-def test_a_replica_with_a_loaded_champion_stays_ready_and_answers_while_mlflow_is_down(served, live_stack,
-                                                                                        weld_root):
+def test_a_replica_with_a_loaded_champion_stays_ready_and_answers_while_mlflow_is_down(served, live_stack, weld_root):
     base, product = served["base"], served["product"]
     body = weld_test_images(weld_root, 1)[0].read_bytes()
     assert inspect(base, product, body).status_code == 200  # loaded
@@ -648,14 +729,12 @@ def test_a_replica_with_a_loaded_champion_stays_ready_and_answers_while_mlflow_i
         live_stack.run("up", "mlflow", timeout=300)
 
 
-def test_requests_beyond_the_queue_get_503_with_retry_after_and_the_rest_are_answered(served, live_stack,
-                                                                                       weld_root):
+def test_requests_beyond_the_queue_get_503_with_retry_after_and_the_rest_are_answered(served, live_stack, weld_root):
     from ray import serve
 
     from ssn_platform.serving.deployment import build_app
 
-    tight = {**SETTINGS, "max_ongoing_requests": 1, "max_queued_requests": 1, "retry_after_s": 2.0,
-             "batching": False}
+    tight = {**SETTINGS, "max_ongoing_requests": 1, "max_queued_requests": 1, "retry_after_s": 2.0, "batching": False}
     serve.run(build_app(tight), name="tight", route_prefix="/tight", blocking=False)
     base = served["base"] + "/tight"
     try:
@@ -702,17 +781,27 @@ def test_a_flood_of_4096_pixel_pngs_keeps_the_replica_within_its_pixel_budget(se
 
     side = 4096
     budget = 2 * side * side  # two full-size images decoded at once (~20 bytes per pixel while converted)
-    flood = {**SETTINGS, "max_bytes": 16 * 1024 * 1024, "max_pixels": side * side, "max_side": side,
-             "max_pixels_in_flight": budget, "max_ongoing_requests": 32, "max_queued_requests": 16,
-             "retry_after_s": 1.0}
+    flood = {
+        **SETTINGS,
+        "max_bytes": 16 * 1024 * 1024,
+        "max_pixels": side * side,
+        "max_side": side,
+        "max_pixels_in_flight": budget,
+        "max_ongoing_requests": 32,
+        "max_queued_requests": 16,
+        "retry_after_s": 1.0,
+    }
     serve.run(build_app(flood), name="flood", route_prefix="/flood", blocking=False)
     base, product = served["base"] + "/flood", served["product"]
     try:
         wait_ready(base, timeout=180)
         seam = weld_test_images(weld_root, 1)[0]
         assert inspect(base, product, seam.read_bytes()).status_code == 200  # the model is loaded before the flood
-        (replica,) = [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")])
-                      if a.class_name.startswith("ServeReplica:flood")]
+        (replica,) = [
+            a.pid
+            for a in list_actors(filters=[("state", "=", "ALIVE")])
+            if a.class_name.startswith("ServeReplica:flood")
+        ]
         full, over = _real_png_on_canvas(seam, side, side), _real_png_on_canvas(seam, side + 1, side)
         bodies = [full] * 32 + [over] * 8
         random.Random(7).shuffle(bodies)

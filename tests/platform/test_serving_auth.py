@@ -73,11 +73,14 @@ def test_keys_rotate_when_the_file_changes_and_a_broken_file_keeps_the_last_good
     assert status_of(keys, {"x-api-key": new}, "p") == 200  # the last good set
 
 
-@pytest.mark.parametrize("entry, culprit", [
-    ({"sha256": "0" * 64, "products": ["*"]}, "'name' is required"),
-    ({"name": "a", "sha256": "my-plain-key", "products": ["*"]}, "never the key"),
-    ({"name": "a", "sha256": "0" * 64, "products": []}, "'products'"),
-])
+@pytest.mark.parametrize(
+    "entry, culprit",
+    [
+        ({"sha256": "0" * 64, "products": ["*"]}, "'name' is required"),
+        ({"name": "a", "sha256": "my-plain-key", "products": ["*"]}, "never the key"),
+        ({"name": "a", "sha256": "0" * 64, "products": []}, "'products'"),
+    ],
+)
 def test_a_bad_keys_file_names_the_entry(entry, culprit):
     with pytest.raises(ValueError, match=rf"keys.yaml: keys\[0\].*{culprit}"):
         parse_keys(yaml.safe_dump({"keys": [entry]}), "keys.yaml")
@@ -86,8 +89,10 @@ def test_a_bad_keys_file_names_the_entry(entry, culprit):
 def test_the_command_appends_a_digest_and_writes_the_key_privately(tmp_path):
     keys_file, key_file = tmp_path / "keys.yaml", tmp_path / "key"
     assert main(["--name", "a", "--keys-file", str(keys_file), "--key-out", str(key_file)]) == 0
-    assert main(["--name", "b", "--products", "elpv", "--keys-file", str(keys_file),
-                 "--key-out", str(tmp_path / "key-b")]) == 0
+    assert (
+        main(["--name", "b", "--products", "elpv", "--keys-file", str(keys_file), "--key-out", str(tmp_path / "key-b")])
+        == 0
+    )
     entries = parse_keys(keys_file.read_text(), "keys.yaml")
     assert [(k.name, sorted(k.products)) for k in entries] == [("a", ["*"]), ("b", ["elpv"])]
     assert entries[0].sha256 == digest(key_file.read_text())

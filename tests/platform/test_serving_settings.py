@@ -17,21 +17,29 @@ from supersimplenet.model import build_model
 def test_settings_from_strings_and_round_trip():
     from ssn_platform.serving.settings import ServeSettings
 
-    settings = ServeSettings.from_dict({"precision": "bf16", "max_batch_size": "16", "batching": "false",
-                                        "refresh_s": "2.5"})
-    assert (settings.precision, settings.max_batch_size, settings.batching, settings.refresh_s) == ("bf16", 16, False,
-                                                                                                   2.5)
+    settings = ServeSettings.from_dict(
+        {"precision": "bf16", "max_batch_size": "16", "batching": "false", "refresh_s": "2.5"}
+    )
+    assert (settings.precision, settings.max_batch_size, settings.batching, settings.refresh_s) == (
+        "bf16",
+        16,
+        False,
+        2.5,
+    )
     assert ServeSettings.from_dict(settings.to_dict()) == settings
     assert ServeSettings().precision == "fp32"  # served scores equal offline ones unless asked otherwise
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"precision": "fp16"}, "precision must be fp32 or bf16, got 'fp16'"),
-    ({"device": "tpu"}, "device must be auto, cpu or cuda"),
-    ({"max_batch_size": "many"}, "max_batch_size must be an int, got 'many'"),
-    ({"max_batchsize": 8}, "unknown option(s) ['max_batchsize']"),
-    ({"num_replicas": 0}, "num_replicas must be a positive int or 'auto'"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"precision": "fp16"}, "precision must be fp32 or bf16, got 'fp16'"),
+        ({"device": "tpu"}, "device must be auto, cpu or cuda"),
+        ({"max_batch_size": "many"}, "max_batch_size must be an int, got 'many'"),
+        ({"max_batchsize": 8}, "unknown option(s) ['max_batchsize']"),
+        ({"num_replicas": 0}, "num_replicas must be a positive int or 'auto'"),
+    ],
+)
 def test_bad_settings_name_the_culprit(values, message):
     from ssn_platform.serving.settings import ServeSettings
 

@@ -29,7 +29,10 @@ def _python(code: str, env: dict[str, str], timeout: float = 180) -> str:
     """Run client code in a fresh interpreter with the stack's client environment (keeps Ray/MLflow state out of
     the test process)."""
     proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], env={**os.environ, **env}, capture_output=True, text=True,
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
         timeout=timeout,
     )
     assert proc.returncode == 0, f"client code failed:\n{proc.stdout}\n{proc.stderr}"
@@ -144,16 +147,29 @@ def test_stack_up_status_down_up_keeps_data(tmp_path: Path, make_stack) -> None:
         token_file = stack.state_dir / "ray_auth_token"
         key_file, keys_file = stack.state_dir / "serve_api_key", stack.state_dir / "serve_keys.yaml"
         mlflow_admin, mlflow_jobs = stack.state_dir / "mlflow_admin_credentials", stack.state_dir / "mlflow_credentials"
-        for f in (cred, token_file, stack.state_dir / "s3.json", key_file, keys_file, mlflow_admin, mlflow_jobs,
-                  stack.state_dir / "mlflow" / "basic_auth.ini", stack.state_dir / "mlflow" / "flask_secret_key"):
+        for f in (
+            cred,
+            token_file,
+            stack.state_dir / "s3.json",
+            key_file,
+            keys_file,
+            mlflow_admin,
+            mlflow_jobs,
+            stack.state_dir / "mlflow" / "basic_auth.ini",
+            stack.state_dir / "mlflow" / "flask_secret_key",
+        ):
             assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
         env = stack.client_env()
         # MLflow: clients name the jobs user's credentials file; no password in any environment
         assert env["MLFLOW_TRACKING_AUTH"] == "ssn-credentials-file"
         assert env["SSN_MLFLOW_CREDENTIALS_FILE"] == str(mlflow_jobs)
         assert not any(k.startswith("MLFLOW_TRACKING_PASSWORD") for k in env)
-        mlflow_passwords = [line.split("=", 1)[1].strip().encode() for f in (mlflow_admin, mlflow_jobs)
-                            for line in f.read_text().splitlines() if line.startswith("mlflow_tracking_password")]
+        mlflow_passwords = [
+            line.split("=", 1)[1].strip().encode()
+            for f in (mlflow_admin, mlflow_jobs)
+            for line in f.read_text().splitlines()
+            if line.startswith("mlflow_tracking_password")
+        ]
         assert len(mlflow_passwords) == 2 and all(len(p) >= 24 for p in mlflow_passwords)
         # the endpoint's API key: the client's file holds the key, the endpoint's file only its digest
         assert env["SSN_SERVE_API_KEY_FILE"] == str(key_file) and env["SSN_SERVE_KEYS_FILE"] == str(keys_file)
@@ -203,7 +219,7 @@ def test_stack_up_status_down_up_keeps_data(tmp_path: Path, make_stack) -> None:
         _python(
             f"""
             from ssn_platform.datasets import DatasetReader
-            r = DatasetReader({job_uri!r}, cache_dir={str(tmp_path / 'cache')!r})
+            r = DatasetReader({job_uri!r}, cache_dir={str(tmp_path / "cache")!r})
             root, samples = r.materialize()
             assert len(samples) == 8, samples
             """,
@@ -248,10 +264,13 @@ def test_purge_stops_everything_and_deletes_only_a_stack_state(tmp_path: Path, m
     try:
         stack.start("s3", "mlflow", timeout=300)
         env = stack.client_env()
-        _python("""
+        _python(
+            """
             from ssn_platform.storage import S3Settings, make_client, put_bytes
             put_bytes(make_client(S3Settings.from_env()), "ssn", "probe.txt", b"data")
-            """, env)
+            """,
+            env,
+        )
         sids = {name: stack.pid(name) for name in ("s3", "mlflow")}
         purged = stack.run("purge", timeout=200)
         assert "deleted" in purged.stderr
@@ -265,9 +284,15 @@ def test_purge_stops_everything_and_deletes_only_a_stack_state(tmp_path: Path, m
         stack.start("s3", timeout=120)
         fresh = stack.client_env()
         assert fresh["AWS_SECRET_ACCESS_KEY"] != env["AWS_SECRET_ACCESS_KEY"]
-        assert _python("""
+        assert (
+            _python(
+                """
             from ssn_platform.storage import S3Settings, make_client, object_exists
             print(object_exists(make_client(S3Settings.from_env()), "ssn", "probe.txt"))
-            """, fresh).strip() == "False"
+            """,
+                fresh,
+            ).strip()
+            == "False"
+        )
     finally:
         stack.run("down", check=False, timeout=200)

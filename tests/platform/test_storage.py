@@ -91,12 +91,27 @@ def test_settings_from_env_and_secret_not_in_repr() -> None:
 
 def test_manifest_with_escaping_key_is_rejected() -> None:
     rec = {
-        "image": "../../etc/x.png", "image_key": "objects/../../etc/x.png",
-        "image_sha256": "0" * 64, "image_bytes": 1, "mask": None, "mask_key": None, "mask_sha256": None,
-        "mask_bytes": None, "label": 0, "split": "train", "segmented": True, "defect_type": "",
+        "image": "../../etc/x.png",
+        "image_key": "objects/../../etc/x.png",
+        "image_sha256": "0" * 64,
+        "image_bytes": 1,
+        "mask": None,
+        "mask_key": None,
+        "mask_sha256": None,
+        "mask_bytes": None,
+        "label": 0,
+        "split": "train",
+        "segmented": True,
+        "defect_type": "",
     }
-    doc = {"schema": SCHEMA, "schema_version": 1, "product": "p",
-           "version": compute_version([rec]), "layout": {}, "records": [rec]}
+    doc = {
+        "schema": SCHEMA,
+        "schema_version": 1,
+        "product": "p",
+        "version": compute_version([rec]),
+        "layout": {},
+        "records": [rec],
+    }
     with pytest.raises(DatasetError, match=r"\.\./\.\./etc/x\.png"):
         Manifest.from_json(json.dumps(doc))
 
@@ -229,8 +244,9 @@ def test_s3_server_restarted_in_the_middle_of_a_read(mpdd_root, s3_stack, s3_set
             restarter.append(threading.Thread(target=restart_later, daemon=True))
             restarter[0].start()
 
-    reader = DatasetReader(result.uri, cache_dir=tmp_path / "cache", settings=s3_settings, workers=4,
-                           on_download=on_download)
+    reader = DatasetReader(
+        result.uri, cache_dir=tmp_path / "cache", settings=s3_settings, workers=4, on_download=on_download
+    )
     root, samples = reader.materialize()
     restarter[0].join(timeout=120)
     assert not errors, errors
@@ -338,17 +354,26 @@ def test_folder_with_one_bad_image_uploads_nothing(weld_root, s3_settings, s3_cl
 @pytest.mark.stack
 def test_escaping_keys_in_a_stored_manifest_are_rejected(s3_settings, s3_client, bucket, tmp_path):
     rec = {
-        "image": "a/../../../outside.png", "image_key": "objects/a/../../../outside.png",
-        "image_sha256": "0" * 64, "image_bytes": 1, "mask": None, "mask_key": None, "mask_sha256": None,
-        "mask_bytes": None, "label": 0, "split": "train", "segmented": True, "defect_type": "",
+        "image": "a/../../../outside.png",
+        "image_key": "objects/a/../../../outside.png",
+        "image_sha256": "0" * 64,
+        "image_bytes": 1,
+        "mask": None,
+        "mask_key": None,
+        "mask_sha256": None,
+        "mask_bytes": None,
+        "label": 0,
+        "split": "train",
+        "segmented": True,
+        "defect_type": "",
     }
     version = compute_version([rec])
-    doc = {"schema": SCHEMA, "schema_version": 1, "product": "evil", "version": version,
-           "layout": {}, "records": [rec]}
+    doc = {"schema": SCHEMA, "schema_version": 1, "product": "evil", "version": version, "layout": {}, "records": [rec]}
     s3_client.put_object(Bucket=bucket, Key=f"datasets/evil/{version}/manifest.json", Body=json.dumps(doc).encode())
     with pytest.raises(DatasetError, match="outside.png"):
-        DatasetReader(f"s3://{bucket}/datasets/evil/{version}", cache_dir=tmp_path / "c",
-                      settings=s3_settings).materialize()
+        DatasetReader(
+            f"s3://{bucket}/datasets/evil/{version}", cache_dir=tmp_path / "c", settings=s3_settings
+        ).materialize()
     assert not (tmp_path / "outside.png").exists()
 
 
@@ -360,8 +385,12 @@ def _concurrent_reader(uri: str, cache_dir: str, env: dict, barrier) -> dict:
     reader.manifest  # noqa: B018 - fetch before the race so the race is about objects
     barrier.wait(timeout=120)
     root, samples = reader.materialize()
-    return {"downloaded": reader.stats.downloaded, "hits": reader.stats.cache_hits, "root": str(root),
-            "samples": len(samples)}
+    return {
+        "downloaded": reader.stats.downloaded,
+        "hits": reader.stats.cache_hits,
+        "root": str(root),
+        "samples": len(samples),
+    }
 
 
 @pytest.mark.stack
@@ -372,9 +401,7 @@ def test_concurrent_readers_download_each_object_once(weld_ingested, weld_root, 
     with ctx.Manager() as manager:
         barrier = manager.Barrier(n)
         with ctx.Pool(n) as pool:
-            results = pool.starmap(
-                _concurrent_reader, [(weld_ingested.uri, str(tmp_path / "cache"), env, barrier)] * n
-            )
+            results = pool.starmap(_concurrent_reader, [(weld_ingested.uri, str(tmp_path / "cache"), env, barrier)] * n)
     reader = DatasetReader(weld_ingested.uri, cache_dir=tmp_path / "cache", settings=S3Settings.from_env(env))
     unique = len({sha for sha, _ in reader.manifest.objects().values()})
     assert sum(r["downloaded"] for r in results) == unique, results
@@ -393,8 +420,14 @@ def test_ingest_job_smoke_test(s3_stack, tmp_path):
     import sys
 
     env = {**os.environ, **s3_stack.client_env()}
-    cmd = [sys.executable, str(Path(__file__).resolve().parents[2] / "jobs" / "ingest.py"), "--smoke-test",
-           "--bucket", "ssn", "--no-progress"]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve().parents[2] / "jobs" / "ingest.py"),
+        "--smoke-test",
+        "--bucket",
+        "ssn",
+        "--no-progress",
+    ]
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
     uri = first.stdout.strip()
@@ -432,8 +465,14 @@ def _start_holder(uri: str, cache: Path, env: dict[str, str]):
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, uri, str(cache)], env={**os.environ, **env},
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, uri, str(cache)],
+        env={**os.environ, **env},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     root = proc.stdout.readline().strip()
     assert root, proc.stderr.read()
     return proc, Path(root)
@@ -454,8 +493,9 @@ def _cache_bytes(cache: Path) -> int:
 
 
 @pytest.mark.stack
-def test_cache_pruning_deletes_idle_views_and_keeps_views_in_use(weld_root, mpdd_root, s3_stack, s3_settings,
-                                                                bucket, tmp_path):
+def test_cache_pruning_deletes_idle_views_and_keeps_views_in_use(
+    weld_root, mpdd_root, s3_stack, s3_settings, bucket, tmp_path
+):
     weld = ingest(weld_root, product="weld", bucket=bucket, settings=s3_settings, progress=False)
     mpdd = ingest(mpdd_root, product="mpdd", bucket=bucket, settings=s3_settings, progress=False)
     env = s3_stack.client_env()
@@ -482,8 +522,13 @@ def test_cache_pruning_deletes_idle_views_and_keeps_views_in_use(weld_root, mpdd
         assert _cache_bytes(cache) == mpdd_bytes
         assert not (cache / "views" / bucket / "datasets" / "weld").exists()
         # the view in use is whole and still the exact data
-        _assert_identical_tree(mpdd_root_view, mpdd_root, Manifest.from_json(
-            (cache / "manifests" / bucket / Path(*parse_s3_uri(mpdd.uri)[1].split("/"))).read_bytes()).samples())
+        _assert_identical_tree(
+            mpdd_root_view,
+            mpdd_root,
+            Manifest.from_json(
+                (cache / "manifests" / bucket / Path(*parse_s3_uri(mpdd.uri)[1].split("/"))).read_bytes()
+            ).samples(),
+        )
     finally:
         _release(holder)
     # a view without a use marker (built before markers existed) is pruned too
@@ -501,8 +546,9 @@ def test_cache_pruning_deletes_idle_views_and_keeps_views_in_use(weld_root, mpdd
 
 
 @pytest.mark.stack
-def test_materialize_keeps_the_cache_to_its_bound(weld_root, mpdd_root, s3_stack, s3_settings, bucket, tmp_path,
-                                                  monkeypatch):
+def test_materialize_keeps_the_cache_to_its_bound(
+    weld_root, mpdd_root, s3_stack, s3_settings, bucket, tmp_path, monkeypatch
+):
     weld = ingest(weld_root, product="weld", bucket=bucket, settings=s3_settings, progress=False)
     mpdd = ingest(mpdd_root, product="mpdd", bucket=bucket, settings=s3_settings, progress=False)
     cache = tmp_path / "cache"

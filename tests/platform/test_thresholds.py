@@ -14,8 +14,16 @@ import numpy as np
 import pytest
 
 from ssn_platform.thresholds import (
-    Threshold, ThresholdError, TooFewImagesWarning, calibrate, false_alarm_threshold, images_needed, rate_interval,
-    rates_at, recall_threshold, threshold_from_tags,
+    Threshold,
+    ThresholdError,
+    TooFewImagesWarning,
+    calibrate,
+    false_alarm_threshold,
+    images_needed,
+    rate_interval,
+    rates_at,
+    recall_threshold,
+    threshold_from_tags,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -103,8 +111,16 @@ def test_impossible_calibrations_are_refused_with_a_reason():
 
 def test_threshold_tags_round_trip_exactly():
     value = float(np.float32(0.123456789))
-    threshold = Threshold(value=value, method="f1", parameters={"requested_method": "auto"}, n_normal=3,
-                          n_defective=2, split="val", dataset="s3://ssn/datasets/x/latest", dataset_version="ab" * 8)
+    threshold = Threshold(
+        value=value,
+        method="f1",
+        parameters={"requested_method": "auto"},
+        n_normal=3,
+        n_defective=2,
+        split="val",
+        dataset="s3://ssn/datasets/x/latest",
+        dataset_version="ab" * 8,
+    )
     tags = threshold.tags()
     assert float(tags["threshold"]) == value and threshold_from_tags(tags) == value
     assert tags["threshold_method"] == "f1" and tags["threshold_split"] == "val"
@@ -155,8 +171,9 @@ def test_a_false_alarm_threshold_from_50_normals_warns_that_1_percent_needs_300(
     assert "3/50 = 0.06" in result.warning
     # no normal image may be flagged, and 0 of 50 still allows up to 7.1 % false alarms
     assert result.confidence == 0.95
-    assert result.intervals == {"false_alarm_rate": {"k": 0, "n": 50, "low": 0.0,
-                                                     "high": pytest.approx(0.071122, abs=1e-6)}}
+    assert result.intervals == {
+        "false_alarm_rate": {"k": 0, "n": 50, "low": 0.0, "high": pytest.approx(0.071122, abs=1e-6)}
+    }
     assert result.interval_text() == "false_alarm_rate 0/50, 95% CI [0, 0.0711]"
 
 
@@ -183,8 +200,12 @@ def test_a_recall_threshold_records_the_recall_interval_and_warns_with_too_few_d
     assert (recall["k"], recall["n"]) == (19, 20)
     assert (recall["low"], recall["high"]) == pytest.approx(rate_interval(19, 20), rel=1e-12)
     assert recall["low"] == pytest.approx(0.751267, abs=1e-6)  # 19 of 20 only shows recall >= 0.75
-    assert result.intervals["false_alarm_rate"] == {"k": 0, "n": 10, "low": 0.0,
-                                                    "high": pytest.approx(rate_interval(0, 10)[1])}
+    assert result.intervals["false_alarm_rate"] == {
+        "k": 0,
+        "n": 10,
+        "low": 0.0,
+        "high": pytest.approx(rate_interval(0, 10)[1]),
+    }
     enough = _quietly(np.linspace(0.5, 1, 60), np.ones(60), method="recall", target_recall=0.95)
     assert enough.warning is None and enough.intervals["recall"]["k"] == 57
     assert _quietly([0.1, 0.9], [0, 1], method="f1").warning is None  # f1 requests no rate
@@ -293,9 +314,25 @@ def test_calibrate_job_recalibrates_without_retraining(registered, weld_val_data
 
     product, version = registered
     out = subprocess.run(
-        [sys.executable, str(REPO / "jobs" / "calibrate.py"), "--product", product, "--version", version,
-         "--data", weld_val_dataset, "--method", "recall", "--target-recall", "0.9"],
-        capture_output=True, text=True, timeout=300, cwd=REPO, env=os.environ.copy(),
+        [
+            sys.executable,
+            str(REPO / "jobs" / "calibrate.py"),
+            "--product",
+            product,
+            "--version",
+            version,
+            "--data",
+            weld_val_dataset,
+            "--method",
+            "recall",
+            "--target-recall",
+            "0.9",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env=os.environ.copy(),
     )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
@@ -305,6 +342,10 @@ def test_calibrate_job_recalibrates_without_retraining(registered, weld_val_data
 
     missing = subprocess.run(
         [sys.executable, str(REPO / "jobs" / "calibrate.py"), "--product", product, "--version", "999"],
-        capture_output=True, text=True, timeout=300, cwd=REPO, env=os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env=os.environ.copy(),
     )
     assert missing.returncode == 2 and "does not exist" in missing.stderr

@@ -27,8 +27,14 @@ def _job(dataset: str, **extra: str):
     from ssn_platform.jobconfig import load_job_config
 
     overrides = {
-        "dataset": dataset, "run_name": f"t-{uuid.uuid4().hex[:10]}", "train.epochs": "3", "train.batch_size": "8",
-        "model.image_size": "[160,80]", "scaling.num_workers": "2", "checkpoint_every": "1", "overlays": "2",
+        "dataset": dataset,
+        "run_name": f"t-{uuid.uuid4().hex[:10]}",
+        "train.epochs": "3",
+        "train.batch_size": "8",
+        "model.image_size": "[160,80]",
+        "scaling.num_workers": "2",
+        "checkpoint_every": "1",
+        "overlays": "2",
         "product": f"weld-{uuid.uuid4().hex[:6]}",
     }
     overrides.update(extra)
@@ -36,7 +42,8 @@ def _job(dataset: str, **extra: str):
 
 
 def test_two_worker_job_registers_a_model_that_reproduces_its_metric_and_listens_on_loopback_only(
-        live_stack, weld_dataset):
+    live_stack, weld_dataset
+):
     from mlflow import MlflowClient
 
     from ssn_platform.registry import load_model
@@ -74,8 +81,9 @@ def test_two_worker_job_registers_a_model_that_reproduces_its_metric_and_listens
     import torch
 
     predictions = predict(model, eval_loader(dataset, batch_size=8), device=torch.device("cpu"))
-    again = compute_metrics(scores=predictions.scores, labels=predictions.labels, maps=predictions.maps,
-                            masks=predictions.masks)
+    again = compute_metrics(
+        scores=predictions.scores, labels=predictions.labels, maps=predictions.maps, masks=predictions.masks
+    )
     assert again["image_auroc"] == pytest.approx(result.metrics["image_auroc"], abs=1e-6)
     assert again["aupro"] == pytest.approx(result.metrics["aupro"], abs=1e-6)
 
@@ -118,7 +126,7 @@ def _kill_a_worker_after_a_stored_checkpoint(job, running: threading.Thread, *, 
     from ssn_platform import resume
     from ssn_platform.services import storage_filesystem
 
-    fs, run_dir = storage_filesystem(), f"{job.storage[len('s3://'):].rstrip('/')}/{job.run_name}"
+    fs, run_dir = storage_filesystem(), f"{job.storage[len('s3://') :].rstrip('/')}/{job.run_name}"
     deadline = time.monotonic() + 600
     while running.is_alive() and time.monotonic() < deadline:
         candidates = [c for c in resume.stored_checkpoints(fs, run_dir) if c.epoch >= min_epoch]
@@ -173,7 +181,8 @@ def _assert_same_weights(weights: dict, reference: dict) -> None:
 
 
 def test_killed_worker_resumes_from_the_checkpoint_stored_just_before_and_ends_as_an_uninterrupted_run(
-        live_stack, weld_dataset, uninterrupted_weights):
+    live_stack, weld_dataset, uninterrupted_weights
+):
     from mlflow import MlflowClient
 
     job = _resume_job(weld_dataset, f"weld-{uuid.uuid4().hex[:6]}")
@@ -191,7 +200,8 @@ def test_killed_worker_resumes_from_the_checkpoint_stored_just_before_and_ends_a
 
 
 def test_resubmitting_a_failed_run_name_continues_from_its_last_stored_checkpoint(
-        live_stack, weld_dataset, uninterrupted_weights):
+    live_stack, weld_dataset, uninterrupted_weights
+):
     from mlflow import MlflowClient
 
     from ssn_platform.training import run_training
@@ -203,7 +213,8 @@ def test_resubmitting_a_failed_run_name_continues_from_its_last_stored_checkpoin
     assert "error" in outcome, "with max_failures=0 a killed worker must fail the run"
     first = MlflowClient().search_runs(
         [MlflowClient().get_experiment_by_name(job.experiment_name).experiment_id],
-        filter_string=f"tags.`ssn.run_name` = '{job.run_name}'")
+        filter_string=f"tags.`ssn.run_name` = '{job.run_name}'",
+    )
     assert [r.info.status for r in first] == ["FAILED"]
 
     result = run_training(job)  # the same run_name, submitted again
@@ -216,12 +227,27 @@ def test_resubmitting_a_failed_run_name_continues_from_its_last_stored_checkpoin
 def test_ray_job_submit_smoke(live_stack):
     env = {**os.environ, "SSN_GIT_SHA": "test"}
     proc = subprocess.run(
-        [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--working-dir", str(REPO), "--",
-         "python", "jobs/train.py", "--smoke-test"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
+            "job",
+            "submit",
+            "--working-dir",
+            str(REPO),
+            "--",
+            "python",
+            "jobs/train.py",
+            "--smoke-test",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{\"run_name\"")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith('{"run_name"')]
     assert lines, proc.stdout[-4000:]
     summary = json.loads(lines[-1])
     assert summary["model_version"] and "image_auroc" in summary["test_metrics"]

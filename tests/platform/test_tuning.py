@@ -40,17 +40,25 @@ def test_default_space_file_is_relative_sigma_and_threshold():
     assert space.fixed == {"model.noise_std_mode": "relative"}
 
 
-@pytest.mark.parametrize("raw, message", [
-    ({"params": {}}, "no parameters"),
-    ({"params": {"model.noise_std": {"distribution": "gauss", "low": 0, "high": 1}}}, "distribution"),
-    ({"params": {"model.noise_std": {"distribution": "log_uniform", "low": 0, "high": 1}}}, "low > 0"),
-    ({"params": {"model.noise_std": {"distribution": "uniform", "low": 2, "high": 1}}}, "low < high"),
-    ({"params": {"noise_std": {"distribution": "uniform", "low": 0, "high": 1}}}, "dotted"),
-    ({"params": {"model.noise_std": {"distribution": "uniform", "low": 0, "high": 1, "step": 2}}}, "unknown"),
-    ({"params": {"model.noise_std": {"distribution": "uniform", "low": 0, "high": 1}},
-      "fixed": {"model.noise_std": 1.0}}, "both searched and fixed"),
-    ({"space": {}}, "unknown top-level"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"params": {}}, "no parameters"),
+        ({"params": {"model.noise_std": {"distribution": "gauss", "low": 0, "high": 1}}}, "distribution"),
+        ({"params": {"model.noise_std": {"distribution": "log_uniform", "low": 0, "high": 1}}}, "low > 0"),
+        ({"params": {"model.noise_std": {"distribution": "uniform", "low": 2, "high": 1}}}, "low < high"),
+        ({"params": {"noise_std": {"distribution": "uniform", "low": 0, "high": 1}}}, "dotted"),
+        ({"params": {"model.noise_std": {"distribution": "uniform", "low": 0, "high": 1, "step": 2}}}, "unknown"),
+        (
+            {
+                "params": {"model.noise_std": {"distribution": "uniform", "low": 0, "high": 1}},
+                "fixed": {"model.noise_std": 1.0},
+            },
+            "both searched and fixed",
+        ),
+        ({"space": {}}, "unknown top-level"),
+    ],
+)
 def test_bad_search_spaces_are_rejected(raw, message):
     from ssn_platform.search_space import SearchSpace
 
@@ -74,9 +82,14 @@ def test_trial_params_become_a_validated_job_and_lr_scale_moves_both_rates():
     from ssn_platform.search_space import apply_params
 
     base = _base_job()
-    job = apply_params(base, {"model.noise_std": 2.5, "model.perlin_threshold": 0.4, "train.lr_scale": 2.0},
-                       {"model.noise_std_mode": "relative"}, validation="synthetic", register=False,
-                       run_name="t-1")
+    job = apply_params(
+        base,
+        {"model.noise_std": 2.5, "model.perlin_threshold": 0.4, "train.lr_scale": 2.0},
+        {"model.noise_std_mode": "relative"},
+        validation="synthetic",
+        register=False,
+        run_name="t-1",
+    )
     assert (job.model.noise_std, job.model.perlin_threshold, job.model.noise_std_mode) == (2.5, 0.4, "relative")
     assert job.train.lr_adaptor == pytest.approx(2 * base.train.lr_adaptor)
     assert job.train.lr_heads == pytest.approx(2 * base.train.lr_heads)
@@ -90,10 +103,16 @@ def test_tuned_settings_file_gives_overrides_for_the_train_job(tmp_path):
     from ssn_platform.tuned_settings import TUNED_SCHEMA, tuned_settings_overrides
 
     path = tmp_path / "tuned.yaml"
-    path.write_text(yaml.safe_dump({
-        "schema": TUNED_SCHEMA, "product": "battery-weld", "backbone": "efficientnet_lite0",
-        "overrides": ["model.noise_std_mode=relative", "model.noise_std=2.75", "model.perlin_threshold=0.31"],
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "schema": TUNED_SCHEMA,
+                "product": "battery-weld",
+                "backbone": "efficientnet_lite0",
+                "overrides": ["model.noise_std_mode=relative", "model.noise_std=2.75", "model.perlin_threshold=0.31"],
+            }
+        )
+    )
     overrides = tuned_settings_overrides(path, backbone="efficientnet_lite0", product="battery-weld")
     job = load_job_config(CONFIG, [*overrides, "train.epochs=3", "dataset=s3://ssn/datasets/x/latest"])
     assert (job.model.noise_std, job.model.perlin_threshold, job.train.epochs) == (2.75, 0.31, 3)
@@ -154,8 +173,14 @@ def test_searcher_records_asha_stops_as_pruned_with_their_value_and_continues_nu
     Runs in a subprocess: Ray reads its settings (auth mode, loopback handling) when first imported, and this
     process must not import it before the live stack's environment is applied."""
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    proc = subprocess.run([sys.executable, "-c", SEARCHER_SCRIPT, url, str(SPACE)], capture_output=True,
-                          text=True, timeout=300, cwd=tmp_path, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    proc = subprocess.run(
+        [sys.executable, "-c", SEARCHER_SCRIPT, url, str(SPACE)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+    )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
@@ -167,9 +192,14 @@ def test_study_plots_survive_a_study_too_small_for_importances(tmp_path):
 
     space = SearchSpace.load(SPACE)
     study = optuna.create_study(direction="maximize")
-    study.add_trial(optuna.trial.create_trial(
-        params={"model.noise_std": 1.0, "model.perlin_threshold": 0.2}, distributions=space.optuna_space(),
-        value=0.7, intermediate_values={1: 0.6, 2: 0.7}))
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"model.noise_std": 1.0, "model.perlin_threshold": 0.2},
+            distributions=space.optuna_space(),
+            value=0.7,
+            intermediate_values={1: 0.6, 2: 0.7},
+        )
+    )
     written = write_study_plots(study, space, tmp_path)
     assert tmp_path / "optimization_history.png" in written
     assert all(p.stat().st_size > 0 for p in written)
@@ -179,15 +209,18 @@ def test_study_plots_survive_a_study_too_small_for_importances(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # Best vs baseline: the keep-the-defaults rule (ssn_platform.tuned), no services
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("best, baseline, mode, decision, text", [
-    (0.712, 0.621, "max", "tuned", "+0.091 clears the margin 0.020"),
-    (0.632, 0.621, "max", "kept_defaults", "+0.011 does not clear the margin 0.020 (--min-margin); keeping"),
-    (0.64, 0.62, "max", "kept_defaults", "+0.020 does not clear"),  # exactly the margin is not enough
-    (0.50, 0.70, "max", "kept_defaults", "-0.200 does not clear"),  # the issue's case: worse than the defaults
-    (0.40, 0.45, "min", "tuned", "-0.050 (lower is better) clears"),
-    (0.44, 0.45, "min", "kept_defaults", "does not clear"),
-    (0.50, 0.45, "min", "kept_defaults", "+0.050 (lower is better) does not clear"),
-])
+@pytest.mark.parametrize(
+    "best, baseline, mode, decision, text",
+    [
+        (0.712, 0.621, "max", "tuned", "+0.091 clears the margin 0.020"),
+        (0.632, 0.621, "max", "kept_defaults", "+0.011 does not clear the margin 0.020 (--min-margin); keeping"),
+        (0.64, 0.62, "max", "kept_defaults", "+0.020 does not clear"),  # exactly the margin is not enough
+        (0.50, 0.70, "max", "kept_defaults", "-0.200 does not clear"),  # the issue's case: worse than the defaults
+        (0.40, 0.45, "min", "tuned", "-0.050 (lower is better) clears"),
+        (0.44, 0.45, "min", "kept_defaults", "does not clear"),
+        (0.50, 0.45, "min", "kept_defaults", "+0.050 (lower is better) does not clear"),
+    ],
+)
 def test_best_replaces_the_defaults_only_beyond_the_margin(best, baseline, mode, decision, text):
     from ssn_platform.tuned import decide
 
@@ -197,8 +230,12 @@ def test_best_replaces_the_defaults_only_beyond_the_margin(best, baseline, mode,
     assert text in result.reason and f"best {best:.3f} vs defaults {baseline:.3f}" in result.reason
     fields = result.document_fields()
     assert {k: fields[k] for k in ("decision", "baseline_value", "best_value", "margin", "reason")} == {
-        "decision": decision, "baseline_value": baseline, "best_value": best, "margin": 0.02,
-        "reason": result.reason}
+        "decision": decision,
+        "baseline_value": baseline,
+        "best_value": best,
+        "margin": 0.02,
+        "reason": result.reason,
+    }
     assert result.tags()["ssn.tuned.decision"] == decision and result.tags()["ssn.tuned.margin"] == "0.020000"
 
 
@@ -212,12 +249,15 @@ def test_spread_of_nearly_identical_trials_widens_the_margin_but_never_narrows_i
     assert narrow.decision == "tuned" and narrow.margin == 0.02 and "(--min-margin)" in narrow.reason
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"baseline_value": None}, "no baseline value"),
-    ({"baseline_value": float("nan")}, "finite"),
-    ({"min_margin": -0.01}, "min_margin"),
-    ({"mode": "maximize"}, "mode"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"baseline_value": None}, "no baseline value"),
+        ({"baseline_value": float("nan")}, "finite"),
+        ({"min_margin": -0.01}, "min_margin"),
+        ({"mode": "maximize"}, "mode"),
+    ],
+)
 def test_decision_refuses_a_missing_baseline_and_bad_input(kwargs, message):
     from ssn_platform.tuned import decide
 
@@ -229,8 +269,13 @@ def test_decision_refuses_a_missing_baseline_and_bad_input(kwargs, message):
 def _trial(number, sigma, threshold, value, state="COMPLETE", **attrs):
     from types import SimpleNamespace
 
-    return SimpleNamespace(number=number, params={"model.noise_std": sigma, "model.perlin_threshold": threshold},
-                           value=value, state=SimpleNamespace(name=state), user_attrs={"max_t": 2, **attrs})
+    return SimpleNamespace(
+        number=number,
+        params={"model.noise_std": sigma, "model.perlin_threshold": threshold},
+        value=value,
+        state=SimpleNamespace(name=state),
+        user_attrs={"max_t": 2, **attrs},
+    )
 
 
 def test_noise_is_the_largest_spread_between_trials_at_nearly_identical_settings():
@@ -238,8 +283,13 @@ def test_noise_is_the_largest_spread_between_trials_at_nearly_identical_settings
     from ssn_platform.search_space import SearchSpace
 
     params = SearchSpace.load(SPACE).params  # sigma log-uniform 0.1..8 (5 %: x1.245), threshold 0.05..0.9 (0.0425)
-    trials = [_trial(0, 4.0, 0.20, 0.70), _trial(1, 4.4, 0.22, 0.66), _trial(2, 4.2, 0.21, 0.71),
-              _trial(3, 1.4, 0.51, 0.90), _trial(4, 4.0, 0.30, 0.50)]
+    trials = [
+        _trial(0, 4.0, 0.20, 0.70),
+        _trial(1, 4.4, 0.22, 0.66),
+        _trial(2, 4.2, 0.21, 0.71),
+        _trial(3, 1.4, 0.51, 0.90),
+        _trial(4, 4.0, 0.30, 0.50),
+    ]
     assert near_identical_spread(trials, params) == (pytest.approx(0.05), 3)  # pairs 0-1, 0-2, 1-2
     assert near_identical_spread(trials[3:], params) == (None, 0)
 
@@ -252,9 +302,15 @@ def _study_with(*trials):
     space = SearchSpace.load(SPACE).optuna_space()
     study = optuna.create_study(direction="maximize")
     for params, value, state, attrs in trials:
-        study.add_trial(optuna.trial.create_trial(
-            params=params, distributions=space, value=value if state == "COMPLETE" else None,
-            state=getattr(optuna.trial.TrialState, state), user_attrs={"max_t": 2, **attrs}))
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=params,
+                distributions=space,
+                value=value if state == "COMPLETE" else None,
+                state=getattr(optuna.trial.TrialState, state),
+                user_attrs={"max_t": 2, **attrs},
+            )
+        )
     return study
 
 
@@ -262,19 +318,31 @@ DEFAULTS = {"model.noise_std": 4.0, "model.perlin_threshold": 0.2}
 SIGMA_1_4 = {"model.noise_std": 1.4, "model.perlin_threshold": 0.51}
 
 
-@pytest.mark.parametrize("values, decision, written", [
-    ((0.70, 0.71), "kept_defaults", DEFAULTS),
-    ((0.70, 0.80), "tuned", SIGMA_1_4),
-])
+@pytest.mark.parametrize(
+    "values, decision, written",
+    [
+        ((0.70, 0.71), "kept_defaults", DEFAULTS),
+        ((0.70, 0.80), "tuned", SIGMA_1_4),
+    ],
+)
 def test_judge_writes_the_best_or_the_baseline_settings(values, decision, written):
     from ssn_platform.tuned import judge
     from ssn_platform.search_space import SearchSpace
     from ssn_platform.study import _best_trial
 
-    study = _study_with((DEFAULTS, values[0], "COMPLETE", {"ssn.baseline": True}),
-                        (SIGMA_1_4, values[1], "COMPLETE", {}))
-    result, chosen = judge(study, SearchSpace.load(SPACE).params, _best_trial(study), DEFAULTS, max_t=2, mode="max",
-                           min_margin=0.02, baseline_requested=True)
+    study = _study_with(
+        (DEFAULTS, values[0], "COMPLETE", {"ssn.baseline": True}), (SIGMA_1_4, values[1], "COMPLETE", {})
+    )
+    result, chosen = judge(
+        study,
+        SearchSpace.load(SPACE).params,
+        _best_trial(study),
+        DEFAULTS,
+        max_t=2,
+        mode="max",
+        min_margin=0.02,
+        baseline_requested=True,
+    )
     assert (result.decision, result.baseline_trial, result.best_trial) == (decision, 0, 1)
     assert result.baseline_value == values[0] and result.best_value == values[1]
     assert chosen.params == written and chosen.value == values[written is SIGMA_1_4]
@@ -289,21 +357,26 @@ def test_judge_without_a_complete_baseline():
     no_baseline = _study_with((SIGMA_1_4, 0.8, "COMPLETE", {}))
     best = _best_trial(no_baseline)
     # opted out (--no-baseline) and none in the study: the best trial, said to be uncompared
-    result, chosen = judge(no_baseline, params, best, DEFAULTS, max_t=2, mode="max", min_margin=0.02,
-                           baseline_requested=False)
+    result, chosen = judge(
+        no_baseline, params, best, DEFAULTS, max_t=2, mode="max", min_margin=0.02, baseline_requested=False
+    )
     assert result.decision == "tuned" and result.baseline_value is None and chosen.params == SIGMA_1_4
     assert "without a comparison" in result.reason
     # requested but it failed (or did not run): the defaults are kept, with the job's own values
     failed = _study_with((DEFAULTS, None, "FAIL", {"ssn.baseline": True}), (SIGMA_1_4, 0.8, "COMPLETE", {}))
-    result, chosen = judge(failed, params, _best_trial(failed), DEFAULTS, max_t=2, mode="max", min_margin=0.02,
-                           baseline_requested=True)
+    result, chosen = judge(
+        failed, params, _best_trial(failed), DEFAULTS, max_t=2, mode="max", min_margin=0.02, baseline_requested=True
+    )
     assert result.decision == "kept_defaults" and result.baseline_trial == 0 and "ended FAIL" in result.reason
     assert chosen.params == DEFAULTS and chosen.value is None
     # a baseline of other defaults (or another max_t) is not this job's baseline
-    other = _study_with(({"model.noise_std": 2.0, "model.perlin_threshold": 0.2}, 0.7, "COMPLETE",
-                         {"ssn.baseline": True}), (SIGMA_1_4, 0.8, "COMPLETE", {}))
-    result, _ = judge(other, params, _best_trial(other), DEFAULTS, max_t=2, mode="max", min_margin=0.02,
-                      baseline_requested=True)
+    other = _study_with(
+        ({"model.noise_std": 2.0, "model.perlin_threshold": 0.2}, 0.7, "COMPLETE", {"ssn.baseline": True}),
+        (SIGMA_1_4, 0.8, "COMPLETE", {}),
+    )
+    result, _ = judge(
+        other, params, _best_trial(other), DEFAULTS, max_t=2, mode="max", min_margin=0.02, baseline_requested=True
+    )
     assert result.decision == "kept_defaults" and "did not run" in result.reason
 
 
@@ -316,18 +389,28 @@ def test_kept_defaults_document_gives_the_baseline_values_to_the_train_job(tmp_p
     job = _base_job(**{"model.noise_std": "3.0", "model.perlin_threshold": "0.25"})
     decision = decide(0.632, 0.621, mode="max", min_margin=0.02, best_trial=5, baseline_trial=0)
     chosen = Chosen({"model.noise_std": 3.0, "model.perlin_threshold": 0.25}, 0.621, 0)
-    document = tuned_settings_document(job, SearchSpace.load(SPACE), chosen, metric="val_image_auroc", mode="max",
-                                       study_name="s", validation="split", search_name="tune-x",
-                                       parent_run_id="p", best_run_id=None, decision=decision)
+    document = tuned_settings_document(
+        job,
+        SearchSpace.load(SPACE),
+        chosen,
+        metric="val_image_auroc",
+        mode="max",
+        study_name="s",
+        validation="split",
+        search_name="tune-x",
+        parent_run_id="p",
+        best_run_id=None,
+        decision=decision,
+    )
     assert document["decision"] == "kept_defaults" and document["reason"] == decision.reason
     assert (document["value"], document["baseline_value"], document["best_value"]) == (0.621, 0.621, 0.632)
     assert (document["study_trial"], document["best_trial"], document["margin"]) == (0, 5, 0.02)
     path = tmp_path / "tuned.yaml"
     path.write_text(yaml.safe_dump(document, sort_keys=False))
-    tuned = load_job_config(CONFIG, [*tuned_settings_overrides(path, backbone=job.model.backbone),
-                                     f"dataset={job.dataset}"])
-    assert (tuned.model.noise_std, tuned.model.perlin_threshold, tuned.model.noise_std_mode) == (3.0, 0.25,
-                                                                                                 "relative")
+    tuned = load_job_config(
+        CONFIG, [*tuned_settings_overrides(path, backbone=job.model.backbone), f"dataset={job.dataset}"]
+    )
+    assert (tuned.model.noise_std, tuned.model.perlin_threshold, tuned.model.noise_std_mode) == (3.0, 0.25, "relative")
 
 
 BASELINE_SCRIPT = r"""
@@ -374,8 +457,14 @@ print("ok")
 def test_baseline_trial_comes_first_is_marked_and_asha_never_stops_it(tmp_path):
     """In a subprocess for the reason given above (Ray must not be imported in the test process)."""
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    proc = subprocess.run([sys.executable, "-c", BASELINE_SCRIPT, url, str(SPACE)], capture_output=True,
-                          text=True, timeout=300, cwd=tmp_path, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    proc = subprocess.run(
+        [sys.executable, "-c", BASELINE_SCRIPT, url, str(SPACE)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+    )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
@@ -385,13 +474,20 @@ def test_baseline_trial_comes_first_is_marked_and_asha_never_stops_it(tmp_path):
 @pytest.fixture(scope="module")
 def search_setup(live_stack, weld_val_dataset, tmp_path_factory):
     product = f"weld-tune-{uuid.uuid4().hex[:6]}"
-    job = _base_job(**{
-        "dataset": weld_val_dataset, "product": product, "train.epochs": "2", "train.batch_size": "8",
-        "model.image_size": "[128,72]", "scaling.num_workers": "1", "max_failures": "0",
-        # fp32, not the weld config's bf16: first_search's scenario (which trials score low at epoch 1, so that ASHA
-        # stops one) was measured in fp32; bf16 rounds this tiny 2-epoch run onto another trajectory
-        "train.precision": "fp32",
-    })
+    job = _base_job(
+        **{
+            "dataset": weld_val_dataset,
+            "product": product,
+            "train.epochs": "2",
+            "train.batch_size": "8",
+            "model.image_size": "[128,72]",
+            "scaling.num_workers": "1",
+            "max_failures": "0",
+            # fp32, not the weld config's bf16: first_search's scenario (which trials score low at epoch 1, so that ASHA
+            # stops one) was measured in fp32; bf16 rounds this tiny 2-epoch run onto another trajectory
+            "train.precision": "fp32",
+        }
+    )
     storage = f"sqlite:///{tmp_path_factory.mktemp('optuna') / 'optuna.db'}"
     return {"job": job, "storage": storage, "study": f"test-{product}"}
 
@@ -406,8 +502,15 @@ def first_search(search_setup):
     # trials a fresh CI machine once let the low-sigma trial arrive first and ASHA stopped none): sigma 0.11 (val
     # AUROC ~0.47 after one epoch on this set) reaches the rung after the baseline and sigma 4.26 (~0.7) and falls
     # below ASHA's cutoff (the 75th percentile of the rung, reduction factor 4), so ASHA stops at least one.
-    return run_search(search_setup["job"], space=SPACE, num_trials=4, max_concurrent=1,
-                      study_name=search_setup["study"], storage=search_setup["storage"], grace_period=1)
+    return run_search(
+        search_setup["job"],
+        space=SPACE,
+        num_trials=4,
+        max_concurrent=1,
+        study_name=search_setup["study"],
+        storage=search_setup["storage"],
+        grace_period=1,
+    )
 
 
 @pytest.mark.stack
@@ -437,8 +540,9 @@ def test_parent_and_nested_trial_runs_are_in_mlflow(first_search, search_setup):
     # ssn.tuned.* describe the settings written: the best trial's, or the baseline's when the defaults were kept
     assert float(parent.data.tags["ssn.tuned.value"]) == pytest.approx(first_search.tuned_settings["value"])
     assert parent.data.tags["ssn.tuned.model.noise_std"] == str(first_search.tuned_params["model.noise_std"])
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
     assert len(children) == 4
     by_run = {t.mlflow_run_id: t for t in first_search.trials}
     max_t = search_setup["job"].train.epochs
@@ -461,7 +565,8 @@ def test_parent_and_nested_trial_runs_are_in_mlflow(first_search, search_setup):
         metrics = child.data.metrics
         assert 0.0 <= metrics["val_pixel_auroc"] <= 1.0
         assert metrics["val_image_pixel_auroc"] == pytest.approx(
-            0.5 * (metrics["val_image_auroc"] + metrics["val_pixel_auroc"]), abs=1e-9)
+            0.5 * (metrics["val_image_auroc"] + metrics["val_pixel_auroc"]), abs=1e-9
+        )
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"tuned_settings.yaml", "trials.csv", "plots"} <= artifacts
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
@@ -483,17 +588,21 @@ def test_tuned_settings_are_written_to_s3_and_apply_to_a_train_job(first_search,
     assert first_search.tuned_uri == f"s3://ssn/tuned/{job.product}/efficientnet_lite0.yaml"
     bucket, key = parse_s3_uri(first_search.tuned_uri)
     stored = yaml.safe_load(get_bytes(make_client(S3Settings.from_env()), bucket, key))
-    artifact = yaml.safe_load(Path(mlflow.artifacts.download_artifacts(
-        run_id=first_search.parent_run_id, artifact_path="tuned_settings.yaml")).read_text())
+    artifact = yaml.safe_load(
+        Path(
+            mlflow.artifacts.download_artifacts(run_id=first_search.parent_run_id, artifact_path="tuned_settings.yaml")
+        ).read_text()
+    )
     assert stored == artifact
-    for field in ("product", "backbone", "noise_std", "noise_std_mode", "perlin_threshold", "metric", "value",
-                  "study"):
+    for field in ("product", "backbone", "noise_std", "noise_std_mode", "perlin_threshold", "metric", "value", "study"):
         assert field in stored
     # the baseline: trial 0, the job's own settings, run to the full schedule (ASHA never stops it)
     baseline = [t for t in first_search.trials if t.baseline]
     assert [t.number for t in baseline] == [0] and first_search.decision.baseline_trial == 0
-    assert baseline[0].params == {"model.noise_std": job.model.noise_std,
-                                  "model.perlin_threshold": job.model.perlin_threshold}
+    assert baseline[0].params == {
+        "model.noise_std": job.model.noise_std,
+        "model.perlin_threshold": job.model.perlin_threshold,
+    }
     assert baseline[0].state == "COMPLETE" and baseline[0].epochs_reached == job.train.epochs
     assert MlflowClient().get_run(baseline[0].mlflow_run_id).data.tags["ssn.tune.baseline"] == "true"
     # the written settings change the defaults only when best - baseline clears the margin
@@ -524,8 +633,15 @@ def test_running_the_same_study_again_adds_trials(first_search, search_setup):
 
     from ssn_platform.tuning import run_search
 
-    second = run_search(search_setup["job"], space=SPACE, num_trials=2, max_concurrent=2,
-                        study_name=search_setup["study"], storage=search_setup["storage"], grace_period=1)
+    second = run_search(
+        search_setup["job"],
+        space=SPACE,
+        num_trials=2,
+        max_concurrent=2,
+        study_name=search_setup["study"],
+        storage=search_setup["storage"],
+        grace_period=1,
+    )
     study = optuna.load_study(study_name=search_setup["study"], storage=search_setup["storage"])
     assert len(study.trials) == 6 and len(second.trials) == 6
     assert sorted(second.session_trials) == [4, 5]
@@ -552,8 +668,10 @@ def test_a_search_over_backbones_names_its_study_and_writes_settings_that_choose
 
     job = _base_job()
     raw = yaml.safe_load(SPACE.read_text())
-    raw["params"]["model.backbone"] = {"distribution": "categorical",
-                                       "choices": ["efficientnet_lite1", "efficientnet_lite0"]}
+    raw["params"]["model.backbone"] = {
+        "distribution": "categorical",
+        "choices": ["efficientnet_lite1", "efficientnet_lite0"],
+    }
     space = SearchSpace.load(raw)
     assert space.backbones == ("efficientnet_lite1", "efficientnet_lite0")
     assert default_study_name(job, space) == f"ssn-{job.product}-backbones"
@@ -563,19 +681,33 @@ def test_a_search_over_backbones_names_its_study_and_writes_settings_that_choose
     assert trial.model.backbone == "efficientnet_lite1" and trial.model.noise_std_mode == "relative"
     assert trial.model.noise_std == 2.5 and trial.model.image_score == job.model.image_score
 
-    chosen = Chosen({"model.backbone": "efficientnet_lite1", "model.noise_std": 2.5,
-                     "model.perlin_threshold": 0.3}, 0.9, 4)
-    document = tuned_settings_document(job, space, chosen, metric="val_image_auroc", mode="max", study_name="s",
-                                       validation="synthetic", search_name="tune-x", parent_run_id="p",
-                                       best_run_id=None)
+    chosen = Chosen(
+        {"model.backbone": "efficientnet_lite1", "model.noise_std": 2.5, "model.perlin_threshold": 0.3}, 0.9, 4
+    )
+    document = tuned_settings_document(
+        job,
+        space,
+        chosen,
+        metric="val_image_auroc",
+        mode="max",
+        study_name="s",
+        validation="synthetic",
+        search_name="tune-x",
+        parent_run_id="p",
+        best_run_id=None,
+    )
     assert document["backbone"] == "efficientnet_lite1"
     path = tmp_path / "tuned.yaml"
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     # a job configured for Lite0 takes settings that chose Lite1: they say so themselves
-    tuned = load_job_config(CONFIG, [*tuned_settings_overrides(path, backbone="efficientnet_lite0"),
-                                     f"dataset={job.dataset}"])
+    tuned = load_job_config(
+        CONFIG, [*tuned_settings_overrides(path, backbone="efficientnet_lite0"), f"dataset={job.dataset}"]
+    )
     assert (tuned.model.backbone, tuned.model.noise_std, tuned.model.perlin_threshold) == (
-        "efficientnet_lite1", 2.5, 0.3)
+        "efficientnet_lite1",
+        2.5,
+        0.3,
+    )
     # settings tuned for one backbone (no backbone in their overrides) are still refused for another
     single = dict(document, overrides=[o for o in document["overrides"] if not o.startswith("model.backbone=")])
     path.write_text(yaml.safe_dump(single, sort_keys=False))
@@ -652,7 +784,35 @@ def test_asha_lets_a_trial_run_a_quarter_of_its_epochs_before_it_can_be_stopped(
 
     assert [default_grace_period(e) for e in (1, 3, 4, 8, 15, 30)] == [1, 1, 1, 2, 3, 7]
     job = _base_job(**{"train.epochs": 8})
-    assert _plan_session(job, SPACE, num_trials=2, study_name="s", storage="sqlite://", metric="auto", mode=None,
-                         grace_period=None, reduction_factor=2, min_margin=0.02, baseline=True).grace_period == 2
-    assert _plan_session(job, SPACE, num_trials=2, study_name="s", storage="sqlite://", metric="auto", mode=None,
-                         grace_period=1, reduction_factor=2, min_margin=0.02, baseline=True).grace_period == 1
+    assert (
+        _plan_session(
+            job,
+            SPACE,
+            num_trials=2,
+            study_name="s",
+            storage="sqlite://",
+            metric="auto",
+            mode=None,
+            grace_period=None,
+            reduction_factor=2,
+            min_margin=0.02,
+            baseline=True,
+        ).grace_period
+        == 2
+    )
+    assert (
+        _plan_session(
+            job,
+            SPACE,
+            num_trials=2,
+            study_name="s",
+            storage="sqlite://",
+            metric="auto",
+            mode=None,
+            grace_period=1,
+            reduction_factor=2,
+            min_margin=0.02,
+            baseline=True,
+        ).grace_period
+        == 1
+    )

@@ -37,13 +37,34 @@ from ssn_platform.serving.auth import ApiKeys
 from ssn_platform.serving.batching import ContinuousBatcher
 from ssn_platform.serving.metrics import InspectionMetrics, StageTimer
 from ssn_platform.serving.review import ReviewRoutes
-from ssn_platform.serving.requests import (ERROR_RESPONSES, INSPECT_BODY, MULTIPART_OVERHEAD, RAW_CONTENT_TYPES,
-                                           ApiError, InspectionResult, decode_image, error_response, image_size,
-                                           media_type, parse_multipart, png_base64, read_body)
+from ssn_platform.serving.requests import (
+    ERROR_RESPONSES,
+    INSPECT_BODY,
+    MULTIPART_OVERHEAD,
+    RAW_CONTENT_TYPES,
+    ApiError,
+    InspectionResult,
+    decode_image,
+    error_response,
+    image_size,
+    media_type,
+    parse_multipart,
+    png_base64,
+    read_body,
+)
 from ssn_platform.serving.settings import ServeSettings
-from ssn_platform.serving.versions import (CHAMPION, PREVIOUS, LoadedVersion, ProductModel, _mlflow_client,
-                                           champion_info, decision, inference_info, load_version,
-                                           run_items)
+from ssn_platform.serving.versions import (
+    CHAMPION,
+    PREVIOUS,
+    LoadedVersion,
+    ProductModel,
+    _mlflow_client,
+    champion_info,
+    decision,
+    inference_info,
+    load_version,
+    run_items,
+)
 from ssn_platform.thresholds import threshold_from_tags
 
 log = logging.getLogger("ray.serve")
@@ -82,8 +103,11 @@ class InspectorReplica(ReviewRoutes):
 
     def __init__(self, settings: dict[str, Any] | None = None) -> None:
         self.settings = ServeSettings.from_dict(settings)
-        for key, value in (("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "20"),
-                           ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")):
+        for key, value in (
+            ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"),
+            ("MLFLOW_HTTP_REQUEST_TIMEOUT", "20"),
+            ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"),
+        ):
             os.environ.setdefault(key, value)
         if self.settings.mlflow_tracking_uri:
             os.environ["MLFLOW_TRACKING_URI"] = self.settings.mlflow_tracking_uri
@@ -105,17 +129,23 @@ class InspectorReplica(ReviewRoutes):
         self._switches = 0
         self._pixels_in_flight = 0  # decoded pixels held by requests in progress (_pixel_budget)
         self._metrics = InspectionMetrics()
-        self._batcher = ContinuousBatcher(_timed_run_items, self._infer_pool,
-                                          max_batch_size=self.settings.max_batch_size,
-                                          wait_s=self.settings.batch_wait_timeout_s)
+        self._batcher = ContinuousBatcher(
+            _timed_run_items,
+            self._infer_pool,
+            max_batch_size=self.settings.max_batch_size,
+            wait_s=self.settings.batch_wait_timeout_s,
+        )
 
     # -- models ----------------------------------------------------------------------------------------------------
     async def _load_product_model(self, product: str) -> ProductModel:
         loop = asyncio.get_running_loop()
         name, version, tags = await loop.run_in_executor(self._io_pool, champion_info, product)
         loaded = await loop.run_in_executor(
-            self._io_pool, lambda: load_version(product, name, version, tags, device=self.settings.device,
-                                 precision=self.settings.precision))
+            self._io_pool,
+            lambda: load_version(
+                product, name, version, tags, device=self.settings.device, precision=self.settings.precision
+            ),
+        )
         holder = ProductModel(product, loaded)
         self._holders[product] = holder
         self._ensure_refresher()
@@ -124,8 +154,9 @@ class InspectorReplica(ReviewRoutes):
 
     async def _serving_version(self, product: str) -> LoadedVersion:
         if not PRODUCT_RE.match(product or ""):
-            raise ApiError(404, "unknown_product", "invalid product name (letters, digits, '.', '_', '-'; "
-                                                   "at most 100 characters)")
+            raise ApiError(
+                404, "unknown_product", "invalid product name (letters, digits, '.', '_', '-'; at most 100 characters)"
+            )
         holder = self._holders.get(product)
         version = None
         if holder is None or holder.evicted:
@@ -134,10 +165,15 @@ class InspectorReplica(ReviewRoutes):
                 raise absent[1]
             try:  # only servable champions reach the loader, so a bad product never evicts a served one
                 _, version, tags = await asyncio.get_running_loop().run_in_executor(
-                    self._io_pool, champion_info, product)
+                    self._io_pool, champion_info, product
+                )
                 if threshold_from_tags(tags) is None:
-                    raise ApiError(409, "no_threshold", f"champion version {version} of product {product!r} has "
-                                                        "no calibrated threshold; run jobs/calibrate.py")
+                    raise ApiError(
+                        409,
+                        "no_threshold",
+                        f"champion version {version} of product {product!r} has "
+                        "no calibrated threshold; run jobs/calibrate.py",
+                    )
             except ApiError as error:
                 if error.status == 404:
                     if len(self._absent) > 4096:
@@ -155,10 +191,13 @@ class InspectorReplica(ReviewRoutes):
         except Exception as error:  # noqa: BLE001 - download or build failure: not the client's fault
             log.exception("loading the champion of %s failed", product)
             backoff = self.settings.load_backoff_s
-            answer = ApiError(503, "model_unavailable",
-                              f"the champion of {product!r} (version {version}) could not be loaded: "
-                              f"{type(error).__name__}; tried again after {backoff:g} s",
-                              headers={"Retry-After": str(max(1, math.ceil(backoff)))})
+            answer = ApiError(
+                503,
+                "model_unavailable",
+                f"the champion of {product!r} (version {version}) could not be loaded: "
+                f"{type(error).__name__}; tried again after {backoff:g} s",
+                headers={"Retry-After": str(max(1, math.ceil(backoff)))},
+            )
             if version is not None and backoff > 0:
                 if len(self._failed) > 4096:
                     self._failed.clear()
@@ -185,8 +224,12 @@ class InspectorReplica(ReviewRoutes):
                 try:
                     await self._refresh(holder)
                 except Exception:  # noqa: BLE001 - keep serving what is loaded; try again next round
-                    log.warning("champion refresh of %s failed; still serving %s", product,
-                                holder.current.version if holder.current else None, exc_info=True)
+                    log.warning(
+                        "champion refresh of %s failed; still serving %s",
+                        product,
+                        holder.current.version if holder.current else None,
+                        exc_info=True,
+                    )
 
     async def _refresh(self, holder: ProductModel) -> None:
         loop = asyncio.get_running_loop()
@@ -205,13 +248,16 @@ class InspectorReplica(ReviewRoutes):
             return
         cached = holder.cache.get(version)
         if cached is not None and threshold is not None:
-            loaded = dataclasses.replace(cached, threshold=threshold, threshold_method=tags.get("threshold_method"),
-                                         loaded_at=time.time())
+            loaded = dataclasses.replace(
+                cached, threshold=threshold, threshold_method=tags.get("threshold_method"), loaded_at=time.time()
+            )
         else:
             loaded = await loop.run_in_executor(
                 self._io_pool,
-                lambda: load_version(holder.product, name, version, tags, device=self.settings.device,
-                                     precision=self.settings.precision))
+                lambda: load_version(
+                    holder.product, name, version, tags, device=self.settings.device, precision=self.settings.precision
+                ),
+            )
         if holder.evicted:
             return
         holder.swap(loaded)
@@ -219,14 +265,14 @@ class InspectorReplica(ReviewRoutes):
         log.info("%s: now serving version %s (threshold %.6g)", name, version, loaded.threshold)
 
     # -- inference -------------------------------------------------------------------------------------------------
-    async def _predict(self, loaded: LoadedVersion, array: np.ndarray,
-                       timing: StageTimer) -> tuple[float, np.ndarray]:
+    async def _predict(self, loaded: LoadedVersion, array: np.ndarray, timing: StageTimer) -> tuple[float, np.ndarray]:
         """Score and map of one image; `timing` gets the model's share of the wait and the batch size."""
         if self.settings.batching:
             result, model_ms, batch = await self._batcher.submit((loaded, array))
         else:
-            result, model_ms, batch = (await asyncio.get_running_loop().run_in_executor(
-                self._infer_pool, _timed_run_items, [(loaded, array)]))[0]
+            result, model_ms, batch = (
+                await asyncio.get_running_loop().run_in_executor(self._infer_pool, _timed_run_items, [(loaded, array)])
+            )[0]
         timing.model(model_ms, batch)
         if isinstance(result, BaseException):
             raise result
@@ -237,9 +283,13 @@ class InspectorReplica(ReviewRoutes):
         """Holds `pixels` of the replica's `max_pixels_in_flight` while a request's image is decoded and scored;
         503 + Retry-After when they are not free. Runs on the event loop only, so the counter needs no lock."""
         if self._pixels_in_flight + pixels > self.settings.max_pixels_in_flight:
-            raise ApiError(503, "pixel_budget_full", f"the replica holds {self._pixels_in_flight} decoded pixels; "
-                           f"{pixels} more would exceed max_pixels_in_flight ({self.settings.max_pixels_in_flight})",
-                           headers={"Retry-After": str(max(1, math.ceil(self.settings.retry_after_s)))})
+            raise ApiError(
+                503,
+                "pixel_budget_full",
+                f"the replica holds {self._pixels_in_flight} decoded pixels; "
+                f"{pixels} more would exceed max_pixels_in_flight ({self.settings.max_pixels_in_flight})",
+                headers={"Retry-After": str(max(1, math.ceil(self.settings.retry_after_s)))},
+            )
         self._pixels_in_flight += pixels
         try:
             yield
@@ -247,8 +297,9 @@ class InspectorReplica(ReviewRoutes):
             self._pixels_in_flight -= pixels
 
     # -- what the routes answer -----------------------------------------------------------------------------------
-    async def _inspect(self, product: str, request: Request, return_map: bool, return_mask: bool,
-                       map_resolution: str = "model") -> Any:
+    async def _inspect(
+        self, product: str, request: Request, return_map: bool, return_mask: bool, map_resolution: str = "model"
+    ) -> Any:
         started = time.perf_counter()
         timing = StageTimer(started)
         try:
@@ -261,15 +312,23 @@ class InspectorReplica(ReviewRoutes):
             elif kind in RAW_CONTENT_TYPES:
                 data = await read_body(request, self.settings.max_bytes)
             elif not kind:
-                raise ApiError(415, "unsupported_media_type", "missing Content-Type; send image/png, image/jpeg, "
-                                                              "image/bmp, image/tiff or multipart/form-data")
+                raise ApiError(
+                    415,
+                    "unsupported_media_type",
+                    "missing Content-Type; send image/png, image/jpeg, image/bmp, image/tiff or multipart/form-data",
+                )
             else:
-                raise ApiError(415, "unsupported_media_type", f"unsupported Content-Type {kind[:80]!r}; send "
-                                                              "image/png, image/jpeg, image/bmp, image/tiff, "
-                                                              "application/octet-stream or multipart/form-data")
+                raise ApiError(
+                    415,
+                    "unsupported_media_type",
+                    f"unsupported Content-Type {kind[:80]!r}; send "
+                    "image/png, image/jpeg, image/bmp, image/tiff, "
+                    "application/octet-stream or multipart/form-data",
+                )
             if len(data) > self.settings.max_bytes:
-                raise ApiError(413, "body_too_large", f"image of {len(data)} bytes exceeds the limit of "
-                                                      f"{self.settings.max_bytes}")
+                raise ApiError(
+                    413, "body_too_large", f"image of {len(data)} bytes exceeds the limit of {self.settings.max_bytes}"
+                )
             if not data:
                 raise ApiError(400, "empty_body", "the image is empty (zero bytes)")
             timing.mark("read")
@@ -285,12 +344,16 @@ class InspectorReplica(ReviewRoutes):
                 timing.mark("infer")
                 del array
                 result = await loop.run_in_executor(
-                    self._work_pool, lambda: self._result(loaded, score, anomaly_map, width, height, return_map,
-                                                          return_mask, map_resolution))
+                    self._work_pool,
+                    lambda: self._result(
+                        loaded, score, anomaly_map, width, height, return_map, return_mask, map_resolution
+                    ),
+                )
             timing.mark("post")
             result["latency_ms"] = round((time.perf_counter() - started) * 1000.0, 3)
-            self._metrics.answered(loaded.product, score, result["is_anomalous"], result["latency_ms"],
-                                   stages=timing.stages)
+            self._metrics.answered(
+                loaded.product, score, result["is_anomalous"], result["latency_ms"], stages=timing.stages
+            )
             self._maybe_keep(loaded, data, result, anomaly_map)
             return JSONResponse(result, headers={"Server-Timing": timing.header()})
         except ApiError as error:
@@ -302,8 +365,16 @@ class InspectorReplica(ReviewRoutes):
             return error_response(500, "internal_error", f"{type(error).__name__}")
 
     @staticmethod
-    def _result(loaded: LoadedVersion, score: float, anomaly_map: np.ndarray, width: int, height: int,
-                return_map: bool, return_mask: bool, map_resolution: str = "model") -> dict[str, Any]:
+    def _result(
+        loaded: LoadedVersion,
+        score: float,
+        anomaly_map: np.ndarray,
+        width: int,
+        height: int,
+        return_map: bool,
+        return_mask: bool,
+        map_resolution: str = "model",
+    ) -> dict[str, Any]:
         decided = decision(loaded, score, anomaly_map, width=width, height=height, resolution=map_resolution)
         result: dict[str, Any] = {
             "product": loaded.product,
@@ -338,22 +409,28 @@ class InspectorReplica(ReviewRoutes):
             client = _mlflow_client()
             out, token = [], None
             while True:
-                page = client.search_registered_models(filter_string="name LIKE 'ssn-%'", max_results=200,
-                                                       page_token=token)
+                page = client.search_registered_models(
+                    filter_string="name LIKE 'ssn-%'", max_results=200, page_token=token
+                )
                 for registered in page:
                     aliases = registered.aliases or {}
                     if CHAMPION not in aliases:
                         continue
-                    product = registered.name[len("ssn-"):]
+                    product = registered.name[len("ssn-") :]
                     holder = self._holders.get(product)
                     loaded = holder.current if holder is not None and not holder.evicted else None
-                    out.append({"product": product, "registered_model": registered.name,
-                                "champion_version": str(aliases[CHAMPION]),
-                                "previous_version": str(aliases[PREVIOUS]) if PREVIOUS in aliases else None,
-                                "loaded_version": loaded.version if loaded else None,
-                                "threshold": loaded.threshold if loaded else None,
-                                "inference": inference_info(loaded.model) if loaded else None,
-                                "drift": drift_of(registered.tags or {})})
+                    out.append(
+                        {
+                            "product": product,
+                            "registered_model": registered.name,
+                            "champion_version": str(aliases[CHAMPION]),
+                            "previous_version": str(aliases[PREVIOUS]) if PREVIOUS in aliases else None,
+                            "loaded_version": loaded.version if loaded else None,
+                            "threshold": loaded.threshold if loaded else None,
+                            "inference": inference_info(loaded.model) if loaded else None,
+                            "drift": drift_of(registered.tags or {}),
+                        }
+                    )
                 token = page.token
                 if not token:
                     return sorted(out, key=lambda p: p["product"])
@@ -361,13 +438,15 @@ class InspectorReplica(ReviewRoutes):
         try:
             items = await asyncio.get_running_loop().run_in_executor(self._io_pool, listing)
         except Exception as error:  # noqa: BLE001
-            return error_response(503, "registry_unavailable",
-                                  f"model registry unreachable: {type(error).__name__}")
+            return error_response(503, "registry_unavailable", f"model registry unreachable: {type(error).__name__}")
         return {"products": items}
 
     async def _healthz(self) -> Any:
-        return {"status": "ok", "uptime_s": round(time.time() - self._started, 1),
-                "loaded": {p: h.current.version for p, h in self._holders.items() if h.current and not h.evicted}}
+        return {
+            "status": "ok",
+            "uptime_s": round(time.time() - self._started, 1),
+            "loaded": {p: h.current.version for p, h in self._holders.items() if h.current and not h.evicted},
+        }
 
     async def _readyz(self) -> Any:
         now = time.monotonic()
@@ -379,9 +458,14 @@ class InspectorReplica(ReviewRoutes):
         # (it cannot load new products or follow promotions meanwhile, which "registry" says).
         serving = sorted(p for p, h in self._holders.items() if not h.evicted and h.current is not None)
         ok = ok or bool(serving)
-        body = {"status": "ready" if ok else "not_ready", "registry": detail, "serving": serving,
-                "settings": {k: v for k, v in self.settings.to_dict().items() if k != "mlflow_tracking_uri"},
-                "torch_threads": _torch_threads(), "switches": self._switches}
+        body = {
+            "status": "ready" if ok else "not_ready",
+            "registry": detail,
+            "serving": serving,
+            "settings": {k: v for k, v in self.settings.to_dict().items() if k != "mlflow_tracking_uri"},
+            "torch_threads": _torch_threads(),
+            "switches": self._switches,
+        }
         return JSONResponse(body, status_code=200 if ok else 503)
 
 
@@ -425,8 +509,13 @@ def inspector_deployment(max_models_per_replica: int = 4):
         async def get_product_model(self, product: str) -> ProductModel:
             return await self._load_product_model(product)
 
-        @app.post("/v1/products/{product}/inspect", response_model=InspectionResult, responses=ERROR_RESPONSES,
-                  openapi_extra=INSPECT_BODY, summary="Inspect one image with the product's champion model")
+        @app.post(
+            "/v1/products/{product}/inspect",
+            response_model=InspectionResult,
+            responses=ERROR_RESPONSES,
+            openapi_extra=INSPECT_BODY,
+            summary="Inspect one image with the product's champion model",
+        )
         async def inspect(
             self,
             product: str,
@@ -434,8 +523,10 @@ def inspector_deployment(max_models_per_replica: int = 4):
             return_map: bool = Query(False, description="include the colourised anomaly heatmap (base64 PNG)"),
             return_mask: bool = Query(False, description="include the binary defect mask (base64 PNG)"),
             map_resolution: Literal["model", "original"] = Query(
-                "model", description="size of the returned map and mask, and of the grid the defect area and "
-                                     "regions are measured on: the model's input size, or the image's own"),
+                "model",
+                description="size of the returned map and mask, and of the grid the defect area and "
+                "regions are measured on: the model's input size, or the image's own",
+            ),
         ) -> Any:
             return await self._inspect(product, request, return_map, return_mask, map_resolution)
 

@@ -68,13 +68,21 @@ class ApiKeys:
     def check(self, headers: Mapping[str, str], product: str | None = None) -> ApiKey:
         """The key the request presents, if it may inspect `product` (any product when None); else ApiError."""
         if self.path is None:
-            raise ApiError(401, "unauthorized", f"no API keys are configured on this endpoint (ServeSettings."
-                                                f"api_keys_file or {KEYS_FILE_ENV}): every request is refused",
-                           headers={"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401,
+                "unauthorized",
+                f"no API keys are configured on this endpoint (ServeSettings."
+                f"api_keys_file or {KEYS_FILE_ENV}): every request is refused",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         presented = presented_key(headers)
         if not presented:
-            raise ApiError(401, "unauthorized", "missing API key: send 'Authorization: Bearer <key>'",
-                           headers={"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401,
+                "unauthorized",
+                "missing API key: send 'Authorization: Bearer <key>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         self._reload()
         wanted = digest(presented)
         match = None

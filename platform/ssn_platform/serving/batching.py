@@ -36,8 +36,9 @@ class _Waiting:
 class ContinuousBatcher:
     """See the module docstring."""
 
-    def __init__(self, run: Callable[[list[Any]], Sequence[Any]], executor: Executor, *, max_batch_size: int,
-                 wait_s: float) -> None:
+    def __init__(
+        self, run: Callable[[list[Any]], Sequence[Any]], executor: Executor, *, max_batch_size: int, wait_s: float
+    ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if not wait_s >= 0:

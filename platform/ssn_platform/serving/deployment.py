@@ -24,8 +24,14 @@ from ssn_platform.serving.settings import ServeSettings
 # Non-secret environment a replica needs (read when the app is built; passed through the deployment's
 # runtime_env, which Ray logs: credentials come from the nodes' environment, never from here).
 SERVE_ENV = (
-    "MLFLOW_TRACKING_URI", "MLFLOW_DISABLE_TELEMETRY", "MLFLOW_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION",
-    "SSN_CACHE_DIR", "SSN_CACHE_MAX_GB", "SSN_SERVE_KEYS_FILE",  # the path of the hashed API keys, not a key
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_DISABLE_TELEMETRY",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "SSN_CACHE_DIR",
+    "SSN_CACHE_MAX_GB",
+    "SSN_SERVE_KEYS_FILE",  # the path of the hashed API keys, not a key
 )
 
 
@@ -50,24 +56,31 @@ def build_app(args: dict[str, Any] | None = None):
     runtime_env: dict[str, Any] = {}
     try:
         if ray.is_initialized():
-            runtime_env = {k: v for k, v in (ray.get_runtime_context().runtime_env or {}).items()
-                           if k in ("working_dir", "py_modules", "pip", "uv", "conda", "env_vars")}
+            runtime_env = {
+                k: v
+                for k, v in (ray.get_runtime_context().runtime_env or {}).items()
+                if k in ("working_dir", "py_modules", "pip", "uv", "conda", "env_vars")
+            }
     except Exception:  # noqa: BLE001
         runtime_env = {}
     runtime_env["env_vars"] = replica_env(settings)
     actor_options: dict[str, Any] = {"num_cpus": settings.num_cpus, "runtime_env": runtime_env}
     if settings.num_gpus:
         actor_options["num_gpus"] = settings.num_gpus
-    options: dict[str, Any] = {"ray_actor_options": actor_options,
-                               "max_ongoing_requests": settings.max_ongoing_requests,
-                               "max_queued_requests": settings.max_queued_requests,
-                               "logging_config": {"enable_access_log": settings.access_log},
-                               "backpressure_config": BackpressureConfig(status_code=503,
-                                                                         retry_after_s=settings.retry_after_s)}
+    options: dict[str, Any] = {
+        "ray_actor_options": actor_options,
+        "max_ongoing_requests": settings.max_ongoing_requests,
+        "max_queued_requests": settings.max_queued_requests,
+        "logging_config": {"enable_access_log": settings.access_log},
+        "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=settings.retry_after_s),
+    }
     if settings.num_replicas == "auto":
         options["num_replicas"] = "auto"
-        options["autoscaling_config"] = {"min_replicas": settings.min_replicas, "max_replicas": settings.max_replicas,
-                                         "target_ongoing_requests": settings.target_ongoing_requests}
+        options["autoscaling_config"] = {
+            "min_replicas": settings.min_replicas,
+            "max_replicas": settings.max_replicas,
+            "target_ongoing_requests": settings.target_ongoing_requests,
+        }
     else:
         options["num_replicas"] = settings.num_replicas
     return inspector_deployment(settings.max_models_per_replica).options(**options).bind(settings.to_dict())
@@ -77,9 +90,16 @@ def serve_port() -> int:
     return int(os.environ.get("SSN_SERVE_PORT") or 8000)
 
 
-def deploy(settings: dict[str, Any] | None = None, *, address: str | None = None, name: str = "ssn",
-           route_prefix: str = "/", host: str = "127.0.0.1", port: int | None = None,
-           log_to_driver: bool = True) -> str:
+def deploy(
+    settings: dict[str, Any] | None = None,
+    *,
+    address: str | None = None,
+    name: str = "ssn",
+    route_prefix: str = "/",
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    log_to_driver: bool = True,
+) -> str:
     """Starts Serve on the cluster (HTTP on host:port, default 127.0.0.1:SSN_SERVE_PORT) and deploys the app
     without blocking. Returns the base URL. `log_to_driver=False` keeps the replicas' logs and the INFO lines of
     Ray and Serve out of this process's output (the replicas' logs: when this call makes the Ray connection)."""

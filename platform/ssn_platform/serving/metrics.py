@@ -30,19 +30,33 @@ class InspectionMetrics:
     """The replica's metric objects (made inside the replica's process, as Ray requires)."""
 
     def __init__(self) -> None:
-        self.inspections = metrics.Counter("ssn_inspections_total", description="answered inspections",
-                                           tag_keys=("product", "decision"))
-        self.errors = metrics.Counter("ssn_inspection_errors_total", description="inspections answered with an error",
-                                      tag_keys=("product", "code"))
-        self.latency = metrics.Histogram("ssn_inspection_latency_ms", description="request to answer, ms",
-                                         boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("product",))
-        self.stage = metrics.Histogram("ssn_inspection_stage_ms", description="one stage of an inspection, ms",
-                                       boundaries=STAGE_BOUNDARIES_MS, tag_keys=("product", "stage"))
-        self.scores = metrics.Histogram("ssn_inspection_score", description="anomaly scores",
-                                        boundaries=SCORE_BOUNDARIES, tag_keys=("product",))
+        self.inspections = metrics.Counter(
+            "ssn_inspections_total", description="answered inspections", tag_keys=("product", "decision")
+        )
+        self.errors = metrics.Counter(
+            "ssn_inspection_errors_total",
+            description="inspections answered with an error",
+            tag_keys=("product", "code"),
+        )
+        self.latency = metrics.Histogram(
+            "ssn_inspection_latency_ms",
+            description="request to answer, ms",
+            boundaries=LATENCY_BOUNDARIES_MS,
+            tag_keys=("product",),
+        )
+        self.stage = metrics.Histogram(
+            "ssn_inspection_stage_ms",
+            description="one stage of an inspection, ms",
+            boundaries=STAGE_BOUNDARIES_MS,
+            tag_keys=("product", "stage"),
+        )
+        self.scores = metrics.Histogram(
+            "ssn_inspection_score", description="anomaly scores", boundaries=SCORE_BOUNDARIES, tag_keys=("product",)
+        )
 
-    def answered(self, product: str, score: float, anomalous: bool, latency_ms: float,
-                 stages: dict[str, float] | None = None) -> None:
+    def answered(
+        self, product: str, score: float, anomalous: bool, latency_ms: float, stages: dict[str, float] | None = None
+    ) -> None:
         tags = {"product": product}
         self.inspections.inc(1.0, tags={**tags, "decision": "anomalous" if anomalous else "normal"})
         self.latency.observe(latency_ms, tags=tags)
@@ -82,8 +96,10 @@ class StageTimer:
         self.stages["model"], self.batch = model_ms, batch
 
     def header(self) -> str:
-        parts = [f"{name};dur={ms:.2f}" + (f';desc="batch {self.batch}"' if name == "model" else "")
-                 for name, ms in self.stages.items()]
+        parts = [
+            f"{name};dur={ms:.2f}" + (f';desc="batch {self.batch}"' if name == "model" else "")
+            for name, ms in self.stages.items()
+        ]
         return ", ".join(parts + [f"total;dur={(time.perf_counter() - self._started) * 1000.0:.2f}"])
 
 

@@ -18,10 +18,20 @@ from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
-RAW_CONTENT_TYPES = frozenset({
-    "image/png", "image/jpeg", "image/jpg", "image/pjpeg", "image/bmp", "image/x-bmp", "image/x-ms-bmp",
-    "image/tiff", "image/tif", "application/octet-stream",
-})
+RAW_CONTENT_TYPES = frozenset(
+    {
+        "image/png",
+        "image/jpeg",
+        "image/jpg",
+        "image/pjpeg",
+        "image/bmp",
+        "image/x-bmp",
+        "image/x-ms-bmp",
+        "image/tiff",
+        "image/tif",
+        "application/octet-stream",
+    }
+)
 PIL_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")  # the only decoders Pillow may try
 MULTIPART_OVERHEAD = 64 * 1024
 
@@ -44,8 +54,9 @@ class ApiError(Exception):
 
 
 def error_response(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"status": status, "code": code, "message": message,
-                                                               **extra}})
+    return JSONResponse(
+        status_code=status, content={"error": {"status": status, "code": code, "message": message, **extra}}
+    )
 
 
 class ErrorDetail(BaseModel):
@@ -83,8 +94,9 @@ class InspectionResult(BaseModel):
     map_resolution: Literal["model", "original"] = Field(description="the grid of the map, mask, area and regions")
     map_width: int
     map_height: int
-    regions: list[DefectRegion] = Field(description="connected regions of map >= threshold in image coordinates, "
-                                                    "highest max_score first, at most 32")
+    regions: list[DefectRegion] = Field(
+        description="connected regions of map >= threshold in image coordinates, highest max_score first, at most 32"
+    )
     regions_total: int = Field(description="how many regions there are (regions lists at most 32)")
     anomaly_map_png: str | None = Field(None, description="colourised heatmap, base64 PNG (return_map=true)")
     mask_png: str | None = Field(None, description="binary mask 0/255, base64 PNG (return_mask=true)")
@@ -92,7 +104,8 @@ class InspectionResult(BaseModel):
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorBody, "description": text} for status, text in {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in {
         400: "empty body, undecodable or truncated image, malformed multipart",
         401: "missing or unknown API key (send 'Authorization: Bearer <key>')",
         403: "the API key may not inspect this product",
@@ -102,7 +115,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         415: "unsupported content type or image format",
         422: "invalid query parameter",
         503: "replicas full or the replica's pixel budget in use (Retry-After), model registry unreachable, or the "
-             "model could not be loaded",
+        "model could not be loaded",
     }.items()
 }
 
@@ -111,10 +124,17 @@ INSPECT_BODY = {
         "required": True,
         "description": "The image: raw bytes, or multipart/form-data with the file in field `image`.",
         "content": {
-            **{t: {"schema": {"type": "string", "format": "binary"}} for t in
-               ("image/png", "image/jpeg", "image/bmp", "image/tiff", "application/octet-stream")},
-            "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
-                "image": {"type": "string", "format": "binary"}}}},
+            **{
+                t: {"schema": {"type": "string", "format": "binary"}}
+                for t in ("image/png", "image/jpeg", "image/bmp", "image/tiff", "application/octet-stream")
+            },
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {"image": {"type": "string", "format": "binary"}},
+                }
+            },
         },
     }
 }
@@ -167,7 +187,7 @@ def parse_multipart(body: bytes, content_type: str, field_name: str = "image") -
             if part[line_end:] == b"\r\n":
                 raise ApiError(400, "bad_multipart", "multipart part without a Content-Disposition header")
             raise ApiError(400, "bad_multipart", "multipart part headers are not terminated")
-        headers = part[line_end + 2:head_end].decode("latin-1").split("\r\n")
+        headers = part[line_end + 2 : head_end].decode("latin-1").split("\r\n")
         disposition = None
         for line in headers:
             key, sep, value = line.partition(":")
@@ -186,7 +206,7 @@ def parse_multipart(body: bytes, content_type: str, field_name: str = "image") -
         if name == field_name:
             if found is not None:
                 raise ApiError(400, "bad_multipart", f"more than one {field_name!r} field")
-            found = part[head_end + 4:]
+            found = part[head_end + 4 :]
     if not closed:
         raise ApiError(400, "bad_multipart", "multipart body is not terminated by its closing boundary")
     if found is None:
@@ -214,8 +234,11 @@ def _open_checked(data: bytes, *, max_pixels: int, max_side: int):
         image.close()
         if width < 1 or height < 1:
             raise ApiError(400, "invalid_image", f"image has no pixels ({width}x{height})")
-        raise ApiError(413, "image_too_large", f"image is {width}x{height}; the limit is {max_pixels} pixels "
-                                               f"and {max_side} per side")
+        raise ApiError(
+            413,
+            "image_too_large",
+            f"image is {width}x{height}; the limit is {max_pixels} pixels and {max_side} per side",
+        )
     return image
 
 

@@ -118,11 +118,22 @@ class ReviewRoutes:
             try:
                 with Image.open(io.BytesIO(data)) as image:
                     image_format = image.format or "PNG"
-                record = {k: result[k] for k in ("score", "threshold", "is_anomalous", "model_version",
-                                                 "registered_model", "image_width", "image_height")}
+                record = {
+                    k: result[k]
+                    for k in (
+                        "score",
+                        "threshold",
+                        "is_anomalous",
+                        "model_version",
+                        "registered_model",
+                        "image_width",
+                        "image_height",
+                    )
+                }
                 record["why"] = "flagged" if flagged else f"within {settings.review_band:g} of the threshold"
                 ReviewStore(settings.review_bucket, loaded.product).keep(
-                    data, image_format, base64.b64decode(png_base64(colorize(anomaly_map))), record)
+                    data, image_format, base64.b64decode(png_base64(colorize(anomaly_map))), record
+                )
             except Exception:  # noqa: BLE001 - the inspection was answered; the review copy is best effort
                 log.warning("keeping an image of %s for review failed", loaded.product, exc_info=True)
 
@@ -149,16 +160,30 @@ class ReviewRoutes:
             items = store.items()
             published = store.published_items()
             waiting = sum(1 for i in items if i["label"] and i["id"] not in published)
-            cards = [ITEM.format(
-                cls=" labelled" if item["label"] else "", id=html.escape(item["id"]),
-                base=f"/review/{html.escape(product)}/items/{html.escape(item['id'])}", score=item["score"],
-                threshold=item["threshold"], decision="anomalous" if item["is_anomalous"] else "normal",
-                why=html.escape(str(item.get("why"))), version=html.escape(str(item.get("model_version"))),
-                label=html.escape(item["label"]["label"] if item["label"] else "not labelled"))
-                for item in items]
-            return HTMLResponse(PAGE.format(product=html.escape(product), product_json=json.dumps(product),
-                                            count=len(items), waiting=waiting, items="\n".join(cards),
-                                            published=f"{len(published)} items published so far."))
+            cards = [
+                ITEM.format(
+                    cls=" labelled" if item["label"] else "",
+                    id=html.escape(item["id"]),
+                    base=f"/review/{html.escape(product)}/items/{html.escape(item['id'])}",
+                    score=item["score"],
+                    threshold=item["threshold"],
+                    decision="anomalous" if item["is_anomalous"] else "normal",
+                    why=html.escape(str(item.get("why"))),
+                    version=html.escape(str(item.get("model_version"))),
+                    label=html.escape(item["label"]["label"] if item["label"] else "not labelled"),
+                )
+                for item in items
+            ]
+            return HTMLResponse(
+                PAGE.format(
+                    product=html.escape(product),
+                    product_json=json.dumps(product),
+                    count=len(items),
+                    waiting=waiting,
+                    items="\n".join(cards),
+                    published=f"{len(published)} items published so far.",
+                )
+            )
 
         return await self._review_call(request, product, render, html_page=True)
 
@@ -170,11 +195,19 @@ class ReviewRoutes:
             self.api_keys.check({"authorization": f"Bearer {key}"}, product)
         except ApiError as error:
             message = "That key may not review this product." if error.status in (401, 403) else error.message
-            return HTMLResponse(LOGIN.format(product=html.escape(product), message=html.escape(message)),
-                                status_code=error.status)
+            return HTMLResponse(
+                LOGIN.format(product=html.escape(product), message=html.escape(message)), status_code=error.status
+            )
         response = RedirectResponse(f"/review/{urllib.parse.quote(product)}", status_code=303)
-        response.set_cookie(COOKIE, key, httponly=True, samesite="strict", path="/review",
-                            secure=request.url.scheme == "https", max_age=8 * 3600)
+        response.set_cookie(
+            COOKIE,
+            key,
+            httponly=True,
+            samesite="strict",
+            path="/review",
+            secure=request.url.scheme == "https",
+            max_age=8 * 3600,
+        )
         return response
 
     async def _review_file(self, product: str, item_id: str, name: str, request: Request) -> Any:
@@ -188,20 +221,28 @@ class ReviewRoutes:
 
     async def _review_label(self, product: str, item_id: str, request: Request) -> Any:
         try:
-            body = json.loads((await request.body())[:32 * 1024 * 1024] or b"{}")
+            body = json.loads((await request.body())[: 32 * 1024 * 1024] or b"{}")
             mask = base64.b64decode(body["mask_png"], validate=True) if body.get("mask_png") else None
             label = body.get("label")
         except (ValueError, TypeError, AttributeError):
             return error_response(400, "review_error", "the body must be JSON {label, mask_png (base64 PNG) or null}")
-        return await self._review_call(request, product, lambda store, who: JSONResponse(
-            store.label(item_id, label, by=who, mask_png=mask)))
+        return await self._review_call(
+            request, product, lambda store, who: JSONResponse(store.label(item_id, label, by=who, mask_png=mask))
+        )
 
     async def _review_publish(self, product: str, request: Request) -> Any:
         def publish(store: ReviewStore, _: str) -> JSONResponse:
             result = store.publish(split=self.settings.review_split)
-            return JSONResponse({"dataset": result.dataset_uri, "version": result.version,
-                                 "base_version": result.base_version, "added": result.added,
-                                 "items": list(result.items), "split": result.split})
+            return JSONResponse(
+                {
+                    "dataset": result.dataset_uri,
+                    "version": result.version,
+                    "base_version": result.base_version,
+                    "added": result.added,
+                    "items": list(result.items),
+                    "split": result.split,
+                }
+            )
 
         return await self._review_call(request, product, publish)
 

@@ -73,11 +73,16 @@ class ServeSettings:
         check(self.max_bytes > 0, f"max_bytes must be > 0, got {self.max_bytes}")
         check(self.review_band >= 0, f"review_band must be >= 0, got {self.review_band}")
         check(0 <= self.review_sample <= 1, f"review_sample must be in [0, 1], got {self.review_sample}")
-        check(self.review_split in ("train", "val", "test"), f"review_split must be train, val or test, got "
-                                                              f"{self.review_split!r}")
+        check(
+            self.review_split in ("train", "val", "test"),
+            f"review_split must be train, val or test, got {self.review_split!r}",
+        )
         check(self.max_pixels > 0 and self.max_side > 0, "max_pixels and max_side must be > 0")
-        check(self.max_pixels_in_flight >= self.max_pixels, f"max_pixels_in_flight ({self.max_pixels_in_flight}) "
-              f"must be >= max_pixels ({self.max_pixels}), or no image of the allowed size could be served")
+        check(
+            self.max_pixels_in_flight >= self.max_pixels,
+            f"max_pixels_in_flight ({self.max_pixels_in_flight}) "
+            f"must be >= max_pixels ({self.max_pixels}), or no image of the allowed size could be served",
+        )
         check(self.max_models_per_replica >= 1, "max_models_per_replica must be >= 1")
         check(self.refresh_s > 0, f"refresh_s must be > 0, got {self.refresh_s}")
         check(self.negative_cache_s >= 0, "negative_cache_s must be >= 0")
@@ -85,8 +90,10 @@ class ServeSettings:
         check(self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {self.precision!r}")
         check(self.max_batch_size >= 1, "max_batch_size must be >= 1")
         check(self.batch_wait_timeout_s >= 0, "batch_wait_timeout_s must be >= 0")
-        check(self.num_replicas == "auto" or (isinstance(self.num_replicas, int) and self.num_replicas >= 1),
-              f"num_replicas must be a positive int or 'auto', got {self.num_replicas!r}")
+        check(
+            self.num_replicas == "auto" or (isinstance(self.num_replicas, int) and self.num_replicas >= 1),
+            f"num_replicas must be a positive int or 'auto', got {self.num_replicas!r}",
+        )
         check(1 <= self.min_replicas <= self.max_replicas, "need 1 <= min_replicas <= max_replicas")
         check(self.max_ongoing_requests >= 1, "max_ongoing_requests must be >= 1")
         check(self.max_queued_requests >= 1, f"max_queued_requests must be >= 1, got {self.max_queued_requests}")
@@ -107,8 +114,13 @@ class ServeSettings:
             if f.name in values and isinstance(values[f.name], str) and kind in ("int", "float", "bool"):
                 raw = values[f.name]
                 try:
-                    values[f.name] = (raw.lower() in ("1", "true", "yes", "on") if kind == "bool"
-                                      else int(raw) if kind == "int" else float(raw))
+                    values[f.name] = (
+                        raw.lower() in ("1", "true", "yes", "on")
+                        if kind == "bool"
+                        else int(raw)
+                        if kind == "int"
+                        else float(raw)
+                    )
                 except ValueError:
                     article = "an" if kind == "int" else "a"
                     raise ValueError(f"serving settings: {f.name} must be {article} {kind}, got {raw!r}") from None

@@ -74,13 +74,18 @@ def champion_info(product: str) -> tuple[str, str, dict[str, str]]:
         registered = client.get_registered_model(name)
         version = (registered.aliases or {}).get(CHAMPION)
         if version is None:
-            raise ApiError(404, "no_champion", f"product {product!r} has no champion version (alias '{CHAMPION}' "
-                                               f"of {name}); promote one with jobs/promote.py")
+            raise ApiError(
+                404,
+                "no_champion",
+                f"product {product!r} has no champion version (alias '{CHAMPION}' "
+                f"of {name}); promote one with jobs/promote.py",
+            )
         tags = dict(client.get_model_version(name, str(version)).tags or {})
     except MlflowException as error:
         if error.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise ApiError(404, "unknown_product",
-                           f"unknown product {product!r} (no registered model {name})") from None
+            raise ApiError(
+                404, "unknown_product", f"unknown product {product!r} (no registered model {name})"
+            ) from None
         raise ApiError(503, "registry_unavailable", f"model registry error: {error.message[:300]}") from None
     except ApiError:
         raise
@@ -89,8 +94,9 @@ def champion_info(product: str) -> tuple[str, str, dict[str, str]]:
     return name, str(version), tags
 
 
-def load_version(product: str, name: str, version: str, tags: dict[str, str], *, device: str,
-                 precision: str = "fp32") -> LoadedVersion:
+def load_version(
+    product: str, name: str, version: str, tags: dict[str, str], *, device: str, precision: str = "fp32"
+) -> LoadedVersion:
     """Downloads one registered version, folds it into the fast inference model, warms it up, reads its threshold.
 
     Like `ssn_platform.registry.load_model`, but the download goes to a temporary directory that is removed: a
@@ -102,12 +108,18 @@ def load_version(product: str, name: str, version: str, tags: dict[str, str], *,
 
     from supersimplenet.checkpoint import load_checkpoint  # noqa: PLC0415 (torch: kept off the Serve app's import)
     from supersimplenet.inference import (  # noqa: PLC0415 (torch: kept off the Serve app's import)
-        inference_model, predict_images)
+        inference_model,
+        predict_images,
+    )
 
     threshold = threshold_from_tags(tags)
     if threshold is None:
-        raise ApiError(409, "no_threshold", f"champion version {version} of {name} has no calibrated threshold; "
-                                            f"run jobs/calibrate.py --product {product} --version {version}")
+        raise ApiError(
+            409,
+            "no_threshold",
+            f"champion version {version} of {name} has no calibrated threshold; "
+            f"run jobs/calibrate.py --product {product} --version {version}",
+        )
     with tempfile.TemporaryDirectory(prefix="ssn-serve-") as directory:
         local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=directory)
         found = sorted(Path(local).rglob("model.pt"))
@@ -119,19 +131,30 @@ def load_version(product: str, name: str, version: str, tags: dict[str, str], *,
     model = inference_model(model.to(device), precision=precision)
     height, width = model.config.image_size
     predict_images(model, [np.zeros((height, width, 3), dtype=np.float32)])  # warm-up before it serves
-    return LoadedVersion(product=product, registered_model=name, version=version, model=model, threshold=threshold,
-                         threshold_method=tags.get("threshold_method"))
+    return LoadedVersion(
+        product=product,
+        registered_model=name,
+        version=version,
+        model=model,
+        threshold=threshold,
+        threshold_method=tags.get("threshold_method"),
+    )
 
 
 def inference_info(model: Any) -> dict[str, str]:
     """How a loaded (folded) model computes: heads layout, precision and device, for the products listing."""
     precision = {"torch.float32": "fp32", "torch.bfloat16": "bf16"}.get(str(model.dtype), str(model.dtype))
-    return {"engine": type(model).__name__, "heads": model.heads, "precision": precision,
-            "device": str(model.fc_weight.device)}
+    return {
+        "engine": type(model).__name__,
+        "heads": model.heads,
+        "precision": precision,
+        "device": str(model.fc_weight.device),
+    }
 
 
-def decision(loaded: LoadedVersion, score: float, anomaly_map: np.ndarray, *, width: int, height: int,
-             resolution: str = "model") -> dict[str, Any]:
+def decision(
+    loaded: LoadedVersion, score: float, anomaly_map: np.ndarray, *, width: int, height: int, resolution: str = "model"
+) -> dict[str, Any]:
     """What a score means under the version's threshold, for the endpoint and the batch job alike: is_anomalous
     (``score >= threshold``); the map (at the model's resolution, or resampled to the image's ``width x height``
     with ``resolution="original"``), its defect mask (pixels ``>= threshold``) and the mask's share in percent; the
@@ -140,8 +163,14 @@ def decision(loaded: LoadedVersion, score: float, anomaly_map: np.ndarray, *, wi
         anomaly_map = map_at(anomaly_map, width, height)
     mask = anomaly_map >= loaded.threshold
     regions, total = defect_regions(anomaly_map, loaded.threshold, width, height)
-    return {"is_anomalous": bool(score >= loaded.threshold), "map": anomaly_map, "mask": mask,
-            "defect_area_percent": float(100.0 * mask.mean()), "regions": regions, "regions_total": total}
+    return {
+        "is_anomalous": bool(score >= loaded.threshold),
+        "map": anomaly_map,
+        "mask": mask,
+        "defect_area_percent": float(100.0 * mask.mean()),
+        "regions": regions,
+        "regions_total": total,
+    }
 
 
 def run_items(items: list[tuple[LoadedVersion, np.ndarray]]) -> list[Any]:
