@@ -11,7 +11,8 @@ Both report, besides `compute_metrics` of the model's reported image score: AURO
 (``image_auroc_<head|map_max|combined>``, ``ap_det_<...>``: `supersimplenet.train.Predictions.score_metrics`), of every
 defect class against all normal test images (``class.<defect_type>.*``, `Sample.defect_type`), pixel metrics where
 the test split has masks, and a histogram (20 bins over [0, 1]) of the reported score of normal and defective
-images. Artifacts ``evaluation.md`` and ``evaluation.json``; tags ``ssn.evaluate.*``.
+images. Artifacts ``evaluation.md`` and ``evaluation.json``; tags ``ssn.evaluate.*``. That arithmetic and the tables
+are pure functions in `ssn_platform.evaluation_metrics`; this module scores, trains and logs.
 """
 
 from __future__ import annotations
@@ -39,200 +40,29 @@ from mlflow.exceptions import MlflowException
 
 from supersimplenet.backbones import get_preset
 from supersimplenet.loading import DefectDataset
-from supersimplenet.metrics import compute_metrics
 from supersimplenet.train import eval_loader, predict, unwrap
 from ssn_platform.datasets import DatasetReader
+from ssn_platform.evaluation_metrics import (
+    aggregate,
+    check_seeds,
+    finite,
+    jsonable,
+    markdown,
+    ordered,
+    sum_histograms,
+    summarize,
+)
+from ssn_platform.lineage import lineage_tags, open_mlflow_run
 from ssn_platform.names import registered_model_name
 from ssn_platform.registry import load_model
 from ssn_platform.services import PlatformError, check_mlflow, connect_ray, experiment_id as _experiment_id
 
 log = logging.getLogger(__name__)
 
-HISTOGRAM_BINS = 20
 BREAKDOWN_FILE = "breakdown.json"  # written by the training job's test step into its `evaluation/` artifacts
 BREAKDOWN_ARTIFACT = f"evaluation/{BREAKDOWN_FILE}"
-OVERALL = ("image_auroc", "ap_det", "f1_max", "f1_threshold", "pixel_auroc", "ap_loc", "aupro", "pixel_f1_max")
 TAG = "ssn.evaluate."
-_KEY_CHARS = re.compile(r"[^A-Za-z0-9_.\-/ ]")  # what MLflow accepts in a metric name
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_-]+))$")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Pure parts: metrics of one set of predictions, aggregation over seeds, tables
-# ---------------------------------------------------------------------------------------------------------
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float, np.floating, np.integer)) and math.isfinite(float(value))
-
-
-def jsonable(value: Any) -> Any:
-    """`value` with numpy scalars as Python numbers and every non-finite float as None (strict JSON)."""
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        return float(value) if math.isfinite(float(value)) else None
-    return int(value) if isinstance(value, np.integer) else value
-
-
-def metric_key(name: str) -> str:
-    """`name` as a part of an MLflow metric name (letters, digits and ``_.-/`` and space; others become ``_``)."""
-    return _KEY_CHARS.sub("_", name) or "_"
-
-
-def check_seeds(seeds: Iterable[Any] | None) -> list[int]:
-    """The seeds as distinct integers; PlatformError for none, a non-integer or a repeated one."""
-    seeds = [str(seed) for seed in (seeds or [])]
-    if not seeds:
-        raise PlatformError("no seeds: pass at least one, e.g. --seeds 0 1 2")
-    bad = [seed for seed in seeds if not re.fullmatch(r"[+-]?\d+", seed.strip())]
-    if bad:
-        raise PlatformError(f"seeds must be integers, got {bad}")
-    out = [int(seed) for seed in seeds]
-    if len(set(out)) != len(out):
-        raise PlatformError(f"seeds must be distinct, got {out}")
-    return out
-
-
-def score_histogram(scores: Any, labels: Any, *, bins: int = HISTOGRAM_BINS) -> dict[str, list]:
-    """Counts of normal and defective image scores in `bins` equal bins over [0, 1] (the last bin holds 1.0)."""
-    s = np.clip(np.asarray(scores, dtype=np.float64).reshape(-1), 0.0, 1.0)
-    y = np.asarray(labels).reshape(-1).astype(bool)
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    normal, _ = np.histogram(s[~y], bins=edges)
-    defective, _ = np.histogram(s[y], bins=edges)
-    return {"edges": edges.tolist(), "normal": normal.tolist(), "defective": defective.tolist()}
-
-
-def per_class_metrics(scores: Any, labels: Any, defect_types: Sequence[str]) -> dict[str, dict[str, float]]:
-    """Image AUROC and AP of each defect class: its defective images against every normal image.
-
-    Defective images without a class name count in no class. Undefined values (no normal image) are nan."""
-    s = np.asarray(scores, dtype=np.float64).reshape(-1)
-    y = np.asarray(labels).reshape(-1).astype(np.int64)
-    types = np.asarray([t or "" for t in defect_types], dtype=object)
-    if not (s.shape == y.shape == types.shape):
-        raise ValueError(f"scores ({s.size}), labels ({y.size}) and defect_types ({types.size}) differ in length")
-    out: dict[str, dict[str, float]] = {}
-    for name in sorted({t for t, label in zip(types, y) if label == 1 and t}):
-        keep = (y == 0) | ((y == 1) & (types == name))
-        metrics = compute_metrics(scores=s[keep], labels=y[keep])
-        out[name] = {
-            "image_auroc": metrics["image_auroc"],
-            "ap_det": metrics["ap_det"],
-            "n_defective": int(((y == 1) & (types == name)).sum()),
-        }
-    return out
-
-
-def summarize(predictions, samples: Sequence, *, image_score: str, overall: bool = True) -> dict[str, Any]:
-    """Evaluation of test predictions (`supersimplenet.train.Predictions` of the reported `image_score`; `samples[k]`
-    is image k): {"image_score", "n_images", "n_normal", "n_defective", "metrics", "classes", "histogram"}.
-    "metrics": `compute_metrics` (with `overall`; pixel metrics where a test image has a mask),
-    ``image_auroc_<score>`` / ``ap_det_<score>`` of every image score and ``class.<defect type>.image_auroc|ap_det``."""
-    labels = np.asarray(predictions.labels)
-    if len(samples) != labels.size:
-        raise ValueError(f"{len(samples)} samples for {labels.size} predictions")
-    metrics: dict[str, float] = {}
-    if overall:
-        has_masks = any(getattr(s, "mask", None) for s in samples)
-        metrics.update(
-            compute_metrics(
-                scores=predictions.scores,
-                labels=labels,
-                maps=predictions.maps if has_masks else None,
-                masks=predictions.masks if has_masks else None,
-            )
-        )
-    metrics.update(predictions.score_metrics())
-    classes = per_class_metrics(predictions.scores, labels, [s.defect_type for s in samples])
-    for name, values in classes.items():
-        metrics[f"class.{metric_key(name)}.image_auroc"] = values["image_auroc"]
-        metrics[f"class.{metric_key(name)}.ap_det"] = values["ap_det"]
-    return {
-        "image_score": image_score,
-        "n_images": int(labels.size),
-        "n_normal": int((labels == 0).sum()),
-        "n_defective": int((labels == 1).sum()),
-        "metrics": metrics,
-        "classes": {name: values["n_defective"] for name, values in classes.items()},
-        "histogram": score_histogram(predictions.scores, labels),
-    }
-
-
-def aggregate(per_run: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
-    """{metric: {"mean", "std", "n"}} over runs: numpy mean and population std (ddof 0) of the runs where the
-    metric is defined (finite); n counts them. A metric defined in no run has mean and std nan."""
-    keys: dict[str, None] = {}
-    for metrics in per_run:
-        keys.update(dict.fromkeys(metrics))
-    out = {}
-    for key in keys:
-        values = np.asarray([float(m[key]) for m in per_run if _finite(m.get(key))], dtype=np.float64)
-        out[key] = {
-            "mean": float(np.mean(values)) if values.size else math.nan,
-            "std": float(np.std(values)) if values.size else math.nan,
-            "n": int(values.size),
-        }
-    return out
-
-
-def sum_histograms(histograms: Sequence[Mapping[str, Any]]) -> dict[str, list]:
-    """Bin-wise sum of `score_histogram`s (the seeds' test images pooled)."""
-    return {
-        "edges": list(histograms[0]["edges"]),
-        "normal": np.sum([h["normal"] for h in histograms], axis=0).astype(int).tolist(),
-        "defective": np.sum([h["defective"] for h in histograms], axis=0).astype(int).tolist(),
-    }
-
-
-def ordered(keys: Iterable[str]) -> list[str]:
-    """Overall metrics in `compute_metrics` order, then other plain names, score variants, defect classes."""
-
-    def rank(key: str) -> tuple:
-        if key in OVERALL:
-            return (0, OVERALL.index(key), key)
-        variant = key.startswith(("image_auroc_", "ap_det_"))
-        return (2 if variant else 3 if key.startswith("class.") else 1, 0, key)
-
-    return sorted(keys, key=rank)
-
-
-def _fmt(value: Any) -> str:
-    return f"{float(value):.4f}" if _finite(value) else "n/a"
-
-
-def markdown(report: Mapping[str, Any]) -> str:
-    """The Markdown tables of a report dict (`EvaluationReport.to_dict()`)."""
-    lines = [f"# Evaluation: {report['title']}", ""]
-    lines += [f"- {k}: {v}" for k, v in report["subject"].items() if v not in (None, "")]
-    lines.append("")
-    if report["mode"] == "seeds":
-        runs = report["runs"]
-        lines.append("| metric | mean ± std | n | " + " | ".join(f"seed {r['seed']}" for r in runs) + " |")
-        lines.append("|---|---|---|" + "---|" * len(runs))
-        for key in ordered(report["aggregate"]):
-            agg = report["aggregate"][key]
-            cells = [_fmt(r["metrics"].get(key)) for r in runs]
-            lines.append(f"| {key} | {_fmt(agg['mean'])} ± {_fmt(agg['std'])} | {agg['n']} | {' | '.join(cells)} |")
-    else:
-        lines += ["| metric | value |", "|---|---|"]
-        lines += [f"| {key} | {_fmt(report['metrics'][key])} |" for key in ordered(report["metrics"])]
-    histogram = report.get("histogram")
-    if histogram:
-        pooled = " (test images of all seeds pooled)" if report["mode"] == "seeds" else ""
-        lines += [
-            "",
-            f"Reported image score ({report.get('image_score')}) of normal and defective test images{pooled}:",
-            "",
-            "| score | normal | defective |",
-            "|---|---|---|",
-        ]
-        edges = histogram["edges"]
-        for i, (normal, defective) in enumerate(zip(histogram["normal"], histogram["defective"])):
-            close = "]" if i == len(edges) - 2 else ")"
-            lines.append(f"| [{edges[i]:.2f}, {edges[i + 1]:.2f}{close} | {normal} | {defective} |")
-    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -327,7 +157,7 @@ def _parent_run(client, experiment_id: str, name: str, tags: dict[str, str]) -> 
 
 def _log_report(client, report: EvaluationReport) -> None:
     now = int(time.time() * 1000)
-    metrics = [Metric(k, float(v), now, 0) for k, v in report.metrics.items() if _finite(v)]
+    metrics = [Metric(k, float(v), now, 0) for k, v in report.metrics.items() if finite(v)]
     for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
         client.log_batch(report.parent_run_id, metrics=metrics[start : start + 1000])
     with tempfile.TemporaryDirectory() as directory:
@@ -379,11 +209,7 @@ def evaluate_seeds(
     run in the job's experiment, and logs the seeds' mean and population std of every test metric on it.
 
     `base` is `job.run_name` or a fresh name; evaluating the same base again reuses the seeds' finished runs."""
-    from ssn_platform.training import (  # noqa: PLC0415 (import cycle: training imports this module)
-        _open_mlflow_run,
-        lineage_tags,
-        run_training,
-    )
+    from ssn_platform.training import run_training  # noqa: PLC0415 (import cycle: training imports this module)
 
     seeds = check_seeds(seeds)
     if parallel < 1:
@@ -392,14 +218,37 @@ def evaluate_seeds(
     reader = DatasetReader(job.dataset)
     n_test = len(require_test_split(reader.manifest.records, f"{job.dataset} (dataset version {reader.version})"))
     base = job.run_name or f"{job.product}-eval-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    jobs = [
+    jobs = _seed_jobs(job, seeds, base)
+    client = MlflowClient()
+    tags = _seeds_tags(job, seeds, base, parallel, config_path, dataset_version=reader.version, n_test=n_test)
+    with _parent_run(client, _experiment_id(client, job.experiment_name), base, tags) as parent_id:
+        _nest_seed_runs(client, parent_id, seeds, jobs)
+        if parallel > 1:
+            _connect_for_parallel_seeds(job, parallel, len(jobs), address)
+        results = train_seeds(jobs, parallel=parallel, train=lambda j: run_training(j, address=address))
+        runs, breakdowns = _collect_seed_runs(client, parent_id, seeds, results)
+        report = _seeds_report(
+            job, base, seeds, parent_id, runs, breakdowns, config_path, dataset_version=reader.version, n_test=n_test
+        )
+        _log_report(client, report)
+    return report
+
+
+def _seed_jobs(job, seeds: list[int], base: str) -> list:
+    """One job per seed: train.seed set, run name ``<base>-seed<k>``, never registered."""
+    return [
         dataclasses.replace(
             job, run_name=f"{base}-seed{seed}", register=False, train=dataclasses.replace(job.train, seed=seed)
         )
         for seed in seeds
     ]
-    client = MlflowClient()
-    tags = {
+
+
+def _seeds_tags(
+    job, seeds: list[int], base: str, parallel: int, config_path: str | None, *, dataset_version: str, n_test: int
+) -> dict[str, str]:
+    """The parent run's tags: ``ssn.evaluate.*`` (mode, seeds, base run name, config, data) and the job's lineage."""
+    return {
         "ssn.product": job.product,
         f"{TAG}mode": "seeds",
         f"{TAG}seeds": " ".join(map(str, seeds)),
@@ -407,63 +256,91 @@ def evaluate_seeds(
         f"{TAG}config": config_path or "",
         f"{TAG}parallel": str(parallel),
         f"{TAG}dataset": job.dataset,
-        f"{TAG}dataset_version": reader.version,
+        f"{TAG}dataset_version": dataset_version,
         f"{TAG}n_test_images": str(n_test),
         **lineage_tags(job),
     }
-    with _parent_run(client, _experiment_id(client, job.experiment_name), base, tags) as parent_id:
-        for seed, seed_job in zip(seeds, jobs):  # created (or found) first: nested under the parent while training
-            child_id, _ = _open_mlflow_run(seed_job, seed_job.run_name)
-            client.set_tag(child_id, "mlflow.parentRunId", parent_id)
-            client.set_tag(child_id, f"{TAG}seed", str(seed))
-        if parallel > 1:
-            import ray  # noqa: PLC0415 (Ray reads its settings on first import)
 
-            connect_ray(address)  # once, before the threads race to initialise Ray
-            need = min(parallel, len(jobs)) * job.scaling.num_workers * job.scaling.cpus_per_worker
-            if need > ray.cluster_resources().get("CPU", 0):
-                log.warning(
-                    "--parallel %d: the runs need %g CPUs at once, more than the cluster has now; they wait "
-                    "for room (or an autoscaler)",
-                    parallel,
-                    need,
-                )
-        results = train_seeds(jobs, parallel=parallel, train=lambda j: run_training(j, address=address))
-        runs, breakdowns = zip(*(_seed_run(client, seed, result) for seed, result in zip(seeds, results)))
-        missing = [run["run_name"] for run, breakdown in zip(runs, breakdowns) if breakdown is None]
-        breakdowns = [b for b in breakdowns if b is not None]
-        if missing:
-            log.warning(
-                "runs without %s (trained before the training job wrote it): %s", BREAKDOWN_ARTIFACT, ", ".join(missing)
-            )
-            client.set_tag(parent_id, f"{TAG}breakdown_missing", " ".join(missing))
-        client.set_tag(parent_id, f"{TAG}runs", " ".join(r["run_id"] for r in runs))
-        stats = aggregate([r["metrics"] for r in runs])
-        metrics = {}
-        for key in ordered(stats):
-            metrics[f"{key}_mean"], metrics[f"{key}_std"] = stats[key]["mean"], stats[key]["std"]
-        report = EvaluationReport(
-            mode="seeds",
-            title=f"{base} ({len(seeds)} seeds)",
-            parent_run_id=parent_id,
-            experiment=job.experiment_name,
-            metrics=metrics,
-            runs=list(runs),
-            aggregate=stats,
-            subject={
-                "config": config_path,
-                "dataset": job.dataset,
-                "dataset_version": reader.version,
-                "seeds": " ".join(map(str, seeds)),
-                "test images per seed": n_test,
-                "std": "population (numpy.std, ddof 0) over the seeds where the metric is defined",
-            },
-            image_score=breakdowns[0]["image_score"] if breakdowns else job.model.image_score,
-            histogram=sum_histograms([b["histogram"] for b in breakdowns]) if breakdowns else None,
-            classes=breakdowns[0].get("classes", {}) if breakdowns else {},
+
+def _nest_seed_runs(client, parent_id: str, seeds: list[int], jobs: Sequence) -> None:
+    """Creates (or finds) every seed's run before any trains, as a child of the parent run (tagged with its seed),
+    so that each is nested under the parent while it trains."""
+    for seed, seed_job in zip(seeds, jobs):
+        child_id, _ = open_mlflow_run(seed_job, seed_job.run_name)
+        client.set_tag(child_id, "mlflow.parentRunId", parent_id)
+        client.set_tag(child_id, f"{TAG}seed", str(seed))
+
+
+def _connect_for_parallel_seeds(job, parallel: int, n_jobs: int, address: str | None) -> None:
+    """Connects to Ray once, before the threads race to initialise it, and warns when the runs that train at once
+    need more CPUs than the cluster has now (they wait for room, or an autoscaler)."""
+    import ray  # noqa: PLC0415 (Ray reads its settings on first import)
+
+    connect_ray(address)
+    need = min(parallel, n_jobs) * job.scaling.num_workers * job.scaling.cpus_per_worker
+    if need > ray.cluster_resources().get("CPU", 0):
+        log.warning(
+            "--parallel %d: the runs need %g CPUs at once, more than the cluster has now; they wait "
+            "for room (or an autoscaler)",
+            parallel,
+            need,
         )
-        _log_report(client, report)
-    return report
+
+
+def _collect_seed_runs(client, parent_id: str, seeds: list[int], results: Sequence) -> tuple[list, list]:
+    """Every seed's run (`_seed_run`) and the breakdowns the runs logged; the runs without one (trained before the
+    training job wrote it) are warned about and tagged on the parent, as are the runs' ids."""
+    runs, breakdowns = zip(*(_seed_run(client, seed, result) for seed, result in zip(seeds, results)))
+    missing = [run["run_name"] for run, breakdown in zip(runs, breakdowns) if breakdown is None]
+    breakdowns = [b for b in breakdowns if b is not None]
+    if missing:
+        log.warning(
+            "runs without %s (trained before the training job wrote it): %s", BREAKDOWN_ARTIFACT, ", ".join(missing)
+        )
+        client.set_tag(parent_id, f"{TAG}breakdown_missing", " ".join(missing))
+    client.set_tag(parent_id, f"{TAG}runs", " ".join(r["run_id"] for r in runs))
+    return list(runs), breakdowns
+
+
+def _seeds_report(
+    job,
+    base: str,
+    seeds: list[int],
+    parent_id: str,
+    runs: list[dict[str, Any]],
+    breakdowns: list[dict[str, Any]],
+    config_path: str | None,
+    *,
+    dataset_version: str,
+    n_test: int,
+) -> EvaluationReport:
+    """The seeds' report: ``<metric>_mean`` and ``<metric>_std`` of every metric, the first breakdown's image score
+    and classes, and the histogram of all seeds' test images pooled (the job's image score and no histogram when
+    no run logged a breakdown)."""
+    stats = aggregate([r["metrics"] for r in runs])
+    metrics = {}
+    for key in ordered(stats):
+        metrics[f"{key}_mean"], metrics[f"{key}_std"] = stats[key]["mean"], stats[key]["std"]
+    return EvaluationReport(
+        mode="seeds",
+        title=f"{base} ({len(seeds)} seeds)",
+        parent_run_id=parent_id,
+        experiment=job.experiment_name,
+        metrics=metrics,
+        runs=runs,
+        aggregate=stats,
+        subject={
+            "config": config_path,
+            "dataset": job.dataset,
+            "dataset_version": dataset_version,
+            "seeds": " ".join(map(str, seeds)),
+            "test images per seed": n_test,
+            "std": "population (numpy.std, ddof 0) over the seeds where the metric is defined",
+        },
+        image_score=breakdowns[0]["image_score"] if breakdowns else job.model.image_score,
+        histogram=sum_histograms([b["histogram"] for b in breakdowns]) if breakdowns else None,
+        classes=breakdowns[0].get("classes", {}) if breakdowns else {},
+    )
 
 
 def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:

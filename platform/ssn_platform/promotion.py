@@ -10,7 +10,7 @@
    `supersimplenet.train.predict` and `supersimplenet.metrics.compute_metrics`, the code of the training job's test
    metrics.
    With ``require_seeds=N`` the candidate's recipe (tag ``ssn.recipe`` of its training run,
-   `ssn_platform.training.recipe_fingerprint`) must also have a finished multi-seed evaluation over at least N seeds
+   `ssn_platform.lineage.recipe_fingerprint`) must also have a finished multi-seed evaluation over at least N seeds
    (`jobs/evaluate.py --seeds ...`, same tag), and the floor applies to that evaluation's mean as well: one lucky
    seed cannot make a champion of a recipe that is weak on average.
 3. Promoted when ``candidate >= champion - margin`` and ``candidate >= floor`` on the product's primary metric

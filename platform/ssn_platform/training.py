@@ -1,9 +1,10 @@
 """Distributed SuperSimpleNet training on Ray Train (V2) with MLflow tracking and registration.
 
-The driver (`run_training`) validates the job, checks that MLflow answers, opens (or finds, on resume) the job's
-MLflow run, and runs a `TorchTrainer` whose workers execute `train_loop_per_worker`. Each worker reads the dataset
-through the node-local S3 cache, trains its shard with DDP, and rank 0 alone writes to MLflow: per-epoch metrics,
-then the test metrics, artifacts and the registered model once training is complete.
+The driver (`run_training`) validates the job, checks that MLflow answers, pins its dataset and opens (or finds, on
+resume) the job's MLflow run (`ssn_platform.lineage`: the run, what a resubmission may change, the lineage tags),
+and runs a `TorchTrainer` whose workers execute `train_loop_per_worker`. Each worker reads the dataset through the
+node-local S3 cache, trains its shard with DDP, and rank 0 alone writes to MLflow: per-epoch metrics, then the test
+metrics, artifacts and the registered model once training is complete.
 
 Failures: checkpoints (model, optimiser, scheduler, sampler, RNG) go to the S3 run directory every
 `checkpoint_every` epochs; a dead worker restarts the group from the last one (`FailureConfig`), and submitting
@@ -12,26 +13,23 @@ the same `run_name` again resumes the same way.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import yaml
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric
 
 from supersimplenet.backbones import get_preset, load_backbone_weights
 from supersimplenet.checkpoint import checkpoint_dict
-from supersimplenet.config import to_dict
 from supersimplenet.loading import DefectDataset
 from supersimplenet.supervision import apply_supervision
 from supersimplenet.model import build_model
@@ -51,6 +49,7 @@ from ssn_platform import evaluation, plots, registry, resume, s3keys
 from ssn_platform.cache import default_cache_dir
 from ssn_platform.datasets import DatasetReader
 from ssn_platform.jobconfig import JobConfig, build_job_config
+from ssn_platform.lineage import open_mlflow_run, pin_dataset
 
 # the shared services, re-exported for the modules that import them from here
 from ssn_platform.services import (  # noqa: F401
@@ -67,8 +66,6 @@ from ssn_platform.services import (  # noqa: F401
 from ssn_platform.storage import S3Settings, download_to, make_client
 
 log = logging.getLogger(__name__)
-
-RUN_TAG = "ssn.run_name"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -148,15 +145,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     root, train_samples, val_samples, test_samples = load_job_data(job)
-    preset = get_preset(job.model.backbone)
-    train_set = DefectDataset(
-        root=root,
-        samples=train_samples,
-        image_size=job.model.image_size,
-        mean=preset.mean,
-        std=preset.std,
-        flips=cfg.resolved_flips,
-    )
+    train_set = _train_set(job, root, train_samples)
     val_set = build_validation_set(job, root, val_samples) if rank == 0 else None
 
     model, provenance = _build_worker_model(job, device)
@@ -166,16 +155,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     start_epoch = _restore_or_measure_scale(model, optimizer, scheduler, sampler, train_set, job, rank, device)
-    if job.scaling.use_gpu and world_size > 1:
-        # Head BatchNorms see the global batch on GPUs; the frozen backbone stays in eval mode either way.
-        for name in ("segmentation_head", "classification_head"):
-            setattr(model, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(getattr(model, name)))
+    _sync_head_batchnorms(model, job, world_size)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
-
-    tracker = _RankZeroTracker(config.get("mlflow_run_id")) if rank == 0 else None
-    if tracker is not None and start_epoch > 0:
-        tracker.set_tags({"ssn.resumed_from_epoch": str(start_epoch), "ssn.resumed": "true"})
-        tracker.log_metrics({"resumed_from_epoch": start_epoch}, step=start_epoch)
+    tracker = _open_tracker(config.get("mlflow_run_id"), start_epoch) if rank == 0 else None
 
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
@@ -191,20 +173,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
         if epoch + 1 == cfg.epochs or (epoch + 1) % job.checkpoint_every == 0:
-            _report_with_checkpoint(
-                metrics,
-                epoch,
-                rank,
-                job,
-                {
-                    "model": lambda: checkpoint_dict(_plain_model(unwrap(ddp_model), job)),
-                    "optimizer": optimizer.state_dict,
-                    "scheduler": scheduler.state_dict,
-                    "sampler": lambda e=epoch: sampler.state_dict() if hasattr(sampler, "state_dict") else {"epoch": e},
-                    "rng": torch.get_rng_state,
-                    "weights_provenance": lambda: provenance,
-                },
-            )
+            state = _checkpoint_state(ddp_model, job, optimizer, scheduler, sampler, epoch, provenance)
+            _report_with_checkpoint(metrics, epoch, rank, job, state)
         else:
             ray.train.report(metrics)
 
@@ -218,6 +188,52 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             tracker=tracker,
             provenance=provenance,
         )
+
+
+def _train_set(job: JobConfig, root: Path, train_samples: list) -> DefectDataset:
+    """The worker's training set: the job's train samples at its image size, normalised for its backbone, flipped
+    as the train section resolves it."""
+    preset = get_preset(job.model.backbone)
+    return DefectDataset(
+        root=root,
+        samples=train_samples,
+        image_size=job.model.image_size,
+        mean=preset.mean,
+        std=preset.std,
+        flips=job.train.resolved_flips,
+    )
+
+
+def _sync_head_batchnorms(model, job: JobConfig, world_size: int) -> None:
+    """Head BatchNorms see the global batch on GPUs (SyncBatchNorm) when there are several workers; the frozen
+    backbone stays in eval mode either way."""
+    if job.scaling.use_gpu and world_size > 1:
+        for name in ("segmentation_head", "classification_head"):
+            setattr(model, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(getattr(model, name)))
+
+
+def _open_tracker(run_id: str | None, start_epoch: int) -> _RankZeroTracker:
+    """Rank 0's MLflow tracker of the job's run; a resumed run is tagged and logs the epoch it resumed from."""
+    tracker = _RankZeroTracker(run_id)
+    if start_epoch > 0:
+        tracker.set_tags({"ssn.resumed_from_epoch": str(start_epoch), "ssn.resumed": "true"})
+        tracker.log_metrics({"resumed_from_epoch": start_epoch}, step=start_epoch)
+    return tracker
+
+
+def _checkpoint_state(
+    ddp_model, job: JobConfig, optimizer, scheduler, sampler, epoch: int, provenance
+) -> dict[str, Any]:
+    """What a checkpoint of `epoch` holds, each value a callable that `_report_with_checkpoint` evaluates on rank 0
+    only: the plain model, optimiser, scheduler, sampler and RNG state, and the backbone weights' provenance."""
+    return {
+        "model": lambda: checkpoint_dict(_plain_model(unwrap(ddp_model), job)),
+        "optimizer": optimizer.state_dict,
+        "scheduler": scheduler.state_dict,
+        "sampler": lambda e=epoch: sampler.state_dict() if hasattr(sampler, "state_dict") else {"epoch": e},
+        "rng": torch.get_rng_state,
+        "weights_provenance": lambda: provenance,
+    }
 
 
 def _build_worker_model(job: JobConfig, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -415,98 +431,6 @@ class TrainingResult:
     resumed: bool
 
 
-# What a resubmitted run_name may change: how it runs (workers, retries, loader processes, what it logs), never
-# what it trains (the data, the weights, the model and train sections, where its checkpoints are).
-RESUBMIT_MAY_CHANGE = (
-    "scaling.",
-    "max_failures",
-    "train.num_workers",
-    "train.eval_every",
-    "register",
-    "overlays",
-    "experiment",
-    "validation",
-    "validate_every",
-    "synthetic_recipe",
-    "checkpoint_every",
-)
-
-
-def _check_resubmission(job: JobConfig, run_name: str, logged: dict[str, str]) -> None:
-    """A run_name submitted again continues its run only with the settings it started with; otherwise a
-    PlatformError names every differing key (the old and the new value)."""
-    differing = [
-        f"{key}: {logged[key]!r} -> {value!r}"
-        for key, value in sorted(job.logged_params().items())
-        if key in logged and logged[key] != value and not key.startswith(RESUBMIT_MAY_CHANGE)
-    ]
-    if differing:
-        raise PlatformError(
-            f"run_name {run_name!r} exists with other settings; resubmitting it continues that run, "
-            "so these must not change (use another run_name for a new run): " + "; ".join(differing)
-        )
-
-
-def _open_mlflow_run(job: JobConfig, run_name: str) -> tuple[str, str]:
-    """The MLflow run of this job: found by its run name tag (resume) or created. Returns (run_id, status)."""
-    client = MlflowClient()
-    experiment = experiment_id(client, job.experiment_name)
-    found = client.search_runs([experiment], filter_string=f"tags.`{RUN_TAG}` = '{run_name}'", max_results=1)
-    if found:
-        _check_resubmission(job, run_name, found[0].data.params)
-        return found[0].info.run_id, found[0].info.status
-    run = client.create_run(experiment, run_name=run_name, tags={RUN_TAG: run_name, "ssn.product": job.product})
-    run_id = run.info.run_id
-    params = job.logged_params()
-    params["run_name"] = run_name
-    client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
-    with tempfile.TemporaryDirectory() as directory:
-        path = Path(directory) / "config.yaml"
-        path.write_text(yaml.safe_dump({**job.to_dict(), "run_name": run_name}, sort_keys=False))
-        client.log_artifact(run_id, str(path))
-    for key, value in lineage_tags(job).items():
-        client.set_tag(run_id, key, value)
-    return run_id, "RUNNING"
-
-
-# Fields of the train section that change one run of a recipe, not the recipe: the seed, the loader's processes and
-# how often the step is evaluated. Two runs with equal fingerprints differ only in these (and in the cluster).
-RECIPE_EXCLUDED_TRAIN_FIELDS = ("seed", "num_workers", "eval_every")
-
-
-def recipe_fingerprint(job: JobConfig, dataset_version: str) -> str:
-    """sha256 (16 hex digits) of what a trained model's quality depends on: the model section, the train section
-    without `RECIPE_EXCLUDED_TRAIN_FIELDS`, the backbone weights and the dataset version. A multi-seed evaluation
-    (`ssn_platform.evaluation.evaluate_seeds`) and a registered version trained from the same recipe carry the same
-    tag ``ssn.recipe``, which is how `ssn_platform.promotion.promote(require_seeds=...)` finds the one for the other.
-    """
-    train = {k: v for k, v in to_dict(job.train).items() if k not in RECIPE_EXCLUDED_TRAIN_FIELDS}
-    recipe = {"model": to_dict(job.model), "train": train, "weights": job.weights, "dataset_version": dataset_version}
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def pin_dataset(job: JobConfig) -> JobConfig:
-    """The job with its dataset resolved once, on the driver, to the manifest of one version: a ``latest`` pointer
-    or product prefix would otherwise be resolved again by every worker at every restart, and a worker that
-    restarts after a new ingest would train on other data than the run records."""
-    reader = DatasetReader(job.dataset)
-    pinned = f"s3://{reader.bucket}/{reader.prefix}/manifest.json"
-    return job if pinned == job.dataset else replace(job, dataset=pinned)
-
-
-def lineage_tags(job: JobConfig) -> dict[str, str]:
-    reader = DatasetReader(job.dataset)
-    return {
-        "ssn.recipe": recipe_fingerprint(job, reader.version),
-        "ssn.dataset.uri": job.dataset,
-        "ssn.dataset.manifest": f"s3://{reader.bucket}/{reader.prefix}/manifest.json",
-        # the version is the content hash of the manifest's records
-        "ssn.dataset.version": reader.version,
-        "ssn.git_sha": git_sha(),
-        "ssn.backbone": job.model.backbone,
-    }
-
-
 def run_training(job: JobConfig, *, address: str | None = None) -> TrainingResult:
     """Runs (or resumes) a training job on the Ray cluster and returns its MLflow run and test metrics."""
     from ssn_platform.trainer import build_trainer  # noqa: PLC0415 (trainer imports Ray at its top)
@@ -514,7 +438,7 @@ def run_training(job: JobConfig, *, address: str | None = None) -> TrainingResul
     check_mlflow()
     job = pin_dataset(job)
     run_name = job.run_name or f"{job.product}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    run_id, status = _open_mlflow_run(job, run_name)
+    run_id, status = open_mlflow_run(job, run_name)
     if status == "FINISHED":
         log.info("run %s already finished (MLflow run %s); nothing to do", run_name, run_id)
         return _result_from_mlflow(run_name, run_id, resumed=True)

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 from mlflow import MlflowClient
 from mlflow.entities import Param
 
-from ssn_platform import training
+from ssn_platform import lineage, training
 from ssn_platform.jobconfig import build_job_config
 from ssn_platform.search_space import apply_params
 from ssn_platform.study import STUDY_TRIAL_KEY
@@ -58,7 +58,7 @@ def trial_driver(config: dict[str, Any], settings: dict[str, Any]) -> None:
     client = MlflowClient()
     tags = {
         "mlflow.parentRunId": settings["parent_run_id"],
-        training.RUN_TAG: run_name,
+        lineage.RUN_TAG: run_name,
         "ssn.product": job.product,
         "ssn.backbone": job.model.backbone,
         "ssn.tune.study": settings["study_name"],

@@ -68,7 +68,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Param
 
 from supersimplenet.config import ConfigError
-from ssn_platform import training
+from ssn_platform import lineage, training
 from ssn_platform.datasets import DatasetReader
 from ssn_platform.jobconfig import JobConfig
 from ssn_platform.services import PlatformError, experiment_id
@@ -245,7 +245,7 @@ def run_search(
         baseline=baseline,
     )
     training.check_mlflow()
-    session.job = training.pin_dataset(session.job)  # `latest` resolved once here: every trial trains the same data
+    session.job = lineage.pin_dataset(session.job)  # `latest` resolved once here: every trial trains the same data
     session.validation = resolve_validation(session.job)
     session.metric = resolve_metric(session.metric, session.validation)
     training.connect_ray(address)
@@ -355,7 +355,7 @@ def _start_parent_run(client, session: _Session, study) -> None:
         session.experiment_id,
         run_name=search_name,
         tags={
-            training.RUN_TAG: search_name,
+            lineage.RUN_TAG: search_name,
             "ssn.product": job.product,
             "ssn.backbone": backbone_label(job, search_space),
             "ssn.tune.study": session.study_name,
@@ -374,7 +374,7 @@ def _start_parent_run(client, session: _Session, study) -> None:
 
 def _log_parent_params(client, session: _Session) -> None:
     """The parent run's lineage tags and params: the base job's, and the search's own (``tune.*``)."""
-    for key, value in training.lineage_tags(session.job).items():
+    for key, value in lineage.lineage_tags(session.job).items():
         client.set_tag(session.parent_id, key, value)
     logged = session.job.logged_params()
     logged.update(

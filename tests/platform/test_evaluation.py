@@ -21,17 +21,15 @@ import pytest
 
 from supersimplenet.samples import Sample
 from supersimplenet.metrics import compute_metrics
-from ssn_platform.evaluation import (
+from ssn_platform.evaluation import parse_model_uri, require_test_split, train_seeds
+from ssn_platform.evaluation_metrics import (
     aggregate,
     check_seeds,
     markdown,
-    parse_model_uri,
     per_class_metrics,
-    require_test_split,
     score_histogram,
     summarize,
     sum_histograms,
-    train_seeds,
 )
 from ssn_platform.services import PlatformError
 
@@ -443,7 +441,7 @@ def test_seed_runs_nest_under_a_parent_with_their_mean_and_std_and_a_version_rep
 
 def test_a_recipe_fingerprint_ignores_the_seed_and_the_loader_but_not_the_settings_or_the_data():
     from ssn_platform.jobconfig import load_job_config
-    from ssn_platform.training import recipe_fingerprint
+    from ssn_platform.lineage import recipe_fingerprint
 
     base = recipe_fingerprint(load_job_config(CONFIG, []), "v1")
     assert recipe_fingerprint(load_job_config(CONFIG, ["train.seed=7", "train.num_workers=2"]), "v1") == base
