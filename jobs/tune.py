@@ -89,7 +89,8 @@ def _summary(result) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """The command's arguments (parsed before anything heavy is imported)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML job config (jobs/configs/*.yaml)")
     parser.add_argument("--trials", type=int, default=8, help="trials to add to the study in this run (default 8)")
@@ -145,14 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default=None, help="Ray cluster address (default: SSN_RAY_ADDRESS or auto)")
     parser.add_argument("--smoke-test", action="store_true", help="tiny search on a generated dataset")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the base job")
-    args = parser.parse_args(argv)
+    return parser
 
-    from supersimplenet.config import ConfigError
-    from ssn_platform.jobconfig import load_job_config
-    from ssn_platform.services import PlatformError
-    from ssn_platform.search_space import SearchSpace
-    from ssn_platform.tuning import run_search
 
+def _base_job_inputs(args: argparse.Namespace, argv: list[str] | None) -> tuple[str | None, list[str], int, str | None]:
+    """(config, overrides, trials, study) of the base job: the command's own, or with --smoke-test a generated
+    dataset ingested with a val split, the smoke config's small overrides, 2 trials (unless --trials is given) and a
+    study named after the dataset version."""
     overrides = list(args.overrides)
     config = args.config
     trials = args.trials
@@ -164,27 +164,47 @@ def main(argv: list[str] | None = None) -> int:
         overrides = [*SMOKE_OVERRIDES, f"dataset={uri}", *overrides]
         trials = 2 if "--trials" not in (argv if argv is not None else sys.argv[1:]) else trials
         study = study or f"ssn-smoke-{uri.rstrip('/').split('/')[-2]}"
+    return config, overrides, trials, study
+
+
+def _search(args: argparse.Namespace, config: str, overrides: list[str], *, trials: int, study: str | None):
+    """Loads the base job and the space and runs the search (`ssn_platform.tuning.run_search`)."""
+    from ssn_platform.jobconfig import load_job_config
+    from ssn_platform.search_space import SearchSpace
+    from ssn_platform.tuning import run_search
+
+    job = load_job_config(config, overrides)
+    space = SearchSpace.load(args.space)
+    return run_search(
+        job,
+        space=space,
+        num_trials=trials,
+        max_concurrent=args.max_concurrent,
+        study_name=study,
+        storage=args.storage,
+        metric=args.metric,
+        grace_period=args.grace_period,
+        reduction_factor=args.reduction_factor,
+        retrain=args.retrain,
+        baseline=args.baseline,
+        min_margin=args.min_margin,
+        time_budget_s=args.time_budget * 60 if args.time_budget else None,
+        address=args.address,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+
+    from supersimplenet.config import ConfigError
+    from ssn_platform.services import PlatformError
+
+    config, overrides, trials, study = _base_job_inputs(args, argv)
     if config is None:
         parser.error("--config is required (or --smoke-test)")
     try:
-        job = load_job_config(config, overrides)
-        space = SearchSpace.load(args.space)
-        result = run_search(
-            job,
-            space=space,
-            num_trials=trials,
-            max_concurrent=args.max_concurrent,
-            study_name=study,
-            storage=args.storage,
-            metric=args.metric,
-            grace_period=args.grace_period,
-            reduction_factor=args.reduction_factor,
-            retrain=args.retrain,
-            baseline=args.baseline,
-            min_margin=args.min_margin,
-            time_budget_s=args.time_budget * 60 if args.time_budget else None,
-            address=args.address,
-        )
+        result = _search(args, config, overrides, trials=trials, study=study)
     except (ConfigError, PlatformError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -53,7 +53,6 @@ LONG_MODULES: dict[str, int] = {
     "platform/ssn_platform/promotion.py": 511,
     "platform/ssn_platform/scoring.py": 522,
     "platform/ssn_platform/serving/app.py": 571,
-    "platform/ssn_platform/tuning.py": 599,
 }
 
 
@@ -78,7 +77,6 @@ MAX_FUNCTION_LINES = 80
 LONG_FUNCTIONS: dict[str, int] = {
     # grown past the limit by `ruff format` (issue 18 item 5): split next
     "platform/ssn_platform/report.py:write_report": 96,
-    "jobs/tune.py:main": 102,
 }
 
 

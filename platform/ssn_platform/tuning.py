@@ -45,6 +45,10 @@ What one search does (`run_search`):
   `trials.csv`. `retrain=True` trains the best configuration with the full schedule through
   `training.run_training` and registers it like any train job.
 
+What a session settles before any trial runs (the arguments and the space checked against the job, the objective,
+the concurrency, the study and whether it runs the baseline) is ssn_platform.search_session; `OBJECTIVES`,
+`default_grace_period` and the other names in `__all__` are importable from here as well.
+
 Ray is imported inside the functions that use it: Ray reads its settings (auth mode) when first imported, and
 importing this module must not do that.
 """
@@ -53,10 +57,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import tempfile
 import time
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,20 +71,27 @@ from mlflow.entities import Param
 
 from supersimplenet.config import ConfigError
 from ssn_platform import lineage, training
-from ssn_platform.datasets import DatasetReader
 from ssn_platform.jobconfig import JobConfig
-from ssn_platform.services import PlatformError, experiment_id
-from ssn_platform.search_space import SearchSpace, _value_of, apply_params
+from ssn_platform.services import experiment_id
+from ssn_platform.search_session import (
+    AUTO_METRIC,
+    OBJECTIVES,
+    SearchSession,
+    default_grace_period,
+    open_study,
+    plan_session,
+    resolve_metric,
+    resolve_validation,
+    trials_per_cluster,
+)
+from ssn_platform.search_space import SearchSpace, apply_params
 from ssn_platform.study import (
     SearchLease,
     TrialSummary,
     _best_trial,
     _make_searcher_class,
-    _prepare_study,
     _summaries,
     backbone_label,
-    default_storage_url,
-    default_study_name,
     open_storage,
     redact_url,
     seed_asha_rungs,
@@ -90,7 +99,7 @@ from ssn_platform.study import (
     write_trials_csv,
 )
 from ssn_platform.trial import _close_child_runs, trial_driver
-from ssn_platform.tuned import DEFAULT_MIN_MARGIN, Decision, baseline_protecting_asha, find_baseline, judge
+from ssn_platform.tuned import DEFAULT_MIN_MARGIN, Decision, baseline_protecting_asha, judge
 from ssn_platform.tuned_settings import tuned_settings_document, write_tuned_settings
 
 log = logging.getLogger(__name__)
@@ -98,22 +107,6 @@ log = logging.getLogger(__name__)
 STARTUP_TRIALS = 6  # TPE's random start-up trials, counted over the whole study
 TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 1024**2}  # the trial function only launches and waits
 SETTINGS_ARTIFACT = "tuned_settings.yaml"
-AUTO_METRIC = "auto"
-# The objective of an ``auto`` search per validation mode (module docstring; measured by bench/bench_objective.py).
-OBJECTIVES = {"split": "val_image_auroc", "synthetic": "val_image_auroc_combined"}
-
-
-def default_grace_period(epochs: int) -> int:
-    """ASHA's first rung: a quarter of the trial's epochs (at least 1). Measured (QUALITY.md, "Does a short trial
-    rank settings like the full run?"): the combined synthetic objective after a quarter of the epochs ranked the
-    full runs' test AUROC at 0.84 (weld, 4 of 15) and 0.76 (MPDD, 2 of 8); earlier rungs were not measured, and the
-    map score's objective after 2 of 8 MPDD epochs ranked them backwards (-0.33)."""
-    return max(1, epochs // 4)
-
-
-def resolve_metric(metric: str, validation: str) -> str:
-    """The metric a search optimises: `metric` itself, or for ``auto`` the objective of the validation mode."""
-    return OBJECTIVES[validation] if metric == AUTO_METRIC else metric
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -143,68 +136,6 @@ class SearchResult:
     tuned_params: dict[str, Any] = field(default_factory=dict)  # the searched keys' values written (best or baseline)
 
 
-def resolve_validation(job: JobConfig) -> str:
-    """The job's own validation mode, or ("none") "split" when the val split holds both classes, else
-    "synthetic" when it holds at least two normal images."""
-    if job.validation != "none":
-        return job.validation
-    val = [s for s in DatasetReader(job.dataset).samples if s.split == "val"]
-    labels = {s.label for s in val}
-    if labels == {0, 1}:
-        return "split"
-    if sum(s.label == 0 for s in val) >= 2:
-        return "synthetic"
-    raise PlatformError(
-        f"{job.dataset}: the search needs a val split that never overlaps test (normal images at least, for "
-        "synthetic defects); ingest with --split-file (e.g. jobs/splits/<product>.txt)"
-    )
-
-
-def trials_per_cluster(job: JobConfig, num_trials: int) -> int:
-    """How many trials the cluster's resources run at once: CPUs (or GPUs) / what one trial's workers need."""
-    import ray  # noqa: PLC0415 (Ray reads its settings on first import)
-
-    resources = ray.cluster_resources()
-    if job.scaling.use_gpu:
-        fit = int(resources.get("GPU", 0) // job.scaling.num_workers)
-    else:
-        fit = int(resources.get("CPU", 0) // (job.scaling.num_workers * job.scaling.cpus_per_worker))
-    return max(1, min(num_trials, fit))
-
-
-def _mode_for(metric: str) -> str:
-    return "min" if "loss" in metric else "max"
-
-
-@dataclass
-class _Session:
-    """One search session: the job and space, and what `run_search` settles before any trial runs (its steps share
-    it). `existing` counts the study's trials before this session."""
-
-    job: JobConfig
-    space: SearchSpace
-    metric: str
-    mode: str
-    num_trials: int
-    grace_period: int
-    reduction_factor: int
-    min_margin: float
-    study_name: str
-    storage_url: str
-    baseline_point: dict[str, Any]
-    validation: str = ""
-    concurrency: int = 0
-    existing: int = 0
-    run_baseline: bool = False
-    search_name: str = ""
-    experiment_id: str = ""
-    parent_id: str = ""
-
-    @property
-    def epochs(self) -> int:
-        return self.job.train.epochs
-
-
 def run_search(
     job: JobConfig,
     *,
@@ -231,7 +162,7 @@ def run_search(
     after the baseline trial (`baseline`; ssn_platform.tuned has it and the `min_margin` rule).
     """
     started = time.perf_counter()
-    session = _plan_session(
+    session = plan_session(
         job,
         space,
         num_trials=num_trials,
@@ -250,7 +181,7 @@ def run_search(
     session.metric = resolve_metric(session.metric, session.validation)
     training.connect_ray(address)
     session.concurrency = max_concurrent or trials_per_cluster(job, num_trials)
-    study = _open_study(session, baseline=baseline)
+    study = open_study(session, baseline=baseline)
     client = MlflowClient()
     with SearchLease(study, session.search_name):  # another search on this study leaves our trials alone
         _start_parent_run(client, session, study)
@@ -269,85 +200,7 @@ def run_search(
     return result
 
 
-def _plan_session(
-    job: JobConfig,
-    space: Mapping[str, Any] | SearchSpace | str | Path,
-    *,
-    num_trials: int,
-    study_name: str | None,
-    storage: str | None,
-    metric: str,
-    mode: str | None,
-    grace_period: int | None,
-    reduction_factor: int,
-    min_margin: float,
-    baseline: bool,
-) -> _Session:
-    """Checks the arguments, and the space against the job, before anything starts."""
-    if num_trials < 1:
-        raise ConfigError(f"num_trials must be >= 1, got {num_trials}")
-    if grace_period is None:
-        grace_period = default_grace_period(job.train.epochs)
-    if grace_period < 1:
-        raise ConfigError(f"grace_period must be >= 1, got {grace_period}")
-    if reduction_factor < 2:
-        raise ConfigError(f"reduction_factor must be >= 2, got {reduction_factor}")
-    if not (min_margin >= 0 and math.isfinite(min_margin)):
-        raise ConfigError(f"min_margin must be a number >= 0, got {min_margin}")
-    search_space = SearchSpace.load(space)
-    mode = mode or _mode_for(metric)
-    epochs = job.train.epochs
-    grace_period = min(grace_period, epochs)
-    for p in search_space.params:  # every key exists and every corner of the space is a valid job
-        _value_of(job, p.key)
-        for value in p.corners():
-            apply_params(job, {p.key: value}, search_space.fixed)
-    baseline_point = {key: _value_of(job, key) for key in search_space.keys}
-    if baseline and any(_value_of(job, k) != v for k, v in search_space.fixed.items()):
-        log.warning(
-            "the baseline trial applies the space's fixed %s, which differ from the job's own values",
-            dict(search_space.fixed),
-        )
-    return _Session(
-        job=job,
-        space=search_space,
-        metric=metric,
-        mode=mode,
-        num_trials=num_trials,
-        grace_period=grace_period,
-        reduction_factor=reduction_factor,
-        min_margin=min_margin,
-        study_name=study_name or default_study_name(job, search_space),
-        storage_url=storage or default_storage_url(),
-        baseline_point=baseline_point,
-    )
-
-
-def _open_study(session: _Session, *, baseline: bool):
-    """Creates or loads the study, decides whether this session runs the baseline trial, and names the session."""
-    job, search_space = session.job, session.space
-    _, study = _prepare_study(
-        session.storage_url,
-        session.study_name,
-        job,
-        metric=session.metric,
-        mode=session.mode,
-        backbone=backbone_label(job, search_space),
-    )
-    session.existing = len(study.trials)
-    session.run_baseline = (
-        baseline
-        and find_baseline(
-            study.get_trials(deepcopy=False), session.baseline_point, max_t=session.epochs, complete_only=True
-        )
-        is None
-    )
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    session.search_name = f"tune-{job.product}-{stamp}-{uuid.uuid4().hex[:6]}"
-    return study
-
-
-def _start_parent_run(client, session: _Session, study) -> None:
+def _start_parent_run(client, session: SearchSession, study) -> None:
     """The session's MLflow parent run (every trial is a child run of it), recorded in the study's sessions."""
     job, search_space, search_name = session.job, session.space, session.search_name
     session.experiment_id = experiment_id(client, job.experiment_name)
@@ -372,7 +225,7 @@ def _start_parent_run(client, session: _Session, study) -> None:
     study.set_user_attr("ssn.sessions", [*sessions, session.parent_id])
 
 
-def _log_parent_params(client, session: _Session) -> None:
+def _log_parent_params(client, session: SearchSession) -> None:
     """The parent run's lineage tags and params: the base job's, and the search's own (``tune.*``)."""
     for key, value in lineage.lineage_tags(session.job).items():
         client.set_tag(session.parent_id, key, value)
@@ -394,7 +247,12 @@ def _log_parent_params(client, session: _Session) -> None:
 
 
 def _run_trials(
-    client, session: _Session, study, *, initial_points: Sequence[Mapping[str, Any]] | None, time_budget_s: float | None
+    client,
+    session: SearchSession,
+    study,
+    *,
+    initial_points: Sequence[Mapping[str, Any]] | None,
+    time_budget_s: float | None,
 ):
     """Runs the session's trials on Ray Tune: the seeded TPE searcher over the study, ASHA (its rungs seeded with the
     study's record), one `trial_driver` per trial. Returns Tune's result grid."""
@@ -466,7 +324,7 @@ def _run_trials(
     return tuner.fit()
 
 
-def _collect_trials(client, session: _Session, grid) -> tuple[Any, list[TrialSummary]]:
+def _collect_trials(client, session: SearchSession, grid) -> tuple[Any, list[TrialSummary]]:
     """Ends the child runs Tune stopped and reads the whole study back: (study, summaries of all its trials).
     Fails when no trial of this session finished."""
     tune_results = {}
@@ -485,7 +343,9 @@ def _collect_trials(client, session: _Session, grid) -> tuple[Any, list[TrialSum
     return study, summaries
 
 
-def _record_outcome(client, session: _Session, study, summaries: list[TrialSummary], *, baseline: bool) -> SearchResult:
+def _record_outcome(
+    client, session: SearchSession, study, summaries: list[TrialSummary], *, baseline: bool
+) -> SearchResult:
     """Judges the best trial against the baseline, writes the tuned settings (S3 and the parent run's artifacts)
     and tags the parent run. Returns the search's result (wall time and retraining still to fill in)."""
     job, search_space, metric, mode = session.job, session.space, session.metric, session.mode
@@ -559,7 +419,7 @@ def _record_outcome(client, session: _Session, study, summaries: list[TrialSumma
     )
 
 
-def _retrain_best(client, session: _Session, params: Mapping[str, Any], *, address: str | None):
+def _retrain_best(client, session: SearchSession, params: Mapping[str, Any], *, address: str | None):
     """Trains the chosen settings with the full schedule through `training.run_training`, registered like any train
     job; the parent run is tagged with its run and model version."""
     best_job = apply_params(

@@ -780,12 +780,12 @@ def test_validation_on_synthetic_defects_reports_the_auto_objective(weld_root):
 
 
 def test_asha_lets_a_trial_run_a_quarter_of_its_epochs_before_it_can_be_stopped():
-    from ssn_platform.tuning import _plan_session, default_grace_period
+    from ssn_platform.search_session import default_grace_period, plan_session
 
     assert [default_grace_period(e) for e in (1, 3, 4, 8, 15, 30)] == [1, 1, 1, 2, 3, 7]
     job = _base_job(**{"train.epochs": 8})
     assert (
-        _plan_session(
+        plan_session(
             job,
             SPACE,
             num_trials=2,
@@ -801,7 +801,7 @@ def test_asha_lets_a_trial_run_a_quarter_of_its_epochs_before_it_can_be_stopped(
         == 2
     )
     assert (
-        _plan_session(
+        plan_session(
             job,
             SPACE,
             num_trials=2,
