@@ -10,7 +10,7 @@ import re
 PRODUCT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 # Registry aliases of `ssn-<product>`: the served version, the one before it (rollback), and the transient alias of
-# a champion being demoted while aliases move (`ssn_platform.promotion`).
+# a champion being demoted while aliases move (`ssn_platform.aliases`).
 CHAMPION = "champion"
 PREVIOUS = "previous"
 DEMOTING = "demoting"

@@ -16,7 +16,8 @@
 3. Promoted when ``candidate >= champion - margin`` and ``candidate >= floor`` on the product's primary metric
    (``metric`` argument, else the registered model's tag ``primary_metric``, else ``image_auroc``; all metrics
    are higher-is-better). ``champion`` moves in one registry call (`set_registered_model_alias`), so a reader
-   never sees a product without a champion, and the old champion becomes ``previous`` (`_move_champion`).
+   never sees a product without a champion, and the old champion becomes ``previous``
+   (`ssn_platform.aliases.move_champion`).
 4. Every decision (promoted or refused, with both metric sets and the reason) is recorded as an MLflow run in
    experiment ``ssn-<product>-promotions`` (params, ``candidate_*``/``champion_*`` metrics, ``decision.json``)
    and as ``promotion_*`` tags on the candidate version.
@@ -24,13 +25,9 @@
 `rollback(product)`: ``champion`` <- ``previous`` and ``previous`` <- the demoted version; refused without a
 ``previous`` alias. Also recorded in the promotions experiment.
 
-Crash safety: moving two aliases takes several registry calls, and a process can die between any two. The demoted
-champion is first written to a transient alias ``demoting``; then ``champion`` moves, then ``previous``, then
-``demoting`` goes. The next promote or rollback of the product (or `repair_aliases`) finds a leftover ``demoting``
-and finishes the move: ``previous`` <- ``demoting`` when ``champion`` has moved off it, then ``demoting`` is
-deleted. So after a crash at any point the aliases are either as before or as after the move, never with
-``champion`` == ``previous`` and the demoted version forgotten (tests/platform/test_promotion.py kills the process
-after each write).
+Crash safety: the aliases move through a transient alias ``demoting``, and the next promote or rollback of the
+product first finishes a move that a crash interrupted (`ssn_platform.aliases`), so after a crash the aliases are
+either as before or as after the move.
 
 Two promotions of one product must not run at the same time (the registry has no compare-and-set on aliases).
 """
@@ -56,8 +53,9 @@ from supersimplenet.backbones import get_preset
 from supersimplenet.loading import DefectDataset
 from supersimplenet.metrics import compute_metrics
 from supersimplenet.train import eval_loader, predict
+from ssn_platform.aliases import move_champion, read_aliases, repair_aliases
 from ssn_platform.datasets import DatasetReader
-from ssn_platform.names import CHAMPION, DEMOTING, PREVIOUS, promotions_experiment
+from ssn_platform.names import CHAMPION, PREVIOUS, promotions_experiment
 from ssn_platform.registry import load_model, registered_model_name
 from ssn_platform.services import check_mlflow, experiment_id
 from ssn_platform.thresholds import rates_at, threshold_from_tags
@@ -116,36 +114,6 @@ def _now() -> str:
 
 def _client():
     return MlflowClient()
-
-
-def _aliases(client, name: str) -> dict[str, str]:
-    return {k: str(v) for k, v in (client.get_registered_model(name).aliases or {}).items()}
-
-
-def repair_aliases(client, name: str) -> str | None:
-    """Finishes an alias move a crash interrupted (a leftover ``demoting`` alias); returns what it did, or None."""
-    aliases = _aliases(client, name)
-    demoting = aliases.get(DEMOTING)
-    if demoting is None:
-        return None
-    done = "nothing had moved"
-    if aliases.get(CHAMPION) != demoting:
-        client.set_registered_model_alias(name, PREVIOUS, demoting)
-        done = f"champion v{aliases.get(CHAMPION)}, previous v{demoting}"
-    client.delete_registered_model_alias(name, DEMOTING)
-    log.warning("%s: finished an interrupted alias move (%s)", name, done)
-    return done
-
-
-def _move_champion(client, name: str, new: str, old: str | None) -> None:
-    """``champion`` <- `new`, ``previous`` <- `old` (when there was a champion), crash-safe through ``demoting``."""
-    if old is None:
-        client.set_registered_model_alias(name, CHAMPION, new)
-        return
-    client.set_registered_model_alias(name, DEMOTING, old)
-    client.set_registered_model_alias(name, CHAMPION, new)  # the one call that switches serving
-    client.set_registered_model_alias(name, PREVIOUS, old)
-    client.delete_registered_model_alias(name, DEMOTING)
 
 
 def primary_metric(product: str, metric: str | None = None) -> str:
@@ -350,7 +318,7 @@ def promote(
         raise PromotionError(f"{name} version {version} does not exist: {error.message}") from None
     metric = primary_metric(product, metric)
     repair_aliases(client, name)
-    champion = _aliases(client, name).get(CHAMPION)
+    champion = read_aliases(client, name).get(CHAMPION)
     decision = Decision(
         product=product,
         registered_model=name,
@@ -371,12 +339,12 @@ def promote(
     _evaluate_candidate_and_champion(client, decision, candidate, data_uri=data_uri, batch_size=batch_size)
     _judge(decision)
     if decision.promoted:
-        current = _aliases(client, name).get(CHAMPION)
+        current = read_aliases(client, name).get(CHAMPION)
         if current != champion:
             decision.promoted = False
             decision.reason = f"the champion moved from v{champion} to v{current} during the evaluation; promote again"
         else:
-            _move_champion(client, name, version, champion)
+            move_champion(client, name, version, champion)
     return _finish(client, decision)
 
 
@@ -476,7 +444,7 @@ def rollback(product: str) -> Rollback:
     name = registered_model_name(product)
     try:
         repair_aliases(client, name)
-        aliases = _aliases(client, name)
+        aliases = read_aliases(client, name)
     except MlflowException as error:
         raise PromotionError(f"{name} does not exist: {error.message}") from None
     champion, previous = aliases.get(CHAMPION), aliases.get(PREVIOUS)
@@ -485,7 +453,7 @@ def rollback(product: str) -> Rollback:
     if previous == champion:
         raise PromotionError(f"{name}: '{PREVIOUS}' is the champion (v{champion}) already: nothing to roll back to")
     if champion is not None:
-        _move_champion(client, name, previous, champion)
+        move_champion(client, name, previous, champion)
     else:
         client.set_registered_model_alias(name, CHAMPION, previous)
         client.delete_registered_model_alias(name, PREVIOUS)

@@ -228,7 +228,8 @@ CRASH_AFTER_WRITES = """
 def test_a_rollback_killed_between_alias_writes_is_finished_by_the_next_call(setup, crash_after):
     from mlflow import MlflowClient
 
-    from ssn_platform.promotion import repair_aliases, rollback
+    from ssn_platform.aliases import repair_aliases
+    from ssn_platform.promotion import rollback
 
     product, name, versions = setup["product"], setup["name"], setup["versions"]
     client = MlflowClient()
