@@ -11,11 +11,12 @@ Steps (`score_images_job`):
 3. **Resume.** The images already in the table's ``status=ok`` partition for this version are skipped: a rerun after
    a crash, or after new images arrived, scores only what is missing. Images that failed before are tried again.
 4. **Score** (one streaming Ray Data pipeline): ``read_binary_files`` (pyarrow's S3 filesystem without keys: the
-   credentials come from each node's environment) -> ``map_batches`` with an actor pool, each actor loading the
-   version once with the Serve replica's loader (`ssn_platform.serving.versions.load_version`), decoding with its
-   decoder and scoring through `supersimplenet.inference.predict_images`, so a batch score equals the endpoint's ->
-   ``write_parquet`` partitioned by ``status`` (``ok`` or ``error``: a bad image becomes a row of the errors
-   partition with its reason and never stops the job). Masks (``masks=True``) are written by the actors as PNGs.
+   credentials come from each node's environment) -> ``map_batches`` with an actor pool (`ssn_platform.scoring_actor`),
+   each actor loading the version once with the Serve replica's loader (`ssn_platform.serving.versions.load_version`),
+   decoding with its decoder and scoring through `supersimplenet.inference.predict_images`, so a batch score equals
+   the endpoint's -> ``write_parquet`` partitioned by ``status`` (``ok`` or ``error``: a bad image becomes a row of
+   the errors partition with its reason and never stops the job). Masks (``masks=True``) are written by the actors
+   as PNGs.
 5. **Summarise**: counts, anomalous rate and throughput, logged as an MLflow run of experiment
    ``ssn-<product>-scoring`` (params: input, version, output; tags ``ssn.score.*``).
 
@@ -34,51 +35,25 @@ with another ``resolution`` skips what the version scored, so give it another ``
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import io
 import time
 import uuid
-from pathlib import PurePosixPath
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.compute as pc
 from pyarrow import fs
 
-from supersimplenet.visualize import mask_png
 from ssn_platform.datasets import DatasetReader
 from ssn_platform.manifest import OBJECTS_DIR
 from ssn_platform.names import CHAMPION, PRODUCT_RE, registered_model_name
 from ssn_platform.regions import RESOLUTIONS
+from ssn_platform.scoring_actor import COLUMNS, Scorer
 from ssn_platform.s3keys import format_s3_uri, join_key, parse_s3_uri
 from ssn_platform.services import PlatformError, check_mlflow, connect_ray, experiment_id, storage_filesystem
-from ssn_platform.storage import make_client, put_bytes
+from ssn_platform.storage import make_client
 from ssn_platform.thresholds import threshold_from_tags
 
 READ_BLOCK = 64  # images per read task: one Ray task per image would cost more than reading it
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-
-# The table's columns (besides the partition column `status`); `error` is null on status=ok rows, the score columns
-# are null on status=error rows.
-COLUMNS = (
-    "image",
-    "relative_path",
-    "score",
-    "is_anomalous",
-    "threshold",
-    "defect_area_percent",
-    "regions",
-    "regions_total",
-    "image_width",
-    "image_height",
-    "map_resolution",
-    "mask",
-    "registered_model",
-    "model_version",
-    "error",
-    "run",
-    "scored_at",
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,150 +208,6 @@ def already_scored(filesystem: Any, table_path: str) -> set[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Actor side: one loaded version per actor, a batch of raw bytes in, table rows out
-# ---------------------------------------------------------------------------------------------------------
-class _Scorer:
-    """A Ray Data actor: loads the pinned version once (the Serve replica's loader) and scores batches of images."""
-
-    def __init__(
-        self,
-        product: str,
-        name: str,
-        version: str,
-        tags: dict[str, str],
-        *,
-        device: str,
-        precision: str,
-        threads: int,
-        masks_prefix: tuple[str, str] | None,
-        run: str,
-        root: str,
-        resolution: str = "model",
-    ) -> None:
-        import torch  # noqa: PLC0415 (torch: kept off the Serve app's import)
-
-        # import cycle: the ssn_platform.serving package imports the app, which imports this module (through drift)
-        from ssn_platform.serving.settings import ServeSettings  # noqa: PLC0415 (import cycle, see above)
-        from ssn_platform.serving.versions import load_version  # noqa: PLC0415 (import cycle, see above; torch)
-
-        torch.set_num_threads(max(1, threads))
-        self.loaded = load_version(product, name, version, tags, device=device, precision=precision)
-        defaults = ServeSettings()
-        self.limits = {"max_pixels": defaults.max_pixels, "max_side": defaults.max_side}
-        self.masks_prefix = masks_prefix
-        self.run = run
-        self.root = root  # the input's URI prefix: what an image's path is relative to
-        self.resolution = resolution
-        self._client = None
-
-    def _put_mask(self, relative_path: str, mask) -> str:
-        bucket, prefix = self.masks_prefix
-        if self._client is None:
-            self._client = make_client()
-        buffer = io.BytesIO()
-        mask_png(mask).save(buffer, format="PNG")
-        key = join_key(prefix, str(PurePosixPath(relative_path).with_suffix(".png")))
-        put_bytes(self._client, bucket, key, buffer.getvalue(), content_type="image/png")
-        return format_s3_uri(bucket, key)
-
-    def __call__(self, batch: dict[str, Any]) -> Any:
-        # import cycle: the ssn_platform.serving package imports the app, which imports this module (through drift)
-        from ssn_platform.serving.requests import ApiError, decode_image  # noqa: PLC0415 (import cycle, see above)
-        from ssn_platform.serving.versions import decision, run_items  # noqa: PLC0415 (import cycle, see above)
-
-        loaded = self.loaded
-        images = [f"s3://{path}" for path in batch["path"]]
-        arrays: dict[int, Any] = {}
-        sizes: dict[int, tuple[int, int]] = {}
-        errors: dict[int, str] = {}
-        for index, data in enumerate(batch["bytes"]):
-            try:
-                arrays[index], sizes[index] = decode_image(bytes(data), **self.limits)
-            except ApiError as error:
-                errors[index] = f"{error.code}: {error.message}"
-        order = sorted(arrays)
-        results = dict(zip(order, run_items([(loaded, arrays.pop(i)) for i in order]))) if order else {}
-        rows: dict[str, list[Any]] = {column: [] for column in (*COLUMNS, "status")}
-        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        for index, image in enumerate(images):
-            relative_path = image[len(self.root) :] if image.startswith(self.root) else image.rsplit("/", 1)[-1]
-            row: dict[str, Any] = dict.fromkeys(COLUMNS)
-            row.update(
-                image=image,
-                relative_path=relative_path,
-                registered_model=loaded.registered_model,
-                model_version=loaded.version,
-                run=self.run,
-                scored_at=now,
-            )
-            result = results.get(index)
-            if isinstance(result, BaseException):
-                errors[index] = f"inference_failed: {type(result).__name__}: {result}"
-            if index in errors:
-                row.update(error=errors[index][:1000], status="error")
-            else:
-                score, anomaly_map = result
-                width, height = sizes[index]
-                fields = decision(loaded, score, anomaly_map, width=width, height=height, resolution=self.resolution)
-                row.update(
-                    score=score,
-                    is_anomalous=fields["is_anomalous"],
-                    threshold=loaded.threshold,
-                    defect_area_percent=fields["defect_area_percent"],
-                    regions=fields["regions"],
-                    regions_total=fields["regions_total"],
-                    image_width=width,
-                    image_height=height,
-                    map_resolution=self.resolution,
-                    status="ok",
-                    mask=self._put_mask(relative_path, fields["mask"]) if self.masks_prefix else None,
-                )
-            for column in rows:
-                rows[column].append(row[column])
-        return pa.table(rows, schema=TABLE_SCHEMA)
-
-
-def _table_schema():
-    region = pa.struct(
-        [
-            ("x0", pa.int32()),
-            ("y0", pa.int32()),
-            ("x1", pa.int32()),
-            ("y1", pa.int32()),
-            ("area_pixels", pa.float64()),
-            ("area_percent", pa.float64()),
-            ("max_score", pa.float64()),
-            ("mean_score", pa.float64()),
-        ]
-    )
-    return pa.schema(
-        [
-            ("image", pa.string()),
-            ("relative_path", pa.string()),
-            ("score", pa.float64()),
-            ("is_anomalous", pa.bool_()),
-            ("threshold", pa.float64()),
-            ("defect_area_percent", pa.float64()),
-            ("regions", pa.list_(region)),
-            ("regions_total", pa.int32()),
-            ("image_width", pa.int32()),
-            ("image_height", pa.int32()),
-            ("map_resolution", pa.string()),
-            ("mask", pa.string()),
-            ("registered_model", pa.string()),
-            ("model_version", pa.string()),
-            ("error", pa.string()),
-            ("run", pa.string()),
-            ("scored_at", pa.string()),
-            ("status", pa.string()),
-        ]
-    )
-
-
-TABLE_SCHEMA = _table_schema()
-
-
-# ---------------------------------------------------------------------------------------------------------
 # The job
 # ---------------------------------------------------------------------------------------------------------
 def score_images_job(settings: ScoreSettings, *, address: str | None = None, progress: bool = True) -> ScoreSummary:
@@ -409,7 +240,7 @@ def score_images_job(settings: ScoreSettings, *, address: str | None = None, pro
         )
         device = "cuda" if settings.gpus_per_actor > 0 else "cpu"
         scored = dataset.map_batches(
-            _Scorer,
+            Scorer,
             batch_size=settings.batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=settings.actors),
