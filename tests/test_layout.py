@@ -50,7 +50,6 @@ MAX_MODULE_LINES = 500
 # came in: they may shrink, never grow. Split one before it grows, then delete its line here.
 LONG_MODULES: dict[str, int] = {
     # grown past the limit by `ruff format` (issue 18 item 5): split next
-    "platform/ssn_platform/serving/app.py": 571,
 }
 
 

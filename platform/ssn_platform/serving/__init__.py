@@ -13,9 +13,10 @@ Endpoints (OpenAPI at ``/openapi.json``, docs at ``/docs``):
   champion that answers without it).
 
 Modules: `requests` (request and answer schemas, errors, reading and decoding the image), `versions` (the
-registered versions a replica serves: champion lookup, loading, batched scoring), `app` (the replica class and its
-routes), `deployment` (`build_app`, `deploy`, `wait_ready`), `settings` (`ServeSettings`, the application's options),
-`metrics` (Prometheus metrics and the stage timer), `auth` (API keys), `review` (the review page's routes).
+registered versions a replica serves: champion lookup, loading, batched scoring), `champions` (which version a
+replica serves per product, and the champion switch), `app` (the replica class and its routes), `deployment`
+(`build_app`, `deploy`, `wait_ready`), `settings` (`ServeSettings`, the application's options), `metrics`
+(Prometheus metrics and the stage timer), `auth` (API keys), `review` (the review page's routes).
 `build_app` is exported here for ``import_path: ssn_platform.serving:build_app`` (jobs/configs/serve.yaml); import
 everything else from its module.
 """
