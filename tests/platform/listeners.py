@@ -104,11 +104,16 @@ def descendants(root: int) -> set[int]:
 
 class ListenerWatch:
     """Samples the listening sockets of the processes `pids()` names, over and over, until stopped: what a test
-    asserts about listeners while a job runs (processes come and go, so one sample could miss them)."""
+    asserts about listeners while a job runs (processes come and go, so one sample could miss them).
+
+    `seen` holds each (pid, address, port) once, with the process title of the first sample that saw it. A Ray
+    worker retitles itself per task (`ray::IDLE`, then `ray::RayTrainWorker...` once it hosts the actor), so `titles`
+    keeps every title each listening pid had over all samples: ask it what a process was, not `seen`."""
 
     def __init__(self, pids) -> None:
         self._pids = pids
         self.seen: set[Listener] = set()
+        self.titles: dict[int, set[str]] = {}
         self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -116,11 +121,18 @@ class ListenerWatch:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self.seen |= listeners(set(self._pids()))
+                sample = listeners(set(self._pids()))
+                for listener in sample:
+                    self.titles.setdefault(listener.pid, set()).add(listener.name)
+                self.seen |= sample
                 self.samples += 1
             except (OSError, ValueError):  # a process ended mid-read: the next sample sees the rest
                 pass
             self._stop.wait(0.2)
+
+    def pids_titled(self, word: str) -> set[int]:
+        """The listening pids that carried `word` in their title in at least one sample."""
+        return {pid for pid, titles in self.titles.items() if any(word in title for title in titles)}
 
     def __enter__(self) -> ListenerWatch:
         self._thread.start()

@@ -54,8 +54,8 @@ def test_two_worker_job_registers_a_model_that_reproduces_its_metric_and_listens
         result = run_training(job)
     # every socket of the stack listened on 127.0.0.1 throughout, the DDP rendezvous (TCPStore) and Gloo's pairs
     # included: seen from both train workers, and none on all interfaces
-    workers = {listener.pid for listener in watch.seen if "RayTrainWorker" in listener.name}
-    assert watch.samples > 0 and len(workers) >= 2, f"no train worker was sampled: {sorted(map(str, watch.seen))}"
+    workers = watch.pids_titled("RayTrainWorker")
+    assert watch.samples > 0 and len(workers) >= 2, f"no train worker was sampled: {sorted(watch.titles.items())}"
     assert not [str(listener) for listener in watch.seen if listener.address != "127.0.0.1"]
     assert result.model_version == "1"
     client = MlflowClient()
