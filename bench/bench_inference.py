@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -41,10 +42,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "model"))  # runs from a checkout without the editable install too
 
 from supersimplenet.backbones import build_feature_extractor, get_preset, load_backbone_weights  # noqa: E402
-from supersimplenet.config import ModelConfig, TrainConfig  # noqa: E402
+from supersimplenet.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from supersimplenet.config import ModelConfig, TrainConfig, recommended_model_config  # noqa: E402
 from supersimplenet.fast import FastSuperSimpleNet  # noqa: E402
+from supersimplenet.layouts import read_layout  # noqa: E402
+from supersimplenet.loading import DefectDataset  # noqa: E402
+from supersimplenet.metrics import image_auroc, pixel_auroc  # noqa: E402
 from supersimplenet.model import build_model  # noqa: E402
-from supersimplenet.train import build_optimizer, train_step  # noqa: E402
+from supersimplenet.train import build_optimizer, eval_loader, fit, train_step  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DTYPE_NAMES = {**{dtype: name for name, dtype in DTYPES.items()}, torch.float64: "fp64"}
@@ -107,8 +112,6 @@ class RssPeak:
     def measure(self, fn: Callable[[], Any]) -> float:
         """MiB above the resident set before the call."""
         if self.method.startswith("ru_maxrss"):
-            import resource
-
             before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             fn()
             return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**20
@@ -226,7 +229,7 @@ def build_anomalib(backbone: str, device: torch.device, ours: torch.nn.Module) -
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            from anomalib.models.image.supersimplenet import torch_model as anomalib_model
+            from anomalib.models.image.supersimplenet import torch_model as anomalib_model  # noqa: PLC0415 (anomalib: the optional bench extra, skipped without it)
     except Exception as error:  # noqa: BLE001 - not installed, or an import-time failure of its many dependencies
         return None, f"anomalib not importable ({type(error).__name__}: {error}); install the '.[bench]' extra"
     timm_name, layers = ANOMALIB_LAYERS[backbone]
@@ -370,7 +373,7 @@ def make_trainers(
         ),
     ]
     if anomalib is not None:
-        from anomalib.models.image.supersimplenet.loss import SSNLoss
+        from anomalib.models.image.supersimplenet.loss import SSNLoss  # noqa: PLC0415 (anomalib: the optional bench extra, skipped without it)
 
         loss_fn = SSNLoss()
         # The optimiser of anomalib's Lightning module (configure_optimizers), built by hand.
@@ -599,13 +602,6 @@ def bench_backbone(
 
 def auroc_check(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     """Trains a Lite0 model briefly on the weld train split, then scores the test split in fp32 and bf16."""
-    from supersimplenet.checkpoint import load_checkpoint, save_checkpoint
-    from supersimplenet.layouts import read_layout
-    from supersimplenet.loading import DefectDataset
-    from supersimplenet.metrics import image_auroc, pixel_auroc
-    from supersimplenet.config import recommended_model_config
-    from supersimplenet.train import eval_loader, fit
-
     root = Path(args.data)
     samples = read_layout(root)
     size = tuple(args.auroc_size)
@@ -934,7 +930,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "backbones": [],
     }
     with contextlib.suppress(ImportError):
-        import anomalib
+        import anomalib  # noqa: PLC0415 (anomalib: the optional bench extra, version if installed)
 
         results["machine"]["anomalib"] = anomalib.__version__
     if args.auroc_only:

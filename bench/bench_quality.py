@@ -45,12 +45,21 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO / "model"))  # runs from a checkout without the editable install too
 
+from bench_inference import build_anomalib, build_ours  # noqa: E402
 from supersimplenet.config import ModelConfig, TrainConfig, recommended_model_config  # noqa: E402
+from supersimplenet.elpv import export_elpv  # noqa: E402
 from supersimplenet.layouts import read_layout  # noqa: E402
 from supersimplenet.loading import DefectDataset  # noqa: E402
 from supersimplenet.backbones import get_preset  # noqa: E402
 from supersimplenet.metrics import IMAGE_SCORES, compute_metrics  # noqa: E402
-from supersimplenet.train import eval_loader, fit, predict  # noqa: E402
+from supersimplenet.train import (  # noqa: E402
+    Predictions,
+    build_train_loader,
+    eval_loader,
+    fit,
+    predict,
+    seed_everything,
+)
 
 
 @dataclass(frozen=True)
@@ -175,8 +184,6 @@ def build_configs(
 
 def dataset_root(name: str, protocol: Protocol, cache: Path) -> Path:
     if name == "elpv":
-        from supersimplenet.elpv import export_elpv
-
         return export_elpv(cache / "elpv", split_file=REPO / protocol.split_file)
     root = Path(protocol.root) if Path(protocol.root).is_absolute() else SHARED / protocol.root
     if not root.is_dir():
@@ -191,10 +198,7 @@ def fit_anomalib(root: Path, samples: list, model_cfg: ModelConfig, train_cfg: T
     unsupervised (`stop_grad`). Images are normalised with the backbone's statistics, as ours (anomalib's default
     pre-processor would use ImageNet's, wrong for the Lite weights). Returns (predictor, seconds): the predictor
     maps normalised images to (head score [B], anomaly map [B, H, W])."""
-    from bench_inference import build_anomalib, build_ours
-    from anomalib.models.image.supersimplenet.loss import SSNLoss
-
-    from supersimplenet.train import build_train_loader, seed_everything
+    from anomalib.models.image.supersimplenet.loss import SSNLoss  # noqa: PLC0415 (anomalib: the optional bench extra, --settings anomalib only)
 
     seed_everything(train_cfg.seed, deterministic=train_cfg.deterministic)
     ours = build_ours(model_cfg.backbone, torch.device("cpu"))  # only lends its loaded backbone weights
@@ -241,8 +245,6 @@ def fit_anomalib(root: Path, samples: list, model_cfg: ModelConfig, train_cfg: T
 
 def predict_anomalib(predictor, loader) -> Any:
     """`supersimplenet.train.Predictions` of anomalib's model (its score is the head's)."""
-    from supersimplenet.train import Predictions
-
     scores, maps, labels, masks, indices = [], [], [], [], []
     for batch in loader:
         score, anomaly_map = predictor(batch["image"])

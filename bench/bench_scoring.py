@@ -33,18 +33,25 @@ REPO = Path(__file__).resolve().parents[1]
 for _folder in ("platform", "model", "bench"):
     if str(REPO / _folder) not in sys.path:
         sys.path.insert(0, str(REPO / _folder))
+
+from bench_serving import DEMO, ensure_demo_product  # noqa: E402 (after the sys.path setup above)
+from ssn_platform.scoring import ScoreSettings, pin_version, score_images_job  # noqa: E402 (after the sys.path setup above)
+from ssn_platform.services import check_mlflow  # noqa: E402 (after the sys.path setup above)
+from ssn_platform.storage import ensure_bucket, make_client  # noqa: E402 (after the sys.path setup above)
+
+# torch and Ray (seconds to import, each) load inside fast_path, after argument parsing: `--help` and a bad argument
+# answer at once, as in jobs/. Every ssn_platform.serving module loads Ray (the package imports serving.deployment).
 WELD = REPO.parent / "shared" / "data" / "battery_weld" / "denoised"
 BUCKET = "ssn-bench-scoring"
 
 
 def fast_path(product: str, bodies: list[bytes], *, threads: int, batch_size: int) -> float:
     """Images/s of decode + predict_images in one process (the ceiling the job is compared with)."""
-    import torch
+    import torch  # noqa: PLC0415 (torch: see the comment at the top)
 
-    from ssn_platform.scoring import pin_version
-    from ssn_platform.serving.requests import decode_image
-    from ssn_platform.serving.settings import ServeSettings
-    from ssn_platform.serving.versions import load_version, run_items
+    from ssn_platform.serving.requests import decode_image  # noqa: PLC0415 (Ray: see the comment at the top)
+    from ssn_platform.serving.settings import ServeSettings  # noqa: PLC0415 (Ray: see the comment at the top)
+    from ssn_platform.serving.versions import load_version, run_items  # noqa: PLC0415 (Ray: see the comment at the top)
 
     torch.set_num_threads(threads)
     name, version, tags, _ = pin_version(product, None)
@@ -69,11 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=REPO / "bench_results" / "scoring.json")
     args = parser.parse_args(argv)
-
-    from bench_serving import DEMO, ensure_demo_product
-    from ssn_platform.scoring import ScoreSettings, score_images_job
-    from ssn_platform.services import check_mlflow
-    from ssn_platform.storage import ensure_bucket, make_client
 
     check_mlflow()
     if args.product == DEMO:

@@ -34,10 +34,23 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+import numpy as np
+import requests
+from PIL import Image
+
 REPO = Path(__file__).resolve().parents[1]
 for _folder in ("platform", "model"):
     if str(REPO / _folder) not in sys.path:
         sys.path.insert(0, str(REPO / _folder))
+
+from ssn_platform.apikeys import client_headers  # noqa: E402 (after the sys.path setup above)
+from ssn_platform.services import check_mlflow, experiment_id  # noqa: E402 (after the sys.path setup above)
+from ssn_platform.thresholds import calibrate, record_threshold  # noqa: E402 (after the sys.path setup above)
+from supersimplenet.config import ModelConfig, to_dict  # noqa: E402 (after the sys.path setup above)
+
+# torch, MLflow and Ray (seconds to import, each) load inside the functions that use them, after argument parsing:
+# `--help` and a bad argument answer at once, as in jobs/. Every ssn_platform.serving module loads Ray (the package
+# imports serving.deployment).
 WELD = REPO.parent / "shared" / "data" / "battery_weld" / "denoised"
 DEMO = "bench-demo"
 APP, PREFIX = "ssn-bench", "/bench"
@@ -45,18 +58,14 @@ APP, PREFIX = "ssn-bench", "/bench"
 
 def ensure_demo_product() -> str:
     """Registers bench-demo (once) and makes it champion; returns its version."""
-    import numpy as np
-    import torch
-    from mlflow import MlflowClient
-    from PIL import Image
+    import torch  # noqa: PLC0415 (torch: see the comment at the top)
+    from mlflow import MlflowClient  # noqa: PLC0415 (MLflow: see the comment at the top)
 
-    from supersimplenet.backbones import load_backbone_weights
-    from supersimplenet.config import ModelConfig, to_dict
-    from supersimplenet.inference import predict_images
-    from ssn_platform.jobconfig import build_job_config
-    from ssn_platform.registry import log_and_register
-    from ssn_platform.services import experiment_id
-    from ssn_platform.thresholds import calibrate, record_threshold
+    from supersimplenet.backbones import load_backbone_weights  # noqa: PLC0415 (torch: see the comment at the top)
+    from supersimplenet.inference import predict_images  # noqa: PLC0415 (torch: see the comment at the top)
+    from supersimplenet.model import build_model  # noqa: PLC0415 (torch: see the comment at the top)
+    from ssn_platform.jobconfig import build_job_config  # noqa: PLC0415 (torch: see the comment at the top)
+    from ssn_platform.registry import log_and_register  # noqa: PLC0415 (MLflow, torch: see the comment at the top)
 
     client = MlflowClient()
     name = f"ssn-{DEMO}"
@@ -68,8 +77,6 @@ def ensure_demo_product() -> str:
         pass
     config = ModelConfig(backbone="efficientnet_lite0", image_size=(256, 128), noise_std=1.0, noise_std_mode="relative")
     torch.manual_seed(0)
-    from supersimplenet.model import build_model
-
     model = build_model(config)
     load_backbone_weights(model.feature_extractor.backbone, config.backbone, "default")
     with torch.no_grad():
@@ -112,10 +119,14 @@ def model_throughput(
     seconds: float = 10.0,
 ) -> list[dict]:
     """The champion's own img/s through `predict_images` (decoded arrays, no HTTP), per batch size."""
-    import torch
+    import torch  # noqa: PLC0415 (torch: see the comment at the top)
 
-    from ssn_platform.serving.requests import decode_image
-    from ssn_platform.serving.versions import champion_info, load_version, run_items
+    from ssn_platform.serving.requests import decode_image  # noqa: PLC0415 (Ray: see the comment at the top)
+    from ssn_platform.serving.versions import (  # noqa: PLC0415 (Ray: see the comment at the top)
+        champion_info,
+        load_version,
+        run_items,
+    )
 
     torch.set_num_threads(torch_threads)
     name, version, tags = champion_info(product)
@@ -134,13 +145,11 @@ def model_throughput(
 
 
 def percentile(values: list[float], q: float) -> float:
-    import numpy as np
-
     return float(np.percentile(values, q)) if values else float("nan")
 
 
 def run_clients(url: str, bodies: list[bytes], *, clients: int, total: int, max_seconds: float) -> dict:
-    import requests
+    from ssn_platform.serving.metrics import parse_server_timing  # noqa: PLC0415 (Ray: see the comment at the top)
 
     latencies: list[float] = []
     stages: dict[str, list[float]] = {stage: [] for stage in STAGES}
@@ -149,10 +158,6 @@ def run_clients(url: str, bodies: list[bytes], *, clients: int, total: int, max_
     lock = threading.Lock()
     issued = [0]
     deadline = time.monotonic() + max_seconds
-
-    from ssn_platform.apikeys import client_headers
-    from ssn_platform.serving.metrics import parse_server_timing
-
     auth = client_headers()  # the local stack's API key
 
     def worker(offset: int) -> None:
@@ -238,10 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from ray import serve
+    from ray import serve  # noqa: PLC0415 (Ray: see the comment at the top)
 
-    from ssn_platform.serving.deployment import deploy, wait_ready
-    from ssn_platform.services import check_mlflow
+    from ssn_platform.serving.deployment import deploy, wait_ready  # noqa: PLC0415 (Ray: see the comment at the top)
 
     check_mlflow()
     version = ensure_demo_product() if args.product == DEMO else None

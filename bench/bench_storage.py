@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform as _stdlib_platform
+import random
 import socket
 import subprocess
 import sys
@@ -21,6 +22,10 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+
+from ssn_platform.datasets import DatasetReader
+from ssn_platform.ingest import ingest
+from ssn_platform.storage import S3Settings, ensure_bucket, make_client
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -31,8 +36,6 @@ DATASETS = {
 
 
 def _free_block(count: int) -> int:
-    import random
-
     for _ in range(200):
         base = random.randrange(30000, 31900 - count)
         ok = True
@@ -89,9 +92,6 @@ def _rate(nbytes: int, files: int, seconds: float) -> dict[str, float]:
 
 
 def bench_dataset(name: str, root: Path, layout: str, settings, client, workers: int, repeats: int) -> dict:
-    from ssn_platform.datasets import DatasetReader, ingest
-    from ssn_platform.storage import ensure_bucket
-
     bucket = f"bench-{uuid.uuid4().hex[:12]}"
     ensure_bucket(client, bucket)
     product = name.split("/")[0]
@@ -156,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "bench_results" / "storage.json")
     args = ap.parse_args(argv)
 
-    from ssn_platform.storage import S3Settings, make_client
-    import supersimplenet.loading  # noqa: F401 - import torch & co. before any timing
+    # torch & co. load here, after argument parsing (`--help` answers at once) and before any timing.
+    import supersimplenet.loading  # noqa: F401, PLC0415 (imported for that side effect, see the comment above)
 
     private = args.private or not (os.environ.get("SSN_S3_ENDPOINT") and os.environ.get("AWS_ACCESS_KEY_ID"))
     ctx = PrivateS3() if private else None
