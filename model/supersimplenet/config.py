@@ -16,6 +16,11 @@ NOISE_STD_MODES = ("absolute", "relative")
 # The image score a model reports (`supersimplenet.model.image_score`): the classification head's (the paper's),
 # the maximum of the anomaly map, the mean of the two ("combined"), or the mean of the map's top 1 % of pixels.
 IMAGE_SCORES = ("head", "map_max", "combined", "map_top1")
+# "memory": the distance of the image's patch features to the nearest patch of the normal training images
+# (`supersimplenet.memory`); not a function of the head and the map, so evaluation reports it only for models that
+# carry a memory. `ModelConfig.image_score` takes any of `REPORTED_SCORES`.
+MEMORY_SCORE = "memory"
+REPORTED_SCORES = (*IMAGE_SCORES, MEMORY_SCORE)
 TOP_FRACTION = 0.01  # of the anomaly map's pixels that "map_top1" averages
 
 
@@ -72,8 +77,12 @@ class ModelConfig:
             head's, the paper's), "map_max" (the anomaly map's maximum, the authors' "seg-" metrics), "combined"
             (the mean of the two) or "map_top1" (the mean of the map's highest 1 % of pixels: a defect covers many
             pixels, a single bright spot few; QUALITY.md). Changes no weight: evaluation compares all of them on any
-            trained model. None takes the
+            trained model. "memory" (`supersimplenet.memory`): the distance of the image's patches to the nearest
+            patch of the normal training images, which the model then carries (QUALITY.md: better than the map's
+            on every product we have). None takes the
             preset's unsupervised score (`recommended_model_config` sets "head" for supervised regimes).
+        memory_pool: with image_score "memory", feature cells pooled per patch side (4: a patch per 16 x 16 pixels).
+        memory_max_patches: with image_score "memory", the most patches the memory keeps (a seeded random subset).
 
     Every None is resolved in `__post_init__`, so a built config (and every checkpoint) holds concrete values and
     `ModelConfig(backbone="efficientnet_lite0")` is the recommended unsupervised model of that backbone.
@@ -95,6 +104,8 @@ class ModelConfig:
     blur_sigma: float = 4.0
     image_score: str | None = None
     feature_levels: tuple[int, int] | None = None
+    memory_pool: int = 4
+    memory_max_patches: int = 65536
 
     def __post_init__(self) -> None:
         from supersimplenet.backbones import PRESETS  # noqa: PLC0415 (import cycle: backbones imports this module)
@@ -136,8 +147,18 @@ class ModelConfig:
             )
             object.__setattr__(self, "feature_levels", levels)
         _check(
-            self.image_score in IMAGE_SCORES,
-            f"model.image_score must be one of {IMAGE_SCORES}, got {self.image_score!r}",
+            self.image_score in REPORTED_SCORES,
+            f"model.image_score must be one of {REPORTED_SCORES}, got {self.image_score!r}",
+        )
+        _check(
+            isinstance(self.memory_pool, int) and not isinstance(self.memory_pool, bool) and self.memory_pool >= 1,
+            f"model.memory_pool must be an integer >= 1, got {self.memory_pool!r}",
+        )
+        _check(
+            isinstance(self.memory_max_patches, int)
+            and not isinstance(self.memory_max_patches, bool)
+            and self.memory_max_patches >= 1,
+            f"model.memory_max_patches must be an integer >= 1, got {self.memory_max_patches!r}",
         )
 
     def _resolve_backbone_defaults(self, preset: Any) -> None:

@@ -46,6 +46,7 @@ mode, the backbone stages after stride 16 (already cut by `build_feature_extract
 
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 import torch
@@ -53,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from supersimplenet.folding import fold_backbone_batchnorm, fold_conv_bn, level_operators, upsample_blur_matrix
-from supersimplenet.model import InferenceOutput, SuperSimpleNet, image_score
+from supersimplenet.model import InferenceOutput, SuperSimpleNet, image_score, pooled_features
 
 HeadsMode = Literal["auto", "separable", "folded"]
 
@@ -188,6 +189,8 @@ class FastSuperSimpleNet(nn.Module):
             self._store_separable(folded, device)
         else:
             self._store_folded(model, folded, device)
+        # the patch memory ("memory" score) reads F itself, in float32, from the same backbone levels
+        self.memory = copy.deepcopy(model.memory) if model.memory is not None else None
         return self.eval()
 
     def _buffer(self, name: str, value: torch.Tensor, device: torch.device, *, keep_fp32: bool = False) -> None:
@@ -286,7 +289,11 @@ class FastSuperSimpleNet(nn.Module):
         return self._spatial[key]
 
     def _postprocess(
-        self, map_logits: torch.Tensor, score_logits: torch.Tensor, size: tuple[int, int]
+        self,
+        map_logits: torch.Tensor,
+        score_logits: torch.Tensor,
+        size: tuple[int, int],
+        memory_score: torch.Tensor | None = None,
     ) -> InferenceOutput:
         """Upsample, separable Gaussian blur (reflect padding), sigmoid, in float32 as in the reference; the first
         two as the matrices A_h @ M @ A_w^T (see 5. above)."""
@@ -295,7 +302,10 @@ class FastSuperSimpleNet(nn.Module):
         maps = torch.sigmoid(torch.matmul(torch.matmul(rows, map_logits.float()), cols))
         head = torch.sigmoid(score_logits.float())
         return InferenceOutput(
-            anomaly_map=maps, score=image_score(self.config.image_score, head, maps), head_score=head
+            anomaly_map=maps,
+            score=image_score(self.config.image_score, head, maps, memory_score),
+            head_score=head,
+            memory_score=memory_score,
         )
 
     def _score(self, hidden_max: torch.Tensor, hidden_mean: torch.Tensor, map_logits: torch.Tensor) -> torch.Tensor:
@@ -326,11 +336,14 @@ class FastSuperSimpleNet(nn.Module):
         levels = self._backbone_levels(x)
         if self.backbone_dtype != self.dtype:
             levels = [level.to(self.dtype) for level in levels]
+        memory_score = None
+        if self.memory is not None:
+            memory_score = self.memory.score(pooled_features([level.float() for level in levels]))
         if self.heads == "separable":
             map_logits, hidden_max, hidden_mean = self._separable_heads(levels)
         else:
             map_logits, hidden_max, hidden_mean = self._folded_heads(levels)
-        return self._postprocess(map_logits, self._score(hidden_max, hidden_mean, map_logits), size)
+        return self._postprocess(map_logits, self._score(hidden_max, hidden_mean, map_logits), size, memory_score)
 
     def _backbone_levels(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The backbone's levels; on CPU computed `BACKBONE_MICRO_BATCH` images at a time (6.)."""

@@ -6,6 +6,7 @@
     A' -> segmentation head -> map logits M
     [A' or F', M] -> classification head -> score logit s
     inference: M upsampled to the image, Gaussian blur (sigma 4), sigmoid; sigmoid(s)
+    image_score "memory" only: F -> distance to the nearest normal training patch (supersimplenet.memory)
 
 Shapes and constants follow docs/design.md; channel counts come from the backbone.
 """
@@ -22,7 +23,8 @@ from torch import nn
 
 from supersimplenet import blocked
 from supersimplenet.backbones import build_feature_extractor, get_preset
-from supersimplenet.config import ModelConfig, top_count
+from supersimplenet.config import MEMORY_SCORE, ModelConfig, top_count
+from supersimplenet.memory import PatchMemory
 from supersimplenet.perlin import perlin_masks
 
 
@@ -35,8 +37,6 @@ class FeatureExtractor(nn.Module):
         self.backbone.requires_grad_(False)
         self.backbone.eval()
         self.channels = int(sum(self.backbone.feature_info.channels()))
-        # count_include_pad=True (the default): border cells divide by 9, as in the paper's code.
-        self.pool = nn.AvgPool2d(kernel_size=3, stride=1, padding=1)
         self.autocast_backbone = False
 
     def train(self, mode: bool = True) -> "FeatureExtractor":
@@ -52,11 +52,17 @@ class FeatureExtractor(nn.Module):
             contextlib.nullcontext() if self.autocast_backbone else torch.autocast(images.device.type, enabled=False)
         )
         with torch.no_grad(), precision:
-            levels = self.backbone(images if self.autocast_backbone else images.float())
-            height, width = levels[0].shape[-2:]
-            size = (2 * height, 2 * width)
-            upscaled = [F.interpolate(level, size=size, mode="bilinear", align_corners=True) for level in levels]
-            return self.pool(torch.cat(upscaled, dim=1))
+            return pooled_features(self.backbone(images if self.autocast_backbone else images.float()))
+
+
+def pooled_features(levels: list[torch.Tensor]) -> torch.Tensor:
+    """F from the backbone's two levels: the first level's size doubled, both upscaled to it (bilinear,
+    align_corners=True), concatenated and averaged over 3x3 (count_include_pad=True: border cells divide by 9, as in
+    the paper's code). The fast path computes the patch memory's F with this function too."""
+    height, width = levels[0].shape[-2:]
+    size = (2 * height, 2 * width)
+    upscaled = [F.interpolate(level, size=size, mode="bilinear", align_corners=True) for level in levels]
+    return F.avg_pool2d(torch.cat(upscaled, dim=1), kernel_size=3, stride=1, padding=1)
 
 
 class SegmentationHead(nn.Module):
@@ -155,11 +161,19 @@ class InferenceOutput:
     anomaly_map: torch.Tensor  # [B, 1, H, W] in [0, 1]
     score: torch.Tensor  # [B] in [0, 1]: the image score of `ModelConfig.image_score`
     head_score: torch.Tensor | None = None  # [B] the classification head's probability (equals score for "head")
+    memory_score: torch.Tensor | None = None  # [B] the patch memory's score, for "memory" models only
 
 
-def image_score(kind: str, head_score: torch.Tensor, anomaly_map: torch.Tensor) -> torch.Tensor:
+def image_score(
+    kind: str, head_score: torch.Tensor, anomaly_map: torch.Tensor, memory_score: torch.Tensor | None = None
+) -> torch.Tensor:
     """The reported image score [B] from the head's probability [B] and the anomaly map [B, 1, H, W] in [0, 1]
-    (`ModelConfig.image_score`; the same function for the reference and the fast path)."""
+    (`ModelConfig.image_score`; the same function for the reference and the fast path), or the patch memory's
+    score [B] for "memory"."""
+    if kind == MEMORY_SCORE:
+        if memory_score is None:
+            raise ValueError('image_score "memory" needs the patch memory\'s score')
+        return memory_score
     if kind == "head":
         return head_score
     if kind == "map_top1":
@@ -186,6 +200,11 @@ class SuperSimpleNet(nn.Module):
         self.blur = GaussianBlur(sigma=config.blur_sigma)
         # Scale of the backbone's features, measured on training images when noise_std_mode is "relative".
         self.register_buffer("feature_scale", torch.ones(()))
+        self.memory = (
+            PatchMemory(channels=channels, pool=config.memory_pool, max_patches=config.memory_max_patches)
+            if config.image_score == MEMORY_SCORE
+            else None
+        )
         self._init_trainable()
 
     def _init_trainable(self) -> None:
@@ -269,7 +288,8 @@ class SuperSimpleNet(nn.Module):
         raw, adapted = self.features(images)
         if not self.training:
             map_logits, score_logits = self.heads(adapted, adapted if self.config.adapt_cls_features else raw)
-            return self.postprocess(map_logits, score_logits, tuple(images.shape[-2:]))
+            memory_score = self.memory.score(raw) if self.memory is not None else None
+            return self.postprocess(map_logits, score_logits, tuple(images.shape[-2:]), memory_score)
         if masks is None or labels is None:
             raise ValueError("training forward needs masks and labels (zeros for normal images)")
         feature_masks = downsample_mask(
@@ -284,11 +304,13 @@ class SuperSimpleNet(nn.Module):
         map_logits: torch.Tensor,
         score_logits: torch.Tensor,
         size: tuple[int, int],
+        memory_score: torch.Tensor | None = None,
     ) -> InferenceOutput:
         upsampled = F.interpolate(map_logits, size=size, mode="bilinear", align_corners=False)
         anomaly_map = torch.sigmoid(self.blur(upsampled))
-        score = image_score(self.config.image_score, torch.sigmoid(score_logits), anomaly_map)
-        return InferenceOutput(anomaly_map=anomaly_map, score=score, head_score=torch.sigmoid(score_logits))
+        head = torch.sigmoid(score_logits)
+        score = image_score(self.config.image_score, head, anomaly_map, memory_score)
+        return InferenceOutput(anomaly_map=anomaly_map, score=score, head_score=head, memory_score=memory_score)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {

@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 from supersimplenet.backbones import get_preset, load_backbone_weights
 from supersimplenet.checkpoint import save_checkpoint
 from supersimplenet.config import (
-    IMAGE_SCORES,
+    MEMORY_SCORE,
+    REPORTED_SCORES,
     TRAIN_PRECISIONS,
     ModelConfig,
     TrainConfig,
@@ -156,6 +157,35 @@ def measure_feature_scale(
     return float(variance.sqrt().median())
 
 
+@torch.no_grad()
+def build_memory(
+    model: SuperSimpleNet,
+    *,
+    root: str | Path,
+    samples: Sequence[Sample],
+    device: torch.device,
+    seed: int,
+    batch_size: int = 16,
+) -> int:
+    """Fill the patch memory of a model whose image score is "memory" (`supersimplenet.memory`) from the normal
+    training images among `samples` (unflipped), and return its patch count; 0 and nothing done for other models.
+
+    The backbone is frozen, so the memory can be built before the heads train; every caller does it there, where
+    the relative noise scale is measured, so validation during training can report the score.
+    """
+    if model.memory is None:
+        return 0
+    preset = get_preset(model.config.backbone)
+    normals = [s for s in samples if s.split == "train" and s.label == 0]
+    dataset = DefectDataset(
+        root=root, samples=normals, image_size=model.config.image_size, mean=preset.mean, std=preset.std
+    )
+    batches = (
+        model.feature_extractor(batch["image"].to(device)) for batch in eval_loader(dataset, batch_size=batch_size)
+    )
+    return model.memory.build(batches, seed=seed)
+
+
 def train_step(
     model: nn.Module,
     batch: dict[str, torch.Tensor],
@@ -230,6 +260,7 @@ class Predictions:
     masks: np.ndarray  # [N, H, W] ground truth
     indices: np.ndarray  # [N] dataset indices
     head_scores: np.ndarray | None = None  # [N] the classification head's probabilities
+    memory_scores: np.ndarray | None = None  # [N] the patch memory's scores ("memory" models only)
 
     def score_metrics(self) -> dict[str, float]:
         """Image AUROC and AP-det of every image score (`supersimplenet.metrics.IMAGE_SCORES`), keyed
@@ -239,6 +270,9 @@ class Predictions:
         for name, values in image_scores(head, self.maps).items():
             image = compute_metrics(scores=values, labels=self.labels)
             out[f"image_auroc_{name}"], out[f"ap_det_{name}"] = image["image_auroc"], image["ap_det"]
+        if self.memory_scores is not None:
+            image = compute_metrics(scores=self.memory_scores, labels=self.labels)
+            out[f"image_auroc_{MEMORY_SCORE}"], out[f"ap_det_{MEMORY_SCORE}"] = image["image_auroc"], image["ap_det"]
         return out
 
 
@@ -248,10 +282,12 @@ def predict(model: nn.Module, loader: DataLoader, *, device: torch.device, progr
 
     `model` (possibly DDP-wrapped, in any mode) is folded once per call and left as it was."""
     net = inference_model(unwrap(model))
-    scores, labels, maps, masks, indices, heads = [], [], [], [], [], []
+    scores, labels, maps, masks, indices, heads, memory = [], [], [], [], [], [], []
     for batch in tqdm(loader, desc="predict", leave=False, disable=not progress):
         out = net(batch["image"].to(device))
         scores.append(out.score.cpu().numpy())
+        if out.memory_score is not None:
+            memory.append(out.memory_score.float().cpu().numpy())
         heads.append(out.head_score.float().cpu().numpy())
         maps.append(out.anomaly_map[:, 0].cpu().numpy())
         labels.append(batch["label"].numpy())
@@ -264,6 +300,7 @@ def predict(model: nn.Module, loader: DataLoader, *, device: torch.device, progr
         masks=np.concatenate(masks).astype(np.uint8),
         indices=np.concatenate(indices),
         head_scores=np.concatenate(heads),
+        memory_scores=np.concatenate(memory) if memory else None,
     )
 
 
@@ -318,6 +355,7 @@ def fit(
     loader, sampler = build_train_loader(train_set, train_samples, cfg)
     if model_config.noise_std_mode == "relative":
         model.feature_scale.fill_(measure_feature_scale(model, loader, device=device))
+    build_memory(model, root=data_root, samples=train_samples, device=device, seed=cfg.seed)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
 
@@ -380,7 +418,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--image-score",
         default=None,
-        choices=list(IMAGE_SCORES),
+        choices=list(REPORTED_SCORES),
         help="image score (default: the recommended one for the backbone and supervision)",
     )
     parser.add_argument("--epochs", type=int, default=300)

@@ -40,6 +40,7 @@ from supersimplenet.train import (
     build_train_loader,
     eval_loader,
     measure_feature_scale,
+    build_memory,
     predict,
     train_epoch,
     unwrap,
@@ -251,7 +252,9 @@ def _restore_or_measure_scale(
     model, optimizer, scheduler, sampler, train_set, job: JobConfig, rank: int, device: torch.device
 ) -> int:
     """The epoch to start from: after the newest stored checkpoint's (model, optimizer, scheduler and sampler
-    restored from it), or 0 for a new run, whose relative noise scale rank 0 measures and broadcasts."""
+    restored from it, the patch memory of a "memory" model included), or 0 for a new run, whose relative noise
+    scale rank 0 measures and broadcasts and whose patch memory every rank builds from the normal training images
+    (the same on every rank: frozen backbone, seeded subset; DDP does not broadcast it, see supersimplenet.memory)."""
     state = _resume_state(rank, device)
     if state is not None:
         model.load_state_dict(state["model"]["state_dict"])
@@ -264,6 +267,7 @@ def _restore_or_measure_scale(
         scale_loader = eval_loader(train_set, batch_size=job.per_worker_batch_size)
         scale = measure_feature_scale(model, scale_loader, device=device) if rank == 0 else 0.0
         model.feature_scale.fill_(_broadcast_scalar(scale, device))
+    build_memory(model, root=train_set.root, samples=train_set.samples, device=device, seed=job.train.seed)
     return 0
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from supersimplenet.config import ConfigError, ModelConfig
-from supersimplenet.model import GaussianBlur, build_model, downsample_mask
+from supersimplenet.model import GaussianBlur, build_model, downsample_mask, pooled_features
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +146,9 @@ def test_blur_matches_torchvision_gaussian_blur():
     assert torch.allclose(GaussianBlur(sigma=4.0)(x), gaussian_blur(x, [25, 25], [4.0, 4.0]), atol=1e-6)
 
 
-def test_pooling_counts_padding(lite0):
-    pooled = lite0.feature_extractor.pool(torch.ones(1, 1, 6, 6))[0, 0]
+def test_pooling_counts_padding():
+    # one level of ones, upscaled x2 to 6x6 (still ones), then the 3x3 average counting the zero padding
+    pooled = pooled_features([torch.ones(1, 1, 3, 3)])[0, 0]
     assert torch.allclose(pooled[1:-1, 1:-1], torch.ones(4, 4))
     assert torch.allclose(pooled[0, 2], torch.tensor(6 / 9)) and torch.allclose(pooled[2, 0], torch.tensor(6 / 9))
     assert torch.allclose(pooled[0, 0], torch.tensor(4 / 9))
