@@ -81,7 +81,9 @@ class ModelConfig:
             patch of the normal training images, which the model then carries (QUALITY.md: better than the map's
             on every product we have). None takes the
             preset's unsupervised score (`recommended_model_config` sets "head" for supervised regimes).
-        memory_pool: with image_score "memory", feature cells pooled per patch side (4: a patch per 16 x 16 pixels).
+        memory_pool: with image_score "memory", feature cells pooled per patch side (8: a patch per 32 x 32 pixels;
+            4 is as good on weld and MPDD, but 16x the patches, so ELPV's 1,000 cells need a subset, which costs it
+            0.02: QUALITY.md).
         memory_max_patches: with image_score "memory", the most patches the memory keeps (a seeded random subset).
 
     Every None is resolved in `__post_init__`, so a built config (and every checkpoint) holds concrete values and
@@ -104,7 +106,7 @@ class ModelConfig:
     blur_sigma: float = 4.0
     image_score: str | None = None
     feature_levels: tuple[int, int] | None = None
-    memory_pool: int = 4
+    memory_pool: int = 8
     memory_max_patches: int = 65536
 
     def __post_init__(self) -> None:

@@ -4,14 +4,16 @@ SuperSimpleNet's heads learn to tell normal features F from synthetically pertur
 a detector that learns nothing does better at the image level: remember the patch features of the normal training
 images and score a new image by how far its most unusual patches lie from the nearest remembered one (the
 memory-bank idea of PatchCore, Roth et al., CVPR 2022; here without its coreset). Measured with the same frozen
-Lite0 features (QUALITY.md, "A memory of normal patches"): weld 0.989 image AUROC against the heads' 0.964 +- 0.008,
-MPDD 1.000 against 1.000, ELPV 0.937 against 0.885. So a model whose `ModelConfig.image_score` is "memory" carries
-this module beside its heads, and reports its score; the anomaly map (localisation, overlays) stays the heads'.
+Lite0 features (QUALITY.md, "A memory of normal patches"; `memory_pool` 8): image AUROC weld 0.989 against the
+heads' best 0.964 +- 0.008, MPDD 0.998 against 1.000, ELPV 0.933 against 0.885 (1,000 cells). So a model whose
+`ModelConfig.image_score` is "memory" (the weld and ELPV configs' choice) carries this module beside its
+heads and reports its score; the anomaly map (localisation, overlays) stays the heads'.
 
 Mechanism:
 
-1. Patches. F [B, C, h, w] (stride 4) is average-pooled over `pool` x `pool` cells into a grid of (h // pool,
-   w // pool) patches, each standardised per channel by the training patches' mean (`center`) and std (`spread`).
+1. Patches. F [B, C, h, w] (stride 4) is average-pooled over `pool` x `pool` cells (8: 32 x 32 image pixels) into
+   a grid of (h // pool, w // pool) patches, each standardised per channel by the training patches' mean
+   (`center`) and std (`spread`).
 2. Memory. The standardised patches of the normal training images (every position), a seeded random subset of
    `max_patches` when there are more, kept in float16 (`bank` [M, C]).
 3. Score. Each patch's Euclidean distance to its nearest memory patch (any position: parts may move); the image's
@@ -20,9 +22,11 @@ Mechanism:
    standardised features).
 
 Limits: the memory holds normal appearance only (labelled defects are not used; supervised regimes keep the head's
-score); its size grows with the training images up to `max_patches` (65,536 x 152 channels of Lite0 in float16:
-20 MB in the checkpoint); a random subset can drop rare normal patches, which then score as unusual (QUALITY.md
-measures the subset against the whole memory); distances are exact, computed in float32 in chunks.
+score); its size grows with the training images (64 patches per 256 x 256 image at pool 8) up to `max_patches`
+(65,536 x 152 channels of Lite0 in float16: 20 MB in the checkpoint); a random subset can drop rare normal patches,
+which then score as unusual (ELPV at pool 4, 256,000 patches cut to 65,536: 0.937 -> 0.915; QUALITY.md), so the
+default pool keeps 1,000 images whole; distances are exact, computed in float32 in chunks (no coreset, no
+approximate search: a few ms per image for 64,000 patches on 2 cores).
 
 The bank is a tensor attribute, not a registered buffer: Ray Train's DistributedDataParallel broadcasts every
 buffer before every step, and the bank (megabytes) never changes during training. It is saved in and loaded from
