@@ -26,7 +26,7 @@ score); its size grows with the training images (64 patches per 256 x 256 image 
 (65,536 x 152 channels of Lite0 in float16: 20 MB in the checkpoint); a random subset can drop rare normal patches,
 which then score as unusual (ELPV at pool 4, 256,000 patches cut to 65,536: 0.937 -> 0.915; QUALITY.md), so the
 default pool keeps 1,000 images whole; distances are exact, computed in float32 in chunks (no coreset, no
-approximate search: a few ms per image for 64,000 patches on 2 cores).
+approximate search: about 15 ms per image for 64,000 patches on 2 cores).
 
 The bank is a tensor attribute, not a registered buffer: Ray Train's DistributedDataParallel broadcasts every
 buffer before every step, and the bank (megabytes) never changes during training. It is saved in and loaded from
