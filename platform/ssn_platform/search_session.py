@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from supersimplenet.config import ConfigError
+from supersimplenet.config import MEMORY_SCORE, ConfigError
 from ssn_platform.datasets import DatasetReader
 from ssn_platform.jobconfig import JobConfig
 from ssn_platform.search_space import SearchSpace, _value_of, apply_params
@@ -53,9 +53,21 @@ def default_grace_period(epochs: int) -> int:
     return max(1, epochs // 4)
 
 
-def resolve_metric(metric: str, validation: str) -> str:
-    """The metric a search optimises: `metric` itself, or for ``auto`` the objective of the validation mode."""
-    return OBJECTIVES[validation] if metric == AUTO_METRIC else metric
+# A "memory" model's reported score comes from its patch memory, which the searched head settings (sigma, Perlin
+# threshold) do not change: with labelled val images its ``auto`` objective is the heads' best image score instead.
+MEMORY_SPLIT_OBJECTIVE = "val_image_auroc_map_top1"
+
+
+def resolve_metric(metric: str, validation: str, image_score: str | None = None) -> str:
+    """The metric a search optimises: `metric` itself, or for ``auto`` the objective of the validation mode; for a
+    model reporting the patch memory's score (`image_score` "memory") and real labelled val images,
+    `MEMORY_SPLIT_OBJECTIVE`, the heads' map score (the synthetic objective already scores the heads). Limit: a
+    space that searches the backbone or the feature levels changes the memory too, which this objective ignores."""
+    if metric != AUTO_METRIC:
+        return metric
+    if validation == "split" and image_score == MEMORY_SCORE:
+        return MEMORY_SPLIT_OBJECTIVE
+    return OBJECTIVES[validation]
 
 
 def resolve_validation(job: JobConfig) -> str:

@@ -178,7 +178,7 @@ def run_search(
     training.check_mlflow()
     session.job = lineage.pin_dataset(session.job)  # `latest` resolved once here: every trial trains the same data
     session.validation = resolve_validation(session.job)
-    session.metric = resolve_metric(session.metric, session.validation)
+    session.metric = resolve_metric(session.metric, session.validation, session.job.model.image_score)
     training.connect_ray(address)
     session.concurrency = max_concurrent or trials_per_cluster(job, num_trials)
     study = open_study(session, baseline=baseline)

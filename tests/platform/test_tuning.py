@@ -73,6 +73,9 @@ def test_an_auto_search_ranks_real_defects_by_the_models_score_and_synthetic_one
     assert resolve_metric(AUTO_METRIC, "split") == "val_image_auroc"
     assert resolve_metric(AUTO_METRIC, "synthetic") == "val_image_auroc_combined"
     assert resolve_metric("val_pixel_auroc", "synthetic") == "val_pixel_auroc"  # a named metric is kept
+    # the patch memory's score does not move with the searched head settings: labelled val images judge the heads
+    assert resolve_metric(AUTO_METRIC, "split", "memory") == "val_image_auroc_map_top1"
+    assert resolve_metric(AUTO_METRIC, "synthetic", "memory") == "val_image_auroc_combined"
     # every objective is a metric the trials report (training._validation_metrics: val_image_auroc_<score>)
     reported = {"val_image_auroc"} | {f"val_image_auroc_{score}" for score in IMAGE_SCORES}
     assert set(OBJECTIVES.values()) <= reported
@@ -517,7 +520,9 @@ def first_search(search_setup):
 @pytest.mark.heavy
 def test_search_finishes_and_asha_stops_a_trial(first_search):
     result = first_search
-    assert result.validation == "split" and result.metric == "val_image_auroc"  # auto, with real defects
+    # auto, with real defects; the weld config reports the patch memory's score, which the searched head settings
+    # do not move, so the heads' map score is the objective
+    assert result.validation == "split" and result.metric == "val_image_auroc_map_top1"
     assert len(result.session_trials) == 4 and len(result.trials) == 4
     assert result.stopped_early, "ASHA stopped no trial"
     stopped = [t for t in result.trials if t.number in result.stopped_early]
@@ -548,7 +553,7 @@ def test_parent_and_nested_trial_runs_are_in_mlflow(first_search, search_setup):
     max_t = search_setup["job"].train.epochs
     for child in children:
         trial = by_run[child.info.run_id]
-        history = sorted(client.get_metric_history(child.info.run_id, "val_image_auroc"), key=lambda m: m.step)
+        history = sorted(client.get_metric_history(child.info.run_id, first_search.metric), key=lambda m: m.step)
         assert [m.step for m in history] == list(range(len(history)))
         # the epochs Tune judged are all logged, with the value Tune saw; a stopped trial's workers may have
         # finished one more epoch before the stop reached them
@@ -765,6 +770,7 @@ def test_validation_on_synthetic_defects_reports_the_auto_objective(weld_root):
     from supersimplenet.backbones import load_backbone_weights
     from supersimplenet.layouts import read_layout
     from supersimplenet.model import build_model
+    from supersimplenet.train import build_memory
     from ssn_platform.training import _validation_metrics, build_validation_set
     from ssn_platform.tuning import OBJECTIVES
 
@@ -774,6 +780,7 @@ def test_validation_on_synthetic_defects_reports_the_auto_objective(weld_root):
     torch.manual_seed(0)
     model = build_model(job.model)
     load_backbone_weights(model.feature_extractor.backbone, job.model.backbone, "default")
+    build_memory(model, root=weld_root, samples=normal, device=torch.device("cpu"), seed=0)  # the weld config's
     metrics = _validation_metrics(model.eval(), val_set, job, torch.device("cpu"))
     assert 0.0 <= metrics[OBJECTIVES["synthetic"]] <= 1.0
     assert {"val_image_auroc", "val_pixel_auroc", "val_image_auroc_map_top1"} <= set(metrics)
