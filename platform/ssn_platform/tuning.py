@@ -14,10 +14,12 @@ What one search does (`run_search`):
   ("split") when the val split holds both classes, else synthetic defects pasted into the normal val images
   ("synthetic", see supersimplenet.synthetic). The test split plays no part in the search. The default metric
   (``auto``, `OBJECTIVES`) depends on that mode: with real defects the image AUROC of the model's own score
-  (`val_image_auroc`); with synthetic ones the image AUROC of the combined score (the mean of the head's score and
-  the map maximum, `val_image_auroc_combined`), the one objective whose ranking of settings agreed with the real
-  test AUROC (Spearman >= 0.8) on every dataset measured, where the map's own score misled on ELPV
-  (docs/configuration.md, QUALITY.md). Any metric a trial reports can be named instead.
+  (`val_image_auroc`; for a model reporting the patch memory's score, which the searched head settings do not
+  move, the heads' map score `val_image_auroc_map_top1`: `MEMORY_SPLIT_OBJECTIVE`); with synthetic ones the image
+  AUROC of the combined score (the mean of the head's score and the map maximum, `val_image_auroc_combined`), the
+  one objective whose ranking of settings agreed with the real test AUROC (Spearman >= 0.8) on every dataset
+  measured, where the map's own score misled on ELPV (docs/configuration.md, QUALITY.md). Any metric a trial
+  reports can be named instead.
 * Search. Seeded `OptunaSearch` (TPE) over an Optuna study persisted in a database (ssn_platform.study; default:
   sqlite `optuna.db` next to the stack's MLflow database; any SQLAlchemy URL through `storage` / SSN_OPTUNA_STORAGE).
   `ASHAScheduler` on the per-epoch metric (epochs are the resource; grace period a quarter of the epochs by
