@@ -217,7 +217,7 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 def build_ours(backbone: str, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = build_model(ModelConfig(backbone=backbone))
+    model = build_model(ModelConfig(backbone=backbone, image_score="map_top1"))  # random heads: no memory
     load_backbone_weights(
         model.feature_extractor.backbone, backbone, "random" if backbone == "wide_resnet50" else "default"
     )

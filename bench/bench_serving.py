@@ -75,7 +75,14 @@ def ensure_demo_product() -> str:
             return str(champion)
     except Exception:  # noqa: BLE001 - not registered yet
         pass
-    config = ModelConfig(backbone="efficientnet_lite0", image_size=(256, 128), noise_std=1.0, noise_std_mode="relative")
+    # untrained random heads (no memory to build): the map's score
+    config = ModelConfig(
+        backbone="efficientnet_lite0",
+        image_size=(256, 128),
+        noise_std=1.0,
+        noise_std_mode="relative",
+        image_score="map_top1",
+    )
     torch.manual_seed(0)
     model = build_model(config)
     load_backbone_weights(model.feature_extractor.backbone, config.backbone, "default")

@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
 
     torch.manual_seed(0)
-    model = build_model(ModelConfig(backbone=args.backbone, image_size=tuple(args.size))).eval()
+    # the heads' cost with random heads: the map's score (a "memory" model would need its memory built first)
+    config = ModelConfig(backbone=args.backbone, image_size=tuple(args.size), image_score="map_top1")
+    model = build_model(config).eval()
     if args.backbone == "efficientnet_lite0":
         load_backbone_weights(model.feature_extractor.backbone, args.backbone, "default")
     net = fast_module.FastSuperSimpleNet.from_model(model, dtype=dtype)

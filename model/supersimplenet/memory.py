@@ -6,7 +6,7 @@ images and score a new image by how far its most unusual patches lie from the ne
 memory-bank idea of PatchCore, Roth et al., CVPR 2022; here without its coreset). Measured with the same frozen
 Lite0 features (QUALITY.md, "A memory of normal patches"; `memory_pool` 8): image AUROC weld 0.989 against the
 heads' best 0.964 +- 0.008, MPDD 0.998 against 1.000, ELPV 0.933 against 0.885 (1,000 cells). So a model whose
-`ModelConfig.image_score` is "memory" (the weld and ELPV configs' choice) carries this module beside its
+`ModelConfig.image_score` is "memory" (the Lite presets' unsupervised default) carries this module beside its
 heads and reports its score; the anomaly map (localisation, overlays) stays the heads'.
 
 Mechanism:

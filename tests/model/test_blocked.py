@@ -104,7 +104,7 @@ def test_the_model_trains_through_the_blocked_path_on_cpu(monkeypatch):
     calls = []
     original = blocked.blocked_segmentation_head
     monkeypatch.setattr(blocked, "blocked_segmentation_head", lambda *a, **k: calls.append(1) or original(*a, **k))
-    model = build_model(ModelConfig(image_size=(72, 72))).train()
+    model = build_model(ModelConfig(image_size=(72, 72), image_score="map_top1")).train()
     out = model(torch.rand(2, 3, 72, 72), torch.zeros(2, 1, 72, 72), torch.zeros(2))
     assert calls == [1] and out.map_logits.shape == (4, 1, 18, 18)
     model.eval()

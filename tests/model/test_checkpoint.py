@@ -13,7 +13,8 @@ from supersimplenet.model import build_model
 
 def test_round_trip_gives_identical_outputs(tmp_path):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(image_size=(128, 128), noise_std_mode="relative", noise_std=0.3)).eval()
+    config = ModelConfig(image_size=(128, 128), noise_std_mode="relative", noise_std=0.3, image_score="map_top1")
+    model = build_model(config).eval()
     model.feature_scale.fill_(2.0)
     path = save_checkpoint(tmp_path / "m.pt", model, metadata={"note": "x"})
     loaded, metadata = load_checkpoint(path)
@@ -29,7 +30,9 @@ def test_round_trip_gives_identical_outputs(tmp_path):
 
 def test_loads_in_a_fresh_interpreter_without_training_code(tmp_path):
     torch.manual_seed(0)
-    save_checkpoint(tmp_path / "m.pt", build_model(ModelConfig(image_size=(128, 128))))
+    model = build_model(ModelConfig(image_size=(128, 128)))  # the Lite0 default: a patch memory, filled here
+    model.memory.build([torch.randn(2, model.feature_extractor.channels, 32, 32)], seed=0)
+    save_checkpoint(tmp_path / "m.pt", model)
     code = (
         "import sys; sys.modules['supersimplenet.train'] = None\n"
         "from supersimplenet.checkpoint import load_checkpoint\n"

@@ -28,7 +28,10 @@ def weld_batch(weld_root):
 
 def lite0(icpr: bool) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = build_model(ModelConfig(backbone="efficientnet_lite0", image_size=SIZE, adapt_cls_features=icpr))
+    config = ModelConfig(
+        backbone="efficientnet_lite0", image_size=SIZE, adapt_cls_features=icpr, image_score="map_top1"
+    )
+    model = build_model(config)
     load_backbone_weights(model.feature_extractor.backbone, "efficientnet_lite0", "default")
     with torch.no_grad():  # trained-like head statistics, so the exported BatchNorms are not identities
         for bn in (model.segmentation_head.layers[1], model.classification_head.block[1]):

@@ -106,7 +106,7 @@ def test_a_memory_model_without_its_memory_says_how_it_is_built():
 
 
 def test_models_with_other_scores_carry_no_memory_and_build_memory_leaves_them_alone(weld_root):
-    model = build_model(ModelConfig(image_size=(128, 128)))
+    model = build_model(ModelConfig(image_size=(128, 128), image_score="map_top1"))
     assert model.memory is None and not any(k.startswith("memory.") for k in model.state_dict())
     assert build_memory(model, root=weld_root, samples=[], device=torch.device("cpu"), seed=0) == 0
 

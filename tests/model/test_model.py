@@ -17,7 +17,7 @@ def wrn50():
 @pytest.fixture(scope="module")
 def lite0():
     torch.manual_seed(0)
-    return build_model(ModelConfig(backbone="efficientnet_lite0"))
+    return build_model(ModelConfig(backbone="efficientnet_lite0", image_score="map_top1"))  # random heads, no memory
 
 
 def test_wrn50_parameter_counts(wrn50):
@@ -50,7 +50,7 @@ def test_wrn50_shapes_eval_and_train(wrn50):
 def test_feature_sizes_for_other_inputs(lite0, size, feature):
     raw, _ = lite0.eval().features(torch.randn(1, 3, *size))
     assert tuple(raw.shape[-2:]) == feature
-    assert ModelConfig(image_size=size).feature_size == feature
+    assert ModelConfig(image_size=size, image_score="map_top1").feature_size == feature
     assert lite0(torch.randn(1, 3, *size)).anomaly_map.shape == (1, 1, *size)
 
 
@@ -62,7 +62,7 @@ def test_other_feature_levels_change_channels_and_resolution_and_survive_a_check
     from supersimplenet.inference import inference_model
 
     torch.manual_seed(0)
-    config = ModelConfig(image_size=(128, 72), feature_levels=list(levels))
+    config = ModelConfig(image_size=(128, 72), feature_levels=list(levels), image_score="map_top1")
     assert config.feature_levels == levels and config.feature_size == feature
     model = build_model(config).eval()
     assert model.feature_extractor.channels == model.adaptor.in_channels == channels
@@ -245,7 +245,7 @@ def test_a_config_naming_only_the_backbone_takes_the_presets_defaults():
         )
         assert config == recommended_model_config(name)
     lite0, wrn50 = ModelConfig(backbone="efficientnet_lite0"), ModelConfig(backbone="wide_resnet50")
-    assert (lite0.noise_std, lite0.noise_std_mode, lite0.image_score) == (4.0, "relative", "map_top1")
+    assert (lite0.noise_std, lite0.noise_std_mode, lite0.image_score) == (4.0, "relative", "memory")
     assert (wrn50.noise_std, wrn50.noise_std_mode, wrn50.image_score) == (0.015, "absolute", "head")  # the paper's
     supervised = recommended_model_config("efficientnet_lite0", supervision="supervised")
     assert (supervised.image_score, supervised.stop_grad, supervised.noise_std) == ("head", False, 4.0)

@@ -104,7 +104,7 @@ def test_a_model_section_naming_only_the_backbone_gets_its_recommended_settings(
     job = load_job_config(path)
     assert job.model == recommended_model_config("efficientnet_lite1")
     assert job.model.noise_std_mode == "relative"  # not the paper's absolute 0.015, tuned for WRN50 only
-    assert job.model.image_score == "map_top1" and job.model.stop_grad  # unsupervised (QUALITY.md)
+    assert job.model.image_score == "memory" and job.model.stop_grad  # unsupervised (QUALITY.md)
     supervised = load_job_config(path, ["train.supervision=supervised"])
     assert (supervised.model.image_score, supervised.model.stop_grad) == ("head", False)
     explicit = load_job_config(path, ["model.noise_std_mode=absolute", "model.noise_std=0.015"])
