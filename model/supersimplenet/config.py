@@ -204,6 +204,9 @@ class TrainConfig:
     `precision` ("fp32" or "bf16", `TRAIN_PRECISIONS`) is the compute precision of the trainable layers; see
     `supersimplenet.train.train_step`. bf16 needs hardware with native bfloat16 to be faster (AVX-512 BF16 or AMX
     CPUs, Ampere-or-newer GPUs); QUALITY.md and BENCHMARKS.md have its measured speed and accuracy.
+
+    `feature_cache_mib` bounds the memory of the training feature cache (`supersimplenet.feature_cache`: the frozen
+    backbone runs once per training item, not once per epoch); 0 turns it off.
     """
 
     epochs: int = 300
@@ -226,6 +229,7 @@ class TrainConfig:
     eval_every: int = 0
     deterministic: bool = True
     precision: str = "fp32"
+    feature_cache_mib: int = 4096
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
@@ -245,6 +249,10 @@ class TrainConfig:
             f"train.dilate must be an odd kernel size, got {self.dilate}",
         )
         _check(self.num_workers >= 0, f"train.num_workers must be >= 0, got {self.num_workers}")
+        _check(
+            isinstance(self.feature_cache_mib, int) and self.feature_cache_mib >= 0,
+            f"train.feature_cache_mib must be an int >= 0 (0: off), got {self.feature_cache_mib!r}",
+        )
         _check(
             self.precision in TRAIN_PRECISIONS,
             f"train.precision must be one of {TRAIN_PRECISIONS}, got {self.precision!r}",

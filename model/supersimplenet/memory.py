@@ -98,7 +98,7 @@ class PatchMemory(nn.Module):
         if not self.built:
             raise MemoryNotBuilt(
                 'model.image_score "memory": the patch memory is empty; it is built from the normal training '
-                "images when training starts (supersimplenet.train.build_memory)"
+                "images when training starts (supersimplenet.frozen.build_memory)"
             )
         patches = (self._pooled(features) - self.center) / self.spread
         batch, rows, cols = patches.shape[:3]

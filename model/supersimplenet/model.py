@@ -45,14 +45,24 @@ class FeatureExtractor(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.levels(images))
+
+    def _precision(self, device: torch.device):
         # Float32 also inside a bf16 training step's autocast: the frozen backbone is a small share of a step's
         # time, and Lite0's depthwise stack loses accuracy in bf16 (supersimplenet.fast, BF16_BACKBONES).
         # `autocast_backbone = True` lets an enclosing autocast reach it (tests compare against that).
-        precision = (
-            contextlib.nullcontext() if self.autocast_backbone else torch.autocast(images.device.type, enabled=False)
-        )
-        with torch.no_grad(), precision:
-            return pooled_features(self.backbone(images if self.autocast_backbone else images.float()))
+        return contextlib.nullcontext() if self.autocast_backbone else torch.autocast(device.type, enabled=False)
+
+    def levels(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The backbone's two feature levels (strides 8 and 16) of normalised images: what the training feature
+        cache stores (supersimplenet.feature_cache)."""
+        with torch.no_grad(), self._precision(images.device):
+            return list(self.backbone(images if self.autocast_backbone else images.float()))
+
+    def pool(self, levels: list[torch.Tensor]) -> torch.Tensor:
+        """F of the two levels (`pooled_features`), in float32 unless `autocast_backbone`."""
+        with torch.no_grad(), self._precision(levels[0].device):
+            return pooled_features(levels if self.autocast_backbone else [level.float() for level in levels])
 
 
 def pooled_features(levels: list[torch.Tensor]) -> torch.Tensor:
@@ -225,9 +235,17 @@ class SuperSimpleNet(nn.Module):
         """[0, 1] RGB images -> the backbone's input normalisation."""
         return (images - self.mean) / self.std
 
-    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw pooled features F and adapted features A of normalised images."""
-        raw = self.feature_extractor(images)
+    def features(
+        self, images: torch.Tensor | None, levels: list[torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw pooled features F and adapted features A of normalised images, or of their backbone levels when
+        given (the training feature cache, supersimplenet.feature_cache)."""
+        if levels is not None:
+            raw = self.feature_extractor.pool(levels)
+        elif images is not None:
+            raw = self.feature_extractor(images)
+        else:
+            raise ValueError("features need images or their backbone levels")
         return raw, self.adaptor(raw)
 
     def heads(self, adapted: torch.Tensor, cls_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,15 +295,18 @@ class SuperSimpleNet(nn.Module):
 
     def forward(
         self,
-        images: torch.Tensor,
+        images: torch.Tensor | None,
         masks: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        *,
+        levels: list[torch.Tensor] | None = None,
     ) -> TrainOutput | InferenceOutput:
-        """Train mode: `images` [B,3,H,W] normalised, `masks` [B,1,H,W] and `labels` [B] -> TrainOutput.
+        """Train mode: `images` [B,3,H,W] normalised, `masks` [B,1,H,W] and `labels` [B] -> TrainOutput. `levels`,
+        the images' cached backbone levels (supersimplenet.feature_cache), may stand in for `images` (then None).
 
         Eval mode: normalised `images` -> InferenceOutput with the anomaly map at the input size.
         """
-        raw, adapted = self.features(images)
+        raw, adapted = self.features(images, levels if self.training else None)
         if not self.training:
             map_logits, score_logits = self.heads(adapted, adapted if self.config.adapt_cls_features else raw)
             memory_score = self.memory.score(raw) if self.memory is not None else None

@@ -37,6 +37,8 @@ from supersimplenet.config import (
     recommended_model_config,
     to_dict,
 )
+from supersimplenet.feature_cache import cached_train_loader
+from supersimplenet.frozen import build_memory, measure_feature_scale
 from supersimplenet.inference import inference_model
 from supersimplenet.layouts import read_layout
 from supersimplenet.loading import DefectDataset
@@ -132,60 +134,6 @@ def build_train_loader(
     return loader, sampler
 
 
-@torch.no_grad()
-def measure_feature_scale(
-    model: SuperSimpleNet, loader: DataLoader, *, device: torch.device, max_batches: int = 8
-) -> float:
-    """Median per-channel standard deviation of the pooled backbone features F over training images.
-
-    With `noise_std_mode="relative"` the synthetic noise is `noise_std` times this scale, so one sigma transfers
-    across backbones whose features differ in magnitude by orders.
-    """
-    total = total_sq = None
-    count = 0
-    for index, batch in enumerate(loader):
-        if index >= max_batches:
-            break
-        raw = model.feature_extractor(batch["image"].to(device)).double()
-        per_channel = raw.transpose(0, 1).flatten(1)
-        total = per_channel.sum(1) if total is None else total + per_channel.sum(1)
-        total_sq = (per_channel**2).sum(1) if total_sq is None else total_sq + (per_channel**2).sum(1)
-        count += per_channel.shape[1]
-    if not count:
-        raise ValueError("cannot measure the feature scale: the training loader is empty")
-    variance = (total_sq / count - (total / count) ** 2).clamp_min(0)
-    return float(variance.sqrt().median())
-
-
-@torch.no_grad()
-def build_memory(
-    model: SuperSimpleNet,
-    *,
-    root: str | Path,
-    samples: Sequence[Sample],
-    device: torch.device,
-    seed: int,
-    batch_size: int = 16,
-) -> int:
-    """Fill the patch memory of a model whose image score is "memory" (`supersimplenet.memory`) from the normal
-    training images among `samples` (unflipped), and return its patch count; 0 and nothing done for other models.
-
-    The backbone is frozen, so the memory can be built before the heads train; every caller does it there, where
-    the relative noise scale is measured, so validation during training can report the score.
-    """
-    if model.memory is None:
-        return 0
-    preset = get_preset(model.config.backbone)
-    normals = [s for s in samples if s.split == "train" and s.label == 0]
-    dataset = DefectDataset(
-        root=root, samples=normals, image_size=model.config.image_size, mean=preset.mean, std=preset.std
-    )
-    batches = (
-        model.feature_extractor(batch["image"].to(device)) for batch in eval_loader(dataset, batch_size=batch_size)
-    )
-    return model.memory.build(batches, seed=seed)
-
-
 def train_step(
     model: nn.Module,
     batch: dict[str, torch.Tensor],
@@ -194,9 +142,11 @@ def train_step(
     *,
     device: torch.device,
 ) -> dict[str, float]:
-    """One optimisation step on a batch of B images (2B samples after duplication)."""
+    """One optimisation step on a batch of B images (2B samples after duplication): "image", or their cached
+    backbone "levels" (`supersimplenet.feature_cache.CachedLoader`)."""
     net = unwrap(model)
-    images = batch["image"].to(device, non_blocking=True)
+    images = batch["image"].to(device, non_blocking=True) if "image" in batch else None
+    levels = [level.to(device, non_blocking=True) for level in batch["levels"]] if "levels" in batch else None
     masks = batch["mask"].to(device, non_blocking=True)
     labels = batch["label"].to(device, non_blocking=True).float()
     segmented = batch["segmented"].to(device, non_blocking=True).bool()
@@ -208,7 +158,7 @@ def train_step(
     # bf16: the trainable layers run under autocast (weights, gradients and optimiser state stay float32; the
     # backbone opts out in FeatureExtractor.forward); the losses are computed in float32 from float32 logits.
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-        out = model(images, masks, labels)
+        out = model(images, masks, labels, levels=levels)
     out = dataclasses.replace(out, map_logits=out.map_logits.float(), score_logits=out.score_logits.float())
     if pixel_weights is not None and pixel_weights.shape[-2:] != out.map_logits.shape[-2:]:
         pixel_weights = nn.functional.interpolate(
@@ -356,6 +306,9 @@ def fit(
     if model_config.noise_std_mode == "relative":
         model.feature_scale.fill_(measure_feature_scale(model, loader, device=device))
     build_memory(model, root=data_root, samples=train_samples, device=device, seed=cfg.seed)
+    loader = cached_train_loader(
+        model, loader, sampler, device=device, precision=cfg.precision, budget_mib=cfg.feature_cache_mib
+    )
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
 

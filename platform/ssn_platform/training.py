@@ -30,6 +30,8 @@ from mlflow.entities import Metric
 
 from supersimplenet.backbones import get_preset, load_backbone_weights
 from supersimplenet.checkpoint import checkpoint_dict
+from supersimplenet.feature_cache import cached_train_loader
+from supersimplenet.frozen import build_memory, measure_feature_scale
 from supersimplenet.loading import DefectDataset
 from supersimplenet.supervision import apply_supervision
 from supersimplenet.model import build_model
@@ -39,8 +41,6 @@ from supersimplenet.train import (
     build_scheduler,
     build_train_loader,
     eval_loader,
-    measure_feature_scale,
-    build_memory,
     predict,
     train_epoch,
     unwrap,
@@ -156,6 +156,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     start_epoch = _restore_or_measure_scale(model, optimizer, scheduler, sampler, train_set, job, rank, device)
+    loader = cached_train_loader(
+        model,
+        loader,
+        sampler,
+        device=device,
+        precision=cfg.precision,
+        budget_mib=cfg.feature_cache_mib,
+        rank=rank,
+        world_size=world_size,
+    )
     _sync_head_batchnorms(model, job, world_size)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
     tracker = _open_tracker(config.get("mlflow_run_id"), start_epoch) if rank == 0 else None

@@ -13,7 +13,8 @@ from supersimplenet.loading import DefectDataset
 from supersimplenet.memory import MemoryNotBuilt, PatchMemory
 from supersimplenet.metrics import compute_metrics
 from supersimplenet.model import build_model
-from supersimplenet.train import build_memory, eval_loader, fit, predict
+from supersimplenet.frozen import build_memory
+from supersimplenet.train import eval_loader, fit, predict
 
 WELD_SIZE = (256, 128)
 

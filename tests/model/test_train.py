@@ -38,7 +38,7 @@ def test_supervised_defaults_follow_the_paper():
     assert unsup.resolved_clip_grad_norm is None and unsup.resolved_dilate == 1 and not unsup.resolved_flips
 
 
-def _tiny_fit(weld_root, seed):
+def _tiny_fit(weld_root, seed, **settings):
     samples = read_layout(weld_root)
     train = [s for s in samples if s.split == "train"][:6]
     test = [s for s in samples if s.split == "test"][::12]
@@ -46,9 +46,20 @@ def _tiny_fit(weld_root, seed):
         data_root=weld_root,
         samples=train + test,
         model_config=ModelConfig(image_size=(128, 128), noise_std_mode="relative", noise_std=0.5),
-        train_config=TrainConfig(epochs=2, batch_size=3, seed=seed),
+        train_config=TrainConfig(epochs=2, batch_size=3, seed=seed, **settings),
         progress=False,
     )
+
+
+def test_training_with_the_feature_cache_reaches_the_model_of_training_from_the_images(weld_root):
+    cached, plain = _tiny_fit(weld_root, 4, feature_cache_mib=64), _tiny_fit(weld_root, 4, feature_cache_mib=0)
+    for row_cached, row_plain in zip(cached.history, plain.history, strict=True):
+        assert row_cached["loss"] == pytest.approx(row_plain["loss"], rel=1e-4)
+    assert cached.test_metrics["image_auroc"] == pytest.approx(plain.test_metrics["image_auroc"], abs=1e-6)
+    plain_state = plain.model.state_dict()
+    for name, value in cached.model.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, plain_state[name], rtol=1e-3, atol=1e-5, msg=name)
 
 
 def test_seeded_runs_are_identical(weld_root):

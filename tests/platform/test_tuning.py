@@ -770,7 +770,7 @@ def test_validation_on_synthetic_defects_reports_the_auto_objective(weld_root):
     from supersimplenet.backbones import load_backbone_weights
     from supersimplenet.layouts import read_layout
     from supersimplenet.model import build_model
-    from supersimplenet.train import build_memory
+    from supersimplenet.frozen import build_memory
     from ssn_platform.training import _validation_metrics, build_validation_set
     from ssn_platform.tuning import OBJECTIVES
 
