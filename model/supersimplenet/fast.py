@@ -336,13 +336,15 @@ class FastSuperSimpleNet(nn.Module):
         levels = self._backbone_levels(x)
         if self.backbone_dtype != self.dtype:
             levels = [level.to(self.dtype) for level in levels]
-        memory_score = None
-        if self.memory is not None:
-            memory_score = self.memory.score(pooled_features([level.float() for level in levels]))
+        memory_score = raw = None
+        if self.memory is not None:  # F in float32 whatever the heads' dtype
+            raw = pooled_features([level.float() for level in levels])
+            memory_score = self.memory.score(raw)
         if self.heads == "separable":
             map_logits, hidden_max, hidden_mean = self._separable_heads(levels)
-        else:
-            map_logits, hidden_max, hidden_mean = self._folded_heads(levels)
+        else:  # the folded heads read the same F when they compute in float32 too
+            shared = raw if raw is not None and raw.dtype == levels[0].dtype else None
+            map_logits, hidden_max, hidden_mean = self._folded_heads(levels, shared)
         return self._postprocess(map_logits, self._score(hidden_max, hidden_mean, map_logits), size, memory_score)
 
     def _backbone_levels(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -396,11 +398,11 @@ class FastSuperSimpleNet(nn.Module):
         hidden = F.relu_(hidden)
         return map_logits, hidden.amax(dim=(0, 3)), hidden.mean(dim=(0, 3))
 
-    def _folded_heads(self, levels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        height, width = levels[0].shape[-2:]
-        size = (2 * height, 2 * width)
-        upscaled = [F.interpolate(level, size=size, mode="bilinear", align_corners=True) for level in levels]
-        raw = F.avg_pool2d(torch.cat(upscaled, dim=1), kernel_size=3, stride=1, padding=1)
+    def _folded_heads(
+        self, levels: list[torch.Tensor], raw: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Both heads from F (`raw`, computed from the levels when not given) with the folded weights."""
+        raw = pooled_features(levels) if raw is None else raw
         if self.channels_last:
             raw = raw.contiguous(memory_format=torch.channels_last)
         seg_input = cls_input = raw
