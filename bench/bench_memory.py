@@ -164,15 +164,12 @@ def run_dataset(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                 row[f"image_auroc_{key}"], row[f"ap_det_{key}"] = metrics["image_auroc"], metrics["ap_det"]
             if has_masks:
                 maps = F.interpolate(result["maps"][:, None], size=model_cfg.image_size, mode="bilinear")[:, 0]
-                pixel = compute_metrics(scores=row_scores(result), labels=labels, maps=maps.numpy(), masks=masks)
+                scores = result["scores"]["anynn_top1"].numpy()  # the score the model reports
+                pixel = compute_metrics(scores=scores, labels=labels, maps=maps.numpy(), masks=masks)
                 row["pixel_auroc"], row["aupro"] = pixel["pixel_auroc"], pixel["aupro"]
             rows.append(row)
             print_row(row)
     return rows
-
-
-def row_scores(result: dict[str, Any]) -> np.ndarray:
-    return result["scores"]["anynn_top1"].numpy()
 
 
 def print_row(row: dict[str, Any]) -> None:
