@@ -41,6 +41,7 @@ from supersimplenet.layouts import read_layout  # noqa: E402
 from supersimplenet.loading import DefectDataset  # noqa: E402
 from supersimplenet.backbones import get_preset  # noqa: E402
 from supersimplenet.model import build_model  # noqa: E402
+from supersimplenet.supervision import apply_supervision  # noqa: E402
 from supersimplenet.train import fit  # noqa: E402
 
 
@@ -62,7 +63,8 @@ def run(name: str, root: Path, train: list, precision: str, cache_mib: int, args
     result = fit(data_root=root, samples=train, model_config=model_cfg, train_config=train_cfg, progress=False)
     total = time.perf_counter() - started
     epochs = [row["seconds"] for row in result.history]
-    items = len(train) * (4 if train_cfg.resolved_flips else 1)
+    trained = [s for s in apply_supervision(train, train_cfg.supervision) if s.split == "train"]  # as fit does
+    items = len(trained) * (4 if train_cfg.resolved_flips else 1)
     later = statistics.median(epochs[1:] or epochs)
     setup = total - sum(epochs)
     cache_bytes = 0
@@ -70,7 +72,7 @@ def run(name: str, root: Path, train: list, precision: str, cache_mib: int, args
         preset = get_preset(model_cfg.backbone)
         dataset = DefectDataset(
             root=root,
-            samples=train,
+            samples=trained,
             image_size=model_cfg.image_size,
             mean=preset.mean,
             std=preset.std,
