@@ -340,47 +340,40 @@ def make_trainers(
     size = ours.config.image_size
     optimizer = build_optimizer(ours, TrainConfig())
 
-    def ours_step(batch: int, precision: str, blocked: bool = True) -> None:
+    stored: dict[tuple[int, str], list[torch.Tensor]] = {}
+
+    def ours_step(batch: int, precision: str, blocked: bool = True, cached: bool = False) -> None:
+        """One `train_step` on random images, or (`cached`) a step of a later epoch with the training feature cache:
+        backbone levels stored once in the cache's dtype (outside the timed step), read back as
+        `FeatureCache.batch` does."""
+        if cached and (batch, precision) not in stored:
+            levels = ours.feature_extractor.levels(torch.randn(batch, 3, *size, device=device))
+            stored[batch, precision] = [level.to(CACHE_DTYPES[precision]) for level in levels]
         ours.train()
         ours.segmentation_head.blocked = blocked
         data = {
-            "image": torch.randn(batch, 3, *size, device=device),
             "mask": torch.zeros(batch, 1, *size, device=device),
             "label": torch.zeros(batch, device=device),
             "segmented": torch.zeros(batch, dtype=torch.bool, device=device),
         }
+        if cached:
+            rows = torch.arange(batch, device=device)
+            data["levels"] = [level.index_select(0, rows).float() for level in stored[batch, precision]]
+        else:
+            data["image"] = torch.randn(batch, 3, *size, device=device)
         train_step(ours, data, optimizer, TrainConfig(precision=precision), device=device)
         ours.segmentation_head.blocked = True
-        ours.eval()
-
-    stored: dict[tuple[int, str], list[torch.Tensor]] = {}
-
-    def ours_cached_step(batch: int, precision: str) -> None:
-        """A step of a later epoch with the training feature cache: the backbone levels were stored once (in the
-        cache's dtype, outside the timed step); the step reads them back as `FeatureCache.batch` does."""
-        key = (batch, precision)
-        if key not in stored:
-            levels = ours.feature_extractor.levels(torch.randn(batch, 3, *size, device=device))
-            stored[key] = [level.to(CACHE_DTYPES[precision]) for level in levels]
-        ours.train()
-        data = {
-            "levels": [level.index_select(0, torch.arange(batch, device=device)).float() for level in stored[key]],
-            "mask": torch.zeros(batch, 1, *size, device=device),
-            "label": torch.zeros(batch, device=device),
-            "segmented": torch.zeros(batch, dtype=torch.bool, device=device),
-        }
-        train_step(ours, data, optimizer, TrainConfig(precision=precision), device=device)
         ours.eval()
 
     trainers = [
         Trainer(
             "ours cached",
-            functools.partial(ours_cached_step, precision="fp32"),
+            functools.partial(ours_step, precision="fp32", cached=True),
             "train_step on stored backbone levels (supersimplenet.feature_cache: every epoch after the first)",
         ),
         Trainer(
             "ours cached bf16",
-            functools.partial(ours_cached_step, precision="bf16"),
+            functools.partial(ours_step, precision="bf16", cached=True),
             "the same with bfloat16 levels and bf16 autocast",
         ),
         Trainer(

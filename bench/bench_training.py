@@ -40,7 +40,6 @@ from supersimplenet.feature_cache import CACHE_DTYPES, estimate_bytes  # noqa: E
 from supersimplenet.layouts import read_layout  # noqa: E402
 from supersimplenet.loading import DefectDataset  # noqa: E402
 from supersimplenet.backbones import get_preset  # noqa: E402
-from supersimplenet.model import build_model  # noqa: E402
 from supersimplenet.supervision import apply_supervision  # noqa: E402
 from supersimplenet.train import fit  # noqa: E402
 
@@ -78,7 +77,7 @@ def run(name: str, root: Path, train: list, precision: str, cache_mib: int, args
             std=preset.std,
             flips=train_cfg.resolved_flips,
         )
-        cache_bytes = estimate_bytes(build_model(model_cfg), dataset, CACHE_DTYPES[precision])
+        cache_bytes = estimate_bytes(result.model, dataset, CACHE_DTYPES[precision])
     return {
         "dataset": name,
         "backbone": model_cfg.backbone,
