@@ -116,7 +116,9 @@ def build_feature_cache(
     initialised process group, exchanges the shares so that every rank holds every item."""
     extractor = model.feature_extractor
     mine = list(range(rank, len(dataset), world_size))
-    subset = torch.utils.data.Subset(dataset, mine)
+    # a rank with no share (fewer items than ranks) still runs item 0, for the shapes of what it sends, and sends
+    # none of its rows
+    subset = torch.utils.data.Subset(dataset, mine or [0])
     # a loader of its own generator: iterating one without draws a seed from the global RNG, which would shift the
     # Perlin masks and noise of every later step
     loader = DataLoader(
@@ -133,6 +135,7 @@ def build_feature_cache(
         labels.append(batch["label"].float())
         segmented.append(batch["segmented"].bool())
     shares = [torch.cat(store) for store in levels] + [torch.cat(masks), torch.cat(labels), torch.cat(segmented)]
+    shares = [share[: len(mine)] for share in shares]
     if world_size > 1:
         shares = [_exchange(share, len(dataset), rank, world_size, device) for share in shares]
     *level_tensors, mask_tensor, label_tensor, segmented_tensor = shares

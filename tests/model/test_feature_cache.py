@@ -117,12 +117,12 @@ def test_bf16_training_caches_bfloat16_levels_close_to_the_float32_ones(weld_roo
         torch.testing.assert_close(a.float(), b, rtol=1e-2, atol=1e-2)
 
 
-def _rank(rank, world_size, port, weld_root, out):
+def _rank(rank, world_size, port, weld_root, out, count, flips):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         torch.set_num_threads(1)
-        dataset, _ = _weld(weld_root, count=5, flips=True)  # 20 items: shares of 7, 7 and 6
+        dataset, _ = _weld(weld_root, count=count, flips=flips)
         cache = build_feature_cache(
             _model(), dataset, device=torch.device("cpu"), batch_size=4, rank=rank, world_size=world_size
         )
@@ -131,12 +131,17 @@ def _rank(rank, world_size, port, weld_root, out):
         dist.destroy_process_group()
 
 
-def test_ranks_that_exchange_their_shares_each_hold_the_whole_cache(weld_root, tmp_path):
+@pytest.mark.parametrize(
+    ("count", "flips"),
+    [(5, True), (2, False)],
+    ids=["20 items in shares of 7, 7 and 6", "2 items: the third rank has none"],
+)
+def test_ranks_that_exchange_their_shares_each_hold_the_whole_cache(weld_root, tmp_path, count, flips):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    mp.spawn(_rank, args=(3, port, weld_root, tmp_path), nprocs=3, join=True)
-    dataset, _ = _weld(weld_root, count=5, flips=True)
+    mp.spawn(_rank, args=(3, port, weld_root, tmp_path, count, flips), nprocs=3, join=True)
+    dataset, _ = _weld(weld_root, count=count, flips=flips)
     single = build_feature_cache(_model(), dataset, device=torch.device("cpu"), batch_size=4)
     for rank in range(3):
         held = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
