@@ -25,7 +25,12 @@ Distributed. Under DDP every rank needs every item over the epochs (the sampler 
 r computes items r, r + W, ... and the ranks exchange their shares with `all_gather` on the process group, so
 building costs each rank at most one epoch's backbone work, whatever the world size.
 
-Used by `supersimplenet.train.fit` and by the platform's Ray Train loop through `cached_train_loader`, and
+One pass for all. The other passes of the frozen backbone over the training images before the heads train (the
+relative noise scale, the patch memory) take what they need from this one (`derived`, `supersimplenet.frozen`), so a
+run with the cache runs the backbone over its training images exactly once.
+
+Used by `supersimplenet.frozen.run_frozen_passes` (called by `supersimplenet.train.fit` and by the platform's Ray
+Train loop) through `cached_train_loader`, and
 `CachedLoader` yields batches in exactly the order the image loader would (the same sampler, batch size and
 `drop_last=False`), with "levels" in place of "image"; `supersimplenet.train.train_step` takes either.
 """
@@ -34,7 +39,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -58,12 +63,16 @@ class FeatureCache:
         segmented: torch.Tensor,
         masks: torch.Tensor | None,
         image_size: tuple[int, int],
+        derived: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self.levels = levels  # each [N, C_l, h_l, w_l]
         self.labels = labels  # [N] float32
         self.segmented = segmented  # [N] bool
         self.masks = masks  # [N, 1, H, W] uint8, or None when every mask is empty
         self.image_size = image_size
+        # per-item tensors computed from the float32 levels while the cache was built (`build_feature_cache`'s
+        # `derived`): the other frozen passes' inputs, dropped by their consumer once used
+        self.derived = dict(derived or {})
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -111,9 +120,16 @@ def build_feature_cache(
     num_workers: int = 0,
     rank: int = 0,
     world_size: int = 1,
+    derived: Mapping[str, Callable[[list[torch.Tensor]], torch.Tensor]] | None = None,
 ) -> FeatureCache:
     """Runs the frozen backbone once over this rank's share of `dataset` (items rank, rank + W, ...) and, under an
-    initialised process group, exchanges the shares so that every rank holds every item."""
+    initialised process group, exchanges the shares so that every rank holds every item.
+
+    `derived` maps names to functions of a batch's float32 levels that return one row per item ([B, ...]): they
+    run on the levels as computed, before the cast to `dtype`, and their rows are exchanged like the levels, so
+    `cache.derived[name]` holds every item's in index order. The frozen passes that need the training images'
+    features (the noise scale, the patch memory: `supersimplenet.frozen`) ride on this pass instead of their own."""
+    derived = dict(derived or {})
     extractor = model.feature_extractor
     mine = list(range(rank, len(dataset), world_size))
     # a rank with no share (fewer items than ranks) still runs item 0, for the shapes of what it sends, and sends
@@ -126,20 +142,27 @@ def build_feature_cache(
     )
     levels: list[list[torch.Tensor]] = []
     masks, labels, segmented = [], [], []
+    extras: dict[str, list[torch.Tensor]] = {name: [] for name in derived}
     for batch in loader:
         computed = extractor.levels(batch["image"].to(device))
         levels = levels or [[] for _ in computed]
         for store, level in zip(levels, computed):
             store.append(level.to("cpu", dtype))
+        for name, function in derived.items():
+            extras[name].append(function(computed).cpu())
         masks.append(batch["mask"].to(torch.uint8))
         labels.append(batch["label"].float())
         segmented.append(batch["segmented"].bool())
     shares = [torch.cat(store) for store in levels] + [torch.cat(masks), torch.cat(labels), torch.cat(segmented)]
+    shares += [torch.cat(extras[name]) for name in derived]
     shares = [share[: len(mine)] for share in shares]
     if world_size > 1:
         shares = [_exchange(share, len(dataset), rank, world_size, device) for share in shares]
+    extra_tensors = dict(zip(derived, shares[len(shares) - len(derived) :]))
+    shares = shares[: len(shares) - len(derived)]
     *level_tensors, mask_tensor, label_tensor, segmented_tensor = shares
     return FeatureCache(
+        derived=extra_tensors,
         levels=level_tensors,
         labels=label_tensor,
         segmented=segmented_tensor,
@@ -191,9 +214,11 @@ def cached_train_loader(
     budget_mib: int,
     rank: int = 0,
     world_size: int = 1,
+    derived: Mapping[str, Callable[[list[torch.Tensor]], torch.Tensor]] | None = None,
 ) -> CachedLoader | DataLoader:
     """The training loader to use: a `CachedLoader` over the backbone levels of `loader`'s dataset when they fit in
-    `budget_mib` (0 turns the cache off), else `loader` itself. Every rank must call it (it may all_gather)."""
+    `budget_mib` (0 turns the cache off), else `loader` itself. Every rank must call it (it may all_gather).
+    `derived`: as in `build_feature_cache` (not computed when the cache is off)."""
     dataset = loader.dataset
     dtype = CACHE_DTYPES[precision]
     if budget_mib <= 0 or not isinstance(dataset, DefectDataset):
@@ -216,6 +241,7 @@ def cached_train_loader(
         num_workers=loader.num_workers,
         rank=rank,
         world_size=world_size,
+        derived=derived,
     )
     log.info("feature cache: %d items, %.1f MiB (%s)", len(cache), cache.nbytes / 2**20, precision)
     return CachedLoader(cache, sampler, loader.batch_size or 1)

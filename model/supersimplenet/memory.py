@@ -76,9 +76,20 @@ class PatchMemory(nn.Module):
         return pooled.permute(0, 2, 3, 1)
 
     @torch.no_grad()
+    def patches(self, features: torch.Tensor) -> torch.Tensor:
+        """F [B, C, h, w] -> each image's unstandardised patches [B, gh * gw, C] in float32: what `build` keeps."""
+        return self._pooled(features).reshape(features.shape[0], -1, self.channels)
+
+    @torch.no_grad()
     def build(self, feature_batches: Iterable[torch.Tensor], *, seed: int) -> int:
         """Fill the memory from F of normal training images (batches [B, C, h, w]); returns its patch count."""
-        patches = torch.cat([self._pooled(batch).reshape(-1, self.channels).cpu() for batch in feature_batches])
+        patches = [self.patches(batch).reshape(-1, self.channels).cpu() for batch in feature_batches]
+        return self.build_from_patches(torch.cat(patches) if patches else torch.empty(0, self.channels), seed=seed)
+
+    @torch.no_grad()
+    def build_from_patches(self, patches: torch.Tensor, *, seed: int) -> int:
+        """Fill the memory from the `patches` ([N, C], rows of `patches(F)` of normal training images in image
+        order); returns its patch count."""
         if not len(patches):
             raise ValueError("cannot build the patch memory: no normal training images")
         center = patches.double().mean(dim=0)

@@ -37,8 +37,7 @@ from supersimplenet.config import (
     recommended_model_config,
     to_dict,
 )
-from supersimplenet.feature_cache import cached_train_loader
-from supersimplenet.frozen import build_memory, measure_feature_scale
+from supersimplenet.frozen import run_frozen_passes
 from supersimplenet.inference import inference_model
 from supersimplenet.layouts import read_layout
 from supersimplenet.loading import DefectDataset
@@ -303,12 +302,7 @@ def fit(
     provenance = load_backbone_weights(model.feature_extractor.backbone, model_config.backbone, weights)
     model.to(device)
     loader, sampler = build_train_loader(train_set, train_samples, cfg)
-    if model_config.noise_std_mode == "relative":
-        model.feature_scale.fill_(measure_feature_scale(model, loader, device=device))
-    build_memory(model, root=data_root, samples=train_samples, device=device, seed=cfg.seed)
-    loader = cached_train_loader(
-        model, loader, sampler, device=device, precision=cfg.precision, budget_mib=cfg.feature_cache_mib
-    )
+    loader = run_frozen_passes(model, loader, sampler, cfg, device=device)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
 

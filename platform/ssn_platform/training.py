@@ -30,8 +30,7 @@ from mlflow.entities import Metric
 
 from supersimplenet.backbones import get_preset, load_backbone_weights
 from supersimplenet.checkpoint import checkpoint_dict
-from supersimplenet.feature_cache import cached_train_loader
-from supersimplenet.frozen import build_memory, measure_feature_scale
+from supersimplenet.frozen import run_frozen_passes
 from supersimplenet.loading import DefectDataset
 from supersimplenet.supervision import apply_supervision
 from supersimplenet.model import build_model
@@ -155,16 +154,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
-    start_epoch = _restore_or_measure_scale(model, optimizer, scheduler, sampler, train_set, job, rank, device)
-    loader = cached_train_loader(
-        model,
-        loader,
-        sampler,
-        device=device,
-        precision=cfg.precision,
-        budget_mib=cfg.feature_cache_mib,
-        rank=rank,
-        world_size=world_size,
+    start_epoch = _restore(model, optimizer, scheduler, sampler, rank, device)
+    loader = run_frozen_passes(
+        model, loader, sampler, cfg, device=device, rank=rank, world_size=world_size, fresh=start_epoch == 0
     )
     _sync_head_batchnorms(model, job, world_size)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
@@ -258,27 +250,20 @@ def _build_worker_model(job: JobConfig, device: torch.device) -> tuple[torch.nn.
     return model.to(device), provenance
 
 
-def _restore_or_measure_scale(
-    model, optimizer, scheduler, sampler, train_set, job: JobConfig, rank: int, device: torch.device
-) -> int:
+def _restore(model, optimizer, scheduler, sampler, rank: int, device: torch.device) -> int:
     """The epoch to start from: after the newest stored checkpoint's (model, optimizer, scheduler and sampler
-    restored from it, the patch memory of a "memory" model included), or 0 for a new run, whose relative noise
-    scale rank 0 measures and broadcasts and whose patch memory every rank builds from the normal training images
-    (the same on every rank: frozen backbone, seeded subset; DDP does not broadcast it, see supersimplenet.memory)."""
+    restored from it, the relative noise scale and the patch memory of a "memory" model included), or 0 for a new
+    run, whose scale and memory `run_frozen_passes` computes on every rank (the same on every rank: frozen backbone,
+    the same images, seeded subset; DDP does not broadcast the memory, see supersimplenet.memory)."""
     state = _resume_state(rank, device)
-    if state is not None:
-        model.load_state_dict(state["model"]["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if hasattr(sampler, "load_state_dict") and state.get("sampler"):
-            sampler.load_state_dict(state["sampler"])
-        return int(state["epoch"]) + 1
-    if job.model.noise_std_mode == "relative":
-        scale_loader = eval_loader(train_set, batch_size=job.per_worker_batch_size)
-        scale = measure_feature_scale(model, scale_loader, device=device) if rank == 0 else 0.0
-        model.feature_scale.fill_(_broadcast_scalar(scale, device))
-    build_memory(model, root=train_set.root, samples=train_set.samples, device=device, seed=job.train.seed)
-    return 0
+    if state is None:
+        return 0
+    model.load_state_dict(state["model"]["state_dict"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if hasattr(sampler, "load_state_dict") and state.get("sampler"):
+        sampler.load_state_dict(state["sampler"])
+    return int(state["epoch"]) + 1
 
 
 def _validation_metrics(net, val_set, job: JobConfig, device: torch.device) -> dict[str, float]:
