@@ -327,13 +327,23 @@ class FastSuperSimpleNet(nn.Module):
         """Normalised images [B, 3, H, W] -> InferenceOutput(anomaly_map [B, 1, H, W], score [B]), as the reference."""
         return self.run(images)
 
+    @torch.inference_mode()
+    def forward_levels(self, levels: list[torch.Tensor], size: tuple[int, int]) -> InferenceOutput:
+        """`forward` from the backbone's levels of images of `size` (H, W), as `FeatureExtractor.levels` computes
+        them: what validation scores from its cached levels (`supersimplenet.feature_cache`), skipping the
+        backbone. Equal to `forward` on the images to float rounding (the backbone's own)."""
+        return self.run_levels([level.to(self.backbone_dtype) for level in levels], size)
+
     def run(self, images: torch.Tensor) -> InferenceOutput:
         """`forward` without inference_mode (for tracing and ONNX export)."""
         size = (int(images.shape[-2]), int(images.shape[-1]))  # python ints: fixed sizes, also when traced
         x = images.to(self.backbone_dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        levels = self._backbone_levels(x)
+        return self.run_levels(self._backbone_levels(x), size)
+
+    def run_levels(self, levels: list[torch.Tensor], size: tuple[int, int]) -> InferenceOutput:
+        """Everything after the backbone: F for the memory, both heads, post-processing."""
         if self.backbone_dtype != self.dtype:
             levels = [level.to(self.dtype) for level in levels]
         memory_score = raw = None

@@ -99,12 +99,13 @@ class FeatureCache:
 
 
 def estimate_bytes(model: SuperSimpleNet, dataset: DefectDataset, dtype: torch.dtype) -> int:
-    """Bytes the cache of `dataset` would take (levels at `dtype`, masks included when any sample has one)."""
+    """Bytes the cache of `dataset` would take (levels at `dtype`, masks included when any sample has one, or
+    always for a dataset that makes its own masks, such as synthetic defects)."""
     device = model.mean.device
     with torch.no_grad():
         probe = model.feature_extractor.levels(torch.zeros(1, 3, *dataset.image_size, device=device))
     per_item = sum(level.numel() for level in probe) * torch.tensor([], dtype=dtype).element_size()
-    if any(sample.mask is not None for sample in dataset.samples):
+    if not isinstance(dataset, DefectDataset) or any(sample.mask is not None for sample in dataset.samples):
         per_item += dataset.image_size[0] * dataset.image_size[1]
     return len(dataset) * (per_item + 5)
 

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from supersimplenet.backbones import get_preset, load_backbone_weights
@@ -37,6 +37,7 @@ from supersimplenet.config import (
     recommended_model_config,
     to_dict,
 )
+from supersimplenet.feature_cache import CachedLoader, build_feature_cache, estimate_bytes
 from supersimplenet.frozen import run_frozen_passes
 from supersimplenet.inference import inference_model
 from supersimplenet.layouts import read_layout
@@ -229,11 +230,17 @@ class Predictions:
 def predict(model: nn.Module, loader: DataLoader, *, device: torch.device, progress: bool = False) -> Predictions:
     """Scores and maps of a loader's images through the fast inference path (`supersimplenet.inference`).
 
-    `model` (possibly DDP-wrapped, in any mode) is folded once per call and left as it was."""
+    `model` (possibly DDP-wrapped, in any mode) is folded once per call and left as it was. `loader` yields image
+    batches, or batches of cached backbone "levels" (`supersimplenet.feature_cache.CachedLoader`), which skip the
+    backbone."""
     net = inference_model(unwrap(model))
     scores, labels, maps, masks, indices, heads, memory = [], [], [], [], [], [], []
     for batch in tqdm(loader, desc="predict", leave=False, disable=not progress):
-        out = net(batch["image"].to(device))
+        if "levels" in batch:
+            size = tuple(batch["mask"].shape[-2:])
+            out = net.forward_levels([level.to(device) for level in batch["levels"]], size)
+        else:
+            out = net(batch["image"].to(device))
         scores.append(out.score.cpu().numpy())
         if out.memory_score is not None:
             memory.append(out.memory_score.float().cpu().numpy())
@@ -271,6 +278,18 @@ class FitResult:
     history: list[dict[str, float]]
     test_metrics: dict[str, float]
     weights_provenance: str
+
+
+def validation_loader(
+    model: SuperSimpleNet, dataset: Dataset, *, device: torch.device, batch_size: int, budget_bytes: int
+) -> CachedLoader | DataLoader:
+    """A loader for a dataset scored again and again (validation every epoch): its items' float32 backbone levels
+    computed once (the backbone is frozen and the items are fixed functions of their index, synthetic defects
+    included), when they fit in `budget_bytes`, so `predict` runs only what follows the backbone; else the images."""
+    if budget_bytes > 0 and estimate_bytes(model, dataset, torch.float32) <= budget_bytes:
+        cache = build_feature_cache(model, dataset, device=device, dtype=torch.float32, batch_size=batch_size)
+        return CachedLoader(cache, range(len(dataset)), batch_size)
+    return eval_loader(dataset, batch_size=batch_size)
 
 
 def fit(

@@ -30,6 +30,7 @@ from mlflow.entities import Metric
 
 from supersimplenet.backbones import get_preset, load_backbone_weights
 from supersimplenet.checkpoint import checkpoint_dict
+from supersimplenet.feature_cache import CachedLoader
 from supersimplenet.frozen import run_frozen_passes
 from supersimplenet.loading import DefectDataset
 from supersimplenet.supervision import apply_supervision
@@ -43,6 +44,7 @@ from supersimplenet.train import (
     predict,
     train_epoch,
     unwrap,
+    validation_loader,
 )
 from supersimplenet.metrics import compute_metrics, pixel_auroc
 from ssn_platform import evaluation, plots, registry, resume, s3keys
@@ -158,6 +160,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loader = run_frozen_passes(
         model, loader, sampler, cfg, device=device, rank=rank, world_size=world_size, fresh=start_epoch == 0
     )
+    val_loader = None
+    if val_set is not None:  # rank 0 validates; its val images' levels are computed once, in what the budget leaves
+        left = cfg.feature_cache_mib * 2**20 - (loader.cache.nbytes if isinstance(loader, CachedLoader) else 0)
+        val_loader = validation_loader(
+            model, val_set, device=device, batch_size=job.per_worker_batch_size, budget_bytes=left
+        )
     _sync_head_batchnorms(model, job, world_size)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
     tracker = _open_tracker(config.get("mlflow_run_id"), start_epoch) if rank == 0 else None
@@ -171,8 +179,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         lrs = {f"lr_{group['name']}": group["lr"] for group in optimizer.param_groups}
         scheduler.step()
         metrics = {**stats, **lrs, "epoch": epoch, "epoch_seconds": time.perf_counter() - started}
-        if val_set is not None and ((epoch + 1) % job.validate_every == 0 or epoch + 1 == cfg.epochs):
-            metrics.update(_validation_metrics(unwrap(ddp_model), val_set, job, device))
+        if val_loader is not None and ((epoch + 1) % job.validate_every == 0 or epoch + 1 == cfg.epochs):
+            metrics.update(_validation_metrics(unwrap(ddp_model), val_loader, device))
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
         if epoch + 1 == cfg.epochs or (epoch + 1) % job.checkpoint_every == 0:
@@ -266,10 +274,10 @@ def _restore(model, optimizer, scheduler, sampler, rank: int, device: torch.devi
     return int(state["epoch"]) + 1
 
 
-def _validation_metrics(net, val_set, job: JobConfig, device: torch.device) -> dict[str, float]:
+def _validation_metrics(net, val_loader, device: torch.device) -> dict[str, float]:
     """Rank 0's validation: image AUROC and AP-det of the model's score, of every image score, and pixel AUROC
     (with the image+pixel mean) when the val images have masks."""
-    val = predict(net, eval_loader(val_set, batch_size=job.per_worker_batch_size), device=device)
+    val = predict(net, val_loader, device=device)
     scores = compute_metrics(scores=val.scores, labels=val.labels)
     metrics = {"val_image_auroc": scores["image_auroc"], "val_ap_det": scores["ap_det"]}
     metrics.update({f"val_{k}": v for k, v in val.score_metrics().items()})

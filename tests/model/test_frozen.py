@@ -1,10 +1,11 @@
 """The frozen passes before training: one backbone pass with the feature cache gives the scale and memory of the
-separate passes, in one process and across DDP ranks."""
+separate passes, in one process and across DDP ranks; validation from cached levels scores as from the images."""
 
 import dataclasses
 import os
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -17,7 +18,8 @@ from supersimplenet.frozen import SCALE_ITEMS, run_frozen_passes
 from supersimplenet.layouts import read_layout
 from supersimplenet.loading import DefectDataset
 from supersimplenet.model import build_model
-from supersimplenet.train import build_train_loader
+from supersimplenet.synthetic import SyntheticDefectDataset
+from supersimplenet.train import build_train_loader, eval_loader, predict, validation_loader
 
 CONFIG = ModelConfig(image_size=(128, 128), noise_std_mode="relative", noise_std=4.0, image_score="memory")
 
@@ -121,3 +123,27 @@ def test_ddp_ranks_each_get_the_scale_and_memory_of_one_process_from_their_share
         torch.testing.assert_close(held["center"], single.memory.center, rtol=1e-3, atol=1e-3)
         torch.testing.assert_close(held["spread"], single.memory.spread, rtol=1e-3, atol=1e-3)
         torch.testing.assert_close(held["bank"].float(), single.memory.bank.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("kind", ["labelled weld seams with masks", "synthetic defects"])
+def test_validation_from_cached_levels_scores_as_validation_from_the_images(weld_root, kind):
+    model, _ = _passes(_dataset(weld_root, count=8), cache_mib=0)  # random heads, the memory of 8 seams
+    preset = get_preset(CONFIG.backbone)
+    common = dict(root=weld_root, image_size=CONFIG.image_size, mean=preset.mean, std=preset.std)
+    samples = read_layout(weld_root)
+    if kind == "synthetic defects":
+        normal = [s for s in samples if s.split == "test" and s.label == 0][:5]
+        dataset = SyntheticDefectDataset(samples=normal, seed=3, recipe="mixed", **common)
+    else:
+        dataset = DefectDataset(samples=[s for s in samples if s.split == "test"][::8], **common)
+    device = torch.device("cpu")
+    cached = validation_loader(model, dataset, device=device, batch_size=4, budget_bytes=2**30)
+    assert isinstance(cached, CachedLoader)
+    assert not isinstance(validation_loader(model, dataset, device=device, batch_size=4, budget_bytes=1), CachedLoader)
+    got, want = predict(model, cached, device=device), predict(model, eval_loader(dataset, batch_size=4), device=device)
+    assert got.masks.any() and np.array_equal(got.masks, want.masks) and np.array_equal(got.labels, want.labels)
+    # the cache's levels come from the reference backbone, the images' from the fast path's (channels_last): the
+    # fast path's own tolerance against the reference (tests/model/test_fast.py)
+    np.testing.assert_allclose(got.scores, want.scores, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(got.head_scores, want.head_scores, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(got.maps, want.maps, rtol=0, atol=2e-5)
