@@ -21,11 +21,12 @@ Variants (overrides of the same config; every variant starts a study of its own,
 * ``after_fp32``: fp32 with the feature cache (for CPUs without native bf16).
 
 Reads the JSON summary `jobs/tune.py` prints last (wall seconds, trials, ASHA's early stops, best and baseline
-objective, the decision) and adds the command's own wall time (process start to exit: imports, Ray connection,
-every trial). Prints a table and writes bench_results/search.json. Limits: one run per variant (a search takes
-minutes to an hour here), so a difference under ~10 % is within the noise of a shared machine; trial order and
-ASHA's stops depend on the objective, which differs slightly between fp32 and bf16, so the variants do not train
-exactly the same epochs (the table says how many each trained).
+objective, the decision), adds the command's own wall time (process start to exit: imports, Ray connection,
+every trial) and, from the Optuna storage, the epochs each trial trained (its intermediate values). Prints a table
+and writes bench_results/search.json. Limits: one run per variant (a search takes minutes to an hour here), so a
+difference under ~10 % is within the noise of a shared machine; trial order and ASHA's stops depend on the sampled
+settings and the objective, so the variants do not train the same epochs: compare seconds per epoch trained (the
+command's seconds over all trials' epochs; two trials run at once).
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ for _folder in ("platform", "model"):
     if str(REPO / _folder) not in sys.path:
         sys.path.insert(0, str(REPO / _folder))
 
+import optuna  # noqa: E402 (after the sys.path setup above)
 import torch  # noqa: E402 (after the sys.path setup above)
 from ssn_platform.ingest import ingest  # noqa: E402 (after the sys.path setup above)
+from ssn_platform.study import default_storage_url, open_storage  # noqa: E402 (after the sys.path setup above)
 from supersimplenet.elpv import export_elpv  # noqa: E402 (after the sys.path setup above)
 
 PRODUCT = "elpv-search-bench"
@@ -92,7 +95,26 @@ def run_search(variant: str, *, dataset: str, trials: int, study: str, log_dir: 
         tail = "\n".join(lines[-20:])
         raise SystemExit(f"{variant}: jobs/tune.py exited {done.returncode}; see {log_path}:\n{tail}")
     summary = json.loads(next(line for line in reversed(lines) if line.startswith("{")))
-    return {"variant": variant, "command_seconds": round(seconds, 1), "log": str(log_path), **summary}
+    return {
+        "variant": variant,
+        "command_seconds": round(seconds, 1),
+        "log": str(log_path),
+        **study_epochs(study),
+        **summary,
+    }
+
+
+def study_epochs(study: str) -> dict:
+    """Epochs the study's trials trained (one intermediate value per epoch) and each trial's seconds, from the
+    Optuna storage: the variants' trials stop at different rungs, so seconds per epoch trained is the comparable
+    figure."""
+    trials = optuna.load_study(study_name=study, storage=open_storage(default_storage_url())).trials
+    done = [t for t in trials if t.datetime_complete is not None]
+    return {
+        "epochs_trained": sum(len(t.intermediate_values) for t in trials),
+        "trial_epochs": [len(t.intermediate_values) for t in trials],
+        "trial_seconds": [round((t.datetime_complete - t.datetime_start).total_seconds(), 1) for t in done],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,14 +138,17 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(_payload(args, dataset, rows), indent=2))
 
     print(f"\n{PRODUCT}: {CONFIG} {' '.join(PROTOCOL)}, 256x256, 200 normal training cells")
-    header = ["variant", "trials", "stopped early by ASHA", "search s", "command s", "s per trial", "best", "baseline"]
+    header = ["variant", "trials", "stopped by ASHA", "epochs trained", "search s", "command s", "s per epoch"]
+    header += ["s per trial", "best", "baseline"]
     print("| " + " | ".join([*header, "decision"]) + " |")
     print("|---" * (len(header) + 1) + "|")
     for row in rows:
         metric = row["metric"]
         print(
-            f"| {row['variant']} | {row['trials_this_run']} | {len(row['stopped_early'])} | {row['wall_seconds']} "
-            f"| {row['command_seconds']} | {row['command_seconds'] / max(1, row['trials_this_run']):.1f} "
+            f"| {row['variant']} | {row['trials_this_run']} | {len(row['stopped_early'])} | {row['epochs_trained']} "
+            f"| {row['wall_seconds']} | {row['command_seconds']} "
+            f"| {row['command_seconds'] / max(1, row['epochs_trained']):.1f} "
+            f"| {row['command_seconds'] / max(1, row['trials_this_run']):.1f} "
             f"| {_fmt(row.get(f'best_{metric}'))} | {_fmt(row.get(f'baseline_{metric}'))} | {row['decision']} |"
         )
     print(f"\nwrote {args.out}")

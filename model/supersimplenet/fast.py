@@ -332,7 +332,10 @@ class FastSuperSimpleNet(nn.Module):
         """`forward` from the backbone's levels of images of `size` (H, W), as `FeatureExtractor.levels` computes
         them: what validation scores from its cached levels (`supersimplenet.feature_cache`), skipping the
         backbone. Equal to `forward` on the images to float rounding (the backbone's own)."""
-        return self.run_levels([level.to(self.backbone_dtype) for level in levels], size)
+        levels = [level.to(self.backbone_dtype) for level in levels]
+        if self.channels_last:  # the layout the backbone's own levels have in `run`, so the heads take the same kernels
+            levels = [level.contiguous(memory_format=torch.channels_last) for level in levels]
+        return self.run_levels(levels, size)
 
     def run(self, images: torch.Tensor) -> InferenceOutput:
         """`forward` without inference_mode (for tracing and ONNX export)."""

@@ -57,7 +57,11 @@ class FeatureExtractor(nn.Module):
         """The backbone's two feature levels (strides 8 and 16) of normalised images: what the training feature
         cache stores (supersimplenet.feature_cache)."""
         with torch.no_grad(), self._precision(images.device):
-            return list(self.backbone(images if self.autocast_backbone else images.float()))
+            x = images if self.autocast_backbone else images.float()
+            # channels_last input: oneDNN's channels_last kernels, about 1.5x faster for Lite0's depthwise stack on
+            # CPU (as the fast path runs it); the levels go back to the default layout the heads are written for
+            levels = self.backbone(x.contiguous(memory_format=torch.channels_last))
+            return [level.contiguous() for level in levels]
 
     def pool(self, levels: list[torch.Tensor]) -> torch.Tensor:
         """F of the two levels (`pooled_features`), in float32 unless `autocast_backbone`."""
