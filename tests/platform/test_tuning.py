@@ -772,6 +772,7 @@ def test_validation_on_synthetic_defects_reports_the_auto_objective(weld_root):
     from supersimplenet.model import build_model
     from supersimplenet.frozen import build_memory
     from ssn_platform.training import _validation_metrics, build_validation_set
+    from supersimplenet.train import validation_loader
     from ssn_platform.tuning import OBJECTIVES
 
     job = _base_job(validation="synthetic", **{"model.image_size": "[96,96]"})
@@ -781,7 +782,10 @@ def test_validation_on_synthetic_defects_reports_the_auto_objective(weld_root):
     model = build_model(job.model)
     load_backbone_weights(model.feature_extractor.backbone, job.model.backbone, "default")
     build_memory(model, root=weld_root, samples=normal, device=torch.device("cpu"), seed=0)  # the weld config's
-    metrics = _validation_metrics(model.eval(), val_set, job, torch.device("cpu"))
+    device = torch.device("cpu")
+    # the loader the training loop validates with: the val images' backbone levels computed once
+    val_loader = validation_loader(model, val_set, device=device, batch_size=4, budget_bytes=2**30)
+    metrics = _validation_metrics(model.eval(), val_loader, device)
     assert 0.0 <= metrics[OBJECTIVES["synthetic"]] <= 1.0
     assert {"val_image_auroc", "val_pixel_auroc", "val_image_auroc_map_top1"} <= set(metrics)
 
