@@ -70,7 +70,7 @@ class FeatureCache:
         self.segmented = segmented  # [N] bool
         self.masks = masks  # [N, 1, H, W] uint8, or None when every mask is empty
         self.image_size = image_size
-        # per-item tensors computed from the float32 levels while the cache was built (`build_feature_cache`'s
+        # per-item tensors computed from F of the float32 levels while the cache was built (`build_feature_cache`'s
         # `derived`): the other frozen passes' inputs, dropped by their consumer once used
         self.derived = dict(derived or {})
 
@@ -121,13 +121,14 @@ def build_feature_cache(
     num_workers: int = 0,
     rank: int = 0,
     world_size: int = 1,
-    derived: Mapping[str, Callable[[list[torch.Tensor]], torch.Tensor]] | None = None,
+    derived: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
 ) -> FeatureCache:
     """Runs the frozen backbone once over this rank's share of `dataset` (items rank, rank + W, ...) and, under an
     initialised process group, exchanges the shares so that every rank holds every item.
 
-    `derived` maps names to functions of a batch's float32 levels that return one row per item ([B, ...]): they
-    run on the levels as computed, before the cast to `dtype`, and their rows are exchanged like the levels, so
+    `derived` maps names to functions of a batch's F (`FeatureExtractor.pool` of the float32 levels, computed once
+    per batch, before the levels' cast to `dtype`) that return one row per item ([B, ...]); their rows are
+    exchanged like the levels, so
     `cache.derived[name]` holds every item's in index order. The frozen passes that need the training images'
     features (the noise scale, the patch memory: `supersimplenet.frozen`) ride on this pass instead of their own."""
     derived = dict(derived or {})
@@ -149,8 +150,9 @@ def build_feature_cache(
         levels = levels or [[] for _ in computed]
         for store, level in zip(levels, computed):
             store.append(level.to("cpu", dtype))
+        features = extractor.pool(computed) if derived else None
         for name, function in derived.items():
-            extras[name].append(function(computed).cpu())
+            extras[name].append(function(features).cpu())
         masks.append(batch["mask"].to(torch.uint8))
         labels.append(batch["label"].float())
         segmented.append(batch["segmented"].bool())
@@ -215,7 +217,7 @@ def cached_train_loader(
     budget_mib: int,
     rank: int = 0,
     world_size: int = 1,
-    derived: Mapping[str, Callable[[list[torch.Tensor]], torch.Tensor]] | None = None,
+    derived: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
 ) -> CachedLoader | DataLoader:
     """The training loader to use: a `CachedLoader` over the backbone levels of `loader`'s dataset when they fit in
     `budget_mib` (0 turns the cache off), else `loader` itself. Every rank must call it (it may all_gather).

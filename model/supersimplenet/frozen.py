@@ -29,19 +29,18 @@ SCALE_ITEMS = 128
 
 @torch.no_grad()
 def item_moments(features: torch.Tensor) -> torch.Tensor:
-    """Per image of F [B, C, h, w]: the per-channel sum and sum of squares over its positions, [B, 2, C] float64."""
+    """Per image of F [B, C, h, w]: the per-channel mean of F and of F^2 over its positions, [B, 2, C] float64."""
     flat = features.double().flatten(2)
-    return torch.stack((flat.sum(2), (flat * flat).sum(2)), dim=1)
+    return torch.stack((flat.mean(2), (flat * flat).mean(2)), dim=1)
 
 
-def scale_from_moments(moments: torch.Tensor, positions: int) -> float:
-    """The median over channels of F's standard deviation, from `item_moments` rows of the images measured."""
+def scale_from_moments(moments: torch.Tensor) -> float:
+    """The median over channels of F's standard deviation over the images of `item_moments` rows (every image has
+    the same positions, so the images' means average to the whole set's)."""
     if not len(moments):
         raise ValueError("cannot measure the feature scale: the training set is empty")
-    total = moments.sum(0)
-    count = len(moments) * positions
-    variance = (total[1] / count - (total[0] / count) ** 2).clamp_min(0)
-    return float(variance.sqrt().median())
+    mean, mean_sq = moments.mean(0)
+    return float((mean_sq - mean**2).clamp_min(0).sqrt().median())
 
 
 @torch.no_grad()
@@ -56,12 +55,8 @@ def measure_feature_scale(
     """
     subset = torch.utils.data.Subset(dataset, range(min(SCALE_ITEMS, len(dataset))))
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False, generator=torch.Generator())
-    moments, positions = [], 0
-    for batch in loader:
-        features = model.feature_extractor(batch["image"].to(device))
-        moments.append(item_moments(features).cpu())
-        positions = features.shape[-2] * features.shape[-1]
-    return scale_from_moments(torch.cat(moments) if moments else torch.empty(0), positions)
+    moments = [item_moments(model.feature_extractor(batch["image"].to(device))).cpu() for batch in loader]
+    return scale_from_moments(torch.cat(moments) if moments else torch.empty(0))
 
 
 @torch.no_grad()
@@ -110,20 +105,20 @@ def run_frozen_passes(
     A fresh run (`fresh`; a resumed one restores both from its checkpoint) measures the relative noise scale and
     builds the patch memory of a "memory" model; every run builds the training feature cache when it fits
     (`supersimplenet.feature_cache`). With the cache, the scale and the memory are computed from the cache's own
-    pass (`derived`: per-image moments of F, per-image memory patches, from the float32 levels before any bf16 cast,
-    exchanged between DDP ranks with the levels), so the backbone sees each training image once; without it, each
-    has its own pass as before. Both give the same scale and memory (the same images, in the same order and the same
-    batches when the training set has no flips and no defective images; to float rounding otherwise). Every DDP
-    rank must call it.
+    pass (`derived`: per-image moments and memory patches of F, pooled once per batch from the float32 levels before
+    any bf16 cast, exchanged between DDP ranks with the levels), so the backbone sees each training image once;
+    without it, each has its own pass as before. Both give the same scale and memory (the same images, in the same
+    order and the same batches when the training set has no flips and no defective images; to float rounding
+    otherwise). Every DDP rank must call it.
     """
     dataset = loader.dataset
     relative = fresh and model.config.noise_std_mode == "relative"
     memory = model.memory if fresh and model.memory is not None else None
-    derived: dict[str, Callable[[list[torch.Tensor]], torch.Tensor]] = {}
+    derived: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     if relative:
-        derived["moments"] = lambda levels: item_moments(model.feature_extractor.pool(levels))
+        derived["moments"] = item_moments
     if memory is not None:
-        derived["patches"] = lambda levels: memory.patches(model.feature_extractor.pool(levels))
+        derived["patches"] = memory.patches
     cached = cached_train_loader(
         model,
         loader,
@@ -138,9 +133,7 @@ def run_frozen_passes(
     if isinstance(cached, CachedLoader):
         extras = cached.cache.derived
         if relative:
-            features = model.feature_extractor.pool([level[:1].float().to(device) for level in cached.cache.levels])
-            positions = features.shape[-2] * features.shape[-1]
-            model.feature_scale.fill_(scale_from_moments(extras.pop("moments")[:SCALE_ITEMS], positions))
+            model.feature_scale.fill_(scale_from_moments(extras.pop("moments")[:SCALE_ITEMS]))
         if memory is not None:
             normal = [i for i, s in enumerate(dataset.samples) if s.split == "train" and s.label == 0]
             patches = extras.pop("patches")[normal]
