@@ -179,6 +179,8 @@ def build_configs(
             train = replace(train, **{key: _coerce(value, getattr(train, key))})
         else:
             raise SystemExit(f"--settings {setting}: {key!r} is neither a ModelConfig nor a TrainConfig field")
+    if "anomaly_map" not in raw:  # resolved again from the (possibly overridden) image score
+        model = replace(model, anomaly_map=None)
     return model, train
 
 
@@ -322,6 +324,7 @@ def run_once(
         masks=predictions.masks if has_masks else None,
     )
     metrics.update(predictions.score_metrics())
+    metrics.update(predictions.heads_pixel_metrics())  # the heads' map beside the memory's, where it is reported
     types = [test[i].defect_type for i in predictions.indices]
     for defect_type in sorted({t for t in types if t}):
         keep = np.array([t in ("", defect_type) for t in types])
@@ -359,10 +362,10 @@ def save_predictions(
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(
         path,
-        maps=predictions.maps.astype(np.float16),
+        maps=(predictions.maps if predictions.head_maps is None else predictions.head_maps).astype(np.float16),
         labels=predictions.labels,
         head=head,
-        train_maps=fitted.maps.astype(np.float16),
+        train_maps=(fitted.maps if fitted.head_maps is None else fitted.head_maps).astype(np.float16),
         train_head=train_head,
     )
 
@@ -428,7 +431,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     keys = (
         [f"image_auroc_{s}" for s in IMAGE_SCORES]
         + [f"ap_det_{s}" for s in IMAGE_SCORES]
-        + ["pixel_auroc", "aupro", "ap_loc"]
+        + ["pixel_auroc", "aupro", "ap_loc", "pixel_auroc_heads", "aupro_heads"]
     )
     rows = []
     for name in args.datasets:

@@ -50,7 +50,12 @@ def save_checkpoint(path: str | Path, model: SuperSimpleNet, *, metadata: dict[s
 def model_from_checkpoint_dict(payload: dict[str, Any], *, source: str = "checkpoint") -> SuperSimpleNet:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{source}: not a SuperSimpleNet checkpoint (expected format {FORMAT!r})")
-    config = from_dict(ModelConfig, payload["model_config"], section="model")
+    values = payload.get("model_config")
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{source}: its model_config is missing or not a mapping")
+    # saved before `ModelConfig.anomaly_map` existed: such a model reported (and was evaluated on) the heads' map
+    values = {"anomaly_map": "heads", **values}
+    config = from_dict(ModelConfig, values, section="model")
     model = build_model(config)
     result = model.load_state_dict(payload["state_dict"], strict=False)
     if result.missing_keys or result.unexpected_keys:

@@ -21,6 +21,9 @@ IMAGE_SCORES = ("head", "map_max", "combined", "map_top1")
 # carry a memory. `ModelConfig.image_score` takes any of `REPORTED_SCORES`.
 MEMORY_SCORE = "memory"
 REPORTED_SCORES = (*IMAGE_SCORES, MEMORY_SCORE)
+# The anomaly map a model reports (localisation, pixel metrics, overlays, defect regions): the segmentation head's
+# ("heads", the paper's) or the patch memory's distances ("memory"; QUALITY.md: better on every product with masks).
+ANOMALY_MAPS = ("heads", MEMORY_SCORE)
 TOP_FRACTION = 0.01  # of the anomaly map's pixels that "map_top1" averages
 
 
@@ -85,6 +88,12 @@ class ModelConfig:
             4 is as good on weld and MPDD, but 16x the patches, so ELPV's 1,000 cells need a subset, which costs it
             0.02: QUALITY.md).
         memory_max_patches: with image_score "memory", the most patches the memory keeps (a seeded random subset).
+        anomaly_map: the map every prediction reports, one of `ANOMALY_MAPS`: "heads" (the segmentation head's, the
+            paper's) or "memory" (each patch's distance to the nearest normal patch, upsampled to the image;
+            QUALITY.md, "The patch memory's anomaly map"). None follows the image score: "memory" for a "memory"
+            model, else "heads". The map-based image scores ("map_max", "map_top1", "combined") always read the
+            heads' map, which every prediction also carries (`InferenceOutput.head_map`). Checkpoints saved before
+            this field existed load with "heads", the map they were evaluated with.
 
     Every None is resolved in `__post_init__`, so a built config (and every checkpoint) holds concrete values and
     `ModelConfig(backbone="efficientnet_lite0")` is the recommended unsupervised model of that backbone.
@@ -108,6 +117,7 @@ class ModelConfig:
     feature_levels: tuple[int, int] | None = None
     memory_pool: int = 8
     memory_max_patches: int = 65536
+    anomaly_map: str | None = None
 
     def __post_init__(self) -> None:
         from supersimplenet.backbones import PRESETS  # noqa: PLC0415 (import cycle: backbones imports this module)
@@ -162,6 +172,17 @@ class ModelConfig:
             and self.memory_max_patches >= 1,
             f"model.memory_max_patches must be an integer >= 1, got {self.memory_max_patches!r}",
         )
+        if self.anomaly_map is None:
+            object.__setattr__(self, "anomaly_map", MEMORY_SCORE if self.image_score == MEMORY_SCORE else "heads")
+        _check(
+            self.anomaly_map in ANOMALY_MAPS,
+            f"model.anomaly_map must be one of {ANOMALY_MAPS}, got {self.anomaly_map!r}",
+        )
+
+    @property
+    def uses_memory(self) -> bool:
+        """Whether the model carries a patch memory: its image score or its anomaly map reads it."""
+        return MEMORY_SCORE in (self.image_score, self.anomaly_map)
 
     def _resolve_backbone_defaults(self, preset: Any) -> None:
         """Fills the fields left None from the backbone preset, the one home of the per-backbone defaults."""

@@ -49,8 +49,8 @@ class _Exportable(nn.Module):
 def _prepare(model: nn.Module, fast: bool) -> nn.Module:
     if getattr(model, "memory", None) is not None:
         raise ValueError(
-            'ONNX export of a model with image_score "memory" is not supported (its nearest-patch search over the '
-            "memory is not exported); serve it through the PyTorch fast path"
+            'ONNX export of a model with a patch memory (image_score or anomaly_map "memory") is not supported '
+            "(its nearest-patch search over the memory is not exported); serve it through the PyTorch fast path"
         )
     if isinstance(model, FastSuperSimpleNet):
         if model.dtype != torch.float32 or model.backbone_dtype != torch.float32:

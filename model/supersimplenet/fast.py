@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from supersimplenet.folding import fold_backbone_batchnorm, fold_conv_bn, level_operators, upsample_blur_matrix
-from supersimplenet.model import InferenceOutput, SuperSimpleNet, image_score, pooled_features
+from supersimplenet.model import InferenceOutput, SuperSimpleNet, pooled_features, reported_output
 
 HeadsMode = Literal["auto", "separable", "folded"]
 
@@ -293,20 +293,15 @@ class FastSuperSimpleNet(nn.Module):
         map_logits: torch.Tensor,
         score_logits: torch.Tensor,
         size: tuple[int, int],
-        memory_score: torch.Tensor | None = None,
+        distances: torch.Tensor | None = None,
     ) -> InferenceOutput:
         """Upsample, separable Gaussian blur (reflect padding), sigmoid, in float32 as in the reference; the first
-        two as the matrices A_h @ M @ A_w^T (see 5. above)."""
+        two as the matrices A_h @ M @ A_w^T (see 5. above). The reported score and map as the reference's
+        (`supersimplenet.model.reported_output`)."""
         source = (int(map_logits.shape[-2]), int(map_logits.shape[-1]))
         rows, cols = self._map_operators(source, size, map_logits.device)
         maps = torch.sigmoid(torch.matmul(torch.matmul(rows, map_logits.float()), cols))
-        head = torch.sigmoid(score_logits.float())
-        return InferenceOutput(
-            anomaly_map=maps,
-            score=image_score(self.config.image_score, head, maps, memory_score),
-            head_score=head,
-            memory_score=memory_score,
-        )
+        return reported_output(self.config, self.memory, maps, torch.sigmoid(score_logits.float()), distances, size)
 
     def _score(self, hidden_max: torch.Tensor, hidden_mean: torch.Tensor, map_logits: torch.Tensor) -> torch.Tensor:
         pooled = torch.cat(
@@ -349,16 +344,16 @@ class FastSuperSimpleNet(nn.Module):
         """Everything after the backbone: F for the memory, both heads, post-processing."""
         if self.backbone_dtype != self.dtype:
             levels = [level.to(self.dtype) for level in levels]
-        memory_score = raw = None
+        distances = raw = None
         if self.memory is not None:  # F in float32 whatever the heads' dtype
             raw = pooled_features([level.float() for level in levels])
-            memory_score = self.memory.score(raw)
+            distances = self.memory.distances(raw)
         if self.heads == "separable":
             map_logits, hidden_max, hidden_mean = self._separable_heads(levels)
         else:  # the folded heads read the same F when they compute in float32 too
             shared = raw if raw is not None and raw.dtype == levels[0].dtype else None
             map_logits, hidden_max, hidden_mean = self._folded_heads(levels, shared)
-        return self._postprocess(map_logits, self._score(hidden_max, hidden_mean, map_logits), size, memory_score)
+        return self._postprocess(map_logits, self._score(hidden_max, hidden_mean, map_logits), size, distances)
 
     def _backbone_levels(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The backbone's levels; on CPU computed `BACKBONE_MICRO_BATCH` images at a time (6.)."""

@@ -69,8 +69,9 @@ def build_memory(
     seed: int,
     batch_size: int = 16,
 ) -> int:
-    """Fill the patch memory of a model whose image score is "memory" (`supersimplenet.memory`) from the normal
-    training images among `samples` (unflipped), and return its patch count; 0 and nothing done for other models.
+    """Fill the patch memory of a model that carries one (`ModelConfig.uses_memory`, `supersimplenet.memory`) from
+    the normal training images among `samples` (unflipped), and return its patch count; 0 and nothing done for
+    other models.
 
     The backbone is frozen, so the memory can be built before the heads train; every caller does it there, where
     the relative noise scale is measured, so validation during training can report the score.

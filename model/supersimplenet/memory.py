@@ -7,7 +7,8 @@ memory-bank idea of PatchCore, Roth et al., CVPR 2022; here without its coreset)
 Lite0 features (QUALITY.md, "A memory of normal patches"; `memory_pool` 8): image AUROC weld 0.989 against the
 heads' best 0.964 +- 0.008, MPDD 0.998 against 1.000, ELPV 0.933 against 0.885 (1,000 cells). So a model whose
 `ModelConfig.image_score` is "memory" (the Lite presets' unsupervised default) carries this module beside its
-heads and reports its score; the anomaly map (localisation, overlays) stays the heads'.
+heads and reports its score, and by default its anomaly map too (4. below; the map-based image scores and the
+search's objectives keep reading the heads' map).
 
 Mechanism:
 
@@ -20,6 +21,10 @@ Mechanism:
    distance d is the mean of its highest 1 % of patch distances (`top_count`, at least one); the score is
    d / (d + sqrt(C)), monotone in d and in [0, 1) like the other scores (sqrt(C) is the distance scale of
    standardised features).
+4. Map ("memory" anomaly map, `ModelConfig.anomaly_map`). The patch distances upsampled bilinearly to the image
+   and bounded as the score: a map on the patch grid (8 x 8 for 256 x 256 at pool 8), coarse but, on every product
+   with masks we have, a better localisation than the segmentation head's (QUALITY.md, "The patch memory's
+   anomaly map").
 
 Limits: the memory holds normal appearance only (labelled defects are not used; supervised regimes keep the head's
 score); its size grows with the training images (64 patches per 256 x 256 image at pool 8) up to `max_patches`
@@ -118,11 +123,24 @@ class PatchMemory(nn.Module):
         nearest = torch.cat([torch.cdist(chunk, bank).amin(dim=1) for chunk in queries.split(QUERY_CHUNK)])
         return nearest.reshape(batch, rows, cols)
 
+    def _bounded(self, distance: torch.Tensor) -> torch.Tensor:
+        """Distances -> [0, 1), monotone (mechanism 3.)."""
+        return distance / (distance + math.sqrt(self.channels))
+
     def score(self, features: torch.Tensor) -> torch.Tensor:
         """F [B, C, h, w] -> the image score [B] in [0, 1) (mechanism 3.)."""
-        flat = self.distances(features).flatten(1)
-        distance = flat.topk(top_count(int(flat.shape[1])), dim=1).values.mean(dim=1)
-        return distance / (distance + math.sqrt(self.channels))
+        return self.score_of(self.distances(features))
+
+    def score_of(self, distances: torch.Tensor) -> torch.Tensor:
+        """Patch distances [B, gh, gw] (`distances`) -> the image score [B] in [0, 1) (mechanism 3.)."""
+        flat = distances.flatten(1)
+        return self._bounded(flat.topk(top_count(int(flat.shape[1])), dim=1).values.mean(dim=1))
+
+    def anomaly_map(self, distances: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Patch distances [B, gh, gw] -> the anomaly map [B, 1, H, W] in [0, 1) at the image `size` (mechanism
+        4.): upsampled bilinearly (half-pixel centres), then bounded as the score is."""
+        upsampled = F.interpolate(distances[:, None].float(), size=size, mode="bilinear", align_corners=False)
+        return self._bounded(upsampled)
 
     # -- the bank in the state_dict, and on the module's device ------------------------------------------------
 

@@ -6,7 +6,8 @@
     A' -> segmentation head -> map logits M
     [A' or F', M] -> classification head -> score logit s
     inference: M upsampled to the image, Gaussian blur (sigma 4), sigmoid; sigmoid(s)
-    image_score "memory" only: F -> distance to the nearest normal training patch (supersimplenet.memory)
+    "memory" models only: F -> distance to the nearest normal training patch (supersimplenet.memory): the image
+    score, and by default the anomaly map (ModelConfig.anomaly_map; the heads' map stays in InferenceOutput.head_map)
 
 Shapes and constants follow docs/design.md; channel counts come from the backbone.
 """
@@ -172,10 +173,16 @@ class TrainOutput:
 
 @dataclass
 class InferenceOutput:
-    anomaly_map: torch.Tensor  # [B, 1, H, W] in [0, 1]
+    anomaly_map: torch.Tensor  # [B, 1, H, W] in [0, 1]: the map of `ModelConfig.anomaly_map`
     score: torch.Tensor  # [B] in [0, 1]: the image score of `ModelConfig.image_score`
     head_score: torch.Tensor | None = None  # [B] the classification head's probability (equals score for "head")
-    memory_score: torch.Tensor | None = None  # [B] the patch memory's score, for "memory" models only
+    memory_score: torch.Tensor | None = None  # [B] the patch memory's score, for models that carry a memory
+    head_map: torch.Tensor | None = None  # [B, 1, H, W] the segmentation head's map when anomaly_map is another
+
+    @property
+    def heads_map(self) -> torch.Tensor:
+        """The segmentation head's map, whichever map the model reports: what the map-based scores read."""
+        return self.anomaly_map if self.head_map is None else self.head_map
 
 
 def image_score(
@@ -197,6 +204,31 @@ def image_score(
     return map_max if kind == "map_max" else 0.5 * (head_score + map_max)  # "combined"
 
 
+def reported_output(
+    config: ModelConfig,
+    memory: PatchMemory | None,
+    heads_map: torch.Tensor,
+    head: torch.Tensor,
+    distances: torch.Tensor | None,
+    size: tuple[int, int],
+) -> InferenceOutput:
+    """What a prediction reports (the same function for the reference and the fast path): the heads' map [B, 1, H,
+    W] and probability [B], and a memory model's patch distances, -> the configured image score and anomaly map."""
+    memory_score = memory.score_of(distances) if distances is not None else None
+    score = image_score(config.image_score, head, heads_map, memory_score)
+    if config.anomaly_map != MEMORY_SCORE:
+        return InferenceOutput(anomaly_map=heads_map, score=score, head_score=head, memory_score=memory_score)
+    if distances is None:
+        raise ValueError('anomaly_map "memory" needs the patch memory\'s distances')
+    return InferenceOutput(
+        anomaly_map=memory.anomaly_map(distances, size),
+        score=score,
+        head_score=head,
+        memory_score=memory_score,
+        head_map=heads_map,
+    )
+
+
 class SuperSimpleNet(nn.Module):
     """The whole model. `forward` trains with synthetic anomalies in train mode and predicts in eval mode."""
 
@@ -216,7 +248,7 @@ class SuperSimpleNet(nn.Module):
         self.register_buffer("feature_scale", torch.ones(()))
         self.memory = (
             PatchMemory(channels=channels, pool=config.memory_pool, max_patches=config.memory_max_patches)
-            if config.image_score == MEMORY_SCORE
+            if config.uses_memory
             else None
         )
         self._init_trainable()
@@ -313,8 +345,8 @@ class SuperSimpleNet(nn.Module):
         raw, adapted = self.features(images, levels if self.training else None)
         if not self.training:
             map_logits, score_logits = self.heads(adapted, adapted if self.config.adapt_cls_features else raw)
-            memory_score = self.memory.score(raw) if self.memory is not None else None
-            return self.postprocess(map_logits, score_logits, tuple(images.shape[-2:]), memory_score)
+            distances = self.memory.distances(raw) if self.memory is not None else None
+            return self.postprocess(map_logits, score_logits, tuple(images.shape[-2:]), distances)
         if masks is None or labels is None:
             raise ValueError("training forward needs masks and labels (zeros for normal images)")
         feature_masks = downsample_mask(
@@ -329,13 +361,13 @@ class SuperSimpleNet(nn.Module):
         map_logits: torch.Tensor,
         score_logits: torch.Tensor,
         size: tuple[int, int],
-        memory_score: torch.Tensor | None = None,
+        distances: torch.Tensor | None = None,
     ) -> InferenceOutput:
+        """The heads' logits (and a memory model's patch distances [B, gh, gw]) -> InferenceOutput at `size`."""
         upsampled = F.interpolate(map_logits, size=size, mode="bilinear", align_corners=False)
-        anomaly_map = torch.sigmoid(self.blur(upsampled))
-        head = torch.sigmoid(score_logits)
-        score = image_score(self.config.image_score, head, anomaly_map, memory_score)
-        return InferenceOutput(anomaly_map=anomaly_map, score=score, head_score=head, memory_score=memory_score)
+        return reported_output(
+            self.config, self.memory, torch.sigmoid(self.blur(upsampled)), torch.sigmoid(score_logits), distances, size
+        )
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {

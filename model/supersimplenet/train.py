@@ -206,24 +206,34 @@ def train_epoch(
 class Predictions:
     scores: np.ndarray  # [N] image scores in [0, 1] (the model's `image_score`)
     labels: np.ndarray  # [N]
-    maps: np.ndarray  # [N, H, W] anomaly maps in [0, 1]
+    maps: np.ndarray  # [N, H, W] the reported anomaly maps in [0, 1] (`ModelConfig.anomaly_map`)
     masks: np.ndarray  # [N, H, W] ground truth
     indices: np.ndarray  # [N] dataset indices
     head_scores: np.ndarray | None = None  # [N] the classification head's probabilities
-    memory_scores: np.ndarray | None = None  # [N] the patch memory's scores ("memory" models only)
+    memory_scores: np.ndarray | None = None  # [N] the patch memory's scores (models with a memory only)
+    head_maps: np.ndarray | None = None  # [N, H, W] the heads' maps when the reported maps are the memory's
 
     def score_metrics(self) -> dict[str, float]:
         """Image AUROC and AP-det of every image score (`supersimplenet.metrics.IMAGE_SCORES`), keyed
-        ``image_auroc_<score>`` and ``ap_det_<score>``: what evaluation and the search compare."""
+        ``image_auroc_<score>`` and ``ap_det_<score>``: what evaluation and the search compare. The map-based
+        scores read the heads' maps, whichever map the model reports."""
         head = self.scores if self.head_scores is None else self.head_scores
         out = {}
-        for name, values in image_scores(head, self.maps).items():
+        for name, values in image_scores(head, self.maps if self.head_maps is None else self.head_maps).items():
             image = compute_metrics(scores=values, labels=self.labels)
             out[f"image_auroc_{name}"], out[f"ap_det_{name}"] = image["image_auroc"], image["ap_det"]
         if self.memory_scores is not None:
             image = compute_metrics(scores=self.memory_scores, labels=self.labels)
             out[f"image_auroc_{MEMORY_SCORE}"], out[f"ap_det_{MEMORY_SCORE}"] = image["image_auroc"], image["ap_det"]
         return out
+
+    def heads_pixel_metrics(self) -> dict[str, float]:
+        """Pixel AUROC, AUPRO and AP-loc of the heads' maps, keyed ``<metric>_heads``, when the model reports
+        another map (the memory's) and the images have masks; else {} (the reported map's are the heads')."""
+        if self.head_maps is None or not self.masks.any():
+            return {}
+        pixel = compute_metrics(scores=self.scores, labels=self.labels, maps=self.head_maps, masks=self.masks)
+        return {f"{key}_heads": pixel[key] for key in ("pixel_auroc", "aupro", "ap_loc")}
 
 
 @torch.no_grad()
@@ -234,7 +244,7 @@ def predict(model: nn.Module, loader: DataLoader, *, device: torch.device, progr
     batches, or batches of cached backbone "levels" (`supersimplenet.feature_cache.CachedLoader`), which skip the
     backbone."""
     net = inference_model(unwrap(model))
-    scores, labels, maps, masks, indices, heads, memory = [], [], [], [], [], [], []
+    scores, labels, maps, masks, indices, heads, memory, head_maps = [], [], [], [], [], [], [], []
     for batch in tqdm(loader, desc="predict", leave=False, disable=not progress):
         if "levels" in batch:
             size = tuple(batch["mask"].shape[-2:])
@@ -246,6 +256,8 @@ def predict(model: nn.Module, loader: DataLoader, *, device: torch.device, progr
             memory.append(out.memory_score.float().cpu().numpy())
         heads.append(out.head_score.float().cpu().numpy())
         maps.append(out.anomaly_map[:, 0].cpu().numpy())
+        if out.head_map is not None:
+            head_maps.append(out.head_map[:, 0].cpu().numpy())
         labels.append(batch["label"].numpy())
         masks.append(batch["mask"][:, 0].numpy())
         indices.append(np.asarray(batch["index"]))
@@ -257,6 +269,7 @@ def predict(model: nn.Module, loader: DataLoader, *, device: torch.device, progr
         indices=np.concatenate(indices),
         head_scores=np.concatenate(heads),
         memory_scores=np.concatenate(memory) if memory else None,
+        head_maps=np.concatenate(head_maps) if head_maps else None,
     )
 
 

@@ -99,7 +99,8 @@ def per_class_metrics(scores: Any, labels: Any, defect_types: Sequence[str]) -> 
 def summarize(predictions, samples: Sequence, *, image_score: str, overall: bool = True) -> dict[str, Any]:
     """Evaluation of test predictions (`supersimplenet.train.Predictions` of the reported `image_score`; `samples[k]`
     is image k): {"image_score", "n_images", "n_normal", "n_defective", "metrics", "classes", "histogram"}.
-    "metrics": `compute_metrics` (with `overall`; pixel metrics where a test image has a mask),
+    "metrics": `compute_metrics` (with `overall`; pixel metrics where a test image has a mask, and the heads'
+    map's as ``<metric>_heads`` when the model reports the memory's),
     ``image_auroc_<score>`` / ``ap_det_<score>`` of every image score and ``class.<defect type>.image_auroc|ap_det``."""
     labels = np.asarray(predictions.labels)
     if len(samples) != labels.size:
@@ -116,6 +117,8 @@ def summarize(predictions, samples: Sequence, *, image_score: str, overall: bool
             )
         )
     metrics.update(predictions.score_metrics())
+    if overall:
+        metrics.update(predictions.heads_pixel_metrics())  # the heads' map beside a reported memory map
     classes = per_class_metrics(predictions.scores, labels, [s.defect_type for s in samples])
     for name, values in classes.items():
         metrics[f"class.{metric_key(name)}.image_auroc"] = values["image_auroc"]

@@ -276,13 +276,16 @@ def _restore(model, optimizer, scheduler, sampler, rank: int, device: torch.devi
 
 def _validation_metrics(net, val_loader, device: torch.device) -> dict[str, float]:
     """Rank 0's validation: image AUROC and AP-det of the model's score, of every image score, and pixel AUROC
-    (with the image+pixel mean) when the val images have masks."""
+    (with the image+pixel mean) when the val images have masks. The pixel AUROC is the heads' map's, what the
+    search's settings move; a model that reports the memory's map also gets that one's (`val_pixel_auroc_memory`)."""
     val = predict(net, val_loader, device=device)
     scores = compute_metrics(scores=val.scores, labels=val.labels)
     metrics = {"val_image_auroc": scores["image_auroc"], "val_ap_det": scores["ap_det"]}
     metrics.update({f"val_{k}": v for k, v in val.score_metrics().items()})
     if val.masks.any():  # synthetic defects always have masks; a labelled val split where it has them
-        metrics["val_pixel_auroc"] = pixel_auroc(val.maps, val.masks)
+        metrics["val_pixel_auroc"] = pixel_auroc(val.maps if val.head_maps is None else val.head_maps, val.masks)
+        if val.head_maps is not None:
+            metrics["val_pixel_auroc_memory"] = pixel_auroc(val.maps, val.masks)
         # image and pixel AUROC together: a search objective that still ranks settings whose synthetic image
         # AUROC has saturated at 1 (QUALITY.md, "Does the search's objective predict real quality")
         metrics["val_image_pixel_auroc"] = 0.5 * (scores["image_auroc"] + metrics["val_pixel_auroc"])
@@ -403,6 +406,7 @@ def finalize_run(
                 scores=predictions.scores, labels=predictions.labels, maps=predictions.maps, masks=predictions.masks
             )
             metrics.update(predictions.score_metrics())  # every image score, for evaluation and the search
+            metrics.update(predictions.heads_pixel_metrics())  # the heads' map beside a reported memory map
             tracker.log_metrics({f"test_{k}": v for k, v in metrics.items()}, step=job.train.epochs)
             (out / "test_metrics.json").write_text(json.dumps(metrics, indent=2))
             evaluation.write_breakdown(out, model, test_set, predictions)  # per image score and defect class

@@ -788,6 +788,8 @@ def test_validation_on_synthetic_defects_reports_the_auto_objective(weld_root):
     metrics = _validation_metrics(model.eval(), val_loader, device)
     assert 0.0 <= metrics[OBJECTIVES["synthetic"]] <= 1.0
     assert {"val_image_auroc", "val_pixel_auroc", "val_image_auroc_map_top1"} <= set(metrics)
+    # the weld config reports the memory's map; the heads' map, what the search moves, keeps val_pixel_auroc
+    assert job.model.anomaly_map == "memory" and 0.0 <= metrics["val_pixel_auroc_memory"] <= 1.0
 
 
 def test_asha_lets_a_trial_run_a_quarter_of_its_epochs_before_it_can_be_stopped():
