@@ -179,11 +179,6 @@ class InferenceOutput:
     memory_score: torch.Tensor | None = None  # [B] the patch memory's score, for models that carry a memory
     head_map: torch.Tensor | None = None  # [B, 1, H, W] the segmentation head's map when anomaly_map is another
 
-    @property
-    def heads_map(self) -> torch.Tensor:
-        """The segmentation head's map, whichever map the model reports: what the map-based scores read."""
-        return self.anomaly_map if self.head_map is None else self.head_map
-
 
 def image_score(
     kind: str, head_score: torch.Tensor, anomaly_map: torch.Tensor, memory_score: torch.Tensor | None = None
