@@ -362,10 +362,10 @@ def save_predictions(
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(
         path,
-        maps=(predictions.maps if predictions.head_maps is None else predictions.head_maps).astype(np.float16),
+        maps=predictions.heads_maps.astype(np.float16),
         labels=predictions.labels,
         head=head,
-        train_maps=(fitted.maps if fitted.head_maps is None else fitted.head_maps).astype(np.float16),
+        train_maps=fitted.heads_maps.astype(np.float16),
         train_head=train_head,
     )
 

@@ -213,13 +213,18 @@ class Predictions:
     memory_scores: np.ndarray | None = None  # [N] the patch memory's scores (models with a memory only)
     head_maps: np.ndarray | None = None  # [N, H, W] the heads' maps when the reported maps are the memory's
 
+    @property
+    def heads_maps(self) -> np.ndarray:
+        """The heads' maps, whichever map the model reports: what the map-based scores and the search read."""
+        return self.maps if self.head_maps is None else self.head_maps
+
     def score_metrics(self) -> dict[str, float]:
         """Image AUROC and AP-det of every image score (`supersimplenet.metrics.IMAGE_SCORES`), keyed
         ``image_auroc_<score>`` and ``ap_det_<score>``: what evaluation and the search compare. The map-based
         scores read the heads' maps, whichever map the model reports."""
         head = self.scores if self.head_scores is None else self.head_scores
         out = {}
-        for name, values in image_scores(head, self.maps if self.head_maps is None else self.head_maps).items():
+        for name, values in image_scores(head, self.heads_maps).items():
             image = compute_metrics(scores=values, labels=self.labels)
             out[f"image_auroc_{name}"], out[f"ap_det_{name}"] = image["image_auroc"], image["ap_det"]
         if self.memory_scores is not None:

@@ -283,7 +283,7 @@ def _validation_metrics(net, val_loader, device: torch.device) -> dict[str, floa
     metrics = {"val_image_auroc": scores["image_auroc"], "val_ap_det": scores["ap_det"]}
     metrics.update({f"val_{k}": v for k, v in val.score_metrics().items()})
     if val.masks.any():  # synthetic defects always have masks; a labelled val split where it has them
-        metrics["val_pixel_auroc"] = pixel_auroc(val.maps if val.head_maps is None else val.head_maps, val.masks)
+        metrics["val_pixel_auroc"] = pixel_auroc(val.heads_maps, val.masks)
         if val.head_maps is not None:
             metrics["val_pixel_auroc_memory"] = pixel_auroc(val.maps, val.masks)
         # image and pixel AUROC together: a search objective that still ranks settings whose synthetic image
