@@ -18,7 +18,7 @@ import os
 import shutil
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -347,7 +347,37 @@ class DatasetReader:
         return view, self.manifest.samples()
 
 
+def select_split(
+    samples: list[Any], split: str, where: str, hint: str, error: type[Exception] = DatasetError
+) -> list[Any]:
+    """The samples (objects with ``.split``, or manifest records) of `split`. None: `error` naming `where`, the
+    splits present and `hint` (what to do about it). Never falls back to another split."""
+
+    def split_of(sample: Any) -> str:
+        return sample.get("split") if isinstance(sample, Mapping) else sample.split
+
+    chosen = [s for s in samples if split_of(s) == split]
+    if not chosen:
+        present = sorted({split_of(s) for s in samples})
+        raise error(f"{where} has no {split!r} split (splits present: {present}); {hint}")
+    return chosen
+
+
+def materialize_split(
+    uri: str, split: str, hint: str, error: type[Exception] = DatasetError
+) -> tuple[DatasetReader, Path, list[Any]]:
+    """``(reader, root, samples of split)`` of dataset `uri`: `select_split` on the manifest first, so a dataset
+    without the split is refused before anything is downloaded, then `DatasetReader.materialize`."""
+    reader = DatasetReader(uri)
+    where = f"{uri} (dataset version {reader.version})"
+    select_split(reader.manifest.records, split, where, hint, error)
+    root, samples = reader.materialize()
+    return reader, root, select_split(samples, split, where, hint, error)
+
+
 __all__ = [
     "DatasetReader",
     "ReaderStats",
+    "materialize_split",
+    "select_split",
 ]

@@ -29,7 +29,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import mlflow
 import numpy as np
@@ -41,7 +41,7 @@ from mlflow.exceptions import MlflowException
 from supersimplenet.backbones import get_preset
 from supersimplenet.loading import DefectDataset
 from supersimplenet.train import eval_loader, predict, unwrap
-from ssn_platform.datasets import DatasetReader
+from ssn_platform.datasets import DatasetReader, materialize_split, select_split
 from ssn_platform.evaluation_metrics import (
     aggregate,
     check_seeds,
@@ -93,16 +93,12 @@ def score_samples(model, root: Path, samples: Sequence, *, batch_size: int = 16)
     return summarize_dataset(model, dataset, predictions)
 
 
+TEST_SPLIT_HINT = "ingest it with test images or pass another dataset"
+
+
 def require_test_split(samples: Sequence, where: str) -> list:
     """The test-split samples (objects with `.split`, or manifest records); PlatformError naming `where` if none."""
-    split = [s for s in samples if (s.get("split") if isinstance(s, Mapping) else s.split) == "test"]
-    if not split:
-        present = sorted({s.get("split") if isinstance(s, Mapping) else s.split for s in samples})
-        raise PlatformError(
-            f"{where} has no 'test' split to evaluate on (splits present: {present}); ingest it "
-            "with test images or pass another dataset"
-        )
-    return split
+    return select_split(list(samples), "test", where, TEST_SPLIT_HINT, PlatformError)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -398,11 +394,7 @@ def evaluate_version(
             f"{name} version {version} names no dataset (run tag 'ssn.dataset.manifest' or version "
             "tag 'dataset'); pass --dataset s3://..."
         )
-    reader = DatasetReader(uri)
-    where = f"{uri} (dataset version {reader.version})"
-    require_test_split(reader.manifest.records, where)  # before downloading anything
-    root, samples = reader.materialize()
-    test = require_test_split(samples, where)
+    reader, root, test = materialize_split(uri, "test", TEST_SPLIT_HINT, PlatformError)
     model, _ = load_model(f"models:/{name}/{version}")
     summary = score_samples(model, root, test, batch_size=batch_size)
     experiment_id = (

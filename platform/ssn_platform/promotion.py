@@ -54,7 +54,7 @@ from supersimplenet.loading import DefectDataset
 from supersimplenet.metrics import compute_metrics
 from supersimplenet.train import eval_loader, predict
 from ssn_platform.aliases import move_champion, read_aliases, repair_aliases
-from ssn_platform.datasets import DatasetReader
+from ssn_platform.datasets import materialize_split
 from ssn_platform.names import CHAMPION, PREVIOUS, promotions_experiment
 from ssn_platform.registry import load_model, registered_model_name
 from ssn_platform.services import check_mlflow, experiment_id
@@ -388,11 +388,7 @@ def _evaluate_candidate_and_champion(
     uri = data_uri or candidate.tags.get("dataset")
     if not uri:
         raise PromotionError(f"{name} version {version} names no dataset (tag 'dataset'); pass data_uri")
-    reader = DatasetReader(uri)
-    root, samples = reader.materialize()
-    chosen = [s for s in samples if s.split == split]
-    if not chosen:
-        raise PromotionError(f"{uri} (dataset version {reader.version}) has no {split!r} split to evaluate on")
+    reader, root, chosen = materialize_split(uri, split, "pass data_uri with a dataset that has one", PromotionError)
     decision.data_uri, decision.dataset_version, decision.n_images = uri, reader.version, len(chosen)
     model, _ = load_model(f"models:/{name}/{version}")
     decision.candidate_metrics = evaluate_model(

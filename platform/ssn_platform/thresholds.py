@@ -42,7 +42,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from ssn_platform.datasets import DatasetReader
+from ssn_platform.datasets import materialize_split
 from ssn_platform.modelcard import refresh_model_card
 from ssn_platform.names import registered_model_name
 from ssn_platform.services import PlatformError, check_mlflow
@@ -421,16 +421,11 @@ def calibrate_version(
     uri = data_uri or model_version.tags.get("dataset")
     if not uri:
         raise PlatformError(f"{name} version {version} names no dataset (tag 'dataset'); pass --data s3://...")
-    reader = DatasetReader(uri)
-    root, samples = reader.materialize()
-    chosen = [s for s in samples if s.split == split]
-    if not chosen:
-        present = sorted({s.split for s in samples})
-        raise PlatformError(
-            f"{uri} (dataset version {reader.version}) has no {split!r} split (splits present: {present}). "
-            f"Calibration never falls back to another split; ingest the data with a split file that assigns "
-            f"'{split}' images (lines '{split} <image path>'), or pass --data with a dataset that has one."
-        )
+    hint = (
+        f"calibration never falls back to another split; ingest the data with a split file that assigns "
+        f"'{split}' images (lines '{split} <image path>'), or pass --data with a dataset that has one"
+    )
+    reader, root, chosen = materialize_split(uri, split, hint, PlatformError)
     model, _ = load_model(f"models:/{name}/{version}")
     scores = score_images(model, [root / s.image for s in chosen], batch_size=batch_size)
     labels = np.asarray([s.label for s in chosen], dtype=np.int64)

@@ -16,7 +16,8 @@ import pytest
 
 from ssn_platform import storage
 from ssn_platform.cache import _cache_lock, _file_lock, cache_limit_bytes, prune_cache
-from ssn_platform.datasets import DatasetReader
+from ssn_platform.datasets import DatasetReader, select_split
+from supersimplenet.samples import Sample
 from ssn_platform.ingest import ingest
 from ssn_platform.manifest import SCHEMA, DatasetError, Manifest, compute_version
 from ssn_platform.s3keys import join_key, parse_s3_uri, validate_key
@@ -572,3 +573,14 @@ def test_materialize_keeps_the_cache_to_its_bound(
     assert _cache_bytes(cache) == weld_bytes + mpdd_bytes
     _assert_identical_tree(root, weld_root, samples)
     _assert_identical_tree(root2, mpdd_root, samples2)
+
+
+def test_select_split_takes_records_or_samples_and_names_the_splits_present_when_one_is_missing():
+    records = [{"image": "a.png", "split": "train"}, {"image": "b.png", "split": "val"}]
+    samples = [Sample("a.png", None, 0, "train", False), Sample("c.png", None, 1, "test", False)]
+    assert select_split(records, "val", "d", "hint") == [records[1]]
+    assert select_split(samples, "test", "d", "hint") == [samples[1]]
+    with pytest.raises(
+        ValueError, match=r"s3://b/x \(v1\) has no 'test' split \(splits present: \['train', 'val'\]\); do X"
+    ):
+        select_split(records, "test", "s3://b/x (v1)", "do X", ValueError)
