@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -47,6 +47,9 @@ from torch.utils.data import DataLoader
 
 from supersimplenet.loading import DefectDataset
 from supersimplenet.model import SuperSimpleNet
+
+if TYPE_CHECKING:  # the store imports this module
+    from supersimplenet.feature_store import FeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -218,10 +221,14 @@ def cached_train_loader(
     rank: int = 0,
     world_size: int = 1,
     derived: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+    store: FeatureStore | None = None,
+    derived_tag: str = "",
 ) -> CachedLoader | DataLoader:
     """The training loader to use: a `CachedLoader` over the backbone levels of `loader`'s dataset when they fit in
     `budget_mib` (0 turns the cache off), else `loader` itself. Every rank must call it (it may all_gather).
-    `derived`: as in `build_feature_cache` (not computed when the cache is off)."""
+    `derived`: as in `build_feature_cache` (not computed when the cache is off). `store`: the cache is taken from
+    (and put into) this `supersimplenet.feature_store.FeatureStore` when it holds it; `derived_tag` says how the
+    derived rows are computed, for its key."""
     dataset = loader.dataset
     dtype = CACHE_DTYPES[precision]
     if budget_mib <= 0 or not isinstance(dataset, DefectDataset):
@@ -235,17 +242,25 @@ def cached_train_loader(
             budget_mib,
         )
         return loader
-    cache = build_feature_cache(
-        model,
-        dataset,
-        device=device,
-        dtype=dtype,
-        batch_size=loader.batch_size or 16,
-        num_workers=loader.num_workers,
-        rank=rank,
-        world_size=world_size,
-        derived=derived,
-    )
+
+    def build() -> FeatureCache:
+        return build_feature_cache(
+            model,
+            dataset,
+            device=device,
+            dtype=dtype,
+            batch_size=loader.batch_size or 16,
+            num_workers=loader.num_workers,
+            rank=rank,
+            world_size=world_size,
+            derived=derived,
+        )
+
+    if store is None:
+        cache = build()
+    else:
+        tag = ",".join([*sorted(derived or {}), derived_tag])
+        cache = store.fetch(model, dataset, build, dtype=dtype, device=device, world_size=world_size, derived_tag=tag)
     log.info("feature cache: %d items, %.1f MiB (%s)", len(cache), cache.nbytes / 2**20, precision)
     return CachedLoader(cache, sampler, loader.batch_size or 1)
 

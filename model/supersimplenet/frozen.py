@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from supersimplenet.backbones import get_preset
 from supersimplenet.config import TrainConfig
 from supersimplenet.feature_cache import CachedLoader, cached_train_loader
+from supersimplenet.feature_store import FeatureStore
 from supersimplenet.loading import DefectDataset
 from supersimplenet.model import SuperSimpleNet
 from supersimplenet.samples import Sample
@@ -100,6 +101,7 @@ def run_frozen_passes(
     rank: int = 0,
     world_size: int = 1,
     fresh: bool = True,
+    store: FeatureStore | None = None,
 ) -> CachedLoader | DataLoader:
     """Everything the frozen backbone computes before the heads train, and the loader to train with.
 
@@ -110,7 +112,8 @@ def run_frozen_passes(
     any bf16 cast, exchanged between DDP ranks with the levels), so the backbone sees each training image once;
     without it, each has its own pass as before. Both give the same scale and memory (the same images, in the same
     order and the same batches when the training set has no flips and no defective images; to float rounding
-    otherwise). Every DDP rank must call it.
+    otherwise). With a `store` (`supersimplenet.feature_store`), a cache (and its derived rows) that an earlier run
+    built from the same backbone and items is loaded instead of built. Every DDP rank must call it.
     """
     dataset = loader.dataset
     relative = fresh and model.config.noise_std_mode == "relative"
@@ -130,6 +133,8 @@ def run_frozen_passes(
         rank=rank,
         world_size=world_size,
         derived=derived,
+        store=store,
+        derived_tag=f"memory_pool={memory.pool}" if memory is not None else "",
     )
     if isinstance(cached, CachedLoader):
         extras = cached.cache.derived

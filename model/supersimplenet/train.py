@@ -37,7 +37,8 @@ from supersimplenet.config import (
     recommended_model_config,
     to_dict,
 )
-from supersimplenet.feature_cache import CachedLoader, build_feature_cache, estimate_bytes
+from supersimplenet.feature_cache import CachedLoader, FeatureCache, build_feature_cache, estimate_bytes
+from supersimplenet.feature_store import FeatureStore
 from supersimplenet.frozen import run_frozen_passes
 from supersimplenet.inference import inference_model
 from supersimplenet.layouts import read_layout
@@ -299,13 +300,24 @@ class FitResult:
 
 
 def validation_loader(
-    model: SuperSimpleNet, dataset: Dataset, *, device: torch.device, batch_size: int, budget_bytes: int
+    model: SuperSimpleNet,
+    dataset: Dataset,
+    *,
+    device: torch.device,
+    batch_size: int,
+    budget_bytes: int,
+    store: FeatureStore | None = None,
 ) -> CachedLoader | DataLoader:
     """A loader for a dataset scored again and again (validation every epoch): its items' float32 backbone levels
     computed once (the backbone is frozen and the items are fixed functions of their index, synthetic defects
-    included), when they fit in `budget_bytes`, so `predict` runs only what follows the backbone; else the images."""
+    included), when they fit in `budget_bytes`, so `predict` runs only what follows the backbone; else the images.
+    With a `store`, levels an earlier run computed for the same backbone and items are loaded instead."""
     if budget_bytes > 0 and estimate_bytes(model, dataset, torch.float32) <= budget_bytes:
-        cache = build_feature_cache(model, dataset, device=device, dtype=torch.float32, batch_size=batch_size)
+
+        def build() -> FeatureCache:
+            return build_feature_cache(model, dataset, device=device, dtype=torch.float32, batch_size=batch_size)
+
+        cache = build() if store is None else store.fetch(model, dataset, build, dtype=torch.float32, device=device)
         return CachedLoader(cache, range(len(dataset)), batch_size)
     return eval_loader(dataset, batch_size=batch_size)
 

@@ -33,9 +33,7 @@ from supersimplenet.checkpoint import checkpoint_dict
 from supersimplenet.feature_cache import CachedLoader
 from supersimplenet.frozen import run_frozen_passes
 from supersimplenet.loading import DefectDataset
-from supersimplenet.supervision import apply_supervision
 from supersimplenet.model import build_model
-from supersimplenet.synthetic import SyntheticDefectDataset
 from supersimplenet.train import (
     build_optimizer,
     build_scheduler,
@@ -48,10 +46,10 @@ from supersimplenet.train import (
 )
 from supersimplenet.metrics import compute_metrics, pixel_auroc
 from ssn_platform import evaluation, plots, registry, resume, s3keys
-from ssn_platform.cache import default_cache_dir
-from ssn_platform.datasets import DatasetReader
+from ssn_platform.cache import default_cache_dir, feature_store
 from ssn_platform.jobconfig import JobConfig, build_job_config
 from ssn_platform.lineage import open_mlflow_run, pin_dataset
+from ssn_platform.worker_data import StartupClock, build_train_set, build_validation_set, load_job_data
 
 # the shared services, re-exported for the modules that import them from here
 from ssn_platform.services import (  # noqa: F401
@@ -87,37 +85,6 @@ def _resolve_weights(weights: str, cache_dir: Path) -> str:
     return str(target)
 
 
-def load_job_data(job: JobConfig) -> tuple[Path, list, list, list]:
-    """(root, train, val, test) samples of the job's dataset, via the node-local S3 cache."""
-    root, samples = DatasetReader(job.dataset).materialize()
-    samples = apply_supervision(samples, job.train.supervision, mask_ratio=job.train.mask_ratio, seed=job.train.seed)
-    splits = {name: [s for s in samples if s.split == name] for name in ("train", "val", "test")}
-    if not splits["train"]:
-        raise PlatformError(f"{job.dataset}: no training samples for supervision {job.train.supervision!r}")
-    return root, splits["train"], splits["val"], splits["test"]
-
-
-def build_validation_set(job: JobConfig, root: Path, val_samples: list):
-    """The per-epoch validation set of `job.validation`, or None. Never overlaps the test split."""
-    if job.validation == "none":
-        return None
-    if not val_samples:
-        raise PlatformError(
-            f"{job.dataset}: validation={job.validation!r} needs a val split (ingest with a split file)"
-        )
-    preset = get_preset(job.model.backbone)
-    common = dict(root=root, image_size=job.model.image_size, mean=preset.mean, std=preset.std)
-    if job.validation == "split":
-        labels = {s.label for s in val_samples}
-        if labels != {0, 1}:
-            raise PlatformError(f"{job.dataset}: validation='split' needs normal and defective val images")
-        return DefectDataset(samples=val_samples, **common)
-    normal = [s for s in val_samples if s.label == 0]
-    if len(normal) < 2:
-        raise PlatformError(f"{job.dataset}: validation='synthetic' needs at least 2 normal val images")
-    return SyntheticDefectDataset(samples=normal, seed=job.train.seed, recipe=job.synthetic_recipe, **common)
-
-
 def _all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
     if not (dist.is_available() and dist.is_initialized()):
         return values
@@ -141,15 +108,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train  # noqa: PLC0415 (Ray reads its settings on first import)
     import ray.train.torch  # noqa: PLC0415 (Ray reads its settings on first import)
 
+    startup = StartupClock()
     job = build_job_config(config["job"])
     cfg = job.train
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     root, train_samples, val_samples, test_samples = load_job_data(job)
-    train_set = _train_set(job, root, train_samples)
+    train_set = build_train_set(job, root, train_samples)
     val_set = build_validation_set(job, root, val_samples) if rank == 0 else None
-
+    startup.mark("data")
     model, provenance = _build_worker_model(job, device)
     loader, sampler = build_train_loader(
         train_set, train_samples, cfg, rank=rank, world_size=world_size, batch_size=job.per_worker_batch_size
@@ -157,18 +125,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     start_epoch = _restore(model, optimizer, scheduler, sampler, rank, device)
+    startup.mark("model")
+    store = feature_store()  # the trials of a search and the seeds of an evaluation share their backbone's passes
+    fresh = start_epoch == 0
     loader = run_frozen_passes(
-        model, loader, sampler, cfg, device=device, rank=rank, world_size=world_size, fresh=start_epoch == 0
+        model, loader, sampler, cfg, device=device, rank=rank, world_size=world_size, fresh=fresh, store=store
     )
+    startup.mark("frozen_passes")
     val_loader = None
     if val_set is not None:  # rank 0 validates; its val images' levels are computed once, in what the budget leaves
         left = cfg.feature_cache_mib * 2**20 - (loader.cache.nbytes if isinstance(loader, CachedLoader) else 0)
         val_loader = validation_loader(
-            model, val_set, device=device, batch_size=job.per_worker_batch_size, budget_bytes=left
+            model, val_set, device=device, batch_size=job.per_worker_batch_size, budget_bytes=left, store=store
         )
     _sync_head_batchnorms(model, job, world_size)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
+    startup.mark("validation_levels")
     tracker = _open_tracker(config.get("mlflow_run_id"), start_epoch) if rank == 0 else None
+    if tracker is not None:
+        tracker.log_metrics(startup.metrics(), step=start_epoch)
 
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
@@ -199,20 +174,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             tracker=tracker,
             provenance=provenance,
         )
-
-
-def _train_set(job: JobConfig, root: Path, train_samples: list) -> DefectDataset:
-    """The worker's training set: the job's train samples at its image size, normalised for its backbone, flipped
-    as the train section resolves it."""
-    preset = get_preset(job.model.backbone)
-    return DefectDataset(
-        root=root,
-        samples=train_samples,
-        image_size=job.model.image_size,
-        mean=preset.mean,
-        std=preset.std,
-        flips=job.train.resolved_flips,
-    )
 
 
 def _sync_head_batchnorms(model, job: JobConfig, world_size: int) -> None:

@@ -52,7 +52,7 @@ def test_invalid_values_name_the_culprit(override, culprit):
 
 def test_precision_feature_levels_and_the_synthetic_recipe_reach_the_job_and_its_validation_set(weld_root):
     from supersimplenet.layouts import read_layout
-    from ssn_platform.training import build_validation_set
+    from ssn_platform.worker_data import build_validation_set
 
     job = load_job_config(
         REPO_CONFIGS / "battery_weld.yaml",

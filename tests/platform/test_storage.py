@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from ssn_platform import storage
-from ssn_platform.cache import _cache_lock, _file_lock, cache_limit_bytes, prune_cache
+from ssn_platform.cache import _cache_lock, _file_lock, cache_limit_bytes, feature_store, prune_cache
 from ssn_platform.datasets import DatasetReader, select_split
 from supersimplenet.samples import Sample
 from ssn_platform.ingest import ingest
@@ -584,3 +584,13 @@ def test_select_split_takes_records_or_samples_and_names_the_splits_present_when
         ValueError, match=r"s3://b/x \(v1\) has no 'test' split \(splits present: \['train', 'val'\]\); do X"
     ):
         select_split(records, "test", "s3://b/x (v1)", "do X", ValueError)
+
+
+def test_the_feature_store_lives_in_the_node_cache_bounded_by_its_variable_and_zero_turns_it_off(tmp_path):
+    store = feature_store({"SSN_CACHE_DIR": str(tmp_path)})
+    assert store.root == tmp_path / "features" and store.max_bytes == 4 * 2**30
+    assert feature_store({"SSN_CACHE_DIR": str(tmp_path), "SSN_FEATURE_STORE_MAX_GB": "0.5"}).max_bytes == 2**29
+    assert feature_store({"SSN_FEATURE_STORE_MAX_GB": "0"}) is None
+    for raw in ("lots", "-1", "inf"):
+        with pytest.raises(ValueError, match="SSN_FEATURE_STORE_MAX_GB"):
+            feature_store({"SSN_FEATURE_STORE_MAX_GB": raw})

@@ -47,7 +47,8 @@ def test_two_worker_job_registers_a_model_that_reproduces_its_metric_and_listens
     from mlflow import MlflowClient
 
     from ssn_platform.registry import load_model
-    from ssn_platform.training import load_job_data, run_training
+    from ssn_platform.training import run_training
+    from ssn_platform.worker_data import load_job_data
 
     job = _job(weld_dataset)
     with ListenerWatch(live_stack.processes) as watch:

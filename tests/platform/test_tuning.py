@@ -771,7 +771,8 @@ def test_validation_on_synthetic_defects_reports_the_auto_objective(weld_root):
     from supersimplenet.layouts import read_layout
     from supersimplenet.model import build_model
     from supersimplenet.frozen import build_memory
-    from ssn_platform.training import _validation_metrics, build_validation_set
+    from ssn_platform.training import _validation_metrics
+    from ssn_platform.worker_data import build_validation_set
     from supersimplenet.train import validation_loader
     from ssn_platform.tuning import OBJECTIVES
 
