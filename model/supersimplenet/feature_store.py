@@ -131,7 +131,7 @@ class FeatureStore:
     def save(self, key: str, cache: FeatureCache) -> None:
         """Write `cache` under `key` atomically, then prune the store to `max_bytes`. A failed write is logged and
         leaves no file behind: the store is an accelerator, never a reason for a run to fail."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)  # no other user may plant entries
         path = self.path(key)
         partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
         state = {
