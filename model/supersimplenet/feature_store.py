@@ -105,7 +105,7 @@ class FeatureStore:
             log.info("feature store: %d items loaded from %s", len(cache), self.path(key))
             return cache
         cache = build()
-        if key is not None:
+        if key is not None and not self.path(key).exists():  # DDP ranks on one node: the first writer suffices
             self.save(key, cache)
         return cache
 

@@ -45,18 +45,22 @@ def default_cache_dir(env: Mapping[str, str] | None = None) -> Path:
     return Path((os.environ if env is None else env).get("SSN_CACHE_DIR") or Path(tempfile.gettempdir()) / "ssn-cache")
 
 
-def cache_limit_bytes(env: Mapping[str, str] | None = None) -> int | None:
-    """``SSN_CACHE_MAX_GB`` in bytes (GiB), or None when unset: the bound :func:`prune_cache` keeps the cache to."""
-    raw = (os.environ if env is None else env).get("SSN_CACHE_MAX_GB", "").strip()
-    if not raw:
-        return None
+def _gib_bytes(raw: str, name: str, *, zero_allowed: bool) -> int:
+    """A size in GiB from environment variable `name`, in bytes; ValueError naming the variable otherwise."""
     try:
         gib = float(raw)
     except ValueError:
-        raise ValueError(f"SSN_CACHE_MAX_GB must be a number of GiB, got {raw!r}") from None
-    if not gib > 0 or gib != gib or gib == float("inf"):
-        raise ValueError(f"SSN_CACHE_MAX_GB must be a positive number of GiB, got {raw!r}")
+        raise ValueError(f"{name} must be a number of GiB, got {raw!r}") from None
+    if not (0 <= gib if zero_allowed else 0 < gib) or gib == float("inf"):  # nan fails both comparisons
+        kind = ">= 0 GiB (0: off)" if zero_allowed else "a positive number of GiB"
+        raise ValueError(f"{name} must be {kind}, got {raw!r}")
     return int(gib * (1 << 30))
+
+
+def cache_limit_bytes(env: Mapping[str, str] | None = None) -> int | None:
+    """``SSN_CACHE_MAX_GB`` in bytes (GiB), or None when unset: the bound :func:`prune_cache` keeps the cache to."""
+    raw = (os.environ if env is None else env).get("SSN_CACHE_MAX_GB", "").strip()
+    return _gib_bytes(raw, "SSN_CACHE_MAX_GB", zero_allowed=False) if raw else None
 
 
 # default bound of the feature store (`feature_store`): a Lite0 cache of 200 cells at 256x256 in bf16 is about 28 MiB
@@ -68,17 +72,12 @@ def feature_store(env: Mapping[str, str] | None = None) -> FeatureStore | None:
     ``<cache>/features``, bounded by ``SSN_FEATURE_STORE_MAX_GB`` (default 4 GiB; 0 turns it off: None)."""
     env = os.environ if env is None else env
     raw = env.get("SSN_FEATURE_STORE_MAX_GB", "").strip() or str(FEATURE_STORE_DEFAULT_GB)
-    try:
-        gib = float(raw)
-    except ValueError:
-        raise ValueError(f"SSN_FEATURE_STORE_MAX_GB must be a number of GiB, got {raw!r}") from None
-    if not 0 <= gib < float("inf"):
-        raise ValueError(f"SSN_FEATURE_STORE_MAX_GB must be >= 0 GiB (0: off), got {raw!r}")
-    if gib == 0:
+    max_bytes = _gib_bytes(raw, "SSN_FEATURE_STORE_MAX_GB", zero_allowed=True)
+    if max_bytes == 0:
         return None
     from supersimplenet.feature_store import FeatureStore  # noqa: PLC0415 (torch: kept off the dataset reader's import)
 
-    return FeatureStore(default_cache_dir(env) / "features", max_bytes=int(gib * (1 << 30)))
+    return FeatureStore(default_cache_dir(env) / "features", max_bytes=max_bytes)
 
 
 @contextlib.contextmanager
