@@ -25,6 +25,15 @@ Here the hidden tensor never exists. Three observations make that possible:
    per element matters: the algebraically equal form that applies the mean corrections after the product with W1
    loses about three digits to cancellation in float32.
 
+4. A training batch is the clean batch twice, with noise added inside Perlin masks (docs/design.md §3): wherever
+   neither copy of an image was perturbed, the two copies of a position hold the same features, and with BatchNorm's
+   statistics shared every per-position step gives them the same hidden values and output. `segmentation_head_of_twins`
+   computes such a position once, with weight 2 in the statistics and in BatchNorm's backward, and only the perturbed
+   copies separately (about 62 % of the 2B x h x w positions at Perlin threshold 0.2, where each copy is perturbed
+   with probability 1/2 over about a quarter of its area). Autograd's gather and scatter sum the two copies' map
+   gradients into the one computed position, and its input gradient into one of the two copies: the features'
+   gradient is right summed over each pair of twins, which is all that reaches the adaptor (A' = [A, A] + noise).
+
 fp32 reproduces the reference head's outputs, gradients and running statistics to float32 rounding
 (tests/model/test_blocked.py: relative 1e-6 on random data, and a whole training step on real images within 1e-4).
 Under bf16 autocast the block products and elementwise steps run in bfloat16 while the statistics, the gradient
@@ -63,26 +72,32 @@ def applies(features: torch.Tensor, norm: nn.Module) -> bool:
     )
 
 
-def _blocks(count: int, positions: int):
-    for image in range(count):
-        for start in range(0, positions, BLOCK_POSITIONS):
-            yield image, start, min(start + BLOCK_POSITIONS, positions)
+def _blocks(positions: int, split: int):
+    """(start, stop, weight) column ranges of at most BLOCK_POSITIONS: columns before `split` count twice."""
+    for first, last, weight in ((0, split, 2), (split, positions, 1)):
+        for start in range(first, last, BLOCK_POSITIONS):
+            yield start, min(start + BLOCK_POSITIONS, last), weight
 
 
 class _BlockedHead(torch.autograd.Function):
-    """(x, W1, b1, gamma, beta, w2) -> map logits y [n, 1, h, w]; also returns var_s and w_s . m (no gradient)."""
+    """(x [C, P] columns, W1, b1, gamma, beta, w2) -> map logits y [P]; also var_s and w_s . m (no gradient).
+
+    Columns before `split` stand for two positions of the batch (twins), the rest for one: BatchNorm's statistics
+    weigh them so, and the backward's per-position BatchNorm terms count twice for them (`_blocks`)."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, gamma, beta, w2, eps: float, slope: float, dtype: torch.dtype):
-        n, channels, height, width = x.shape
-        positions = height * width
-        rows = x.reshape(n, channels, positions)
+    def forward(ctx, x, w1, b1, gamma, beta, w2, eps: float, slope: float, dtype: torch.dtype, split: int):
+        channels, positions = x.shape
+        count = positions + split  # positions of the batch
         with torch.no_grad():
-            rows32 = rows.to(w1.dtype)  # statistics in the parameters' precision
-            mean = rows32.mean(dim=(0, 2))
-            centred = (rows32 - mean[None, :, None]).transpose(0, 1).reshape(channels, -1)
-            cov = (centred @ centred.t()) / centred.shape[1]
-            del centred
+            rows32 = x.to(w1.dtype)  # statistics in the parameters' precision
+            mean = (rows32.sum(1) + rows32[:, :split].sum(1)) / count
+            centred = rows32 - mean[:, None]
+            cov = centred @ centred.t()
+            if split:
+                cov.addmm_(centred[:, :split], centred[:, :split].t())
+            cov /= count
+            del centred, rows32
             var = ((w1 @ cov) * w1).sum(1)
             inv_std = torch.rsqrt(var + eps)
             scale = gamma * inv_std
@@ -90,27 +105,27 @@ class _BlockedHead(torch.autograd.Function):
             a = (scale[:, None] * w1).to(dtype)
             c = (beta - scale * shift).to(dtype)[:, None]
             out_w = w2.to(dtype)[None, :]
-            xd = rows.to(dtype)
-            out = torch.empty(n, positions, dtype=dtype)
+            xd = x.to(dtype)
+            out = torch.empty(1, positions, dtype=dtype)
             hidden = torch.empty(a.shape[0], min(BLOCK_POSITIONS, positions), dtype=dtype)
-            for image, start, stop in _blocks(n, positions):
-                block = torch.addmm(c, a, xd[image, :, start:stop], out=hidden[:, : stop - start])
+            for start, stop, _ in _blocks(positions, split):
+                block = torch.addmm(c, a, xd[:, start:stop], out=hidden[:, : stop - start])
                 nn.functional.leaky_relu_(block, slope)
-                torch.mm(out_w, block, out=out[image : image + 1, start:stop])
+                torch.mm(out_w, block, out=out[:, start:stop])
         ctx.save_for_backward(x, w1, gamma, beta, w2, inv_std, shift)
-        ctx.slope, ctx.dtype, ctx.has_bias = slope, dtype, b1 is not None
+        ctx.slope, ctx.dtype, ctx.has_bias, ctx.split = slope, dtype, b1 is not None, split
         ctx.mark_non_differentiable(var, shift)
-        return out.to(x.dtype).view(n, 1, height, width), var, shift
+        return out.to(x.dtype).view(positions), var, shift
 
     @staticmethod
     def backward(ctx, grad_y, _grad_var, _grad_shift):
         x, w1, gamma, beta, w2, inv_std, shift = ctx.saved_tensors
-        slope, dtype = ctx.slope, ctx.dtype
-        n, channels, height, width = x.shape
-        positions, hidden_channels = height * width, w1.shape[0]
-        count = n * positions
-        xd = x.reshape(n, channels, positions).to(dtype)
-        grad = grad_y.reshape(n, positions).to(dtype)
+        slope, dtype, split = ctx.slope, ctx.dtype, ctx.split
+        channels, positions = x.shape
+        hidden_channels = w1.shape[0]
+        count = positions + split
+        xd = x.to(dtype)
+        grad = grad_y.reshape(1, positions).to(dtype)  # a twin column's: the sum of both copies' gradients
         w1d = w1.to(dtype)
         scale32 = gamma * inv_std
         scale, beta_col, neg_shift = scale32.to(dtype)[:, None], beta.to(dtype)[:, None], (-shift).to(dtype)[:, None]
@@ -120,47 +135,54 @@ class _BlockedHead(torch.autograd.Function):
             torch.empty(hidden_channels, width_blk, dtype=dtype),
         )
 
-        def block_z_u(image: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        def block_z_u(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
             """z = W1 (x - m) of a block and u = g_y * leaky'(h) with h = s z + beta."""
-            z = torch.addmm(neg_shift, w1d, xd[image, :, start:stop], out=z_buf[:, : stop - start])
+            z = torch.addmm(neg_shift, w1d, xd[:, start:stop], out=z_buf[:, : stop - start])
             h = torch.mul(z, scale, out=h_buf[:, : stop - start]).add_(beta_col)  # 2-5x faster than addcmul
             # one fused kernel over a broadcast view of g_y
-            u = torch.ops.aten.leaky_relu_backward(grad[image : image + 1, start:stop].expand_as(h), h, slope, False)
+            u = torch.ops.aten.leaky_relu_backward(grad[:, start:stop].expand_as(h), h, slope, False)
             return z, u
 
-        # Pass 1: sum_n u and sum_n u * z per hidden channel (g_h = w2 * u).
+        # Pass 1: sum_n u and sum_n u * z per hidden channel (g_h = w2 * u). u is linear in g_y, so a twin
+        # column's u, from its summed g_y, is the sum of its two copies' u.
         acc = w1.dtype  # sums and gradients in the parameters' precision (float32 under bf16 autocast)
         u_sum = torch.zeros(hidden_channels, dtype=acc)
         uz_sum = torch.zeros(hidden_channels, dtype=acc)
-        for image, start, stop in _blocks(n, positions):
-            z, u = block_z_u(image, start, stop)
+        for start, stop, _ in _blocks(positions, split):
+            z, u = block_z_u(start, stop)
             u_sum += u.sum(1, dtype=acc)
             uz_sum += torch.linalg.vecdot(u, z).to(acc)
         grad_beta = w2 * u_sum  # sum_n g_h
         ghz = w2 * uz_sum  # sum_n g_h * z
         grad_gamma = ghz * inv_std  # sum_n g_h * z_hat
         grad_w2 = scale32 * uz_sum + beta * u_sum  # sum_n g_y * leaky(h), with h = s z + beta
-        # Pass 2: g_z = s * w2 * u - s * mean(g_h) - s * mean(g_h z_hat) * z_hat, then the W1 and x gradients.
+        # Pass 2: g_z = s * w2 * u - s * mean(g_h) - s * mean(g_h z_hat) * z_hat (the last two per copy: twice for
+        # a twin column), then the W1 and x gradients.
         coef_u = (scale32 * w2).to(dtype)[:, None]
-        neg_mean = (-scale32 * grad_beta / count).to(dtype)[:, None]
-        neg_slope_z = (-scale32 * ghz * inv_std * inv_std / count).to(dtype)[:, None]
+        mean_term = -scale32 * grad_beta / count
+        slope_term = -scale32 * ghz * inv_std * inv_std / count
+        constants = {
+            weight: ((weight * slope_term).to(dtype)[:, None], (weight * mean_term).to(dtype)[:, None])
+            for weight in (1, 2)
+        }
         grad_w1 = torch.zeros_like(w1)
-        grad_x = torch.empty(n, channels, positions, dtype=dtype)
+        grad_x = torch.empty(channels, positions, dtype=dtype)
         t_buf = torch.empty(hidden_channels, width_blk, dtype=dtype)
-        for image, start, stop in _blocks(n, positions):
-            z, u = block_z_u(image, start, stop)
+        for start, stop, weight in _blocks(positions, split):
+            z, u = block_z_u(start, stop)
+            neg_slope_z, neg_mean = constants[weight]
             gz = torch.mul(z, neg_slope_z, out=t_buf[:, : stop - start]).add_(neg_mean).add_(u.mul_(coef_u))
-            block_x = xd[image, :, start:stop]
+            block_x = xd[:, start:stop]
             if dtype == acc:
                 grad_w1.addmm_(gz, block_x.t())
             else:
                 grad_w1 += torch.mm(gz, block_x.t()).to(acc)
-            torch.mm(w1d.t(), gz, out=grad_x[image, :, start:stop])
+            torch.mm(w1d.t(), gz, out=grad_x[:, start:stop])
         # b1 cancels in training-mode BatchNorm: its gradient is exactly zero (returned as zeros, not None, so the
         # optimiser treats it as the reference step does, weight decay included).
         grad_b1 = torch.zeros(hidden_channels, dtype=w1.dtype) if ctx.has_bias else None
         return (
-            grad_x.to(x.dtype).view(n, channels, height, width),
+            grad_x.to(x.dtype),
             grad_w1.to(w1.dtype),
             grad_b1,
             grad_gamma.to(gamma.dtype),
@@ -169,18 +191,19 @@ class _BlockedHead(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
-def blocked_segmentation_head(
-    features: torch.Tensor, conv1: nn.Conv2d, norm: nn.BatchNorm2d, slope: float, conv2: nn.Conv2d
+def _head_of_columns(
+    columns: torch.Tensor, split: int, conv1: nn.Conv2d, norm: nn.BatchNorm2d, slope: float, conv2: nn.Conv2d
 ) -> torch.Tensor:
-    """conv2(LeakyReLU(norm(conv1(features)))) in training mode, in blocks; updates `norm`'s running statistics
-    as BatchNorm does (momentum, unbiased variance, `num_batches_tracked`)."""
+    """The head's map logits [P] of feature columns [C, P] (the first `split` twins), updating `norm`'s running
+    statistics as BatchNorm does over the batch's P + split positions."""
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else conv1.weight.dtype
     with torch.autocast("cpu", enabled=False):
         y, var, shift = _BlockedHead.apply(
-            features,
+            columns,
             conv1.weight.flatten(1),
             conv1.bias,
             norm.weight,
@@ -189,9 +212,10 @@ def blocked_segmentation_head(
             norm.eps,
             slope,
             dtype,
+            split,
         )
         with torch.no_grad():
-            count = features.numel() // features.shape[1]
+            count = columns.shape[1] + split
             bias = conv1.bias if conv1.bias is not None else 0.0
             norm.running_mean.mul_(1 - norm.momentum).add_(norm.momentum * (shift + bias))
             norm.running_var.mul_(1 - norm.momentum).add_(norm.momentum * var * count / max(count - 1, 1))
@@ -199,4 +223,65 @@ def blocked_segmentation_head(
     return y
 
 
-__all__ = ["BLOCK_POSITIONS", "applies", "blocked_segmentation_head"]
+def _columns(features: torch.Tensor) -> torch.Tensor:
+    """[n, C, h, w] -> [C, n*h*w], position index (image, row, column)."""
+    return features.transpose(0, 1).reshape(features.shape[1], -1)
+
+
+def blocked_segmentation_head(
+    features: torch.Tensor, conv1: nn.Conv2d, norm: nn.BatchNorm2d, slope: float, conv2: nn.Conv2d
+) -> torch.Tensor:
+    """conv2(LeakyReLU(norm(conv1(features)))) in training mode, in blocks; updates `norm`'s running statistics
+    as BatchNorm does (momentum, unbiased variance, `num_batches_tracked`)."""
+    n, _, height, width = features.shape
+    y = _head_of_columns(_columns(features), 0, conv1, norm, slope, conv2)
+    return y.view(n, height, width).unsqueeze(1)
+
+
+def twin_columns(perturbed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Which positions of a duplicated batch to compute (observation 4 of the module's docstring).
+
+    Args:
+        perturbed: [2B, 1, h, w], nonzero where a copy was changed; where neither copy of a position was, the
+            two copies are equal.
+
+    Returns:
+        `select` [P]: the flat (copy, row, column) index of each computed position, the twins first; `inverse`
+        [2B*h*w]: the computed position each copy reads its output from; `split`: how many twins lead `select`.
+    """
+    flat = perturbed.reshape(-1) != 0
+    half = flat.numel() // 2
+    first, second = flat[:half], flat[half:]
+    twins = torch.nonzero(~first & ~second).squeeze(1)
+    singles = torch.cat(
+        (
+            torch.nonzero(~first & second).squeeze(1),  # the first copy is the only unperturbed one
+            torch.nonzero(first & ~second).squeeze(1) + half,  # the second is
+            torch.nonzero(flat).squeeze(1),  # every perturbed copy
+        )
+    )
+    select = torch.cat((twins, singles))
+    inverse = torch.empty(flat.numel(), dtype=torch.long)
+    inverse[select] = torch.arange(select.numel())
+    inverse[twins + half] = torch.arange(twins.numel())
+    return select, inverse, int(twins.numel())
+
+
+def segmentation_head_of_twins(
+    features: torch.Tensor,
+    perturbed: torch.Tensor,
+    conv1: nn.Conv2d,
+    norm: nn.BatchNorm2d,
+    slope: float,
+    conv2: nn.Conv2d,
+) -> torch.Tensor:
+    """`blocked_segmentation_head` of a duplicated batch [2B, C, h, w] whose copies differ only where `perturbed`
+    [2B, 1, h, w] is nonzero, computing each pair of equal positions once (observation 4). The same outputs,
+    parameter gradients and running statistics; the input gradient is right summed over each pair of twins."""
+    n, _, height, width = features.shape
+    select, inverse, split = twin_columns(perturbed)
+    y = _head_of_columns(_columns(features).index_select(1, select), split, conv1, norm, slope, conv2)
+    return y.index_select(0, inverse).view(n, 1, height, width)
+
+
+__all__ = ["BLOCK_POSITIONS", "applies", "blocked_segmentation_head", "segmentation_head_of_twins", "twin_columns"]

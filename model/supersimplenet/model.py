@@ -94,9 +94,14 @@ class SegmentationHead(nn.Module):
         )
         self.blocked = True
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, perturbed: torch.Tensor | None = None) -> torch.Tensor:
+        """Map logits [n, 1, h, w]. `perturbed` [n, 1, h, w], for a training batch that is a batch twice with
+        noise added where it is nonzero: the blocked path then computes each position the two copies share once
+        (`blocked.segmentation_head_of_twins`)."""
         conv1, norm, act, conv2 = self.layers
         if self.blocked and blocked.applies(features, norm):
+            if perturbed is not None:
+                return blocked.segmentation_head_of_twins(features, perturbed, conv1, norm, act.negative_slope, conv2)
             return blocked.blocked_segmentation_head(features, conv1, norm, act.negative_slope, conv2)
         return self.layers(features)
 
@@ -279,8 +284,10 @@ class SuperSimpleNet(nn.Module):
             raise ValueError("features need images or their backbone levels")
         return raw, self.adaptor(raw)
 
-    def heads(self, adapted: torch.Tensor, cls_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        map_logits = self.segmentation_head(adapted)
+    def heads(
+        self, adapted: torch.Tensor, cls_features: torch.Tensor, perturbed: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        map_logits = self.segmentation_head(adapted, perturbed)
         head_map = map_logits.detach() if self.config.stop_grad else map_logits
         return map_logits, self.classification_head(cls_features, head_map)
 
@@ -302,6 +309,12 @@ class SuperSimpleNet(nn.Module):
         Returns:
             Perturbed A' and F' [2B, ...], the final masks [2B, 1, h, w] and labels [2B].
         """
+        return self._synthetic_anomalies(adapted, raw, masks, labels)[:4]
+
+    def _synthetic_anomalies(
+        self, adapted: torch.Tensor, raw: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`add_synthetic_anomalies`, and the noise mask [2B, 1, h, w]: where it is 0 a copy equals A and F."""
         cfg = self.config
         adapted, raw = torch.cat((adapted, adapted)), torch.cat((raw, raw))
         masks, labels = torch.cat((masks, masks)), torch.cat((labels, labels)).float()
@@ -322,7 +335,7 @@ class SuperSimpleNet(nn.Module):
         noise = torch.randn_like(adapted, dtype=torch.float32) * self.effective_noise_std * noise_mask
         final_masks = ((masks + noise_mask) > 0).float()
         final_labels = ((labels + final_masks.flatten(1).amax(dim=1)) > 0).float()
-        return adapted + noise, raw + noise, final_masks, final_labels
+        return adapted + noise, raw + noise, final_masks, final_labels, noise_mask
 
     def forward(
         self,
@@ -347,8 +360,11 @@ class SuperSimpleNet(nn.Module):
         feature_masks = downsample_mask(
             masks, tuple(adapted.shape[-2:]), align_corners=self.config.resolved_mask_align_corners
         )
-        adapted, raw, final_masks, final_labels = self.add_synthetic_anomalies(adapted, raw, feature_masks, labels)
-        map_logits, score_logits = self.heads(adapted, adapted if self.config.adapt_cls_features else raw)
+        adapted, raw, final_masks, final_labels, noise_mask = self._synthetic_anomalies(
+            adapted, raw, feature_masks, labels
+        )
+        cls_features = adapted if self.config.adapt_cls_features else raw
+        map_logits, score_logits = self.heads(adapted, cls_features, perturbed=noise_mask)
         return TrainOutput(map_logits=map_logits, score_logits=score_logits, masks=final_masks, labels=final_labels)
 
     def postprocess(

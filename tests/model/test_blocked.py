@@ -97,13 +97,13 @@ def test_the_blocked_path_applies_only_to_cpu_training_with_a_plain_batchnorm():
         assert not blocked.applies(FEATURES.cuda(), norm)
 
 
-def test_the_model_trains_through_the_blocked_path_on_cpu(monkeypatch):
+def test_the_model_trains_through_the_blocked_path_of_twins_on_cpu(monkeypatch):
     from supersimplenet.config import ModelConfig
     from supersimplenet.model import build_model
 
     calls = []
-    original = blocked.blocked_segmentation_head
-    monkeypatch.setattr(blocked, "blocked_segmentation_head", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = blocked.segmentation_head_of_twins
+    monkeypatch.setattr(blocked, "segmentation_head_of_twins", lambda *a, **k: calls.append(1) or original(*a, **k))
     model = build_model(ModelConfig(image_size=(72, 72), image_score="map_top1")).train()
     out = model(torch.rand(2, 3, 72, 72), torch.zeros(2, 1, 72, 72), torch.zeros(2))
     assert calls == [1] and out.map_logits.shape == (4, 1, 18, 18)
@@ -119,3 +119,48 @@ def test_running_statistics_follow_batchnorm_with_its_momentum(momentum):
     ref = _step(head, FEATURES, use_blocked=False, steps=3)
     got = _step(head, FEATURES, use_blocked=True, steps=3)
     assert _rel(got[3][0], ref[3][0]) < 1e-12 and _rel(got[3][1], ref[3][1]) < 1e-12
+
+
+def _twin_step(head, clean, perturbed, *, use_twins, dtype=torch.float64):
+    """One step on a duplicated batch [clean, clean] + noise where `perturbed`: the gradient that reaches the clean
+    features (as the adaptor's output receives it), the parameters' gradients, the map and running statistics."""
+    head = copy.deepcopy(head).to(dtype)
+    x = clean.to(dtype).clone().requires_grad_()
+    noise = torch.randn(perturbed.shape[0], *clean.shape[1:], generator=torch.Generator().manual_seed(5))
+    doubled = torch.cat((x, x)) + noise.to(dtype) * perturbed.to(dtype)
+    y = head(doubled, perturbed) if use_twins else head(doubled)
+    weights = torch.linspace(-1, 1, y.numel(), dtype=dtype).view_as(y)
+    (torch.sigmoid(y) * weights).sum().backward()
+    norm = head.layers[1]
+    grads = {name: p.grad for name, p in head.named_parameters()}
+    return y.detach(), x.grad, grads, (norm.running_mean, norm.running_var)
+
+
+def _perturbed(count, height, width, seed=7):
+    """Masks like training's: each copy perturbed with probability 1/2, inside a random region."""
+    gen = torch.Generator().manual_seed(seed)
+    keep = (torch.rand(count, 1, 1, 1, generator=gen) < 0.5).float()
+    return (torch.rand(count, 1, height, width, generator=gen) < 0.3).float() * keep
+
+
+@pytest.mark.parametrize("seed", [7, 8])
+def test_twin_positions_computed_once_give_the_layers_outputs_gradients_and_statistics(seed):
+    clean = FEATURES
+    perturbed = _perturbed(2 * clean.shape[0], *clean.shape[-2:], seed=seed)
+    _, _, split = blocked.twin_columns(perturbed)
+    assert 0 < split < clean[:, 0].numel()  # some positions are twins, some not
+    ref = _twin_step(_head(), clean, perturbed, use_twins=False)
+    got = _twin_step(_head(), clean, perturbed, use_twins=True)
+    assert _rel(got[0], ref[0]) < 1e-10 and _rel(got[1], ref[1]) < 1e-10
+    for name in ("layers.0.weight", "layers.1.weight", "layers.1.bias", "layers.3.weight"):
+        assert _rel(got[2][name], ref[2][name]) < 1e-10, name
+    assert _rel(got[3][0], ref[3][0]) < 1e-12 and _rel(got[3][1], ref[3][1]) < 1e-12
+
+
+def test_twin_columns_compute_each_shared_position_once_and_every_perturbed_copy_on_its_own():
+    perturbed = torch.tensor([[0, 0, 1], [1, 0, 0]], dtype=torch.float32).view(2, 1, 1, 3)  # B = 1, 3 positions
+    select, inverse, split = blocked.twin_columns(perturbed)
+    # position 1: twins; 0: only the first copy is clean; 2: only the second; plus the two perturbed copies
+    assert split == 1 and sorted(select.tolist()) == [0, 1, 2, 3, 5] and select[0] == 1
+    assert inverse[1] == inverse[4] == 0  # both copies of the twin read the one computed position
+    assert sorted(inverse.tolist()) == [0, 0, 1, 2, 3, 4] and torch.equal(select[inverse[select]], select)
