@@ -195,6 +195,24 @@ class TestGenerator:
             expected = (torch.cat((labels, labels)) > 0) | noised.flatten(1).any(1)
             assert torch.equal(y2, expected.float())
 
+    def test_the_noise_is_the_papers_formula_bit_for_bit_from_the_same_random_stream(self):
+        """cat((A, A)) + randn * sigma * mask, with the Perlin masks drawn first: the fused form of the training
+        step (one scaled noise tensor added to both copies through a broadcast) changes no bit of it."""
+        from supersimplenet.perlin import perlin_masks
+
+        model = self._model(noise_std=0.5, perlin_threshold=0.1)
+        adapted, raw, masks, labels = self._inputs()
+        for seed in range(3):
+            torch.manual_seed(seed)
+            a2, r2, _, _ = model.add_synthetic_anomalies(adapted, raw, masks, labels)
+            torch.manual_seed(seed)
+            gt = torch.cat((masks, masks))
+            perlin = perlin_masks(2 * adapted.shape[0], tuple(masks.shape[-2:]), threshold=0.1)
+            noise_mask = (1 - gt) * perlin  # the defaults: noise on anomalous images too, never on a real defect
+            noise = torch.randn_like(torch.cat((adapted, adapted))) * 0.5 * noise_mask
+            assert torch.equal(a2, torch.cat((adapted, adapted)) + noise)
+            assert torch.equal(r2, torch.cat((raw, raw)) + noise)
+
     def test_zero_sigma_leaves_features(self):
         model = self._model(noise_std=0.0)
         adapted, raw, masks, labels = self._inputs()
