@@ -120,10 +120,14 @@ class ClassificationHead(nn.Module):
 
     def forward(self, features: torch.Tensor, map_logits: torch.Tensor) -> torch.Tensor:
         hidden = self.block(torch.cat((features, map_logits), dim=1))
+        # Adaptive pooling, as the paper's code pools: the same values as amax / mean, and under bf16 autocast
+        # about a fifth of the head's step faster (amax's backward compares and rescales the whole hidden tensor
+        # in float32, mean's upcasts it; max pooling's backward scatters to one index per channel). The gradient
+        # differs from amax's only for tied maxima, which amax shares out and max pooling gives to one of them.
         pooled = torch.cat(
             (
-                hidden.amax(dim=(2, 3)),
-                hidden.mean(dim=(2, 3)),
+                F.adaptive_max_pool2d(hidden, 1).flatten(1),
+                F.adaptive_avg_pool2d(hidden, 1).flatten(1),
                 map_logits.amax(dim=(2, 3)),
                 map_logits.mean(dim=(2, 3)),
             ),
