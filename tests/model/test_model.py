@@ -287,3 +287,33 @@ def test_a_stored_config_with_every_field_loads_unchanged():
     }  # an older checkpoint's explicit paper settings
     config = from_dict(ModelConfig, stored, section="model")
     assert to_dict(config) == stored
+
+
+def test_twin_images_are_convolved_once_with_the_same_scores_gradients_and_statistics():
+    """A duplicated batch whose image 0 has both copies unperturbed (and image 1 one copy perturbed): the
+    classification head computes image 0 once and gives the same logits, parameter gradients and BatchNorm
+    running statistics as convolving all four copies (float64)."""
+    from supersimplenet.model import ClassificationHead, twin_images
+
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 6, 9, 9, generator=gen, dtype=torch.float64)
+    maps = torch.randn(2, 1, 9, 9, generator=gen, dtype=torch.float64)
+    perturbed = torch.zeros(4, 1, 9, 9, dtype=torch.float64)
+    perturbed[3, :, 2:5, 2:5] = 1
+    noise = torch.randn(4, 6, 9, 9, generator=gen, dtype=torch.float64) * perturbed
+    doubled, doubled_maps = torch.cat((features, features)) + noise, torch.cat((maps, maps)) + perturbed
+    twins = twin_images(perturbed)
+    assert twins is not None and twins[0].tolist() == [0, 1, 3] and twins[1].tolist() == [0, 1, 0, 2]
+    results = []
+    for use_twins in (False, True):
+        torch.manual_seed(1)
+        head = ClassificationHead(channels=6, hidden=5).double().train()
+        logits = head(doubled, doubled_maps, twins if use_twins else None)
+        (logits * torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)).sum().backward()
+        norm = head.block[1]
+        results.append((logits.detach(), {n: p.grad for n, p in head.named_parameters()}, norm.running_var.clone()))
+    (ref_logits, ref_grads, ref_var), (logits, grads, var) = results
+    assert torch.allclose(logits, ref_logits, atol=1e-12) and torch.allclose(var, ref_var, atol=1e-12)
+    for name, grad in ref_grads.items():
+        assert torch.allclose(grads[name], grad, atol=1e-10), name
+    assert twin_images(torch.ones(4, 1, 9, 9)) is None
