@@ -26,13 +26,14 @@ Here the hidden tensor never exists. Three observations make that possible:
    loses about three digits to cancellation in float32.
 
 4. A training batch is the clean batch twice, with noise added inside Perlin masks (docs/design.md §3): wherever
-   neither copy of an image was perturbed, the two copies of a position hold the same features, and with BatchNorm's
-   statistics shared every per-position step gives them the same hidden values and output. `segmentation_head_of_twins`
-   computes such a position once, with weight 2 in the statistics and in BatchNorm's backward, and only the perturbed
-   copies separately (about 62 % of the 2B x h x w positions at Perlin threshold 0.2, where each copy is perturbed
-   with probability 1/2 over about a quarter of its area). Autograd's gather and scatter sum the two copies' map
-   gradients into the one computed position, and its input gradient into one of the two copies: the features'
-   gradient is right summed over each pair of twins, which is all that reaches the adaptor (A' = [A, A] + noise).
+   neither copy of an image was perturbed, the two copies of a position hold the same features, and with
+   BatchNorm's statistics shared every per-position step gives them the same hidden values and output.
+   `segmentation_head_of_pairs` computes such a position once, with weight 2 in the statistics and in BatchNorm's
+   backward, and only the perturbed copies separately (about 62 % of the 2B x h x w positions at Perlin threshold
+   0.2, where each copy is perturbed with probability 1/2 over about a quarter of its area). It gathers its
+   columns from the clean batch (and the noise, for the perturbed copies) without forming the duplicated one;
+   autograd's gather and scatter sum the two copies' map gradients into the one computed position and the
+   columns' gradients into the clean features.
 
 fp32 reproduces the reference head's outputs, gradients and running statistics to float32 rounding
 (tests/model/test_blocked.py: relative 1e-6 on random data, and a whole training step on real images within 1e-4).
@@ -267,21 +268,32 @@ def twin_columns(perturbed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, i
     return select, inverse, int(twins.numel())
 
 
-def segmentation_head_of_twins(
-    features: torch.Tensor,
+def segmentation_head_of_pairs(
+    clean: torch.Tensor,
+    noise: torch.Tensor,
     perturbed: torch.Tensor,
     conv1: nn.Conv2d,
     norm: nn.BatchNorm2d,
     slope: float,
     conv2: nn.Conv2d,
 ) -> torch.Tensor:
-    """`blocked_segmentation_head` of a duplicated batch [2B, C, h, w] whose copies differ only where `perturbed`
-    [2B, 1, h, w] is nonzero, computing each pair of equal positions once (observation 4). The same outputs,
-    parameter gradients and running statistics; the input gradient is right summed over each pair of twins."""
-    n, _, height, width = features.shape
+    """`blocked_segmentation_head` of the duplicated batch `[clean, clean] + noise` [2B, C, h, w] (`clean` [B, C,
+    h, w], `noise` [2, B, C, h, w], zero wherever `perturbed` [2B, 1, h, w] is), without forming it: each position
+    that neither copy perturbs is computed once (observation 4), and only the perturbed copies' positions read
+    their noise. The same map logits [2B, 1, h, w], gradients (to `clean` and the parameters) and running
+    statistics as the layers on the formed batch."""
+    batch, channels, height, width = clean.shape
     select, inverse, split = twin_columns(perturbed)
-    y = _head_of_columns(_columns(features).index_select(1, select), split, conv1, norm, slope, conv2)
-    return y.index_select(0, inverse).view(n, 1, height, width)
+    positions = batch * height * width
+    noisy = int(torch.count_nonzero(perturbed))  # the perturbed copies close `select`
+    base = _columns(clean).index_select(1, select % positions)
+    if noisy:
+        copies = select[select.numel() - noisy :]
+        area = height * width
+        added = noise.reshape(2 * batch, channels, area)[copies // area, :, copies % area]  # [noisy, C]
+        base = torch.cat((base[:, : select.numel() - noisy], base[:, select.numel() - noisy :] + added.t()), dim=1)
+    y = _head_of_columns(base, split, conv1, norm, slope, conv2)
+    return y.index_select(0, inverse).view(2 * batch, 1, height, width)
 
 
-__all__ = ["BLOCK_POSITIONS", "applies", "blocked_segmentation_head", "segmentation_head_of_twins", "twin_columns"]
+__all__ = ["BLOCK_POSITIONS", "applies", "blocked_segmentation_head", "segmentation_head_of_pairs", "twin_columns"]

@@ -94,16 +94,20 @@ class SegmentationHead(nn.Module):
         )
         self.blocked = True
 
-    def forward(self, features: torch.Tensor, perturbed: torch.Tensor | None = None) -> torch.Tensor:
-        """Map logits [n, 1, h, w]. `perturbed` [n, 1, h, w], for a training batch that is a batch twice with
-        noise added where it is nonzero: the blocked path then computes each position the two copies share once
-        (`blocked.segmentation_head_of_twins`)."""
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
         conv1, norm, act, conv2 = self.layers
         if self.blocked and blocked.applies(features, norm):
-            if perturbed is not None:
-                return blocked.segmentation_head_of_twins(features, perturbed, conv1, norm, act.negative_slope, conv2)
             return blocked.blocked_segmentation_head(features, conv1, norm, act.negative_slope, conv2)
         return self.layers(features)
+
+    def forward_pairs(self, clean: torch.Tensor, noise: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
+        """Map logits [2B, 1, h, w] of a training batch: `clean` [B, C, h, w] twice plus `noise` [2, B, C, h, w],
+        zero where `perturbed` [2B, 1, h, w] is. The blocked path computes each position the two copies share
+        once (`blocked.segmentation_head_of_pairs`); the layers run on the formed batch."""
+        conv1, norm, act, conv2 = self.layers
+        if self.blocked and blocked.applies(clean, norm):
+            return blocked.segmentation_head_of_pairs(clean, noise, perturbed, conv1, norm, act.negative_slope, conv2)
+        return self.layers((noise + clean.unsqueeze(0)).flatten(0, 1))
 
 
 class ClassificationHead(nn.Module):
@@ -316,15 +320,10 @@ class SuperSimpleNet(nn.Module):
             raise ValueError("features need images or their backbone levels")
         return raw, self.adaptor(raw)
 
-    def heads(
-        self, adapted: torch.Tensor, cls_features: torch.Tensor, perturbed: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Map and score logits. `perturbed` [2B, 1, h, w]: the noise mask of a duplicated training batch, whose
-        positions and images that no noise reached are computed once (`SegmentationHead`, `twin_images`)."""
-        map_logits = self.segmentation_head(adapted, perturbed)
+    def heads(self, adapted: torch.Tensor, cls_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        map_logits = self.segmentation_head(adapted)
         head_map = map_logits.detach() if self.config.stop_grad else map_logits
-        twins = twin_images(perturbed) if perturbed is not None else None
-        return map_logits, self.classification_head(cls_features, head_map, twins)
+        return map_logits, self.classification_head(cls_features, head_map)
 
     def add_synthetic_anomalies(
         self,
@@ -344,12 +343,19 @@ class SuperSimpleNet(nn.Module):
         Returns:
             Perturbed A' and F' [2B, ...], the final masks [2B, 1, h, w] and labels [2B].
         """
-        return self._synthetic_anomalies(adapted, raw, masks, labels)[:4]
+        noise, noise_mask, final_masks, final_labels = self._synthetic_noise(adapted, masks, labels)
+        return (
+            (noise + adapted.unsqueeze(0)).flatten(0, 1),
+            (noise + raw.unsqueeze(0)).flatten(0, 1),
+            final_masks,
+            final_labels,
+        )
 
-    def _synthetic_anomalies(
-        self, adapted: torch.Tensor, raw: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`add_synthetic_anomalies`, and the noise mask [2B, 1, h, w]: where it is 0 a copy equals A and F."""
+    def _synthetic_noise(
+        self, adapted: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The noise of `add_synthetic_anomalies` [2, B, C, h, w] (copy, image, ...), its mask [2B, 1, h, w] (where
+        it is 0 a copy equals A and F), and the final masks and labels."""
         cfg = self.config
         count = 2 * adapted.shape[0]
         masks, labels = torch.cat((masks, masks)), torch.cat((labels, labels)).float()
@@ -368,14 +374,12 @@ class SuperSimpleNet(nn.Module):
         noise_mask = noise_mask * perlin
         # float32 noise in every precision: the same random stream whether or not the step runs under bf16 autocast.
         # The mask is binary, so scaling by (std * mask) is exactly (noise * std) * mask, and adding the noise to
-        # the two copies through a broadcast view is exactly cat((x, x)) + noise: three passes over the batch
-        # instead of seven.
+        # the two copies through a broadcast view is exactly cat((x, x)) + noise: fewer passes over the batch.
         noise = torch.randn((count, *adapted.shape[1:]), dtype=torch.float32, device=adapted.device)
         noise = noise.mul_(noise_mask * self.effective_noise_std).view(2, *adapted.shape)
         final_masks = ((masks + noise_mask) > 0).float()
         final_labels = ((labels + final_masks.flatten(1).amax(dim=1)) > 0).float()
-        perturbed = [(noise + x.unsqueeze(0)).flatten(0, 1) for x in (adapted, raw)]
-        return perturbed[0], perturbed[1], final_masks, final_labels, noise_mask
+        return noise, noise_mask, final_masks, final_labels
 
     def forward(
         self,
@@ -400,11 +404,13 @@ class SuperSimpleNet(nn.Module):
         feature_masks = downsample_mask(
             masks, tuple(adapted.shape[-2:]), align_corners=self.config.resolved_mask_align_corners
         )
-        adapted, raw, final_masks, final_labels, noise_mask = self._synthetic_anomalies(
-            adapted, raw, feature_masks, labels
-        )
-        cls_features = adapted if self.config.adapt_cls_features else raw
-        map_logits, score_logits = self.heads(adapted, cls_features, perturbed=noise_mask)
+        noise, noise_mask, final_masks, final_labels = self._synthetic_noise(adapted, feature_masks, labels)
+        # A' = [A, A] + noise is formed only where it is read: the segmentation head gathers what it needs
+        map_logits = self.segmentation_head.forward_pairs(adapted, noise, noise_mask)
+        cls_features = (noise + (adapted if self.config.adapt_cls_features else raw).unsqueeze(0)).flatten(0, 1)
+        head_map = map_logits.detach() if self.config.stop_grad else map_logits
+        # images whose two copies no noise reached are equal: convolved once (twin_images)
+        score_logits = self.classification_head(cls_features, head_map, twin_images(noise_mask))
         return TrainOutput(map_logits=map_logits, score_logits=score_logits, masks=final_masks, labels=final_labels)
 
     def postprocess(

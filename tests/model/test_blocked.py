@@ -97,13 +97,13 @@ def test_the_blocked_path_applies_only_to_cpu_training_with_a_plain_batchnorm():
         assert not blocked.applies(FEATURES.cuda(), norm)
 
 
-def test_the_model_trains_through_the_blocked_path_of_twins_on_cpu(monkeypatch):
+def test_the_model_trains_through_the_blocked_path_of_pairs_on_cpu(monkeypatch):
     from supersimplenet.config import ModelConfig
     from supersimplenet.model import build_model
 
     calls = []
-    original = blocked.segmentation_head_of_twins
-    monkeypatch.setattr(blocked, "segmentation_head_of_twins", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = blocked.segmentation_head_of_pairs
+    monkeypatch.setattr(blocked, "segmentation_head_of_pairs", lambda *a, **k: calls.append(1) or original(*a, **k))
     model = build_model(ModelConfig(image_size=(72, 72), image_score="map_top1")).train()
     out = model(torch.rand(2, 3, 72, 72), torch.zeros(2, 1, 72, 72), torch.zeros(2))
     assert calls == [1] and out.map_logits.shape == (4, 1, 18, 18)
@@ -122,13 +122,14 @@ def test_running_statistics_follow_batchnorm_with_its_momentum(momentum):
 
 
 def _twin_step(head, clean, perturbed, *, use_twins, dtype=torch.float64):
-    """One step on a duplicated batch [clean, clean] + noise where `perturbed`: the gradient that reaches the clean
-    features (as the adaptor's output receives it), the parameters' gradients, the map and running statistics."""
+    """One step on a duplicated batch [clean, clean] + noise where `perturbed` (formed and run through the layers,
+    or `forward_pairs`): the gradient that reaches the clean features, the parameters', the map and running
+    statistics."""
     head = copy.deepcopy(head).to(dtype)
     x = clean.to(dtype).clone().requires_grad_()
     noise = torch.randn(perturbed.shape[0], *clean.shape[1:], generator=torch.Generator().manual_seed(5))
-    doubled = torch.cat((x, x)) + noise.to(dtype) * perturbed.to(dtype)
-    y = head(doubled, perturbed) if use_twins else head(doubled)
+    noise = (noise.to(dtype) * perturbed.to(dtype)).view(2, *clean.shape)
+    y = head.forward_pairs(x, noise, perturbed) if use_twins else head((noise + x.unsqueeze(0)).flatten(0, 1))
     weights = torch.linspace(-1, 1, y.numel(), dtype=dtype).view_as(y)
     (torch.sigmoid(y) * weights).sum().backward()
     norm = head.layers[1]
