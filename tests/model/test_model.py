@@ -195,9 +195,9 @@ class TestGenerator:
             expected = (torch.cat((labels, labels)) > 0) | noised.flatten(1).any(1)
             assert torch.equal(y2, expected.float())
 
-    def test_the_noise_is_the_papers_formula_bit_for_bit_from_the_same_random_stream(self):
-        """cat((A, A)) + randn * sigma * mask, with the Perlin masks drawn first: the fused form of the training
-        step (one scaled noise tensor added to both copies through a broadcast) changes no bit of it."""
+    def test_the_noise_is_drawn_inside_the_masks_only_in_position_order_and_added_to_both_copies(self):
+        """Perlin masks first, then sigma * N(0, 1), C values per masked (copy, row, column) in that order, zero
+        outside the mask: a fixed random stream, and A' and F' are cat((A, A)) and cat((F, F)) plus that noise."""
         from supersimplenet.perlin import perlin_masks
 
         model = self._model(noise_std=0.5, perlin_threshold=0.1)
@@ -209,8 +209,10 @@ class TestGenerator:
             gt = torch.cat((masks, masks))
             perlin = perlin_masks(2 * adapted.shape[0], tuple(masks.shape[-2:]), threshold=0.1)
             noise_mask = (1 - gt) * perlin  # the defaults: noise on anomalous images too, never on a real defect
-            noise = torch.randn_like(torch.cat((adapted, adapted))) * 0.5 * noise_mask
-            assert torch.equal(a2, torch.cat((adapted, adapted)) + noise)
+            where = noise_mask[:, 0].nonzero()  # (copy, row, column), row-major
+            noise = torch.zeros_like(torch.cat((adapted, adapted)))
+            noise[where[:, 0], :, where[:, 1], where[:, 2]] = torch.randn(where.shape[0], adapted.shape[1]) * 0.5
+            assert where.shape[0] > 0 and torch.equal(a2, torch.cat((adapted, adapted)) + noise)
             assert torch.equal(r2, torch.cat((raw, raw)) + noise)
 
     def test_zero_sigma_leaves_features(self):
