@@ -233,6 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument(
+        "--inference-threads",
+        type=int,
+        default=1,
+        help="batches the replica runs at once (ServeSettings.inference_threads); the replica's torch threads are "
+        "--torch-threads divided by it (the model alone keeps --torch-threads)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench_results" / "serving.json")
     parser.add_argument("--keep", action="store_true", help="leave the bench application running")
     parser.add_argument("--batching", choices=["both", "on", "off"], default="both")
@@ -259,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     images = sorted((WELD / "test" / "good").iterdir())[:8] + sorted((WELD / "test" / "defective").iterdir())[:8]
     bodies = [p.read_bytes() for p in images]
     base_settings = {
-        "torch_threads": args.torch_threads,
+        "torch_threads": max(1, args.torch_threads // args.inference_threads),
+        "inference_threads": args.inference_threads,
         "max_batch_size": args.max_batch_size,
         "batch_wait_timeout_s": args.batch_wait_ms / 1000.0,
         "max_ongoing_requests": 64,
@@ -268,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.access_log is not None:
         base_settings["access_log"] = args.access_log
-    model = model_throughput(args.product, bodies, sorted({1, args.max_batch_size}), args.torch_threads, args.precision)
+    model = model_throughput(
+        args.product, bodies, sorted({1, args.max_batch_size, 16}), args.torch_threads, args.precision
+    )
     for row in model:
         print(f"model alone, batch {row['batch']}: {row['images_per_s']} img/s", file=sys.stderr)
     results = []

@@ -43,6 +43,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "num_gpus": 0,
         "device": "cpu",
         "torch_threads": 0,
+        "inference_threads": 1,  # one core per replica: one batch at a time
         "num_replicas": "auto",
         "min_replicas": 1,
         "max_replicas": 4,
@@ -52,6 +53,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "num_gpus": 1,
         "device": "cuda",
         "torch_threads": 0,
+        "inference_threads": 1,  # two (host work beside the GPU's) not measured on a GPU
         "num_replicas": "auto",
         "min_replicas": 1,
         "max_replicas": 8,

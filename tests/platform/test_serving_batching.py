@@ -107,3 +107,33 @@ def test_the_batcher_refuses_settings_that_would_never_run_a_batch():
             _batcher(lambda items: items, pool, max_batch_size=0)
         with pytest.raises(ValueError, match="wait_s"):
             _batcher(lambda items: items, pool, wait_s=-1.0)
+        with pytest.raises(ValueError, match="concurrency"):
+            _batcher(lambda items: items, pool, concurrency=0)
+
+
+def test_with_two_inference_threads_a_second_batch_starts_while_the_first_runs_and_no_third():
+    """concurrency 2: while batch [0] is held, [1..8] starts at once on the other thread; what arrives while both
+    are busy waits and forms the next full batch when one of them ends."""
+
+    async def scenario():
+        model = GatedModel()
+        with ThreadPoolExecutor(2) as pool:
+            batcher = _batcher(model, pool, concurrency=2)
+            first = asyncio.create_task(batcher.submit(0))
+            await _started(model)
+            second = [asyncio.create_task(batcher.submit(i)) for i in range(1, 9)]
+            await _started(model)  # the second batch runs although the first has not ended
+            assert batcher.running == 2 and model.batches == [[0], list(range(1, 9))]
+            rest = [asyncio.create_task(batcher.submit(i)) for i in range(9, 12)]
+            await asyncio.sleep(0.05)
+            assert batcher.waiting == 3 and len(model.batches) == 2  # no third batch while two run
+            model.release.release()  # one of the two ends
+            await _started(model)
+            for _ in range(2):
+                model.release.release()
+            results = await asyncio.gather(first, *second, *rest)
+        return model.batches, results
+
+    batches, results = asyncio.run(asyncio.wait_for(scenario(), timeout=20))
+    assert batches == [[0], list(range(1, 9)), [9, 10, 11]]
+    assert results == [10 * i for i in range(12)]

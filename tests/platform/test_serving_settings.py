@@ -38,6 +38,7 @@ def test_settings_from_strings_and_round_trip():
         ({"max_batch_size": "many"}, "max_batch_size must be an int, got 'many'"),
         ({"max_batchsize": 8}, "unknown option(s) ['max_batchsize']"),
         ({"num_replicas": 0}, "num_replicas must be a positive int or 'auto'"),
+        ({"inference_threads": 0}, "inference_threads must be an integer in [1, 16], got 0"),
     ],
 )
 def test_bad_settings_name_the_culprit(values, message):

@@ -115,7 +115,7 @@ class InspectorReplica(ChampionSwitch, ReviewRoutes):
         self._holders: dict[str, ProductModel] = {}
         self._absent: dict[str, tuple[float, ApiError]] = {}
         self._failed: dict[str, tuple[float, str, ApiError]] = {}  # product -> (until, version, answer): load_backoff_s
-        self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="ssn-infer")
+        self._infer_pool = ThreadPoolExecutor(self.settings.inference_threads, thread_name_prefix="ssn-infer")
         self._work_pool = ThreadPoolExecutor(2, thread_name_prefix="ssn-decode")
         self._io_pool = ThreadPoolExecutor(4, thread_name_prefix="ssn-io")
         self._refresher: asyncio.Task | None = None
@@ -129,6 +129,7 @@ class InspectorReplica(ChampionSwitch, ReviewRoutes):
             self._infer_pool,
             max_batch_size=self.settings.max_batch_size,
             wait_s=self.settings.batch_wait_timeout_s,
+            concurrency=self.settings.inference_threads,
         )
 
     # -- inference -------------------------------------------------------------------------------------------------

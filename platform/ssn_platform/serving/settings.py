@@ -22,7 +22,9 @@ class ServeSettings:
     ``Retry-After: retry_after_s`` from Serve, never an unbounded queue), request_timeout_s (Serve's HTTP proxy
     answers 408 after it; the `serve deploy` file sets it under http_options, `deploy` from here).
     Batching: batching on/off, max_batch_size, batch_wait_timeout_s (continuous batching, `serving.batching`: a
-    batch is formed when the model is free; a lone request waits at most batch_wait_timeout_s for company).
+    batch is formed when the model is free; a lone request waits at most batch_wait_timeout_s for company),
+    inference_threads (batches the replica runs at once, each on its own thread; with 2, set torch_threads so
+    that inference_threads x torch_threads does not exceed the replica's cores).
     Deployment: num_replicas (an int, or "auto" with min_replicas/max_replicas/target_ongoing_requests),
     max_ongoing_requests, num_cpus and num_gpus per replica, mlflow_tracking_uri (default: the environment's).
     Access: api_keys_file, the YAML file of hashed API keys on the replica's node (default: the environment's
@@ -47,6 +49,7 @@ class ServeSettings:
     batching: bool = True
     max_batch_size: int = 8
     batch_wait_timeout_s: float = 0.005
+    inference_threads: int = 1
     num_replicas: int | str = 1
     min_replicas: int = 1
     max_replicas: int = 4
@@ -71,6 +74,10 @@ class ServeSettings:
                 raise ValueError(f"serving settings: {message}")
 
         check(self.max_bytes > 0, f"max_bytes must be > 0, got {self.max_bytes}")
+        check(
+            isinstance(self.inference_threads, int) and 1 <= self.inference_threads <= 16,
+            f"inference_threads must be an integer in [1, 16], got {self.inference_threads!r}",
+        )
         check(self.review_band >= 0, f"review_band must be >= 0, got {self.review_band}")
         check(0 <= self.review_sample <= 1, f"review_sample must be in [0, 1], got {self.review_sample}")
         check(
