@@ -320,10 +320,23 @@ class SuperSimpleNet(nn.Module):
             raise ValueError("features need images or their backbone levels")
         return raw, self.adaptor(raw)
 
-    def heads(self, adapted: torch.Tensor, cls_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        map_logits = self.segmentation_head(adapted)
+    def heads(
+        self,
+        adapted: torch.Tensor,
+        cls_features: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        perturbed: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map and score logits. A training batch passes the clean A [B, ...], its `noise` [2, B, ...] and mask
+        `perturbed` [2B, 1, h, w]: A' = [A, A] + noise is then formed only where it is read (the segmentation head's
+        pairs), and images whose two copies no noise reached are convolved once (`twin_images`)."""
+        if noise is None:
+            map_logits, twins = self.segmentation_head(adapted), None
+        else:
+            map_logits = self.segmentation_head.forward_pairs(adapted, noise, perturbed)
+            twins = twin_images(perturbed)
         head_map = map_logits.detach() if self.config.stop_grad else map_logits
-        return map_logits, self.classification_head(cls_features, head_map)
+        return map_logits, self.classification_head(cls_features, head_map, twins)
 
     def add_synthetic_anomalies(
         self,
@@ -410,12 +423,8 @@ class SuperSimpleNet(nn.Module):
             masks, tuple(adapted.shape[-2:]), align_corners=self.config.resolved_mask_align_corners
         )
         noise, noise_mask, final_masks, final_labels = self._synthetic_noise(adapted, feature_masks, labels)
-        # A' = [A, A] + noise is formed only where it is read: the segmentation head gathers what it needs
-        map_logits = self.segmentation_head.forward_pairs(adapted, noise, noise_mask)
         cls_features = (noise + (adapted if self.config.adapt_cls_features else raw).unsqueeze(0)).flatten(0, 1)
-        head_map = map_logits.detach() if self.config.stop_grad else map_logits
-        # images whose two copies no noise reached are equal: convolved once (twin_images)
-        score_logits = self.classification_head(cls_features, head_map, twin_images(noise_mask))
+        map_logits, score_logits = self.heads(adapted, cls_features, noise, noise_mask)
         return TrainOutput(map_logits=map_logits, score_logits=score_logits, masks=final_masks, labels=final_labels)
 
     def postprocess(
