@@ -105,7 +105,7 @@ class SegmentationHead(nn.Module):
         zero where `perturbed` [2B, 1, h, w] is. The blocked path computes each position the two copies share
         once (`blocked.segmentation_head_of_pairs`); the layers run on the formed batch."""
         conv1, norm, act, conv2 = self.layers
-        if self.blocked and blocked.applies(clean, norm):
+        if self.blocked and blocked.pairs_apply(clean, norm):
             return blocked.segmentation_head_of_pairs(clean, noise, perturbed, conv1, norm, act.negative_slope, conv2)
         return self.layers((noise + clean.unsqueeze(0)).flatten(0, 1))
 
@@ -121,20 +121,43 @@ class ClassificationHead(nn.Module):
             nn.ReLU(),
         )
         self.fc = nn.Linear(2 * hidden + 2, 1, bias=True)
+        self.sparse = True  # forward_noised's decomposition on CPU; False: the formed batch (tests compare)
 
-    def forward(
-        self, features: torch.Tensor, map_logits: torch.Tensor, twins: tuple[torch.Tensor, torch.Tensor] | None = None
+    def forward(self, features: torch.Tensor, map_logits: torch.Tensor) -> torch.Tensor:
+        """Score logits [n] of features [n, C, h, w] and map logits [n, 1, h, w]."""
+        return self._pool(self.block(torch.cat((features, map_logits), dim=1)), map_logits)
+
+    def forward_noised(
+        self, clean: torch.Tensor, noise: torch.Tensor, perturbed: torch.Tensor, map_logits: torch.Tensor
     ) -> torch.Tensor:
-        """Score logits [n]. `twins` (`twin_images`): images that equal another of the batch are not convolved
-        again; the convolution's output is copied to them before BatchNorm, whose statistics thus stay the whole
-        batch's, and autograd sums the copies' gradients into the one computed."""
-        if twins is None:
-            hidden = self.block(torch.cat((features, map_logits), dim=1))
-        else:
-            computed, source = twins
-            conv, norm, act = self.block
-            inputs = torch.cat((features.index_select(0, computed), map_logits.index_select(0, computed)), dim=1)
-            hidden = act(norm(conv(inputs).index_select(0, source)))
+        """Score logits [2B] of a training batch: the same as `forward` on the features [clean, clean] + `noise`
+        ([B, C, h, w] and [2, B, C, h, w], the noise zero where `perturbed` [2B, 1, h, w] is) and `map_logits`
+        [2B, 1, h, w], without convolving the duplicated batch.
+
+        The convolution is linear in its input, so conv([F + N, M]) = conv_F(F) + conv_F(N) + conv_M(M) + bias,
+        with conv_F and conv_M its weight's feature and map slices. conv_F(F) is computed once per image and
+        added to both copies (autograd sums both copies' gradients into it); conv_M has one input channel. The
+        noise is nonzero only at the perturbed positions (about an eighth of the 2B x h x w), so conv_F(N) is
+        computed per nonzero position: one product [S, C] x [C, k*k*hidden] gives what each position adds to the
+        k x k outputs around it, which `index_add` sums into a zero-padded output grid (cropped after, as the
+        convolution's zero padding drops them). That is about 1.25 batch-equivalents of the 5x5 convolution
+        instead of 2, forward and backward, the same sums in another order (tests/model/test_model.py: outputs,
+        gradients and BatchNorm statistics in float64). The sums run in float32 under bf16 autocast, and the
+        result goes on in the convolution's own dtype, as the convolution's output would. CUDA (whose `index_add`
+        sums in no fixed order) and `sparse = False` run `forward` on the formed batch instead.
+        """
+        if not self.sparse or clean.device.type != "cpu":
+            return self.forward((noise + clean.unsqueeze(0)).flatten(0, 1), map_logits)
+        conv, norm, act = self.block
+        channels = clean.shape[1]
+        w_features, w_map = conv.weight[:, :channels], conv.weight[:, channels:]
+        base = F.conv2d(clean, w_features, conv.bias, padding=conv.padding)  # [B, hidden, h, w]
+        from_map = F.conv2d(map_logits, w_map, padding=conv.padding)  # [2B, hidden, h, w]
+        from_noise = _sparse_convolution(noise.flatten(0, 1), perturbed, w_features)  # [2B, hidden, h, w], float32
+        hidden = (base.unsqueeze(0) + from_map.unflatten(0, (2, -1)) + from_noise.unflatten(0, (2, -1))).flatten(0, 1)
+        return self._pool(act(norm(hidden.to(base.dtype))), map_logits)
+
+    def _pool(self, hidden: torch.Tensor, map_logits: torch.Tensor) -> torch.Tensor:
         # Adaptive pooling, as the paper's code pools: the same values as amax / mean, and under bf16 autocast
         # about a fifth of the head's step faster (amax's backward compares and rescales the whole hidden tensor
         # in float32, mean's upcasts it; max pooling's backward scatters to one index per channel). The gradient
@@ -151,21 +174,26 @@ class ClassificationHead(nn.Module):
         return self.fc(pooled).reshape(-1)  # never a bare squeeze(): batch size 1 must stay [1]
 
 
-def twin_images(perturbed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """For a duplicated training batch with noise mask `perturbed` [2B, 1, h, w]: when both copies of an image
-    are unperturbed they are equal (features and map), about a quarter of the images (each copy is perturbed with
-    probability 1/2). Returns (`computed` [n]: the images to compute, `source` [2B]: which computed image each
-    copy is), or None when there are none."""
-    clean = perturbed.flatten(1).amax(dim=1) == 0
-    half = clean.numel() // 2
-    twin = clean[:half] & clean[half:]
-    if not bool(twin.any()):
-        return None
-    keep = torch.cat((torch.ones_like(twin), ~twin))
-    computed = torch.nonzero(keep).squeeze(1)
-    position = torch.cumsum(keep.long(), 0) - 1  # where each kept image lands in `computed`
-    source = torch.where(keep, position, position[:half].repeat(2))  # a dropped second copy reads its first
-    return computed, source
+def _sparse_convolution(inputs: torch.Tensor, where: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """conv2d(inputs, weight, padding="same") [n, out, h, w] in float32, for `inputs` [n, C, h, w] that are zero
+    wherever `where` [n, 1, h, w] is (an odd square kernel, no bias), computed from the nonzero positions only."""
+    count, channels, height, width = inputs.shape
+    hidden, kernel = weight.shape[0], weight.shape[-1]
+    radius = kernel // 2
+    rows, cols = height + 2 * radius, width + 2 * radius  # the output grid padded by the kernel's reach
+    index = torch.nonzero(where.reshape(count, height * width))  # [S, 2]: (image, position)
+    values = inputs.reshape(count, channels, height * width)[index[:, 0], :, index[:, 1]]  # [S, C]
+    # [S, k*k*hidden]: what a position adds, per kernel offset (dy, dx), to the output at (y - dy, x - dx) + radius
+    products = values @ weight.permute(1, 2, 3, 0).reshape(channels, kernel * kernel * hidden)
+    y, x = index[:, 1] // width, index[:, 1] % width
+    first = index[:, 0] * (rows * cols) + y * cols + x  # the padded grid's (y, x) + (2 * radius - dy, ...) below
+    offsets = torch.arange(kernel, device=inputs.device)
+    shift = ((2 * radius - offsets).view(-1, 1) * cols + (2 * radius - offsets).view(1, -1)).reshape(-1)
+    targets = (first.view(-1, 1) + shift.view(1, -1)).reshape(-1)  # [S * k * k], in products' order
+    grid = torch.zeros(count * rows * cols, hidden, dtype=torch.float32, device=inputs.device)
+    grid = grid.index_add(0, targets, products.reshape(-1, hidden).float())
+    grid = grid.view(count, rows, cols, hidden)[:, radius : radius + height, radius : radius + width]
+    return grid.permute(0, 3, 1, 2)
 
 
 def gaussian_kernel1d(sigma: float) -> torch.Tensor:
@@ -327,16 +355,18 @@ class SuperSimpleNet(nn.Module):
         noise: torch.Tensor | None = None,
         perturbed: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Map and score logits. A training batch passes the clean A [B, ...], its `noise` [2, B, ...] and mask
-        `perturbed` [2B, 1, h, w]: A' = [A, A] + noise is then formed only where it is read (the segmentation head's
-        pairs), and images whose two copies no noise reached are convolved once (`twin_images`)."""
+        """Map and score logits. A training batch passes the clean A and classifier features [B, ...], the `noise`
+        [2, B, ...] both copies of them get and its mask `perturbed` [2B, 1, h, w]: the duplicated batch A' = [A, A] +
+        noise (and F') is then never formed; each head computes what the two copies share once
+        (`SegmentationHead.forward_pairs`, `ClassificationHead.forward_noised`)."""
         if noise is None:
-            map_logits, twins = self.segmentation_head(adapted), None
+            map_logits = self.segmentation_head(adapted)
         else:
             map_logits = self.segmentation_head.forward_pairs(adapted, noise, perturbed)
-            twins = twin_images(perturbed)
         head_map = map_logits.detach() if self.config.stop_grad else map_logits
-        return map_logits, self.classification_head(cls_features, head_map, twins)
+        if noise is None:
+            return map_logits, self.classification_head(cls_features, head_map)
+        return map_logits, self.classification_head.forward_noised(cls_features, noise, perturbed, head_map)
 
     def add_synthetic_anomalies(
         self,
@@ -423,7 +453,7 @@ class SuperSimpleNet(nn.Module):
             masks, tuple(adapted.shape[-2:]), align_corners=self.config.resolved_mask_align_corners
         )
         noise, noise_mask, final_masks, final_labels = self._synthetic_noise(adapted, feature_masks, labels)
-        cls_features = (noise + (adapted if self.config.adapt_cls_features else raw).unsqueeze(0)).flatten(0, 1)
+        cls_features = adapted if self.config.adapt_cls_features else raw
         map_logits, score_logits = self.heads(adapted, cls_features, noise, noise_mask)
         return TrainOutput(map_logits=map_logits, score_logits=score_logits, masks=final_masks, labels=final_labels)
 

@@ -9,9 +9,9 @@ from supersimplenet import blocked
 from supersimplenet.model import SegmentationHead
 
 
-def _head(seed: int = 0) -> SegmentationHead:
+def _head(seed: int = 0, channels: int = 24) -> SegmentationHead:
     torch.manual_seed(seed)
-    head = SegmentationHead(channels=24, hidden=64).train()
+    head = SegmentationHead(channels=channels, hidden=64).train()
     for layer in head.modules():
         if isinstance(layer, torch.nn.Conv2d):
             torch.nn.init.xavier_normal_(layer.weight)
@@ -134,7 +134,7 @@ def _twin_step(head, clean, perturbed, *, use_twins, dtype=torch.float64):
     (torch.sigmoid(y) * weights).sum().backward()
     norm = head.layers[1]
     grads = {name: p.grad for name, p in head.named_parameters()}
-    return y.detach(), x.grad, grads, (norm.running_mean, norm.running_var)
+    return y.detach(), x.grad, grads, (norm.running_mean, norm.running_var, int(norm.num_batches_tracked))
 
 
 def _perturbed(count, height, width, seed=7):
@@ -145,17 +145,24 @@ def _perturbed(count, height, width, seed=7):
 
 
 @pytest.mark.parametrize("seed", [7, 8])
-def test_twin_positions_computed_once_give_the_layers_outputs_gradients_and_statistics(seed):
-    clean = FEATURES
+@pytest.mark.parametrize("channels", [24, 40], ids=["blocks", "wide-features-on-layers"])
+def test_twin_positions_computed_once_give_the_layers_outputs_gradients_and_statistics(seed, channels):
+    """Thin features run in blocks; wide ones (2C > hidden, WRN50's case) on the layers' own operations
+    (`_layers_of_columns`): both compute each twin position once and match the layers on the formed batch."""
+    wide = torch.randn(2, channels, *FEATURES.shape[-2:], generator=torch.Generator().manual_seed(4))
+    clean = FEATURES if channels == FEATURES.shape[1] else wide
     perturbed = _perturbed(2 * clean.shape[0], *clean.shape[-2:], seed=seed)
     _, _, split = blocked.twin_columns(perturbed)
     assert 0 < split < clean[:, 0].numel()  # some positions are twins, some not
-    ref = _twin_step(_head(), clean, perturbed, use_twins=False)
-    got = _twin_step(_head(), clean, perturbed, use_twins=True)
+    norm = _head(channels=channels).layers[1]
+    assert blocked.pairs_apply(clean, norm) and blocked.applies(clean, norm) == (channels == 24)
+    ref = _twin_step(_head(channels=channels), clean, perturbed, use_twins=False)
+    got = _twin_step(_head(channels=channels), clean, perturbed, use_twins=True)
     assert _rel(got[0], ref[0]) < 1e-10 and _rel(got[1], ref[1]) < 1e-10
     for name in ("layers.0.weight", "layers.1.weight", "layers.1.bias", "layers.3.weight"):
         assert _rel(got[2][name], ref[2][name]) < 1e-10, name
     assert _rel(got[3][0], ref[3][0]) < 1e-12 and _rel(got[3][1], ref[3][1]) < 1e-12
+    assert got[3][2] == ref[3][2] == 1
 
 
 def test_twin_columns_compute_each_shared_position_once_and_every_perturbed_copy_on_its_own():

@@ -291,31 +291,41 @@ def test_a_stored_config_with_every_field_loads_unchanged():
     assert to_dict(config) == stored
 
 
-def test_twin_images_are_convolved_once_with_the_same_scores_gradients_and_statistics():
-    """A duplicated batch whose image 0 has both copies unperturbed (and image 1 one copy perturbed): the
-    classification head computes image 0 once and gives the same logits, parameter gradients and BatchNorm
-    running statistics as convolving all four copies (float64)."""
-    from supersimplenet.model import ClassificationHead, twin_images
+def test_the_noised_classification_head_equals_convolving_the_duplicated_batch():
+    """forward_noised (clean features once, the noise at its nonzero positions only, the map apart) gives the same
+    logits, gradients (parameters, and clean features and map where they need them) and BatchNorm statistics as
+    `forward` on the formed batch [F, F] + noise, in float64. The batch has an image whose copies are both clean,
+    noise touching every border (the convolution's zero padding) and a map that carries a gradient."""
+    from supersimplenet.model import ClassificationHead
 
     gen = torch.Generator().manual_seed(0)
-    features = torch.randn(2, 6, 9, 9, generator=gen, dtype=torch.float64)
-    maps = torch.randn(2, 1, 9, 9, generator=gen, dtype=torch.float64)
-    perturbed = torch.zeros(4, 1, 9, 9, dtype=torch.float64)
-    perturbed[3, :, 2:5, 2:5] = 1
-    noise = torch.randn(4, 6, 9, 9, generator=gen, dtype=torch.float64) * perturbed
-    doubled, doubled_maps = torch.cat((features, features)) + noise, torch.cat((maps, maps)) + perturbed
-    twins = twin_images(perturbed)
-    assert twins is not None and twins[0].tolist() == [0, 1, 3] and twins[1].tolist() == [0, 1, 0, 2]
+    batch, channels, height, width = 3, 6, 9, 8
+    perturbed = torch.zeros(2 * batch, 1, height, width, dtype=torch.float64)
+    perturbed[1, :, 0:3, 5:8] = 1  # a corner
+    perturbed[3, :, 4:9, 0:2] = 1  # another corner and an edge
+    perturbed[4, :, 3:5, 3:6] = 1  # inside; image 0's copies (0 and 3) differ, image 2's (2 and 5) are both clean
+    noise = (torch.randn(2 * batch, channels, height, width, generator=gen, dtype=torch.float64) * perturbed).view(
+        2, batch, channels, height, width
+    )
+    weights = torch.randn(2 * batch, generator=gen, dtype=torch.float64)
+    source_features = torch.randn(batch, channels, height, width, generator=gen, dtype=torch.float64)
+    source_maps = torch.randn(2 * batch, 1, height, width, generator=gen, dtype=torch.float64)
     results = []
-    for use_twins in (False, True):
+    for noised in (False, True):
         torch.manual_seed(1)
-        head = ClassificationHead(channels=6, hidden=5).double().train()
-        logits = head(doubled, doubled_maps, twins if use_twins else None)
-        (logits * torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)).sum().backward()
+        head = ClassificationHead(channels=channels, hidden=5).double().train()
+        features, maps = source_features.clone().requires_grad_(), source_maps.clone().requires_grad_()
+        if noised:
+            logits = head.forward_noised(features, noise, perturbed, maps)
+        else:
+            logits = head((noise + features.unsqueeze(0)).flatten(0, 1), maps)
+        (logits * weights).sum().backward()
         norm = head.block[1]
-        results.append((logits.detach(), {n: p.grad for n, p in head.named_parameters()}, norm.running_var.clone()))
-    (ref_logits, ref_grads, ref_var), (logits, grads, var) = results
-    assert torch.allclose(logits, ref_logits, atol=1e-12) and torch.allclose(var, ref_var, atol=1e-12)
+        grads = {name: p.grad for name, p in head.named_parameters()}
+        grads.update(features=features.grad, maps=maps.grad)
+        results.append((logits.detach(), grads, norm.running_mean.clone(), norm.running_var.clone()))
+    (ref_logits, ref_grads, ref_mean, ref_var), (logits, grads, mean, var) = results
+    assert torch.allclose(logits, ref_logits, atol=1e-12)
+    assert torch.allclose(mean, ref_mean, atol=1e-12) and torch.allclose(var, ref_var, atol=1e-12)
     for name, grad in ref_grads.items():
         assert torch.allclose(grads[name], grad, atol=1e-10), name
-    assert twin_images(torch.ones(4, 1, 9, 9)) is None
