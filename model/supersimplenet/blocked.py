@@ -46,9 +46,9 @@ autocast's, measured by image AUROC in QUALITY.md.
    layers' own BatchNorm over the hidden values with the twins' columns repeated (exact, see there), about a
    third less of the head's work at threshold 0.2.
 
-Used by `SegmentationHead.forward` in training mode on CPU tensors (`applies`; `pairs_apply` for observation 5): CUDA keeps the convolutions (its
-memory bandwidth makes blocking pointless), and so do SyncBatchNorm (statistics across processes), traced graphs and
-a BatchNorm without running statistics or with a cumulative (None) momentum.
+Used by `SegmentationHead.forward` in training mode on CPU tensors (`applies`; `pairs_apply` for observation 5):
+CUDA keeps the convolutions (its memory bandwidth makes blocking pointless), and so do SyncBatchNorm (statistics
+across processes), traced graphs and a BatchNorm without running statistics or with a cumulative (None) momentum.
 """
 
 from __future__ import annotations
@@ -290,20 +290,19 @@ def segmentation_head_of_pairs(
     conv2: nn.Conv2d,
 ) -> torch.Tensor:
     """`blocked_segmentation_head` of the duplicated batch `[clean, clean] + noise` [2B, C, h, w] (`clean` [B, C,
-    h, w], `noise` [2, B, C, h, w], zero wherever `perturbed` [2B, 1, h, w] is), without forming it: each position
-    that neither copy perturbs is computed once (observation 4), and only the perturbed copies' positions read
-    their noise. The same map logits [2B, 1, h, w], gradients (to `clean` and the parameters) and running
-    statistics as the layers on the formed batch."""
-    batch, channels, height, width = clean.shape
+    h, w]; `noise` its values [S, C] at the S nonzero positions of `perturbed` [2B, 1, h, w] in (copy, row, column)
+    order, zero elsewhere), without forming it: each position that neither copy perturbs is computed once
+    (observation 4), and only the perturbed copies' positions read their noise. The same map logits [2B, 1, h, w],
+    gradients (to `clean` and the parameters) and running statistics as the layers on the formed batch."""
+    batch, _, height, width = clean.shape
     select, inverse, split = twin_columns(perturbed)
     positions = batch * height * width
     noisy = int(torch.count_nonzero(perturbed))  # the perturbed copies close `select`
     base = _columns(clean).index_select(1, select % positions)
-    if noisy:
-        copies = select[select.numel() - noisy :]
-        area = height * width
-        added = noise.reshape(2 * batch, channels, area)[copies // area, :, copies % area]  # [noisy, C]
-        base = torch.cat((base[:, : select.numel() - noisy], base[:, select.numel() - noisy :] + added.t()), dim=1)
+    if noise.shape[0] != noisy:
+        raise ValueError(f"{noise.shape[0]} noise values for {noisy} perturbed positions")
+    if noisy:  # the perturbed copies close `select` in (copy, row, column) order: the values' order
+        base = torch.cat((base[:, : select.numel() - noisy], base[:, select.numel() - noisy :] + noise.t()), dim=1)
     if applies(clean, norm):
         y = _head_of_columns(base, split, conv1, norm, slope, conv2)
     else:

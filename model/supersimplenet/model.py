@@ -101,13 +101,14 @@ class SegmentationHead(nn.Module):
         return self.layers(features)
 
     def forward_pairs(self, clean: torch.Tensor, noise: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
-        """Map logits [2B, 1, h, w] of a training batch: `clean` [B, C, h, w] twice plus `noise` [2, B, C, h, w],
-        zero where `perturbed` [2B, 1, h, w] is. The blocked path computes each position the two copies share
-        once (`blocked.segmentation_head_of_pairs`); the layers run on the formed batch."""
+        """Map logits [2B, 1, h, w] of a training batch: `clean` [B, C, h, w] twice plus the noise, given as its
+        values [S, C] at the nonzero positions of `perturbed` [2B, 1, h, w] (`dense_noise`). On CPU each position
+        the two copies share is computed once (`blocked.segmentation_head_of_pairs`); else the layers run on the
+        formed batch."""
         conv1, norm, act, conv2 = self.layers
         if self.blocked and blocked.pairs_apply(clean, norm):
             return blocked.segmentation_head_of_pairs(clean, noise, perturbed, conv1, norm, act.negative_slope, conv2)
-        return self.layers((noise + clean.unsqueeze(0)).flatten(0, 1))
+        return self.layers((dense_noise(noise, perturbed, clean.shape[1]) + clean.unsqueeze(0)).flatten(0, 1))
 
 
 class ClassificationHead(nn.Module):
@@ -130,9 +131,9 @@ class ClassificationHead(nn.Module):
     def forward_noised(
         self, clean: torch.Tensor, noise: torch.Tensor, perturbed: torch.Tensor, map_logits: torch.Tensor
     ) -> torch.Tensor:
-        """Score logits [2B] of a training batch: the same as `forward` on the features [clean, clean] + `noise`
-        ([B, C, h, w] and [2, B, C, h, w], the noise zero where `perturbed` [2B, 1, h, w] is) and `map_logits`
-        [2B, 1, h, w], without convolving the duplicated batch.
+        """Score logits [2B] of a training batch: the same as `forward` on the features [clean, clean] + noise
+        (`clean` [B, C, h, w]; the noise as its values [S, C] at the nonzero positions of `perturbed` [2B, 1, h, w],
+        `dense_noise`) and `map_logits` [2B, 1, h, w], without convolving the duplicated batch.
 
         The convolution is linear in its input, so conv([F + N, M]) = conv_F(F) + conv_F(N) + conv_M(M) + bias,
         with conv_F and conv_M its weight's feature and map slices. conv_F(F) is computed once per image and
@@ -147,13 +148,14 @@ class ClassificationHead(nn.Module):
         sums in no fixed order) and `sparse = False` run `forward` on the formed batch instead.
         """
         if not self.sparse or clean.device.type != "cpu":
-            return self.forward((noise + clean.unsqueeze(0)).flatten(0, 1), map_logits)
+            formed = dense_noise(noise, perturbed, clean.shape[1]) + clean.unsqueeze(0)
+            return self.forward(formed.flatten(0, 1), map_logits)
         conv, norm, act = self.block
         channels = clean.shape[1]
         w_features, w_map = conv.weight[:, :channels], conv.weight[:, channels:]
         base = F.conv2d(clean, w_features, conv.bias, padding=conv.padding)  # [B, hidden, h, w]
         from_map = F.conv2d(map_logits, w_map, padding=conv.padding)  # [2B, hidden, h, w]
-        from_noise = _sparse_convolution(noise.flatten(0, 1), perturbed, w_features)  # [2B, hidden, h, w], float32
+        from_noise = _sparse_convolution(noise, perturbed, w_features)  # [2B, hidden, h, w], float32
         hidden = (base.unsqueeze(0) + from_map.unflatten(0, (2, -1)) + from_noise.unflatten(0, (2, -1))).flatten(0, 1)
         return self._pool(act(norm(hidden.to(base.dtype))), map_logits)
 
@@ -174,26 +176,35 @@ class ClassificationHead(nn.Module):
         return self.fc(pooled).reshape(-1)  # never a bare squeeze(): batch size 1 must stay [1]
 
 
-def _sparse_convolution(inputs: torch.Tensor, where: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """conv2d(inputs, weight, padding="same") [n, out, h, w] in float32, for `inputs` [n, C, h, w] that are zero
-    wherever `where` [n, 1, h, w] is (an odd square kernel, no bias), computed from the nonzero positions only."""
-    count, channels, height, width = inputs.shape
-    hidden, kernel = weight.shape[0], weight.shape[-1]
+def _sparse_convolution(values: torch.Tensor, where: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """conv2d(inputs, weight, padding="same") [n, out, h, w] in float32 (an odd square kernel, no bias), for inputs
+    [n, C, h, w] that are `values` [S, C] at the S nonzero positions of `where` [n, 1, h, w] in (image, row,
+    column) order and zero elsewhere, computed from those positions only."""
+    count, _, height, width = where.shape
+    channels, hidden, kernel = values.shape[1], weight.shape[0], weight.shape[-1]
     radius = kernel // 2
     rows, cols = height + 2 * radius, width + 2 * radius  # the output grid padded by the kernel's reach
-    index = torch.nonzero(where.reshape(count, height * width))  # [S, 2]: (image, position)
-    values = inputs.reshape(count, channels, height * width)[index[:, 0], :, index[:, 1]]  # [S, C]
-    # [S, k*k*hidden]: what a position adds, per kernel offset (dy, dx), to the output at (y - dy, x - dx) + radius
+    index = torch.nonzero(where.reshape(count, height * width))  # [S, 2]: (image, position), the values' order
     products = values @ weight.permute(1, 2, 3, 0).reshape(channels, kernel * kernel * hidden)
     y, x = index[:, 1] // width, index[:, 1] % width
     first = index[:, 0] * (rows * cols) + y * cols + x  # the padded grid's (y, x) + (2 * radius - dy, ...) below
-    offsets = torch.arange(kernel, device=inputs.device)
+    offsets = torch.arange(kernel, device=values.device)
     shift = ((2 * radius - offsets).view(-1, 1) * cols + (2 * radius - offsets).view(1, -1)).reshape(-1)
     targets = (first.view(-1, 1) + shift.view(1, -1)).reshape(-1)  # [S * k * k], in products' order
-    grid = torch.zeros(count * rows * cols, hidden, dtype=torch.float32, device=inputs.device)
+    grid = torch.zeros(count * rows * cols, hidden, dtype=torch.float32, device=values.device)
     grid = grid.index_add(0, targets, products.reshape(-1, hidden).float())
     grid = grid.view(count, rows, cols, hidden)[:, radius : radius + height, radius : radius + width]
     return grid.permute(0, 3, 1, 2)
+
+
+def dense_noise(values: torch.Tensor, perturbed: torch.Tensor, channels: int) -> torch.Tensor:
+    """The training noise [2, B, C, h, w] (copy, image, ...) from its values [S, C] at the S nonzero positions of
+    `perturbed` [2B, 1, h, w] in (copy, row, column) order; zero elsewhere."""
+    count, _, height, width = perturbed.shape
+    where = torch.nonzero(perturbed.reshape(count, height * width))
+    noise = torch.zeros(count, channels, height * width, dtype=values.dtype, device=values.device)
+    noise[where[:, 0], :, where[:, 1]] = values
+    return noise.view(2, count // 2, channels, height, width)
 
 
 def gaussian_kernel1d(sigma: float) -> torch.Tensor:
@@ -356,9 +367,10 @@ class SuperSimpleNet(nn.Module):
         perturbed: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Map and score logits. A training batch passes the clean A and classifier features [B, ...], the `noise`
-        [2, B, ...] both copies of them get and its mask `perturbed` [2B, 1, h, w]: the duplicated batch A' = [A, A] +
-        noise (and F') is then never formed; each head computes what the two copies share once
-        (`SegmentationHead.forward_pairs`, `ClassificationHead.forward_noised`)."""
+        both copies of them get, as its values [S, C] at the S nonzero positions of its mask `perturbed` [2B, 1, h, w]
+        in (copy, row, column) order (`dense_noise`): the duplicated batch A' = [A, A] + noise (and F') is then never
+        formed; each head computes what the two copies share once (`SegmentationHead.forward_pairs`,
+        `ClassificationHead.forward_noised`)."""
         if noise is None:
             map_logits = self.segmentation_head(adapted)
         else:
@@ -386,7 +398,8 @@ class SuperSimpleNet(nn.Module):
         Returns:
             Perturbed A' and F' [2B, ...], the final masks [2B, 1, h, w] and labels [2B].
         """
-        noise, noise_mask, final_masks, final_labels = self._synthetic_noise(adapted, masks, labels)
+        values, noise_mask, final_masks, final_labels = self._synthetic_noise(adapted, masks, labels)
+        noise = dense_noise(values, noise_mask, adapted.shape[1])
         return (
             (noise + adapted.unsqueeze(0)).flatten(0, 1),
             (noise + raw.unsqueeze(0)).flatten(0, 1),
@@ -397,8 +410,9 @@ class SuperSimpleNet(nn.Module):
     def _synthetic_noise(
         self, adapted: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The noise of `add_synthetic_anomalies` [2, B, C, h, w] (copy, image, ...), its mask [2B, 1, h, w] (where
-        it is 0 a copy equals A and F), and the final masks and labels."""
+        """The noise of `add_synthetic_anomalies` as its values [S, C] at the S nonzero positions of its mask
+        (`dense_noise` forms it), the mask [2B, 1, h, w] (where it is 0 a copy equals A and F), and the final masks
+        and labels."""
         cfg = self.config
         count = 2 * adapted.shape[0]
         masks, labels = torch.cat((masks, masks)), torch.cat((labels, labels)).float()
@@ -417,17 +431,14 @@ class SuperSimpleNet(nn.Module):
         noise_mask = noise_mask * perlin
         # Gaussian noise only where the mask is 1 (about an eighth of the positions at threshold 0.2), drawn in
         # (copy, row, column) order, C values per position, in float32 in every precision: the same random stream
-        # whether or not the step runs under bf16 autocast. Zero elsewhere. [2, B, C, h, w]: added to the two copies
-        # through a broadcast view, which is exactly cat((x, x)) + noise.
-        channels, area = adapted.shape[1], masks.shape[-2] * masks.shape[-1]
-        where = torch.nonzero(noise_mask.reshape(count, area))
-        noise = torch.zeros(count, channels, area, dtype=torch.float32, device=adapted.device)
-        values = torch.randn(where.shape[0], channels, dtype=torch.float32, device=adapted.device)
-        noise[where[:, 0], :, where[:, 1]] = values.mul_(self.effective_noise_std)
-        noise = noise.view(2, *adapted.shape)
+        # whether or not the step runs under bf16 autocast. Zero elsewhere; the heads read the values where they
+        # are, and only fallbacks form the dense [2, B, C, h, w] noise.
+        positions = int(torch.count_nonzero(noise_mask))
+        values = torch.randn(positions, adapted.shape[1], dtype=torch.float32, device=adapted.device)
+        values.mul_(self.effective_noise_std)
         final_masks = ((masks + noise_mask) > 0).float()
         final_labels = ((labels + final_masks.flatten(1).amax(dim=1)) > 0).float()
-        return noise, noise_mask, final_masks, final_labels
+        return values, noise_mask, final_masks, final_labels
 
     def forward(
         self,
@@ -452,9 +463,9 @@ class SuperSimpleNet(nn.Module):
         feature_masks = downsample_mask(
             masks, tuple(adapted.shape[-2:]), align_corners=self.config.resolved_mask_align_corners
         )
-        noise, noise_mask, final_masks, final_labels = self._synthetic_noise(adapted, feature_masks, labels)
+        values, noise_mask, final_masks, final_labels = self._synthetic_noise(adapted, feature_masks, labels)
         cls_features = adapted if self.config.adapt_cls_features else raw
-        map_logits, score_logits = self.heads(adapted, cls_features, noise, noise_mask)
+        map_logits, score_logits = self.heads(adapted, cls_features, values, noise_mask)
         return TrainOutput(map_logits=map_logits, score_logits=score_logits, masks=final_masks, labels=final_labels)
 
     def postprocess(

@@ -129,12 +129,23 @@ def _twin_step(head, clean, perturbed, *, use_twins, dtype=torch.float64):
     x = clean.to(dtype).clone().requires_grad_()
     noise = torch.randn(perturbed.shape[0], *clean.shape[1:], generator=torch.Generator().manual_seed(5))
     noise = (noise.to(dtype) * perturbed.to(dtype)).view(2, *clean.shape)
-    y = head.forward_pairs(x, noise, perturbed) if use_twins else head((noise + x.unsqueeze(0)).flatten(0, 1))
+    if use_twins:
+        y = head.forward_pairs(x, noise_values(noise, perturbed), perturbed)
+    else:
+        y = head((noise + x.unsqueeze(0)).flatten(0, 1))
     weights = torch.linspace(-1, 1, y.numel(), dtype=dtype).view_as(y)
     (torch.sigmoid(y) * weights).sum().backward()
     norm = head.layers[1]
     grads = {name: p.grad for name, p in head.named_parameters()}
     return y.detach(), x.grad, grads, (norm.running_mean, norm.running_var, int(norm.num_batches_tracked))
+
+
+def noise_values(noise, perturbed):
+    """The values [S, C] of dense noise [2, B, C, h, w] at the nonzero positions of `perturbed`, in (copy, row,
+    column) order: what the training step hands the heads."""
+    count, channels, height, width = noise.flatten(0, 1).shape
+    where = torch.nonzero(perturbed.reshape(count, height * width))
+    return noise.reshape(count, channels, height * width)[where[:, 0], :, where[:, 1]]
 
 
 def _perturbed(count, height, width, seed=7):

@@ -296,7 +296,7 @@ def test_the_noised_classification_head_equals_convolving_the_duplicated_batch()
     logits, gradients (parameters, and clean features and map where they need them) and BatchNorm statistics as
     `forward` on the formed batch [F, F] + noise, in float64. The batch has an image whose copies are both clean,
     noise touching every border (the convolution's zero padding) and a map that carries a gradient."""
-    from supersimplenet.model import ClassificationHead
+    from supersimplenet.model import ClassificationHead, dense_noise
 
     gen = torch.Generator().manual_seed(0)
     batch, channels, height, width = 3, 6, 9, 8
@@ -307,6 +307,8 @@ def test_the_noised_classification_head_equals_convolving_the_duplicated_batch()
     noise = (torch.randn(2 * batch, channels, height, width, generator=gen, dtype=torch.float64) * perturbed).view(
         2, batch, channels, height, width
     )
+    where = torch.nonzero(perturbed.reshape(2 * batch, height * width))
+    values = noise.reshape(2 * batch, channels, height * width)[where[:, 0], :, where[:, 1]]  # (copy, row, column)
     weights = torch.randn(2 * batch, generator=gen, dtype=torch.float64)
     source_features = torch.randn(batch, channels, height, width, generator=gen, dtype=torch.float64)
     source_maps = torch.randn(2 * batch, 1, height, width, generator=gen, dtype=torch.float64)
@@ -316,7 +318,7 @@ def test_the_noised_classification_head_equals_convolving_the_duplicated_batch()
         head = ClassificationHead(channels=channels, hidden=5).double().train()
         features, maps = source_features.clone().requires_grad_(), source_maps.clone().requires_grad_()
         if noised:
-            logits = head.forward_noised(features, noise, perturbed, maps)
+            logits = head.forward_noised(features, values, perturbed, maps)
         else:
             logits = head((noise + features.unsqueeze(0)).flatten(0, 1), maps)
         (logits * weights).sum().backward()
@@ -329,3 +331,4 @@ def test_the_noised_classification_head_equals_convolving_the_duplicated_batch()
     assert torch.allclose(mean, ref_mean, atol=1e-12) and torch.allclose(var, ref_var, atol=1e-12)
     for name, grad in ref_grads.items():
         assert torch.allclose(grads[name], grad, atol=1e-10), name
+    assert torch.equal(dense_noise(values, perturbed, channels), noise)  # the values and their dense noise
