@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
         "--seeds",
         type=int,
         default=None,
-        help="also train the recipe over N seeds and print their test mean +- std (N >= 2)",
+        help="also train the recipe over N seeds and print their test mean +- std (N >= 2); without it the "
+        "figure is printed only where no seed can change it (the patch memory's score)",
     )
     parser.add_argument("overrides", nargs="*", help="key=value overrides for the search and training jobs")
     args = parser.parse_args(argv)

@@ -49,9 +49,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from supersimplenet.config import top_count
+from supersimplenet.config import MEMORY_SCORE, ModelConfig, top_count
 
 QUERY_CHUNK = 1024  # patches per distance block: a [1024, M] float32 block (256 MB at M = 65,536)
+
+
+def seed_free(config: ModelConfig, normal_train_images: int) -> bool:
+    """Whether every training seed gives a model of `config` the same image scores: a "memory" model's score comes
+    from the frozen backbone and every patch of its normal training images (mechanism 2.), so no seed reaches it
+    unless the patches exceed `memory_max_patches` and a seeded subset is kept. (The heads' own scores and map do
+    depend on the seed.)"""
+    if config.image_score != MEMORY_SCORE:
+        return False
+    rows, cols = (max(1, side // config.memory_pool) for side in config.feature_size)
+    return normal_train_images * rows * cols <= config.memory_max_patches
 
 
 class MemoryNotBuilt(RuntimeError):
