@@ -111,6 +111,11 @@ class SegmentationHead(nn.Module):
         return self.layers((dense_noise(noise, perturbed, clean.shape[1]) + clean.unsqueeze(0)).flatten(0, 1))
 
 
+# Feature channels from which the classification head's training step decomposes its convolution
+# (`ClassificationHead.forward_noised`): Lite0-2 have 152-168, WRN50 1,536.
+SPARSE_MIN_CHANNELS = 512
+
+
 class ClassificationHead(nn.Module):
     """Conv block over [features, map], then global max/avg pooling of both and one linear layer."""
 
@@ -122,7 +127,7 @@ class ClassificationHead(nn.Module):
             nn.ReLU(),
         )
         self.fc = nn.Linear(2 * hidden + 2, 1, bias=True)
-        self.sparse = True  # forward_noised's decomposition on CPU; False: the formed batch (tests compare)
+        self.fast = True  # forward_noised's shortcuts; False: `forward` on the formed batch (tests compare)
 
     def forward(self, features: torch.Tensor, map_logits: torch.Tensor) -> torch.Tensor:
         """Score logits [n] of features [n, C, h, w] and map logits [n, 1, h, w]."""
@@ -133,29 +138,49 @@ class ClassificationHead(nn.Module):
     ) -> torch.Tensor:
         """Score logits [2B] of a training batch: the same as `forward` on the features [clean, clean] + noise
         (`clean` [B, C, h, w]; the noise as its values [S, C] at the nonzero positions of `perturbed` [2B, 1, h, w],
-        `dense_noise`) and `map_logits` [2B, 1, h, w], without convolving the duplicated batch.
+        `dense_noise`) and `map_logits` [2B, 1, h, w], computing less than that.
 
-        The convolution is linear in its input, so conv([F + N, M]) = conv_F(F) + conv_F(N) + conv_M(M) + bias,
-        with conv_F and conv_M its weight's feature and map slices. conv_F(F) is computed once per image and
-        added to both copies (autograd sums both copies' gradients into it); conv_M has one input channel. The
-        noise is nonzero only at the perturbed positions (about an eighth of the 2B x h x w), so conv_F(N) is
-        computed per nonzero position: one product [S, C] x [C, k*k*hidden] gives what each position adds to the
-        k x k outputs around it, which `index_add` sums into a zero-padded output grid (cropped after, as the
-        convolution's zero padding drops them). That is about 1.25 batch-equivalents of the 5x5 convolution
-        instead of 2, forward and backward, the same sums in another order (tests/model/test_model.py: outputs,
-        gradients and BatchNorm statistics in float64). The sums run in float32 under bf16 autocast, and the
-        result goes on in the convolution's own dtype, as the convolution's output would. CUDA (whose `index_add`
-        sums in no fixed order) and `sparse = False` run `forward` on the formed batch instead.
+        Wide features on CPU (`_decomposed`): the convolution is linear in its input, so conv([F + N, M]) =
+        conv_F(F) + conv_F(N) + conv_M(M) + bias, with conv_F and conv_M its weight's feature and map slices.
+        conv_F(F) is computed once per image and added to both copies (autograd sums both copies' gradients into
+        it); conv_M has one input channel. The noise is nonzero only at the perturbed positions (about an eighth of
+        the 2B x h x w), so conv_F(N) is computed per nonzero position: one product [S, C] x [C, k*k*hidden] gives
+        what each position adds to the k x k outputs around it, which `index_add` sums into a zero-padded output
+        grid (cropped after, as the convolution's zero padding drops them). That is about 1.25 batch-equivalents of
+        the 5x5 convolution instead of 2, forward and backward, the same sums in another order. The sums run in
+        float32 under bf16 autocast, and the result goes on in the convolution's own dtype, as the convolution's
+        output would.
+
+        That pays off for wide features only (`SPARSE_MIN_CHANNELS`): each nonzero position's k*k*hidden products
+        go through memory, which for Lite0's 152 channels costs more than the convolution it replaces (a bf16 step
+        1.4x slower); for WRN50's 1,536 it is 1.2x faster in bf16 (BENCHMARKS.md). Thin features form the batch
+        instead and convolve once each image whose two copies no noise reached (`twin_images`, about a quarter of
+        the images): its output is copied before BatchNorm, whose statistics thus stay the whole batch's, and
+        autograd sums the copies' gradients into the one computed. CUDA (whose `index_add` sums in no fixed order)
+        takes that path too; `fast = False` runs `forward` on the formed batch. Both paths equal it in float64
+        (tests/model/test_model.py) and a whole step on real images within 1e-4 in float32 (test_train.py).
         """
-        if not self.sparse or clean.device.type != "cpu":
-            formed = dense_noise(noise, perturbed, clean.shape[1]) + clean.unsqueeze(0)
-            return self.forward(formed.flatten(0, 1), map_logits)
+        channels = clean.shape[1]
+        if self.fast and clean.device.type == "cpu" and channels >= SPARSE_MIN_CHANNELS:
+            return self._decomposed(clean, noise, perturbed, map_logits)
+        formed = (dense_noise(noise, perturbed, channels) + clean.unsqueeze(0)).flatten(0, 1)
+        twins = twin_images(perturbed) if self.fast else None
+        if twins is None:
+            return self.forward(formed, map_logits)
+        computed, source = twins
+        conv, norm, act = self.block
+        inputs = torch.cat((formed.index_select(0, computed), map_logits.index_select(0, computed)), dim=1)
+        return self._pool(act(norm(conv(inputs).index_select(0, source))), map_logits)
+
+    def _decomposed(
+        self, clean: torch.Tensor, noise: torch.Tensor, perturbed: torch.Tensor, map_logits: torch.Tensor
+    ) -> torch.Tensor:
         conv, norm, act = self.block
         channels = clean.shape[1]
         w_features, w_map = conv.weight[:, :channels], conv.weight[:, channels:]
         base = F.conv2d(clean, w_features, conv.bias, padding=conv.padding)  # [B, hidden, h, w]
         from_map = F.conv2d(map_logits, w_map, padding=conv.padding)  # [2B, hidden, h, w]
-        from_noise = _sparse_convolution(noise, perturbed, w_features)  # [2B, hidden, h, w], float32
+        from_noise = _sparse_convolution(noise, perturbed, w_features)  # [2B, hidden, h, w], at least float32
         hidden = (base.unsqueeze(0) + from_map.unflatten(0, (2, -1)) + from_noise.unflatten(0, (2, -1))).flatten(0, 1)
         return self._pool(act(norm(hidden.to(base.dtype))), map_logits)
 
@@ -177,9 +202,9 @@ class ClassificationHead(nn.Module):
 
 
 def _sparse_convolution(values: torch.Tensor, where: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """conv2d(inputs, weight, padding="same") [n, out, h, w] in float32 (an odd square kernel, no bias), for inputs
-    [n, C, h, w] that are `values` [S, C] at the S nonzero positions of `where` [n, 1, h, w] in (image, row,
-    column) order and zero elsewhere, computed from those positions only."""
+    """conv2d(inputs, weight, padding="same") [n, out, h, w] in float32 or wider (an odd square kernel, no bias),
+    for inputs [n, C, h, w] that are `values` [S, C] at the S nonzero positions of `where` [n, 1, h, w] in (image,
+    row, column) order and zero elsewhere, computed from those positions only."""
     count, _, height, width = where.shape
     channels, hidden, kernel = values.shape[1], weight.shape[0], weight.shape[-1]
     radius = kernel // 2
@@ -191,10 +216,28 @@ def _sparse_convolution(values: torch.Tensor, where: torch.Tensor, weight: torch
     offsets = torch.arange(kernel, device=values.device)
     shift = ((2 * radius - offsets).view(-1, 1) * cols + (2 * radius - offsets).view(1, -1)).reshape(-1)
     targets = (first.view(-1, 1) + shift.view(1, -1)).reshape(-1)  # [S * k * k], in products' order
-    grid = torch.zeros(count * rows * cols, hidden, dtype=torch.float32, device=values.device)
-    grid = grid.index_add(0, targets, products.reshape(-1, hidden).float())
+    dtype = torch.promote_types(products.dtype, torch.float32)  # bf16 products are summed in float32
+    grid = torch.zeros(count * rows * cols, hidden, dtype=dtype, device=values.device)
+    grid = grid.index_add(0, targets, products.reshape(-1, hidden).to(dtype))
     grid = grid.view(count, rows, cols, hidden)[:, radius : radius + height, radius : radius + width]
     return grid.permute(0, 3, 1, 2)
+
+
+def twin_images(perturbed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For a duplicated training batch with noise mask `perturbed` [2B, 1, h, w]: when both copies of an image
+    are unperturbed they are equal (features and map), about a quarter of the images (each copy is perturbed with
+    probability 1/2). Returns (`computed` [n]: the images to compute, `source` [2B]: which computed image each
+    copy is), or None when there are none."""
+    clean = perturbed.flatten(1).amax(dim=1) == 0
+    half = clean.numel() // 2
+    twin = clean[:half] & clean[half:]
+    if not bool(twin.any()):
+        return None
+    keep = torch.cat((torch.ones_like(twin), ~twin))
+    computed = torch.nonzero(keep).squeeze(1)
+    position = torch.cumsum(keep.long(), 0) - 1  # where each kept image lands in `computed`
+    source = torch.where(keep, position, position[:half].repeat(2))  # a dropped second copy reads its first
+    return computed, source
 
 
 def dense_noise(values: torch.Tensor, perturbed: torch.Tensor, channels: int) -> torch.Tensor:

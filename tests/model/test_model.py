@@ -291,12 +291,18 @@ def test_a_stored_config_with_every_field_loads_unchanged():
     assert to_dict(config) == stored
 
 
-def test_the_noised_classification_head_equals_convolving_the_duplicated_batch():
-    """forward_noised (clean features once, the noise at its nonzero positions only, the map apart) gives the same
-    logits, gradients (parameters, and clean features and map where they need them) and BatchNorm statistics as
-    `forward` on the formed batch [F, F] + noise, in float64. The batch has an image whose copies are both clean,
-    noise touching every border (the convolution's zero padding) and a map that carries a gradient."""
-    from supersimplenet.model import ClassificationHead, dense_noise
+@pytest.mark.parametrize("decomposed", [False, True], ids=["twin-images", "decomposed"])
+def test_the_noised_classification_head_equals_convolving_the_duplicated_batch(monkeypatch, decomposed):
+    """forward_noised gives the same logits, gradients (parameters, and clean features and map where they need
+    them) and BatchNorm statistics as `forward` on the formed batch [F, F] + noise, in float64, on both of its
+    paths: thin features convolve an image whose copies are both clean once (`twin_images`); wide ones (here
+    forced by the threshold) convolve the clean features once, the noise only where it is nonzero and the map
+    apart. The batch has such an image, noise touching every border (the zero padding) and a map that carries a
+    gradient."""
+    from supersimplenet import model as model_module
+    from supersimplenet.model import ClassificationHead, dense_noise, twin_images
+
+    monkeypatch.setattr(model_module, "SPARSE_MIN_CHANNELS", 1 if decomposed else 10**6)
 
     gen = torch.Generator().manual_seed(0)
     batch, channels, height, width = 3, 6, 9, 8
@@ -309,14 +315,19 @@ def test_the_noised_classification_head_equals_convolving_the_duplicated_batch()
     )
     where = torch.nonzero(perturbed.reshape(2 * batch, height * width))
     values = noise.reshape(2 * batch, channels, height * width)[where[:, 0], :, where[:, 1]]  # (copy, row, column)
+    twins = twin_images(perturbed)  # image 2's copies (2 and 5) are both clean: computed once
+    assert twins is not None and twins[0].tolist() == [0, 1, 2, 3, 4] and twins[1].tolist() == [0, 1, 2, 3, 4, 2]
+    assert twin_images(torch.ones_like(perturbed)) is None
     weights = torch.randn(2 * batch, generator=gen, dtype=torch.float64)
     source_features = torch.randn(batch, channels, height, width, generator=gen, dtype=torch.float64)
-    source_maps = torch.randn(2 * batch, 1, height, width, generator=gen, dtype=torch.float64)
+    source_maps = torch.randn(batch, 1, height, width, generator=gen, dtype=torch.float64)
+    map_change = torch.randn(2 * batch, 1, height, width, generator=gen, dtype=torch.float64) * perturbed
     results = []
     for noised in (False, True):
         torch.manual_seed(1)
         head = ClassificationHead(channels=channels, hidden=5).double().train()
-        features, maps = source_features.clone().requires_grad_(), source_maps.clone().requires_grad_()
+        features, clean_maps = source_features.clone().requires_grad_(), source_maps.clone().requires_grad_()
+        maps = torch.cat((clean_maps, clean_maps)) + map_change  # as the segmentation head's: equal where unperturbed
         if noised:
             logits = head.forward_noised(features, values, perturbed, maps)
         else:
@@ -324,11 +335,11 @@ def test_the_noised_classification_head_equals_convolving_the_duplicated_batch()
         (logits * weights).sum().backward()
         norm = head.block[1]
         grads = {name: p.grad for name, p in head.named_parameters()}
-        grads.update(features=features.grad, maps=maps.grad)
+        grads.update(features=features.grad, maps=clean_maps.grad)
         results.append((logits.detach(), grads, norm.running_mean.clone(), norm.running_var.clone()))
     (ref_logits, ref_grads, ref_mean, ref_var), (logits, grads, mean, var) = results
-    assert torch.allclose(logits, ref_logits, atol=1e-12)
+    assert torch.allclose(logits, ref_logits, rtol=1e-10, atol=1e-12)
     assert torch.allclose(mean, ref_mean, atol=1e-12) and torch.allclose(var, ref_var, atol=1e-12)
     for name, grad in ref_grads.items():
-        assert torch.allclose(grads[name], grad, atol=1e-10), name
+        assert torch.allclose(grads[name], grad, rtol=1e-9, atol=1e-10), name
     assert torch.equal(dense_noise(values, perturbed, channels), noise)  # the values and their dense noise

@@ -128,8 +128,8 @@ def test_supervised_run_on_mpdd_metal_plate_learns(mpdd_root):
 
 def _one_step_gradients(weld_root, precision, *, blocked=True):
     """Losses and gradients of one training step on 4 real weld seams from a fixed initial state (`blocked`: the
-    heads' training fast path, the segmentation head's blocks and the classification head's noise convolved where it
-    is nonzero; else both heads' layers on the formed duplicated batch)."""
+    heads' training fast path: the segmentation head's blocks and pairs, the classification head's twin images or,
+    for wide features, its decomposed convolution; else both heads' layers on the formed duplicated batch)."""
     from supersimplenet.backbones import get_preset, load_backbone_weights
     from supersimplenet.loading import DefectDataset
     from supersimplenet.train import train_step
@@ -138,7 +138,7 @@ def _one_step_gradients(weld_root, precision, *, blocked=True):
     torch.manual_seed(0)
     model = build_model(config)
     model.segmentation_head.blocked = blocked
-    model.classification_head.sparse = blocked
+    model.classification_head.fast = blocked
     load_backbone_weights(model.feature_extractor.backbone, config.backbone, "default")
     preset = get_preset(config.backbone)
     samples = [s for s in read_layout(weld_root) if s.split == "train"][:4]
@@ -174,9 +174,14 @@ def test_a_bf16_training_step_matches_the_fp32_step_on_real_images(weld_root):
         assert float((bf16_grads[name] - grad).norm() / grad.norm()) < 0.15, name
 
 
-def test_a_training_step_on_the_fast_path_matches_the_layers_on_real_images(weld_root):
+@pytest.mark.parametrize("decomposed", [False, True], ids=["thin-features", "decomposed-convolution"])
+def test_a_training_step_on_the_fast_path_matches_the_layers_on_real_images(weld_root, monkeypatch, decomposed):
     """The training fast path (supersimplenet.blocked, ClassificationHead.forward_noised) computes the reference
-    step: the same losses and every gradient within 1e-4 (relative) in float32."""
+    step: the same losses and every gradient within 1e-4 (relative) in float32; Lite0's features take the
+    classification head's thin path, or its decomposed convolution when the threshold is lowered to them."""
+    from supersimplenet import model as model_module
+
+    monkeypatch.setattr(model_module, "SPARSE_MIN_CHANNELS", 1 if decomposed else 10**6)
     reference_losses, reference_grads = _one_step_gradients(weld_root, "fp32", blocked=False)
     losses, grads = _one_step_gradients(weld_root, "fp32", blocked=True)
     assert reference_losses["loss"] > 0.05
