@@ -25,6 +25,7 @@ from torch import nn
 from supersimplenet import blocked
 from supersimplenet.backbones import build_feature_extractor, get_preset
 from supersimplenet.config import MEMORY_SCORE, ModelConfig, top_count
+from supersimplenet.duplicated import dense_noise, sparse_convolution, twin_images
 from supersimplenet.memory import PatchMemory
 from supersimplenet.perlin import perlin_masks
 
@@ -180,7 +181,7 @@ class ClassificationHead(nn.Module):
         w_features, w_map = conv.weight[:, :channels], conv.weight[:, channels:]
         base = F.conv2d(clean, w_features, conv.bias, padding=conv.padding)  # [B, hidden, h, w]
         from_map = F.conv2d(map_logits, w_map, padding=conv.padding)  # [2B, hidden, h, w]
-        from_noise = _sparse_convolution(noise, perturbed, w_features)  # [2B, hidden, h, w], at least float32
+        from_noise = sparse_convolution(noise, perturbed, w_features)  # [2B, hidden, h, w], at least float32
         hidden = (base.unsqueeze(0) + from_map.unflatten(0, (2, -1)) + from_noise.unflatten(0, (2, -1))).flatten(0, 1)
         return self._pool(act(norm(hidden.to(base.dtype))), map_logits)
 
@@ -199,55 +200,6 @@ class ClassificationHead(nn.Module):
             dim=1,
         )
         return self.fc(pooled).reshape(-1)  # never a bare squeeze(): batch size 1 must stay [1]
-
-
-def _sparse_convolution(values: torch.Tensor, where: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """conv2d(inputs, weight, padding="same") [n, out, h, w] in float32 or wider (an odd square kernel, no bias),
-    for inputs [n, C, h, w] that are `values` [S, C] at the S nonzero positions of `where` [n, 1, h, w] in (image,
-    row, column) order and zero elsewhere, computed from those positions only."""
-    count, _, height, width = where.shape
-    channels, hidden, kernel = values.shape[1], weight.shape[0], weight.shape[-1]
-    radius = kernel // 2
-    rows, cols = height + 2 * radius, width + 2 * radius  # the output grid padded by the kernel's reach
-    index = torch.nonzero(where.reshape(count, height * width))  # [S, 2]: (image, position), the values' order
-    products = values @ weight.permute(1, 2, 3, 0).reshape(channels, kernel * kernel * hidden)
-    y, x = index[:, 1] // width, index[:, 1] % width
-    first = index[:, 0] * (rows * cols) + y * cols + x  # the padded grid's (y, x) + (2 * radius - dy, ...) below
-    offsets = torch.arange(kernel, device=values.device)
-    shift = ((2 * radius - offsets).view(-1, 1) * cols + (2 * radius - offsets).view(1, -1)).reshape(-1)
-    targets = (first.view(-1, 1) + shift.view(1, -1)).reshape(-1)  # [S * k * k], in products' order
-    dtype = torch.promote_types(products.dtype, torch.float32)  # bf16 products are summed in float32
-    grid = torch.zeros(count * rows * cols, hidden, dtype=dtype, device=values.device)
-    grid = grid.index_add(0, targets, products.reshape(-1, hidden).to(dtype))
-    grid = grid.view(count, rows, cols, hidden)[:, radius : radius + height, radius : radius + width]
-    return grid.permute(0, 3, 1, 2)
-
-
-def twin_images(perturbed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """For a duplicated training batch with noise mask `perturbed` [2B, 1, h, w]: when both copies of an image
-    are unperturbed they are equal (features and map), about a quarter of the images (each copy is perturbed with
-    probability 1/2). Returns (`computed` [n]: the images to compute, `source` [2B]: which computed image each
-    copy is), or None when there are none."""
-    clean = perturbed.flatten(1).amax(dim=1) == 0
-    half = clean.numel() // 2
-    twin = clean[:half] & clean[half:]
-    if not bool(twin.any()):
-        return None
-    keep = torch.cat((torch.ones_like(twin), ~twin))
-    computed = torch.nonzero(keep).squeeze(1)
-    position = torch.cumsum(keep.long(), 0) - 1  # where each kept image lands in `computed`
-    source = torch.where(keep, position, position[:half].repeat(2))  # a dropped second copy reads its first
-    return computed, source
-
-
-def dense_noise(values: torch.Tensor, perturbed: torch.Tensor, channels: int) -> torch.Tensor:
-    """The training noise [2, B, C, h, w] (copy, image, ...) from its values [S, C] at the S nonzero positions of
-    `perturbed` [2B, 1, h, w] in (copy, row, column) order; zero elsewhere."""
-    count, _, height, width = perturbed.shape
-    where = torch.nonzero(perturbed.reshape(count, height * width))
-    noise = torch.zeros(count, channels, height * width, dtype=values.dtype, device=values.device)
-    noise[where[:, 0], :, where[:, 1]] = values
-    return noise.view(2, count // 2, channels, height, width)
 
 
 def gaussian_kernel1d(sigma: float) -> torch.Tensor:

@@ -300,7 +300,8 @@ def test_the_noised_classification_head_equals_convolving_the_duplicated_batch(m
     apart. The batch has such an image, noise touching every border (the zero padding) and a map that carries a
     gradient."""
     from supersimplenet import model as model_module
-    from supersimplenet.model import ClassificationHead, dense_noise, twin_images
+    from supersimplenet.duplicated import dense_noise, twin_images
+    from supersimplenet.model import ClassificationHead
 
     monkeypatch.setattr(model_module, "SPARSE_MIN_CHANNELS", 1 if decomposed else 10**6)
 
