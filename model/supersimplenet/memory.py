@@ -61,8 +61,13 @@ def seed_free(config: ModelConfig, normal_train_images: int) -> bool:
     depend on the seed.)"""
     if config.image_score != MEMORY_SCORE:
         return False
-    rows, cols = (max(1, side // config.memory_pool) for side in config.feature_size)
+    rows, cols = patch_grid(config.feature_size, config.memory_pool)
     return normal_train_images * rows * cols <= config.memory_max_patches
+
+
+def patch_grid(feature_size: tuple[int, int], pool: int) -> tuple[int, int]:
+    """The memory's patch grid (rows, columns) over features of `feature_size` pooled `pool` x `pool` (mechanism 1.)."""
+    return max(1, feature_size[0] // pool), max(1, feature_size[1] // pool)
 
 
 class MemoryNotBuilt(RuntimeError):
@@ -84,7 +89,7 @@ class PatchMemory(nn.Module):
         return self.bank is not None and self.bank.shape[0] > 0
 
     def grid(self, feature_size: tuple[int, int]) -> tuple[int, int]:
-        return max(1, feature_size[0] // self.pool), max(1, feature_size[1] // self.pool)
+        return patch_grid(feature_size, self.pool)
 
     def _pooled(self, features: torch.Tensor) -> torch.Tensor:
         """F [B, C, h, w] -> unstandardised patches [B, gh, gw, C] in float32."""

@@ -363,9 +363,9 @@ class SuperSimpleNet(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Map and score logits. A training batch passes the clean A and classifier features [B, ...], the `noise`
         both copies of them get, as its values [S, C] at the S nonzero positions of its mask `perturbed` [2B, 1, h, w]
-        in (copy, row, column) order (`dense_noise`): the duplicated batch A' = [A, A] + noise (and F') is then never
-        formed; each head computes what the two copies share once (`SegmentationHead.forward_pairs`,
-        `ClassificationHead.forward_noised`)."""
+        in (copy, row, column) order (`dense_noise`): each head then computes what the two copies share once
+        (`SegmentationHead.forward_pairs`, `ClassificationHead.forward_noised`), forming the duplicated batch A' =
+        [A, A] + noise (or F') only where its path needs it (the classification head's thin features, fallbacks)."""
         if noise is None:
             map_logits = self.segmentation_head(adapted)
         else:
